@@ -1,0 +1,261 @@
+"""The `pac` command: train, evaluate and generate with personal adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from pac import __version__
+from pac.errors import PacError
+
+DESCRIPTION = """\
+pac fine-tunes a language model on your own data, on your own devices.
+
+Parallel adapters (the default method) train a small side network beside the frozen model:
+phase 1 runs the model once over your data and caches every layer's output; phase 2 trains
+the side network for all epochs from that cache, which is many times faster than LoRA and
+needs a fraction of its memory.
+
+With no --model and --data, pac uses the bundled SmolLM2-135M-Instruct model and the bundled
+BBC News corpus (5 topics; 400 training / 200 validation articles).
+
+examples:
+  pac train                                   # the bundled demo: train, evaluate, save to runs/adapter
+  pac train --data notes.jsonl --task lm --out runs/notes
+  pac train --method lora                     # the LoRA baseline on the same model and data
+  pac eval --adapter runs/adapter             # accuracy / perplexity on the validation split
+  pac generate --adapter runs/notes --prompt "Summarise my week"
+"""
+
+DATA_HELP = """\
+data formats (--data):
+  JSONL   one object per line: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}
+  CSV/TSV with a header; columns named by --text-field / --label-field
+  folder  one sub-folder per class, holding .txt files (the folder name is the label)
+  hf:FORMAT:PATH   a local file through the `datasets` library, e.g. hf:parquet:train.parquet
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--model", help="Hugging Face id, model directory or .gguf file (default: bundled SmolLM2)")
+    g.add_argument("--data", help="training data: JSONL, CSV, class folders or hf:FORMAT:PATH (default: BBC News)")
+    g.add_argument(
+        "--task",
+        choices=["classify", "lm"],
+        default="classify",
+        help="classify: predict the label; lm: learn to write like the text (default: classify)",
+    )
+    g.add_argument("--max-length", type=int, default=128, help="tokens per sample; longer text is cut (default 128)")
+    g.add_argument("--val-size", type=float, help="validation samples (count, or fraction if < 1)")
+    g.add_argument("--train-size", type=int, help="use only this many training samples (stratified)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    g.add_argument("--text-field", default="text", help="text column/key (default: text)")
+    g.add_argument("--label-field", default="label", help="label column/key (default: label)")
+
+
+def _data_options(args: argparse.Namespace):
+    from pac.workflow import DataOptions
+
+    val = args.val_size
+    return DataOptions(
+        data=args.data,
+        task=args.task,
+        max_length=args.max_length,
+        val_size=int(val) if val is not None and val >= 1 else val,
+        train_size=args.train_size,
+        seed=args.seed,
+        text_field=args.text_field,
+        label_field=args.label_field,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pac {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune an adapter (phase 1 cache build + phase 2 training)",
+        description="Fine-tune an adapter and save it to --out.\n\n" + DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_args(t)
+    m = t.add_argument_group("method")
+    m.add_argument(
+        "--method",
+        choices=["parallel-adapters", "lora", "dora"],
+        default="parallel-adapters",
+        help="parallel-adapters (side network from the activation cache; default), "
+        "or the peft baselines lora / dora (backward through the whole model)",
+    )
+    m.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    m.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
+    m.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default: 3e-3 classify / 1e-3 lm for parallel adapters, 5e-4 for LoRA)",
+    )
+    m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    m.add_argument("--reduction", type=int, default=8, help="side network width = model width / r (default 8)")
+    m.add_argument(
+        "--tap-every",
+        type=int,
+        default=1,
+        help="tap every k-th layer (always the first and last); fewer taps, smaller cache (default 1)",
+    )
+    m.add_argument(
+        "--pooling",
+        choices=["mean", "last"],
+        default="mean",
+        help="classification read-out over real tokens (default mean)",
+    )
+    m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA rank (default 8)")
+    o = t.add_argument_group("cache and output")
+    o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
+    o.add_argument(
+        "--cache-dtype",
+        choices=["fp16", "bf16", "int8"],
+        default="fp16",
+        help="cache precision: fp16 (default), bf16 (huge activations), int8 (half the size)",
+    )
+    o.add_argument("--out", default="runs/adapter", help="output directory (default runs/adapter)")
+    o.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: per epoch)")
+    o.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved adapter on the validation split",
+        description="Evaluate an adapter from raw text (accuracy for classify, perplexity for lm).",
+    )
+    e.add_argument("--adapter", required=True, help="directory written by `pac train --out`")
+    _add_data_args(e)
+    e.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="val: the validation split made with the same seed; all: every sample (default val)",
+    )
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text with a saved language-model adapter",
+        description="Generate text with an adapter (KV caches for the model and the side network).",
+    )
+    g.add_argument("--adapter", required=True, help="directory written by `pac train --task lm --out`")
+    g.add_argument("--prompt", required=True, help="what to say to the model")
+    g.add_argument("--model", help="base model, if not where the adapter was trained")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pac.workflow import TrainOptions, train
+
+    opts = TrainOptions(
+        model=args.model,
+        data=_data_options(args),
+        method=args.method,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.no_resume,
+        reduction=args.reduction,
+        tap_every=args.tap_every,
+        pooling=args.pooling,
+        cache_dir=args.cache_dir,
+        cache_dtype=args.cache_dtype,
+        lora_r=args.lora_r,
+    )
+    summary = train(opts)
+    metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
+    print(
+        f"\n{opts.method} on {summary['train_samples']} samples, {summary['trainable_params']:,} trainable parameters"
+    )
+    if "cache_build_seconds" in summary:
+        print(
+            f"cache build: {sum(summary['cache_build_seconds'].values()):.1f} s, "
+            f"{summary['cache_bytes_per_sample'] / 1e6:.2f} MB/sample ({summary['cache_dtype']})"
+        )
+    for ep in summary["epochs"]:
+        print(
+            f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
+            f"  ({ep['epoch_seconds']:.1f} s)"
+        )
+    print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pac.workflow import evaluate_adapter, load_for_inference
+
+    loaded = load_for_inference(args.adapter, args.model)
+    result = evaluate_adapter(loaded, _data_options(args), args.split)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pac.generate import encode_prompt, generate_ids
+    from pac.workflow import load_for_inference
+
+    loaded = load_for_inference(args.adapter, args.model)
+    if loaded.task != "lm":
+        raise PacError(f"{args.adapter} is a {loaded.task} adapter; generation needs one trained with --task lm")
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
+    if loaded.kind == "lora":
+        out = loaded.model.peft.generate(
+            input_ids=ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or None,
+            top_p=args.top_p,
+        )[:, ids.shape[1] :]
+    else:
+        out = generate_ids(
+            loaded.backbone,
+            loaded.model,
+            ids,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.seed,
+            loaded.tokenizer.eos_token_id,
+        )
+    print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
+    except PacError as exc:
+        print(f"pac: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""What every fine-tuning method shares: task losses and metrics, and the adapter files on disk.
+
+A method's model maps a batch (a dict of tensors) to logits with `forward_batch`; the trainer,
+evaluation and benchmarks then treat parallel adapters, LoRA and the others alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pac.errors import PacError
+
+TASKS = ("classify", "lm")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy: over classes, or over next tokens (labels -100 carry no loss)."""
+    if task == "classify":
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Sums, so batches of any size add up exactly: loss_sum / count is the mean."""
+    loss_sum = task_loss(task, logits, labels, reduction="sum").item()
+    if task == "classify":
+        correct = (logits.argmax(-1) == labels).sum().item()
+        return {"loss_sum": loss_sum, "count": labels.numel(), "correct": correct}
+    return {"loss_sum": loss_sum, "count": int((labels[:, 1:] != -100).sum())}
+
+
+def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:
+    """Accuracy for classification; mean token loss and perplexity for language modelling."""
+    loss = totals["loss_sum"] / max(totals["count"], 1)
+    if task == "classify":
+        return {"loss": loss, "accuracy": totals["correct"] / max(totals["count"], 1)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def save_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out_dir / ADAPTER_WEIGHTS)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    adapter_dir = Path(adapter_dir)
+    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not config_file.exists() or not weights.exists():
+        raise PacError(
+            f"{adapter_dir} is not a pac adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+            "(the --out directory of `pac train`)"
+        )
+    return json.loads(config_file.read_text()), load_file(weights)

@@ -1,0 +1,100 @@
+"""LoRA and DoRA baselines through the peft library, on the same model, data and head as pac.
+
+Every comparison with parallel adapters is one flag apart (`--method lora`): the classification
+head reads the same pooled final-normed hidden state; language modelling uses the frozen LM head.
+Unlike parallel adapters, backward runs through the whole backbone, every epoch re-runs it, and
+the activations of every layer are kept for backward: that is the cost pac avoids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM
+
+from pac.errors import PacError
+from pac.models.backbone import load_config
+from pac.models.families import family_for
+from pac.models.heads import ClassificationHead
+
+# Every linear map of a layer, as in the measured anchor (q,k,v,o,gate,up,down).
+DEFAULT_TARGETS = {
+    True: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    False: ["query", "key", "value", "dense"],  # BERT
+}
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class LoraSettings:
+    task: str
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    use_dora: bool = False
+    pooling: str = "mean"
+    label_names: list[str] | None = None
+    target_modules: list[str] | None = None
+
+
+class LoraModel(nn.Module):
+    def __init__(self, model_dir: Path, settings: LoraSettings, adapter_dir: Path | None = None):
+        super().__init__()
+        self.settings, self.task = settings, settings.task
+        config = load_config(model_dir)
+        family = family_for(config)
+        if settings.task == "lm" and not family.causal:
+            raise PacError(f"{family.name} is an encoder without an LM head: use --task classify")
+        loader = AutoModelForCausalLM if family.causal else AutoModel
+        base = loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        if adapter_dir is not None:
+            self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        else:
+            targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
+            self.peft = get_peft_model(
+                base,
+                LoraConfig(
+                    r=settings.r,
+                    lora_alpha=settings.alpha,
+                    lora_dropout=settings.dropout,
+                    target_modules=targets,
+                    use_dora=settings.use_dora,
+                ),
+            )
+        self.causal = family.causal
+        self.head = (
+            ClassificationHead(config.hidden_size, len(settings.label_names), settings.pooling)
+            if settings.task == "classify"
+            else None
+        )
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.head is None:
+            return self.peft(input_ids=ids, attention_mask=mask).logits
+        # The inner model (LoRA already injected into its linears) skips the 49k-way LM head.
+        base = self.peft.get_base_model()
+        inner = base.model if self.causal else base
+        hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.head(hidden, mask)
+
+    def save(self, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.peft.save_pretrained(out_dir)
+        if self.head is not None:
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE)
+
+    def load_head(self, adapter_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.head is not None:
+            self.head.load_state_dict(load_file(Path(adapter_dir) / HEAD_FILE))
+
+    def settings_dict(self) -> dict[str, Any]:
+        return asdict(self.settings)

@@ -1,0 +1,106 @@
+"""Parallel Adapters: a side network beside the frozen backbone, trained from cached taps.
+
+Only the side network (and the classification head) have requires_grad, so no gradient ever
+flows into the backbone. The model reads taps - from the activation cache in phase 2, or from a
+live backbone in evaluation and generation - and the frozen top of the backbone (final norm and
+LM head) turns them into logits:
+
+    causal LM:      logits = lm_head(final_norm(h_L) + y)
+    classification: logits = Head(pool(final_norm(h_L) + y))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pac.errors import PacError
+from pac.methods.base import TASKS
+from pac.models.backbone import Backbone
+from pac.models.heads import ClassificationHead
+from pac.models.side import SideNetwork
+
+METHOD_TYPE = "PARALLEL_ADAPTERS"
+
+
+@dataclass
+class ParallelAdapterConfig:
+    """Everything needed to rebuild the adapter next to its base model (saved as adapter_config.json)."""
+
+    task: str
+    reduction: int = 8
+    taps: list[int] | None = None  # None: every layer (0..L)
+    tap_every: int = 1  # with taps None: tap every k-th layer (always 0 and L)
+    gate_temperature: float = 0.1
+    pooling: str = "mean"  # classification read-out over real tokens
+    label_names: list[str] | None = None
+    base_model_name_or_path: str = ""
+    base_model_fingerprint: str = ""
+    max_length: int = 128
+    peft_type: str = field(default=METHOD_TYPE)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise PacError(f"--task must be one of {TASKS}, not {self.task!r}")
+        if self.task == "classify" and not self.label_names:
+            raise PacError("a classification adapter needs label names (the classes of the training data)")
+
+    def resolved_taps(self, num_layers: int) -> list[int]:
+        if self.taps is not None:
+            return sorted(set(self.taps))
+        return sorted(set(range(0, num_layers + 1, max(1, self.tap_every))) | {0, num_layers})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParallelAdapterConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class ParallelAdapterModel(nn.Module):
+    """Side network + head, on top of a frozen backbone slice that holds at least the final norm
+    (and the LM head for language modelling)."""
+
+    def __init__(self, top: Backbone, config: ParallelAdapterConfig):
+        super().__init__()
+        self.config = config
+        self.task = config.task
+        self.taps = config.resolved_taps(top.num_layers)
+        self.top = top  # frozen: its parameters never get requires_grad
+        self.side = SideNetwork(top.config, self.taps, config.reduction, config.gate_temperature)
+        self.head = (
+            ClassificationHead(top.hidden_size, len(config.label_names), config.pooling)
+            if config.task == "classify"
+            else None
+        )
+
+    def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
+        """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
+        y = self.side(taps, attention_mask, past_key_values)
+        z = self.top.final_norm(taps[:, -1]) + y
+        if self.head is not None:
+            return self.head(z, attention_mask)
+        return self.top.logits(z)
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["taps"], batch["attention_mask"])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds: the side network and the head, nothing of the backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("top.")}
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        missing = [m for m in missing if not m.startswith("top.")]
+        if missing or unexpected:
+            raise PacError(f"adapter weights do not match its config: missing {missing}, unexpected {unexpected}")
+
+    def train(self, mode: bool = True) -> ParallelAdapterModel:
+        super().train(mode)
+        self.top.eval()  # the backbone stays deterministic
+        return self

@@ -1,0 +1,96 @@
+"""The Parallel Adapter side network (DESIGN.md, "The side network").
+
+    s_0 = Down_0(h_0)
+    for each tapped layer i:  g_i = sigmoid(alpha_i / T)
+                              u_i = g_i * s_prev + (1 - g_i) * Down_i(h_i)
+                              s_i = SideBlock_i(u_i)
+    y = Up(Norm(s_last))                      (Up zero-initialised: step 0 answers like the backbone)
+
+Side blocks are the backbone's own layer class built from a config scaled down by the reduction
+factor r (hidden d/r, intermediate/r, same head count, head_dim/r), so masks, RoPE and KV caches work
+as in the backbone. Untapped layers have no block: the side state passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from pac.errors import ModelError
+from pac.models.backbone import layer_kwargs
+from pac.models.families import family_for
+
+
+def side_config(config: Any, reduction: int, num_blocks: int) -> Any:
+    """The backbone config scaled to width d/r with `num_blocks` layers."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    width = d // reduction
+    if d % reduction or width % heads:
+        options = [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
+        raise ModelError(
+            f"reduction {reduction} does not fit hidden size {d} with {heads} heads "
+            f"(d/r must be a whole multiple of the head count); try one of {options[:8]}"
+        )
+    sc = copy.deepcopy(config)
+    sc.hidden_size = width
+    sc.intermediate_size = max(1, config.intermediate_size // reduction)
+    sc.head_dim = width // heads
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None:
+        sc.num_key_value_heads = kv_heads
+    sc.num_hidden_layers = num_blocks
+    if getattr(sc, "layer_types", None) is not None:
+        sc.layer_types = list(sc.layer_types[:1]) * num_blocks if sc.layer_types else None
+    return sc
+
+
+class SideNetwork(nn.Module):
+    def __init__(self, config: Any, taps: list[int], reduction: int = 8, gate_temperature: float = 0.1):
+        super().__init__()
+        self.family = family_for(config)
+        taps = sorted(set(taps))
+        num_layers = config.num_hidden_layers
+        if taps[0] != 0 or taps[-1] != num_layers or not all(0 <= t <= num_layers for t in taps):
+            raise ModelError(
+                f"tapped layers {taps} must include 0 (the embeddings) and {num_layers} (the last layer), "
+                f"within 0..{num_layers}"
+            )
+        self.taps = taps
+        self.gate_temperature = gate_temperature
+        self.config = side_config(config, reduction, num_blocks=len(taps) - 1)
+        d, width = config.hidden_size, self.config.hidden_size
+        classes = self.family.classes()
+
+        # All Down_i as one batched weight: a single einsum over the stacked taps is several times
+        # faster on CPU than len(taps) small Linear calls, and initialises like nn.Linear.
+        self.down_weight = nn.Parameter(torch.empty(len(taps), width, d))
+        self.down_bias = nn.Parameter(torch.empty(len(taps), width))
+        bound = 1 / math.sqrt(d)
+        nn.init.uniform_(self.down_weight, -bound, bound)
+        nn.init.uniform_(self.down_bias, -bound, bound)
+        self.gate_logits = nn.Parameter(torch.zeros(len(taps) - 1))  # g = 0.5 at start
+        self.blocks = nn.ModuleList([classes["layer"](self.config, j) for j in range(len(taps) - 1)])
+        self.norm = classes["norm"](width, eps=getattr(config, self.family.norm_eps_attr))
+        self.up = nn.Linear(width, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.rotary = classes["rotary"](self.config) if self.family.causal else None
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logits / self.gate_temperature)
+
+    def forward(
+        self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None
+    ) -> torch.Tensor:
+        """taps: [B, len(self.taps), T, d] in self.taps order. Returns y = Up(Norm(s)) [B, T, d]."""
+        downs = torch.einsum("bntd,nkd->bntk", taps, self.down_weight) + self.down_bias[:, None, :]
+        state = downs[:, 0]
+        kwargs = layer_kwargs(self.family, self.config, state, attention_mask, self.rotary, past_key_values)
+        gates = self.gates()
+        for j, block in enumerate(self.blocks):
+            state = block(gates[j] * state + (1 - gates[j]) * downs[:, j + 1], **kwargs)
+        return self.up(self.norm(state))

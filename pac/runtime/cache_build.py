@@ -1,0 +1,103 @@
+"""Phase 1 on one device: one inference-mode pass of the frozen backbone writes the activation cache.
+
+Resumable: shards already written (and passing their checksum) are skipped; a corrupt shard is
+deleted by the writer and its samples are computed again. The backbone is loaded only when
+something is left to compute, and freed when the pass ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pac.cache import CacheSpec, CacheWriter, choose_dtype, find_cache
+from pac.cache.fingerprint import fingerprint_files
+from pac.data.tokenize import TokenizedSet
+from pac.models.backbone import load_backbone, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheBuildResult:
+    cache_dir: Path
+    spec: CacheSpec
+    computed_samples: int  # 0 when a complete cache was reused
+    seconds: float
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    return fingerprint_files(sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"])
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    files = sorted(p for p in Path(model_dir).iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+    return fingerprint_files(files)
+
+
+def cache_spec(model_dir: Path, data: TokenizedSet, taps: list[int], dtype: str) -> CacheSpec:
+    config = load_config(model_dir)
+    return CacheSpec(
+        model_fingerprint=model_fingerprint(model_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(model_dir),
+        data_fingerprint=data.fingerprint(),
+        max_length=int(data.input_ids.shape[1]),
+        taps=tuple(taps),
+        hidden_size=config.hidden_size,
+        dtype=dtype,
+    )
+
+
+def build_cache(
+    model_dir: Path,
+    data: TokenizedSet,
+    cache_root: Path,
+    taps: list[int],
+    dtype: str = "fp16",
+    batch_size: int = 8,
+    shard_size: int = 32,
+    desc: str = "cache build",
+) -> CacheBuildResult:
+    """Make sure a complete, verified cache of `data` exists; compute only what is missing."""
+    started = time.perf_counter()
+    spec = cache_spec(model_dir, data, taps, dtype)
+    if (found := find_cache(cache_root, spec)) is not None and not CacheWriter(
+        cache_root, spec, data.sample_ids, shard_size
+    ).pending():
+        return CacheBuildResult(found, spec, 0, time.perf_counter() - started)
+
+    position = {sid: i for i, sid in enumerate(data.sample_ids)}
+    backbone = None
+    writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
+    pending = writer.pending()
+    computed = 0
+    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True)
+    for group in pending:
+        if backbone is None:
+            backbone = load_backbone(model_dir)
+        rows = torch.tensor([position[s] for s in group])
+        parts = []
+        with torch.inference_mode():
+            for chunk in rows.split(batch_size):
+                out = backbone(data.input_ids[chunk], data.attention_mask[chunk], taps=taps)
+                parts.append(torch.stack([out.taps[t] for t in taps], 1))
+                bar.update(len(chunk))
+        stacked = torch.cat(parts)
+        if computed == 0 and (safe := choose_dtype(float(stacked.abs().max()), spec.dtype)) != spec.dtype:
+            # Before anything is written: switch (e.g. fp16 -> bf16) when values exceed the range.
+            log.warning("activations reach %.0f, beyond %s: caching as %s", stacked.abs().max(), spec.dtype, safe)
+            spec = cache_spec(model_dir, data, taps, safe)
+            writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
+        writer.write(group, stacked, data.attention_mask[rows], data.labels[rows])
+        computed += len(group)
+    bar.close()
+    cache_dir = writer.finalize()
+    del backbone
+    gc.collect()  # the backbone is not needed in phase 2
+    return CacheBuildResult(cache_dir, spec, computed, time.perf_counter() - started)

@@ -1,0 +1,238 @@
+"""Phase 2: train a method's model for E epochs, with checkpoints that resume exactly.
+
+The trainer knows nothing about caches or backbones: it draws batches from a `BatchSource`
+(cached taps for parallel adapters, token ids for LoRA) and calls `model.forward_batch`. The
+sample order of epoch e is a pure function of (seed, e), so a run resumed from a checkpoint
+at step k sees exactly the batches an uninterrupted run would have seen after step k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from pac.methods.base import batch_metrics, summarize, task_loss
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    """Samples addressed by position 0..len-1; `batch` returns a dict of tensors incl. "labels"."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at epoch ends
+    keep_checkpoints: int = 2
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch, reproducible from (seed, epoch) alone."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=gen).tolist()
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, linear or constant")
+
+
+def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
+    """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    with torch.inference_mode():
+        for start in range(0, len(source), batch_size):
+            batch = source.batch(list(range(start, min(start + batch_size, len(source)))))
+            for k, v in batch_metrics(task, model.forward_batch(batch), batch["labels"]).items():
+                totals[k] = totals.get(k, 0) + v
+    model.train(was_training)
+    return summarize(task, totals)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        train: BatchSource,
+        config: TrainConfig,
+        out_dir: Path,
+        val: BatchSource | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    ):
+        self.model, self.task, self.train_source, self.val_source = model, task, train, val
+        self.config, self.out_dir = config, Path(out_dir)
+        self.on_epoch_end = on_epoch_end
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup, config.schedule)
+        )
+        self.step = 0
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Trainable weights, optimizer, scheduler and RNG at this step; written then renamed."""
+        target = self.checkpoint_dir / f"step-{self.step:07d}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {n: p.detach().contiguous() for n, p in zip(self.names, self.params, strict=True)}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in sorted(self.checkpoint_dir.glob("step-???????"))[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoint_dir.glob("step-???????") if (p / "trainer.json").exists())
+        return done[-1] if done else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        saved = json.loads((path / "trainer.json").read_text())["config"]
+        if saved != asdict(self.config):
+            raise ValueError(
+                f"checkpoint {path} was written with other training settings ({saved}); "
+                "resume with the same settings, or start over in a fresh --out directory"
+            )
+        weights = load_file(path / "trainable.safetensors")
+        with torch.no_grad():
+            for name, param in zip(self.names, self.params, strict=True):
+                param.copy_(weights[name])
+        state = torch.load(path / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step = json.loads((path / "trainer.json").read_text())["step"]
+
+    # ------------------------------------------------------------ training
+    def _log(self, record: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[list[int]]:
+        order = epoch_order(len(self.train_source), self.config.seed, epoch)
+        bs = self.config.batch_size
+        for b in range(skip, self.steps_per_epoch):
+            yield order[b * bs : (b + 1) * bs]
+
+    def fit(self, resume: bool = True, stop_after_steps: int | None = None) -> list[dict[str, Any]]:
+        """Train to the end (or `stop_after_steps`, for tests of interruption). Returns epoch records."""
+        torch.set_flush_denormal(True)  # denormal grads of the zero-initialised Up slow CPUs down ~2x
+        if resume and (ckpt := self.latest_checkpoint()) is not None:
+            self.load_checkpoint(ckpt)
+            log.info("resumed from %s (step %d)", ckpt, self.step)
+        epochs: list[dict[str, Any]] = []
+        self.model.train()
+        first_epoch = self.step // self.steps_per_epoch
+        for epoch in range(first_epoch, self.config.epochs):
+            skip = self.step - epoch * self.steps_per_epoch
+            started, seen, loss_sum = time.perf_counter(), 0, 0.0
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=skip,
+                desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                unit="step",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            for indices in self._batches(epoch, skip):
+                batch = self.train_source.batch(indices)
+                loss = task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                seen += len(indices)
+                loss_sum += loss.item() * len(indices)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.update()
+                self._log(
+                    {
+                        "step": self.step,
+                        "epoch": epoch + 1,
+                        "loss": loss.item(),
+                        "grad_norm": float(grad_norm),
+                        "lr": self.scheduler.get_last_lr()[0],
+                    }
+                )
+                every = self.config.checkpoint_every
+                if every and self.step % every == 0 and self.step % self.steps_per_epoch:
+                    self.save_checkpoint()
+                if stop_after_steps is not None and self.step >= stop_after_steps:
+                    bar.close()
+                    self.save_checkpoint()
+                    return epochs
+            bar.close()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "epoch_seconds": time.perf_counter() - started,
+                "samples": seen,
+            }
+            if self.val_source is not None:
+                t0 = time.perf_counter()
+                record.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_source, self.task).items()})
+                record["eval_seconds"] = time.perf_counter() - t0
+            self._log(record)
+            epochs.append(record)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch + 1, record)
+            self.save_checkpoint()
+        return epochs

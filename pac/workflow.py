@@ -1,0 +1,323 @@
+"""What `pac train`, `pac eval` and `pac generate` do, as functions the benchmarks call too.
+
+train (parallel adapters):  data -> phase 1 (build or reuse the activation cache, backbone freed)
+                            -> phase 2 (side network from the cache) -> adapter directory
+train (lora / dora):        data -> peft training through the whole backbone -> adapter directory
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pac.cache import CacheReader, cache_bytes_per_sample
+from pac.data.records import Record
+from pac.data.sources import bundled_bbc_news_dir, load_records
+from pac.data.split import check_labels, split_records
+from pac.data.tokenize import TokenizedSet, tokenize_records
+from pac.errors import PacError
+from pac.methods.base import load_adapter, save_adapter
+from pac.methods.lora import LoraModel, LoraSettings
+from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
+from pac.models.backbone import load_backbone, load_config
+from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
+from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
+from pac.runtime.trainer import TrainConfig, Trainer, evaluate
+
+log = logging.getLogger(__name__)
+
+METHODS = ("parallel-adapters", "lora", "dora")
+SUMMARY = "summary.json"
+# Learning rates that worked in the measured anchors (DESIGN.md): the side network is small and
+# starts at zero output, so it takes a larger step than LoRA; LM loss is sharper than 5-way CE.
+DEFAULT_LR = {("parallel-adapters", "classify"): 3e-3, ("parallel-adapters", "lm"): 1e-3}
+LORA_LR = 5e-4
+
+
+@dataclass
+class DataOptions:
+    data: str | None = None  # None: the bundled BBC News corpus
+    task: str = "classify"
+    max_length: int = 128
+    val_size: float | None = None  # count or fraction; None: 200 for the bundled corpus, else 10%
+    train_size: int | None = None  # None: 400 for the bundled corpus, else the rest
+    seed: int = 0
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+@dataclass
+class TrainOptions:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    data: DataOptions = field(default_factory=DataOptions)
+    method: str = "parallel-adapters"
+    out: str = "runs/adapter"
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    resume: bool = True
+    # parallel adapters
+    reduction: int = 8
+    tap_every: int = 1
+    pooling: str = "mean"
+    gate_temperature: float = 0.1
+    cache_dir: str | None = None
+    cache_dtype: str = "fp16"
+    # lora / dora
+    lora_r: int = 8
+
+
+@dataclass
+class PreparedData:
+    model_dir: Path
+    tokenizer: Any
+    train: TokenizedSet
+    val: TokenizedSet
+    label_names: list[str] | None
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def read_records(opts: DataOptions) -> list[Record]:
+    if opts.data is None:
+        return load_records(bundled_bbc_news_dir())
+    return load_records(opts.data, text_field=opts.text_field, label_field=opts.label_field)
+
+
+def split_data(opts: DataOptions, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    bundled = opts.data is None
+    val_size = opts.val_size if opts.val_size is not None else (200 if bundled else 0.1)
+    train_size = opts.train_size if opts.train_size is not None else (400 if bundled else None)
+    return split_records(
+        records, val_size=val_size, train_size=train_size, seed=opts.seed, stratify=opts.task == "classify"
+    )
+
+
+def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
+    """Resolve the model, read and split the data, tokenise both parts to fixed length."""
+    model_dir = resolve_model(model)
+    tokenizer = load_tokenizer(model_dir)
+    records = read_records(opts)
+    check_labels(records, opts.task)
+    train, val = split_data(opts, records)
+    label_names = sorted({r.label for r in records if r.label is not None}) if opts.task == "classify" else None
+    kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names}
+    return PreparedData(
+        model_dir,
+        tokenizer,
+        tokenize_records(train, tokenizer, **kw),
+        tokenize_records(val, tokenizer, **kw),
+        label_names,
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Train, evaluate after every epoch, save the adapter; returns (and writes) a summary."""
+    if opts.method not in METHODS:
+        raise PacError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
+    torch.manual_seed(opts.seed)
+    prepared = prepare_data(opts.model, opts.data)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "method": opts.method,
+        "task": opts.data.task,
+        "options": asdict(opts),
+        "train_samples": len(prepared.train),
+        "val_samples": len(prepared.val),
+    }
+    if opts.method == "parallel-adapters":
+        summary.update(_train_parallel_adapters(opts, prepared, out))
+    else:
+        summary.update(_train_lora(opts, prepared, out))
+    summary["peak_rss_mb"] = peak_rss_mb()
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
+    return TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        lr=opts.lr or default_lr,
+        weight_decay=opts.weight_decay,
+        seed=opts.seed,
+        checkpoint_every=opts.checkpoint_every,
+    )
+
+
+def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+    config = load_config(data.model_dir)
+    adapter_config = ParallelAdapterConfig(
+        task=opts.data.task,
+        reduction=opts.reduction,
+        tap_every=opts.tap_every,
+        gate_temperature=opts.gate_temperature,
+        pooling=opts.pooling,
+        label_names=data.label_names,
+        base_model_name_or_path=opts.model or BUNDLED_MODEL_ID,
+        base_model_fingerprint=model_fingerprint(data.model_dir),
+        max_length=opts.data.max_length,
+    )
+    taps = adapter_config.resolved_taps(config.num_hidden_layers)
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    # Phase 1: one backbone pass over train and validation data (the backbone is freed after each).
+    built = {
+        name: build_cache(data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})")
+        for name, part in (("train", data.train), ("val", data.val))
+    }
+    # Phase 2: only the final norm / LM head of the backbone is loaded, beside the side network.
+    top = load_backbone(data.model_dir, config.num_hidden_layers, config.num_hidden_layers, with_head=True)
+    model = ParallelAdapterModel(top, adapter_config)
+    trainer = Trainer(
+        model,
+        opts.data.task,
+        CachedTaps(CacheReader(built["train"].cache_dir, built["train"].spec)),
+        _train_config(opts, DEFAULT_LR[("parallel-adapters", opts.data.task)]),
+        out,
+        val=CachedTaps(CacheReader(built["val"].cache_dir, built["val"].spec)),
+    )
+    epochs = trainer.fit(resume=opts.resume)
+    save_adapter(out, adapter_config.to_dict(), model.trainable_state_dict())
+    return {
+        "epochs": epochs,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "cache_build_seconds": {k: v.seconds for k, v in built.items()},
+        "cache_computed_samples": {k: v.computed_samples for k, v in built.items()},
+        "cache_dir": {k: str(v.cache_dir) for k, v in built.items()},
+        "cache_dtype": built["train"].spec.dtype,
+        "cache_bytes_per_sample": cache_bytes_per_sample(built["train"].cache_dir),
+        "gates": [round(g, 4) for g in model.side.gates().tolist()],
+    }
+
+
+def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+    settings = LoraSettings(
+        task=opts.data.task,
+        r=opts.lora_r,
+        alpha=2 * opts.lora_r,
+        use_dora=opts.method == "dora",
+        pooling=opts.pooling,
+        label_names=data.label_names,
+    )
+    model = LoraModel(data.model_dir, settings)
+    trainer = Trainer(
+        model, opts.data.task, Tokens(data.train), _train_config(opts, LORA_LR), out, val=Tokens(data.val)
+    )
+    epochs = trainer.fit(resume=opts.resume)
+    model.save(out)
+    pac_meta = {
+        "peft_type_pac": opts.method,
+        "task": opts.data.task,
+        "label_names": data.label_names,
+        "pooling": opts.pooling,
+        "max_length": opts.data.max_length,
+        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_fingerprint": model_fingerprint(data.model_dir),
+    }
+    (out / "pac_lora.json").write_text(json.dumps(pac_meta, indent=2) + "\n")
+    return {
+        "epochs": epochs,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+# ----------------------------------------------------------------------------- inference
+@dataclass
+class LoadedAdapter:
+    kind: str  # "parallel-adapters" | "lora"
+    task: str
+    model_dir: Path
+    model: Any  # ParallelAdapterModel or LoraModel
+    backbone: Any  # full Backbone for parallel adapters, None for LoRA
+    tokenizer: Any
+    max_length: int
+    label_names: list[str] | None
+
+
+def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
+    base = model or meta.get("base_model_name_or_path")
+    model_dir = resolve_model(None if base in (None, BUNDLED_MODEL_ID) else base)
+    expected = meta.get("base_model_fingerprint")
+    if expected and model_fingerprint(model_dir) != expected:
+        raise PacError(
+            f"the adapter was trained on another model than {model_dir} (fingerprint mismatch); "
+            "pass the base model it was trained on with --model"
+        )
+    return model_dir
+
+
+def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> LoadedAdapter:
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "pac_lora.json").exists():
+        meta = json.loads((adapter_dir / "pac_lora.json").read_text())
+        model_dir = _base_model_dir(meta, model)
+        settings = LoraSettings(task=meta["task"], pooling=meta["pooling"], label_names=meta["label_names"])
+        lora = LoraModel(model_dir, settings, adapter_dir=adapter_dir)
+        lora.load_head(adapter_dir)
+        return LoadedAdapter(
+            "lora",
+            meta["task"],
+            model_dir,
+            lora.eval(),
+            None,
+            load_tokenizer(model_dir),
+            meta["max_length"],
+            meta["label_names"],
+        )
+    raw_config, tensors = load_adapter(adapter_dir)
+    config = ParallelAdapterConfig.from_dict(raw_config)
+    model_dir = _base_model_dir(raw_config, model)
+    backbone = load_backbone(model_dir)
+    adapter = ParallelAdapterModel(backbone, config)
+    adapter.load_trainable(tensors)
+    return LoadedAdapter(
+        "parallel-adapters",
+        config.task,
+        model_dir,
+        adapter.eval(),
+        backbone,
+        load_tokenizer(model_dir),
+        config.max_length,
+        config.label_names,
+    )
+
+
+def evaluate_adapter(loaded: LoadedAdapter, opts: DataOptions, split: str = "val") -> dict[str, Any]:
+    """Metrics of a saved adapter on the validation split (same seed) or on all of the data,
+    computed from raw text through the live backbone (no cache)."""
+    opts = DataOptions(**{**asdict(opts), "task": loaded.task, "max_length": loaded.max_length})
+    records = read_records(opts)
+    check_labels(records, opts.task)
+    if split == "val":
+        records = split_data(opts, records)[1]
+    data = tokenize_records(
+        records, loaded.tokenizer, task=opts.task, max_length=opts.max_length, label_names=loaded.label_names
+    )
+    source = Tokens(data) if loaded.kind == "lora" else LiveTaps(data, loaded.backbone, loaded.model.taps)
+    started = time.perf_counter()
+    metrics = evaluate(loaded.model, source, loaded.task)
+    return {**metrics, "samples": len(data), "seconds": time.perf_counter() - started}
