@@ -1,0 +1,375 @@
+"""Phase 1: write backbone hidden states into the activation cache, resumably and crash-safely.
+
+Typical use::
+
+    w = CacheWriter(root, spec, sample_ids)
+    for group in w.pending():                 # only what is still missing (bad shards are rebuilt)
+        taps, mask, labels = run_backbone(group)
+        w.write(group, taps, mask, labels)
+    cache_dir = w.finalize()
+
+Every shard is written to a fsynced temp file, renamed into place and only then recorded (with its sha256)
+in ``manifest.json``, itself replaced atomically; rename and manifest update happen under a lock of the
+cache directory. A kill at any moment therefore leaves a consistent cache: at worst a temp file or a shard
+file the manifest does not list, both removed by the next :meth:`CacheWriter.pending`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+from pac.cache.format import (
+    MANIFEST,
+    SHARD_SUFFIX,
+    CacheSpec,
+    cache_dir_for,
+    commit_temp,
+    describe_mismatch,
+    dir_lock,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    temp_owner_pid,
+    write_manifest,
+    write_temp,
+)
+from pac.cache.quant import DEFAULT_OUTLIERS, DEFAULT_SCHEME, quantize
+from pac.errors import CacheError
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+TAPS_KEY = "taps"
+
+
+def choose_dtype(max_abs: float, requested: str, headroom: float = 1.5) -> str:
+    """Storage dtype to use given the largest |activation| seen (e.g. on a calibration batch).
+
+    fp16 is switched to bf16 when ``max_abs * headroom`` exceeds the fp16 range (65504); ``headroom`` leaves
+    room for batches not seen yet, since :meth:`CacheWriter.write` refuses values beyond fp16 outright.
+    """
+    if requested not in ("fp16", "bf16", "int8"):
+        raise CacheError(f"unknown cache dtype {requested!r}: use fp16, bf16 or int8")
+    if not math.isfinite(max_abs):
+        raise CacheError(
+            f"the backbone produced non-finite activations (max |x| = {max_abs}); no cache dtype can store "
+            "them: check the model files and run the backbone in fp32"
+        )
+    if requested == "fp16" and max_abs * headroom > FP16_MAX:
+        log.warning(
+            "activations reach |x| = %.4g, too close to the fp16 limit %.0f: caching in bf16 instead",
+            max_abs, FP16_MAX,
+        )
+        return "bf16"
+    return requested
+
+
+def coverage(manifest: dict, spec: CacheSpec, index: dict[str, int]) -> np.ndarray:
+    """int8 array [num_samples, num_taps]: how many shards hold each (sample, tap)."""
+    tap_pos = {t: j for j, t in enumerate(spec.taps)}
+    cov = np.zeros((len(index), len(spec.taps)), dtype=np.int8)
+    for s in manifest["shards"]:
+        try:
+            rows = np.array([index[i] for i in s["sample_ids"]], dtype=np.int64)
+            cols = np.array([tap_pos[t] for t in s["taps"]], dtype=np.int64)
+        except KeyError as e:
+            raise CacheError(
+                f"cache manifest in shard entry {s['file']} names an unknown sample or tap {e}; the cache is "
+                "damaged: delete its directory and run the build again"
+            ) from None
+        cov[np.ix_(rows, cols)] += 1
+    return cov
+
+
+class CacheWriter:
+    """Writes one cache (``root/<spec key>/``); see the module docstring."""
+
+    def __init__(self, root: Path, spec: CacheSpec, sample_ids: list[str], shard_size: int = 32):
+        ids = [str(s) for s in sample_ids]
+        if not ids:
+            raise CacheError("cannot build an activation cache of zero samples: the dataset is empty")
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise CacheError(f"sample ids must be unique (found {dup!r} twice): fix the dataset ids")
+        if int(shard_size) < 1:
+            raise CacheError(f"shard_size must be >= 1, got {shard_size}")
+        self.root = Path(root)
+        self.spec = spec
+        self.sample_ids = ids
+        self.shard_size = int(shard_size)
+        self.cache_dir = cache_dir_for(self.root, spec)
+        self._index = {s: i for i, s in enumerate(ids)}
+        self._tap_pos = {t: j for j, t in enumerate(spec.taps)}
+        self._verified: dict[str, tuple[int, int, str]] = {}  # file -> (size, mtime_ns, sha256) hashed OK
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with dir_lock(self.cache_dir):
+            if (self.cache_dir / MANIFEST).exists():
+                m = read_manifest(self.cache_dir)
+                self._check_same(m)
+            else:
+                write_manifest(self.cache_dir, new_manifest(spec, ids))
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _check_same(self, m: dict) -> None:
+        if m["_spec"] != self.spec:  # only on a key-prefix collision or a hand-edited manifest
+            raise CacheError(
+                f"{self.cache_dir} holds a cache for another spec "
+                f"({describe_mismatch(m['_spec'], self.spec)}); delete that directory or use another cache root"
+            )
+        if m["sample_ids"] != self.sample_ids:
+            old, new = m["sample_ids"], self.sample_ids
+            where = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+            raise CacheError(
+                f"the cache at {self.cache_dir} was started for a different list of samples ({len(old)} ids, "
+                f"this run has {len(new)}; first difference at position {where}) although the data "
+                "fingerprint is the same: the data fingerprint must cover the sample ids and their order. "
+                f"Delete {self.cache_dir} to rebuild, or pass the same samples in the same order"
+            )
+
+    def _load(self) -> dict:
+        m = read_manifest(self.cache_dir)
+        self._check_same(m)
+        return m
+
+    def _block(self, tap_block) -> tuple[int, ...]:
+        taps = self.spec.taps
+        if tap_block is None:
+            return taps
+        block = tuple(int(t) for t in tap_block)
+        if block and block[0] in self._tap_pos:
+            j = self._tap_pos[block[0]]
+            if taps[j:j + len(block)] == block:
+                return block
+        raise CacheError(
+            f"tap block {block} is not a contiguous run of the cache taps {taps}: each shard stores a "
+            "contiguous block of taps"
+        )
+
+    def _shard_ok(self, s: dict) -> str | None:
+        """None if the shard file matches its manifest entry, else why not."""
+        path = self.cache_dir / s["file"]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "file missing"
+        if st.st_size != s["bytes"]:
+            return f"size {st.st_size} bytes, manifest says {s['bytes']}"
+        memo = self._verified.get(s["file"])
+        if memo == (st.st_size, st.st_mtime_ns, s["sha256"]):
+            return None
+        digest = sha256_file(path)
+        if digest != s["sha256"]:
+            return f"sha256 {digest[:12]}..., manifest says {s['sha256'][:12]}..."
+        self._verified[s["file"]] = (st.st_size, st.st_mtime_ns, s["sha256"])
+        return None
+
+    def _cleanup(self, m: dict) -> None:
+        """Remove leftovers of killed writers: their temp files and shard files the manifest does not list.
+
+        Runs under the directory lock; a live writer only renames a shard into place while holding that lock
+        and records it in the same critical section, so an unlisted shard file is always a leftover.
+        """
+        listed = {s["file"] for s in m["shards"]}
+        for p in self.cache_dir.iterdir():
+            pid = temp_owner_pid(p.name)
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                log.warning("removing %s left by an interrupted cache build", p)
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            elif p.name.endswith(SHARD_SUFFIX) and p.name not in listed:
+                log.warning("removing cache shard %s: not in the manifest (interrupted write)", p)
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    # -- API -----------------------------------------------------------------------------------------------
+    def pending(self, taps: tuple[int, ...] | None = None) -> list[list[str]]:
+        """Groups of sample ids (shard-sized, in dataset order) still to compute for the tap block ``taps``.
+
+        Shards already written for this block are verified (size and sha256, once per writer) first; a bad
+        or missing shard is deleted, logged as a warning, and its samples come back as pending.
+        """
+        block = self._block(taps)
+        with dir_lock(self.cache_dir):
+            m = self._load()
+            keep, bad = [], []
+            for s in m["shards"]:
+                why = self._shard_ok(s) if set(s["taps"]) & set(block) else None
+                (bad if why else keep).append(s)
+                if why:
+                    log.warning(
+                        "cache shard %s is bad (%s): deleting it, its %d samples will be recomputed",
+                        self.cache_dir / s["file"], why, len(s["sample_ids"]),
+                    )
+                    self._verified.pop(s["file"], None)
+                    with contextlib.suppress(OSError):
+                        (self.cache_dir / s["file"]).unlink()
+            if bad:
+                m["shards"] = keep
+                m["complete"] = False
+                write_manifest(self.cache_dir, m)
+            self._cleanup(m)
+            cov = coverage(m, self.spec, self._index)
+        cols = [self._tap_pos[t] for t in block]
+        missing = (cov[:, cols] == 0).any(axis=1)
+        todo = [sid for sid, miss in zip(self.sample_ids, missing.tolist(), strict=True) if miss]
+        return [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+
+    def write(
+        self,
+        sample_ids: list[str],
+        taps: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        tap_block: tuple[int, ...] | None = None,
+    ) -> None:
+        """Store the taps of ``sample_ids`` for ``tap_block`` (default: all taps of the spec).
+
+        ``taps``: float [S, n_block_taps, T, d] with T <= spec.max_length; ``attention_mask``: [S, T] (0/1);
+        ``labels``: int [S] (one label per sample) or [S, T] (per token). More than ``shard_size`` samples
+        are split into several shards.
+        """
+        block = self._block(tap_block)
+        ids = [str(s) for s in sample_ids]
+        unknown = [s for s in ids if s not in self._index]
+        if unknown:
+            raise CacheError(f"sample ids {unknown[:3]} are not in this cache's sample list")
+        if len(set(ids)) != len(ids):
+            raise CacheError("write() got the same sample id twice")
+        taps, mask, labels = self._check_tensors(ids, block, taps, attention_mask, labels)
+        for i in range(0, len(ids), self.shard_size):
+            sl = slice(i, i + self.shard_size)
+            self._write_shard(ids[sl], block, taps[sl], mask[sl], labels[sl])
+
+    def _check_tensors(self, ids, block, taps, mask, labels):
+        spec = self.spec
+        taps = torch.as_tensor(taps)
+        mask = torch.as_tensor(mask)
+        labels = torch.as_tensor(labels)
+        S = len(ids)
+        if taps.dim() != 4 or tuple(taps.shape[:2]) != (S, len(block)) or taps.shape[3] != spec.hidden_size:
+            raise CacheError(
+                f"taps must be [S={S}, n_block_taps={len(block)}, T, d={spec.hidden_size}], "
+                f"got {tuple(taps.shape)}"
+            )
+        if not taps.is_floating_point():
+            raise CacheError(f"taps must be a float tensor, got {taps.dtype}")
+        T = taps.shape[2]
+        if not 0 < T <= spec.max_length:
+            raise CacheError(f"taps have {T} tokens, the cache spec allows 1..{spec.max_length}")
+        if tuple(mask.shape) != (S, T):
+            raise CacheError(f"attention_mask must be [S={S}, T={T}], got {tuple(mask.shape)}")
+        if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+            raise CacheError("attention_mask must hold 0 and 1 only")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise CacheError(f"labels must be integers, got {labels.dtype}")
+        if tuple(labels.shape) not in ((S,), (S, T)):
+            raise CacheError(f"labels must be [S={S}] or [S={S}, T={T}], got {tuple(labels.shape)}")
+        return taps.detach().cpu(), mask.detach().cpu().to(torch.uint8), labels.detach().cpu().to(torch.int64)
+
+    def _encode_taps(self, taps: torch.Tensor, block: tuple[int, ...]) -> tuple[dict, dict]:
+        dtype = self.spec.dtype
+        per_tap_max = taps.detach().abs().amax(dim=(0, 2, 3)).float()
+        if not bool(torch.isfinite(per_tap_max).all()):
+            j = int((~torch.isfinite(per_tap_max)).nonzero()[0])
+            raise CacheError(
+                f"non-finite activations (inf/NaN) at tap {block[j]}: the backbone overflowed; run it in "
+                "fp32 or bf16 and check the model files"
+            )
+        if dtype == "fp16":
+            if float(per_tap_max.max()) > FP16_MAX:
+                j = int(per_tap_max.argmax())
+                raise CacheError(
+                    f"activations reach |x| = {float(per_tap_max[j]):.4g} at tap {block[j]}, beyond the fp16 "
+                    f"range ({FP16_MAX:.0f}): build the cache with --cache-dtype bf16 (or let pac choose: it "
+                    "picks bf16 when it sees this range)"
+                )
+            return {TAPS_KEY: taps.to(torch.float16).contiguous()}, {}
+        if dtype == "bf16":
+            return {TAPS_KEY: taps.to(torch.bfloat16).contiguous()}, {}
+        q = quantize(taps, DEFAULT_SCHEME, k=DEFAULT_OUTLIERS)
+        return {f"{TAPS_KEY}.{k}": v.contiguous() for k, v in q.items()}, {"int8_scheme": DEFAULT_SCHEME}
+
+    def _write_shard(self, ids, block, taps, mask, labels) -> None:
+        tensors, meta = self._encode_taps(taps, block)
+        tensors["attention_mask"] = mask.contiguous()
+        tensors["labels"] = labels.contiguous()
+        meta = {"format": "pac-activation-cache-1", "sample_ids": json.dumps(ids), "taps": json.dumps(block),
+                "dtype": self.spec.dtype, **meta}
+        data = st_save(tensors, metadata=meta)
+        digest = hashlib.sha256(data).hexdigest()
+        first = self._index[ids[0]]
+        ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:8]
+        fname = f"taps{block[0]:03d}-{block[-1]:03d}_{first:07d}_{ids_hash}{SHARD_SUFFIX}"
+        final = self.cache_dir / fname
+        tmp = write_temp(final, data)  # the slow part, outside the lock
+        kind = "sample" if labels.dim() == 1 else "token"
+        try:
+            with dir_lock(self.cache_dir):
+                m = self._load()
+                if m["label_kind"] not in (None, kind):
+                    raise CacheError(
+                        f"labels of shape {tuple(labels.shape)} are per {kind}, but this cache stores one "
+                        f"label per {m['label_kind']}: pass labels of the same kind for every shard"
+                    )
+                cov = coverage(m, self.spec, self._index)
+                rows = [self._index[i] for i in ids]
+                cols = [self._tap_pos[t] for t in block]
+                if cov[np.ix_(rows, cols)].any():
+                    raise CacheError(
+                        f"some of these samples already have taps {block} in the cache at {self.cache_dir}: "
+                        "write only the groups returned by pending()"
+                    )
+                commit_temp(tmp, final)
+                m["shards"].append({
+                    "file": fname, "sample_ids": ids, "taps": list(block), "seq_len": int(taps.shape[2]),
+                    "sha256": digest, "bytes": len(data),
+                })
+                m["label_kind"] = kind
+                cov[np.ix_(rows, cols)] += 1
+                m["complete"] = bool((cov > 0).all())
+                write_manifest(self.cache_dir, m)
+                st = final.stat()
+                self._verified[fname] = (st.st_size, st.st_mtime_ns, digest)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # only still there if something failed before the rename
+
+    def finalize(self) -> Path:
+        """Mark the cache complete (every sample has every tap) and return its directory."""
+        with dir_lock(self.cache_dir):
+            m = self._load()
+            cov = coverage(m, self.spec, self._index)
+            missing = ~(cov > 0).all(axis=1)
+            if missing.any():
+                raise CacheError(
+                    f"cannot finalize the cache at {self.cache_dir}: {int(missing.sum())} of {len(missing)} "
+                    "samples still miss taps; write the groups returned by pending() (for every tap block) "
+                    "first"
+                )
+            if not m["complete"]:
+                m["complete"] = True
+                write_manifest(self.cache_dir, m)
+        return self.cache_dir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,182 @@
+"""Turn Records into fixed-length tensors for classification or language modelling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pac.data.records import Record
+from pac.data.split import check_labels
+from pac.errors import DataError, ModelError
+
+IGNORE_INDEX = -100  # labels value that torch's cross-entropy (and HF models) skip
+
+
+@dataclass
+class TokenizedSet:
+    """Right-padded token tensors of one dataset split, row i belonging to sample_ids[i]."""
+
+    sample_ids: list[str]
+    input_ids: torch.LongTensor  # [N, T], T = max_length
+    attention_mask: torch.LongTensor  # [N, T], 1 = real token
+    labels: torch.LongTensor  # classify: [N] class index; lm: [N, T] token ids, -100 where no loss
+    label_names: list[str] | None  # classify: class names, index = label; lm: None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def fingerprint(self) -> str:
+        """sha256 hex of everything a model sees; it keys the activation cache, so it must be stable."""
+        h = hashlib.sha256(b"pac.TokenizedSet.v1\0")
+        h.update(json.dumps({"sample_ids": self.sample_ids, "label_names": self.label_names}).encode())
+        for name in ("input_ids", "attention_mask", "labels"):
+            t = getattr(self, name)
+            h.update(f"\0{name}{tuple(t.shape)}\0".encode())
+            # Fixed dtype and byte order so the same values always hash the same.
+            h.update(t.to(torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes())
+        return h.hexdigest()
+
+    def subset(self, idx: Sequence[int] | torch.Tensor | slice) -> TokenizedSet:
+        """Rows `idx` (indices, a bool mask, or a slice), in that order, as a new set."""
+        if isinstance(idx, slice):
+            idx = range(len(self))[idx]
+        index = torch.as_tensor(idx if isinstance(idx, torch.Tensor) else list(idx))
+        index = index.nonzero().flatten() if index.dtype == torch.bool else index.long().flatten()
+        return TokenizedSet(
+            sample_ids=[self.sample_ids[i] for i in index.tolist()],
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            labels=self.labels[index],
+            label_names=None if self.label_names is None else list(self.label_names),
+        )
+
+
+def tokenize_records(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    task: str,
+    max_length: int,
+    label_names: list[str] | None = None,
+) -> TokenizedSet:
+    """Tokenize `records` for task "classify" (text -> class index) or "lm" (next-token loss).
+
+    lm: text and chat messages get loss on every real token; prompt/completion only on the completion.
+    Sets `tokenizer.pad_token` to its eos token when it has no pad token.
+    """
+    check_labels(records, task)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"max_length={max_length!r} must be a whole number of tokens, at least 2.")
+    _ensure_pad_token(tokenizer)
+    sample_ids = [r.sample_id for r in records]
+    n = len(records)
+    if task == "classify":
+        names = sorted({r.label for r in records}) if label_names is None else list(label_names)
+        class_index = {name: i for i, name in enumerate(names)}
+        for r in records:
+            if r.label not in class_index:
+                raise DataError(
+                    f"{r.sample_id}: label {r.label!r} is not one of the classes {names}; the class list was "
+                    "fixed when the model was set up, so correct the label or remove the row."
+                )
+        if n == 0:  # e.g. val_size=0: an empty set, not a tokenizer call on an empty batch
+            empty = torch.zeros((0, max_length), dtype=torch.long)
+            return TokenizedSet([], empty, empty.clone(), torch.zeros(0, dtype=torch.long), names)
+        enc = _encode(tokenizer, [r.text for r in records], max_length, add_special_tokens=True)
+        labels = torch.tensor([class_index[r.label] for r in records], dtype=torch.long)
+        return TokenizedSet(sample_ids, enc["input_ids"], enc["attention_mask"], labels, names)
+
+    input_ids = torch.full((n, max_length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, max_length), dtype=torch.long)
+    prompt_mask = torch.zeros((n, max_length), dtype=torch.bool)  # True where a prompt token gets no loss
+    plain = [i for i, r in enumerate(records) if r.text is not None]
+    chat = [i for i, r in enumerate(records) if r.text is None and r.messages is not None]
+    paired = [i for i, r in enumerate(records) if r.text is None and r.messages is None]
+    if plain:
+        enc = _encode(tokenizer, [records[i].text for i in plain], max_length, add_special_tokens=True)
+        input_ids[plain], attention_mask[plain] = enc["input_ids"], enc["attention_mask"]
+    if chat:
+        rendered = [_render_chat(tokenizer, records[i]) for i in chat]
+        # The template already writes the special tokens it wants; adding them again would double BOS.
+        enc = _encode(tokenizer, rendered, max_length, add_special_tokens=False)
+        input_ids[chat], attention_mask[chat] = enc["input_ids"], enc["attention_mask"]
+    if paired:
+        prompt_mask[paired] = _encode_paired(tokenizer, [records[i] for i in paired], max_length,
+                                             input_ids, attention_mask, paired)
+    labels = input_ids.masked_fill((attention_mask == 0) | prompt_mask, IGNORE_INDEX)
+    return TokenizedSet(sample_ids, input_ids, attention_mask, labels, None)
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                "the tokenizer has neither a pad nor an eos token, so sequences cannot be padded; "
+                "set tokenizer.pad_token before tokenizing."
+            )
+        # Padding is told apart by the attention mask, not the id, so reusing eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int, *, add_special_tokens: bool,
+            offsets: bool = False) -> Any:
+    return tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        padding_side="right",
+        add_special_tokens=add_special_tokens,
+        return_tensors="pt",
+        return_token_type_ids=False,
+        return_offsets_mapping=offsets,
+        return_special_tokens_mask=offsets,
+    )
+
+
+def _render_chat(tokenizer: Any, record: Record) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{record.sample_id}: the record has chat messages but the tokenizer has no chat template; "
+            "use a model that ships one (an Instruct model) or convert the rows to prompt/completion."
+        )
+    try:
+        return tokenizer.apply_chat_template(list(record.messages), tokenize=False)
+    except Exception as e:  # template errors (jinja, raise_exception on a bad role order) are data problems
+        raise DataError(f"{record.sample_id}: the chat template could not render these messages ({e}); "
+                        "fix the roles/turn order of this row.") from e
+
+
+def _encode_paired(tokenizer: Any, records: list[Record], max_length: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Tokenize prompt+completion into `rows` of the output tensors; returns the prompt-token mask.
+
+    Tokenizing the joined string (not the parts) gives the same tokens the model sees at inference; character
+    offsets then tell which tokens belong to the completion.
+    """
+    if not tokenizer.is_fast:
+        raise ModelError(
+            "prompt/completion data needs a fast tokenizer (one with tokenizer.json) to find where the "
+            "completion starts; use the model's fast tokenizer."
+        )
+    enc = _encode(tokenizer, [r.prompt + r.completion for r in records], max_length,
+                  add_special_tokens=True, offsets=True)
+    input_ids[rows], attention_mask[rows] = enc["input_ids"], enc["attention_mask"]
+    prompt_chars = torch.tensor([len(r.prompt) for r in records]).unsqueeze(1)
+    # A token ending past the prompt belongs to the completion (including one that straddles the boundary).
+    completion = ((enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
+                  & (enc["offset_mapping"][..., 1] > prompt_chars))
+    missing = (~completion.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise DataError(
+            f"{records[missing[0]].sample_id}: the prompt fills all {max_length} tokens, so nothing of the "
+            "completion is left to learn from; raise max_length or shorten the prompt."
+        )
+    first = completion.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
+    return torch.arange(max_length).unsqueeze(0) < first
+

@@ -1,0 +1,84 @@
+"""Phase-2 trainer: exact resume from a mid-epoch checkpoint, schedules, metrics log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
+from pac.models.backbone import load_backbone
+from pac.runtime.trainer import TrainConfig, Trainer, epoch_order, lr_factor
+
+
+class RandomTaps:
+    """A fixed synthetic set of taps with learnable labels (stands in for the cache here)."""
+
+    def __init__(self, n: int, num_taps: int, length: int = 8, width: int = 64):
+        gen = torch.Generator().manual_seed(3)
+        self.taps = torch.randn(n, num_taps, length, width, generator=gen)
+        self.mask = torch.ones(n, length, dtype=torch.long)
+        self.mask[::3, -2:] = 0
+        self.labels = (self.taps[:, -1, 0, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, indices):
+        i = torch.tensor(indices)
+        return {"taps": self.taps[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def _trainer(tiny_llama, out, source, **overrides):
+    torch.manual_seed(0)
+    top = load_backbone(tiny_llama, 4, 4, with_head=True)
+    model = ParallelAdapterModel(top, ParallelAdapterConfig(task="classify", reduction=4, label_names=["n", "p"]))
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, **overrides)
+    return model, Trainer(model, "classify", source, config, out, val=source)
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_llama, tmp_path):
+    source = RandomTaps(22, num_taps=5)  # 6 steps per epoch, the last one short
+    full_model, full = _trainer(tiny_llama, tmp_path / "full", source)
+    records = full.fit()
+    assert [r["epoch"] for r in records] == [1, 2] and "val_accuracy" in records[0]
+
+    _, first = _trainer(tiny_llama, tmp_path / "cut", source)
+    first.fit(stop_after_steps=4)  # killed in the middle of epoch 1
+    resumed_model, resumed = _trainer(tiny_llama, tmp_path / "cut", source)
+    resumed.fit()
+    assert resumed.step == full.step == 12
+    for (name, a), (_, b) in zip(
+        full_model.trainable_state_dict().items(), resumed_model.trainable_state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    losses = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "step" in r] == list(range(1, 13))
+
+
+def test_checkpoint_with_other_settings_is_refused(tiny_llama, tmp_path):
+    source = RandomTaps(8, num_taps=5)
+    _, first = _trainer(tiny_llama, tmp_path, source)
+    first.fit(stop_after_steps=1)
+    _, other = _trainer(tiny_llama, tmp_path, source, seed=5)
+    with pytest.raises(ValueError, match="other training settings"):
+        other.fit()
+
+
+def test_training_learns_and_keeps_few_checkpoints(tiny_llama, tmp_path):
+    source = RandomTaps(40, num_taps=5)
+    _, trainer = _trainer(tiny_llama, tmp_path, source, checkpoint_every=3)
+    records = trainer.fit()
+    assert records[-1]["val_accuracy"] > 0.8
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 2
+
+
+def test_epoch_order_and_schedule():
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
+    assert sorted(epoch_order(10, 3, 0)) == list(range(10))
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "linear") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        lr_factor(50, 100, 10, "step")
