@@ -63,8 +63,7 @@ def build_taps(n_articles: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
     load_s = time.perf_counter() - t0
     articles = load_articles(n_articles)
-    enc = tok([a[1] for a in articles], max_length=seq_len, truncation=True, padding="max_length",
-              return_tensors="pt")
+    enc = tok([a[1] for a in articles], max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
     if not bool(enc["attention_mask"].all()):
         raise SystemExit("an article is shorter than the sequence length; pick longer ones")
     layers = model.model.layers
@@ -73,6 +72,7 @@ def build_taps(n_articles: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     def hook(i):
         def fn(_mod, _inp, out):
             captured[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -142,7 +142,7 @@ def to_markdown(results: dict[str, dict], info: dict) -> str:
         "",
         f"{len(info['articles'])} BBC News articles x {info['seq_len']} tokens, {info['num_taps']} taps "
         f"(h_0 .. h_{info['num_taps'] - 1}, raw layer outputs), d = {info['hidden_size']}. "
-        f"Cache default for dtype=\"int8\": `{DEFAULT_SCHEME}` (k = {DEFAULT_OUTLIERS}).",
+        f'Cache default for dtype="int8": `{DEFAULT_SCHEME}` (k = {DEFAULT_OUTLIERS}).',
         "",
         "| storage | rel. Frobenius error | mean per-tap | worst tap (index) | mean per-token | bytes/sample "
         "| vs fp16 |",

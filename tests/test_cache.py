@@ -35,8 +35,15 @@ TAPS = (0, 1, 2, 3)
 
 
 def make_spec(**kw) -> CacheSpec:
-    base = dict(model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64, data_fingerprint="d" * 64,
-                max_length=T, taps=TAPS, hidden_size=D, dtype="fp16")
+    base = dict(
+        model_fingerprint="m" * 64,
+        tokenizer_fingerprint="t" * 64,
+        data_fingerprint="d" * 64,
+        max_length=T,
+        taps=TAPS,
+        hidden_size=D,
+        dtype="fp16",
+    )
     base.update(kw)
     return CacheSpec(**base)
 

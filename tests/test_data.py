@@ -70,15 +70,18 @@ def error_of(fn, *args, **kwargs) -> str:
 def test_jsonl_all_shapes_blank_lines_and_ids(tmp_path):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = tmp_path / "train.jsonl"
-    write_lines(path, [
-        json.dumps({"text": "good film", "label": "pos"}),
-        "",
-        json.dumps({"text": "just text"}),
-        "   ",
-        json.dumps({"prompt": "2+2=", "completion": "4"}),
-        json.dumps({"messages": messages}),
-        json.dumps({"text": "unlabelled", "label": None, "extra": 3}),
-    ])
+    write_lines(
+        path,
+        [
+            json.dumps({"text": "good film", "label": "pos"}),
+            "",
+            json.dumps({"text": "just text"}),
+            "   ",
+            json.dumps({"prompt": "2+2=", "completion": "4"}),
+            json.dumps({"messages": messages}),
+            json.dumps({"text": "unlabelled", "label": None, "extra": 3}),
+        ],
+    )
     records = load_records(path)
     assert records == [
         Record("train.jsonl:1", text="good film", label="pos"),
@@ -241,16 +244,17 @@ def test_folder_empty_text_file(tmp_path):
 
 def test_datasets_parquet_with_class_labels(tmp_path, hf_cache):
     datasets = hf_cache
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     path = tmp_path / "train.parquet"
     rows = {"text": ["bad", "good", "unlabelled"], "label": [0, 1, -1]}  # -1 is ClassLabel's "no label"
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     before = os.environ.get("HF_DATASETS_OFFLINE")
     records = load_records(f"hf:parquet:{path}")
-    assert records == [Record("train.parquet:0", text="bad", label="neg"),
-                       Record("train.parquet:1", text="good", label="pos"),
-                       Record("train.parquet:2", text="unlabelled")]
+    assert records == [
+        Record("train.parquet:0", text="bad", label="neg"),
+        Record("train.parquet:1", text="good", label="pos"),
+        Record("train.parquet:2", text="unlabelled"),
+    ]
     assert os.environ.get("HF_DATASETS_OFFLINE") == before  # the offline switch is scoped to the call
 
 
@@ -258,15 +262,22 @@ def test_datasets_builder_from_suffix_and_format_flag(tmp_path, hf_cache):
     csv_path = tmp_path / "rows.csv"
     csv_path.write_text("text,label\nalpha,3\nbeta,4\n", encoding="utf-8")
     # Integer labels in a typed column become their string form.
-    assert load_records(f"hf:{csv_path}") == [Record("rows.csv:0", text="alpha", label="3"),
-                                              Record("rows.csv:1", text="beta", label="4")]
-    jsonl = write_jsonl(tmp_path / "chat.jsonl", [
-        {"prompt": "p", "completion": "c"},
-        {"messages": [{"role": "user", "content": "hi"}]},
-    ])
+    assert load_records(f"hf:{csv_path}") == [
+        Record("rows.csv:0", text="alpha", label="3"),
+        Record("rows.csv:1", text="beta", label="4"),
+    ]
+    jsonl = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"prompt": "p", "completion": "c"},
+            {"messages": [{"role": "user", "content": "hi"}]},
+        ],
+    )
     records = load_records(jsonl, format="datasets")
-    assert records == [Record("chat.jsonl:0", prompt="p", completion="c"),
-                       Record("chat.jsonl:1", messages=({"role": "user", "content": "hi"},))]
+    assert records == [
+        Record("chat.jsonl:0", prompt="p", completion="c"),
+        Record("chat.jsonl:1", messages=({"role": "user", "content": "hi"},)),
+    ]
 
 
 def test_datasets_errors(tmp_path, hf_cache):
@@ -317,8 +328,11 @@ def test_bundled_bbc_news_missing_package(monkeypatch):
 
 
 def labelled(counts: dict[str, int]) -> list[Record]:
-    return [Record(f"{label}/{i:03d}.txt", text=f"{label} {i}", label=label)
-            for label, n in counts.items() for i in range(n)]
+    return [
+        Record(f"{label}/{i:03d}.txt", text=f"{label} {i}", label=label)
+        for label, n in counts.items()
+        for i in range(n)
+    ]
 
 
 def ids(records: list[Record]) -> list[str]:
@@ -345,8 +359,14 @@ def test_split_is_identical_in_another_process():
         "print(','.join(r.sample_id for r in split_records(rs[::-1], val_size=9, seed=7)[1]))\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == ",".join(ids(split_records(records, val_size=9, seed=7)[1]))
 
 
@@ -414,8 +434,11 @@ def test_check_labels(tmp_path):
 
 
 def test_classify_padding_and_label_indices(tokenizer):
-    records = [Record("r:1", text="short", label="pos"), Record("r:2", text="a bit longer text", label="neg"),
-               Record("r:3", text="word " * 50, label="pos")]
+    records = [
+        Record("r:1", text="short", label="pos"),
+        Record("r:2", text="a bit longer text", label="neg"),
+        Record("r:3", text="word " * 50, label="pos"),
+    ]
     ts = tokenize_records(records, tokenizer, task="classify", max_length=12)
     assert isinstance(ts, TokenizedSet) and len(ts) == 3
     assert ts.input_ids.shape == ts.attention_mask.shape == (3, 12)
@@ -431,11 +454,16 @@ def test_classify_fixed_label_names_and_unknown_label(tokenizer):
     records = [Record("r:1", text="x", label="b")]
     ts = tokenize_records(records, tokenizer, task="classify", max_length=8, label_names=["c", "b", "a"])
     assert ts.labels.tolist() == [1] and ts.label_names == ["c", "b", "a"]
-    message = error_of(tokenize_records, [Record("val.jsonl:4", text="x", label="z")], tokenizer,
-                       task="classify", max_length=8, label_names=["a", "b"])
+    message = error_of(
+        tokenize_records,
+        [Record("val.jsonl:4", text="x", label="z")],
+        tokenizer,
+        task="classify",
+        max_length=8,
+        label_names=["a", "b"],
+    )
     assert "val.jsonl:4" in message and "'z'" in message
-    message = error_of(tokenize_records, [Record("val.jsonl:5", text="x")], tokenizer, task="classify",
-                       max_length=8)
+    message = error_of(tokenize_records, [Record("val.jsonl:5", text="x")], tokenizer, task="classify", max_length=8)
     assert "val.jsonl:5" in message and "--task lm" in message
 
 
@@ -530,3 +558,16 @@ def test_bbc_corpus_tokenizes_in_one_batch(tokenizer):
     ts = tokenize_records(records, tokenizer, task="classify", max_length=64)
     assert ts.input_ids.shape == (2225, 64) and ts.attention_mask.all()
     assert Counter(ts.labels.tolist()) == {0: 510, 1: 386, 2: 417, 3: 511, 4: 401}
+
+
+def test_lm_completion_ends_in_eos_so_answers_learn_to_stop(tokenizer):
+    original = tokenizer.eos_token
+    tokenizer.eos_token = "[MASK]"  # stands in for a chat model's end-of-turn token
+    try:
+        ts = tokenize_records(
+            [Record("pc:1", prompt="Q: hi?", completion=" A: yes")], tokenizer, task="lm", max_length=16
+        )
+    finally:
+        tokenizer.eos_token = original
+    learned = tokenizer.convert_ids_to_tokens(ts.input_ids[0][ts.labels[0] != -100].tolist())
+    assert "[MASK]" in learned and learned.index("[MASK]") > learned.index("yes")

@@ -111,6 +111,7 @@ def _json_default(o: Any) -> Any:
 
 def fingerprint_json(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys, no whitespace; tuples count as lists)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default,
-                      allow_nan=False)
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default, allow_nan=False
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

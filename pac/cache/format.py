@@ -209,8 +209,7 @@ def _bad_manifest(path: Path, why: str) -> CacheError:
     )
 
 
-_SHARD_FIELDS = (("file", str), ("sample_ids", list), ("taps", list), ("seq_len", int), ("sha256", str),
-                 ("bytes", int))
+_SHARD_FIELDS = (("file", str), ("sample_ids", list), ("taps", list), ("seq_len", int), ("sha256", str), ("bytes", int))
 
 
 def read_manifest(cache_dir: Path) -> dict[str, Any]:

@@ -40,9 +40,7 @@ def _q(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp_(-_QMAX, _QMAX).to(torch.int8)
 
 
-def quantize(
-    x: torch.Tensor, scheme: str = DEFAULT_SCHEME, k: int = DEFAULT_OUTLIERS
-) -> dict[str, torch.Tensor]:
+def quantize(x: torch.Tensor, scheme: str = DEFAULT_SCHEME, k: int = DEFAULT_OUTLIERS) -> dict[str, torch.Tensor]:
     """Quantise ``x[..., T, d]`` (any float dtype) to int8 with the given scheme.
 
     Returns ``{"q": int8 [..., T, d], ...scales}``; see :func:`dequantize` for the key sets.

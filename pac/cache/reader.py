@@ -1,22 +1,28 @@
 """Phase 2: read cached hidden states, every epoch, fast.
 
-Shards are opened lazily with ``safetensors.safe_open`` (memory-mapped) the first time a batch needs them,
-verified against their sha256 at that moment, and kept open for the reader's lifetime, so later epochs
-neither re-hash nor re-open. A batch is read with one ``get_slice`` per run of consecutive rows per shard and
-converted to float32 straight into the output tensor.
+Shards are opened lazily the first time a batch needs them, verified against their sha256 at that moment, and
+kept open for the reader's lifetime, so later epochs neither re-hash nor re-open. A batch is read with one
+positional read per run of consecutive rows per shard and converted to float32 straight into the output tensor.
+
+Shards are read with ``os.preadv`` rather than memory-mapped (``safe_open``): with a mapping, every page of the
+cache an epoch touches stays in the process's resident set (1.8 GB for 400 SmolLM2 samples), which makes phase 2
+look as large as the cache and competes with training for memory on small devices. Positional reads go through
+the page cache, which the kernel shrinks as it needs to, and the process holds only the batch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import mmap
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from pac.cache.format import (
     MANIFEST,
@@ -74,6 +80,73 @@ def _alloc_f32(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.float32)
 
 
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _ShardFile:
+    """The part of ``safe_open``'s interface the reader uses, over positional reads of the safetensors layout
+    (8-byte header length, JSON header with dtype/shape/offsets, raw little-endian data)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, n, 8))
+        except BaseException:
+            self.close()
+            raise
+        header.pop("__metadata__", None)
+        self.base, self.tensors = 8 + n, header
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, name: str) -> _TensorSlice:
+        return _TensorSlice(self, self.tensors[name])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+class _TensorSlice:
+    """``handle.get_slice(name)``: reads only the rows of the first index, then applies the rest."""
+
+    def __init__(self, shard: _ShardFile, info: dict):
+        self.shard, self.info = shard, info
+        self.dtype = _DTYPES[info["dtype"]]
+
+    def get_shape(self) -> list[int]:
+        return list(self.info["shape"])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        shape = self.get_shape()
+        r0, r1, _ = rows.indices(shape[0])
+        row_bytes = math.prod(shape[1:]) * self.dtype.itemsize
+        raw = torch.empty(max(0, r1 - r0) * row_bytes, dtype=torch.uint8)
+        offset = self.shard.base + self.info["data_offsets"][0] + r0 * row_bytes
+        if os.preadv(self.shard.fd, [raw.numpy()], offset) != raw.numel():
+            raise OSError(f"short read at byte {offset}")
+        data = raw.view(self.dtype).view(max(0, r1 - r0), *shape[1:])
+        return data[(slice(None), *rest)] if rest else data
+
+
 def _contiguous(a) -> bool:
     return len(a) > 0 and int(a[-1]) - int(a[0]) + 1 == len(a) and bool(np.all(np.diff(a) == 1))
 
@@ -81,8 +154,7 @@ def _contiguous(a) -> bool:
 class _Shard:
     __slots__ = ("path", "handle", "tap_names", "seq_len", "tap_index")
 
-    def __init__(self, path: Path, handle: Any, tap_names: list[str], seq_len: int, tap_index: dict[int, int]
-                 ) -> None:
+    def __init__(self, path: Path, handle: Any, tap_names: list[str], seq_len: int, tap_index: dict[int, int]) -> None:
         self.path, self.handle, self.tap_names = path, handle, tap_names
         self.seq_len, self.tap_index = seq_len, tap_index
 
@@ -184,7 +256,7 @@ class CacheReader:
             if why:
                 raise _corrupt(path, why)
         try:
-            handle = safe_open(str(path), framework="pt")
+            handle = _ShardFile(path)
             names = set(handle.keys())
         except Exception as e:  # safetensors raises its own error types
             raise _corrupt(path, f"unreadable: {e}") from None
@@ -215,7 +287,7 @@ class CacheReader:
         if self.spec.dtype != "int8":
             data = sh.handle.get_slice(TAPS_KEY)[r0:r1, p0:p1]
             return data if out is None else out.copy_(data)
-        parts = {n[len(TAPS_KEY) + 1:]: sh.handle.get_slice(n)[r0:r1, p0:p1] for n in sh.tap_names}
+        parts = {n[len(TAPS_KEY) + 1 :]: sh.handle.get_slice(n)[r0:r1, p0:p1] for n in sh.tap_names}
         return dequantize(parts, out=out)
 
     # -- API -----------------------------------------------------------------------------------------------
@@ -255,12 +327,12 @@ class CacheReader:
             p0, p1 = (int(ps[0]), int(ps[-1]) + 1) if simple else (int(ps.min()), int(ps.max()) + 1)
             for r0, r1, bb in _runs(rows, bs):
                 if simple and _contiguous(bb):
-                    self._read_taps(sh, r0, r1, p0, p1, out=out[int(bb[0]):int(bb[-1]) + 1, js[0]:js[-1] + 1, :Ts])
+                    self._read_taps(sh, r0, r1, p0, p1, out=out[int(bb[0]) : int(bb[-1]) + 1, js[0] : js[-1] + 1, :Ts])
                     continue
                 data = self._read_taps(sh, r0, r1, p0, p1)
                 if simple:
                     for k, b in enumerate(bb.tolist()):
-                        out[b, js[0]:js[-1] + 1, :Ts].copy_(data[k])
+                        out[b, js[0] : js[-1] + 1, :Ts].copy_(data[k])
                 else:
                     for k, b in enumerate(bb.tolist()):
                         for j, p in zip(js.tolist(), ps.tolist(), strict=True):

@@ -68,7 +68,8 @@ def choose_dtype(max_abs: float, requested: str, headroom: float = 1.5) -> str:
     if requested == "fp16" and max_abs * headroom > FP16_MAX:
         log.warning(
             "activations reach |x| = %.4g, too close to the fp16 limit %.0f: caching in bf16 instead",
-            max_abs, FP16_MAX,
+            max_abs,
+            FP16_MAX,
         )
         return "bf16"
     return requested
@@ -149,7 +150,7 @@ class CacheWriter:
         block = tuple(int(t) for t in tap_block)
         if block and block[0] in self._tap_pos:
             j = self._tap_pos[block[0]]
-            if taps[j:j + len(block)] == block:
+            if taps[j : j + len(block)] == block:
                 return block
         raise CacheError(
             f"tap block {block} is not a contiguous run of the cache taps {taps}: each shard stores a "
@@ -209,7 +210,9 @@ class CacheWriter:
                 if why:
                     log.warning(
                         "cache shard %s is bad (%s): deleting it, its %d samples will be recomputed",
-                        self.cache_dir / s["file"], why, len(s["sample_ids"]),
+                        self.cache_dir / s["file"],
+                        why,
+                        len(s["sample_ids"]),
                     )
                     self._verified.pop(s["file"], None)
                     with contextlib.suppress(OSError):
@@ -223,7 +226,7 @@ class CacheWriter:
         cols = [self._tap_pos[t] for t in block]
         missing = (cov[:, cols] == 0).any(axis=1)
         todo = [sid for sid, miss in zip(self.sample_ids, missing.tolist(), strict=True) if miss]
-        return [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+        return [todo[i : i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
 
     def write(
         self,
@@ -259,8 +262,7 @@ class CacheWriter:
         S = len(ids)
         if taps.dim() != 4 or tuple(taps.shape[:2]) != (S, len(block)) or taps.shape[3] != spec.hidden_size:
             raise CacheError(
-                f"taps must be [S={S}, n_block_taps={len(block)}, T, d={spec.hidden_size}], "
-                f"got {tuple(taps.shape)}"
+                f"taps must be [S={S}, n_block_taps={len(block)}, T, d={spec.hidden_size}], got {tuple(taps.shape)}"
             )
         if not taps.is_floating_point():
             raise CacheError(f"taps must be a float tensor, got {taps.dtype}")
@@ -304,8 +306,13 @@ class CacheWriter:
         tensors, meta = self._encode_taps(taps, block)
         tensors["attention_mask"] = mask.contiguous()
         tensors["labels"] = labels.contiguous()
-        meta = {"format": "pac-activation-cache-1", "sample_ids": json.dumps(ids), "taps": json.dumps(block),
-                "dtype": self.spec.dtype, **meta}
+        meta = {
+            "format": "pac-activation-cache-1",
+            "sample_ids": json.dumps(ids),
+            "taps": json.dumps(block),
+            "dtype": self.spec.dtype,
+            **meta,
+        }
         data = st_save(tensors, metadata=meta)
         digest = hashlib.sha256(data).hexdigest()
         first = self._index[ids[0]]
@@ -331,10 +338,16 @@ class CacheWriter:
                         "write only the groups returned by pending()"
                     )
                 commit_temp(tmp, final)
-                m["shards"].append({
-                    "file": fname, "sample_ids": ids, "taps": list(block), "seq_len": int(taps.shape[2]),
-                    "sha256": digest, "bytes": len(data),
-                })
+                m["shards"].append(
+                    {
+                        "file": fname,
+                        "sample_ids": ids,
+                        "taps": list(block),
+                        "seq_len": int(taps.shape[2]),
+                        "sha256": digest,
+                        "bytes": len(data),
+                    }
+                )
                 m["label_kind"] = kind
                 cov[np.ix_(rows, cols)] += 1
                 m["complete"] = bool((cov > 0).all())

@@ -89,9 +89,7 @@ def _shapes(text_field: str, label_field: str) -> str:
     )
 
 
-def _record_from_row(
-    row: dict[str, Any], sample_id: str, where: str, text_field: str, label_field: str
-) -> Record:
+def _record_from_row(row: dict[str, Any], sample_id: str, where: str, text_field: str, label_field: str) -> Record:
     """Turn one parsed row into a Record; `where` ("file:line" or "file row i") prefixes every error."""
 
     def bad(problem: str) -> DataError:
@@ -111,8 +109,9 @@ def _record_from_row(
         if not isinstance(messages, list) or not messages:
             raise bad('field \'messages\' must be a non-empty list of {"role": ..., "content": ...} objects')
         for turn in messages:
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
-                    and isinstance(turn.get("content"), str)):
+            if not (
+                isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+            ):
                 raise bad(f"every turn in 'messages' needs string 'role' and 'content', got {turn!r:.80}")
         return Record(sample_id=sample_id, messages=tuple(dict(turn) for turn in messages))
     if "prompt" in row or "completion" in row:
@@ -139,9 +138,7 @@ def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Record]:
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(
-                f"{where}: the line is not valid UTF-8 ({e.reason}); re-save the file as UTF-8."
-            ) from e
+            raise DataError(f"{where}: the line is not valid UTF-8 ({e.reason}); re-save the file as UTF-8.") from e
         if not line.strip():
             continue
         try:
@@ -169,19 +166,17 @@ def _load_csv(path: Path, delimiter: str, text_field: str, label_field: str) -> 
         content = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         lineno = data.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path}:{lineno}: the line is not valid UTF-8 ({e.reason}); re-save the file as UTF-8."
-        ) from e
+        raise DataError(f"{path}:{lineno}: the line is not valid UTF-8 ({e.reason}); re-save the file as UTF-8.") from e
     reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
     except csv.Error as e:
-        raise DataError(
-            f"{path}:1: the header row is malformed ({e}); the first line must name the columns."
-        ) from e
+        raise DataError(f"{path}:1: the header row is malformed ({e}); the first line must name the columns.") from e
     if not header:
-        raise DataError(f"{path}:1: the file is empty; the first line must be a header such as "
-                        f"'{text_field}{delimiter}{label_field}'.")
+        raise DataError(
+            f"{path}:1: the file is empty; the first line must be a header such as "
+            f"'{text_field}{delimiter}{label_field}'."
+        )
     if text_field not in header:
         raise DataError(
             f"{path}:1: the header row has no {text_field!r} column (found: {', '.join(header)}). The first "
@@ -209,9 +204,7 @@ def _load_csv(path: Path, delimiter: str, text_field: str, label_field: str) -> 
             )
         text = row[text_col]
         if not text.strip():
-            raise DataError(
-                f"{path}:{lineno}: no value in the {text_field!r} column; fill it in or remove the row."
-            )
+            raise DataError(f"{path}:{lineno}: no value in the {text_field!r} column; fill it in or remove the row.")
         label = row[label_col] if label_col is not None and row[label_col] != "" else None
         records.append(Record(sample_id=f"{path.name}:{lineno}", text=text, label=label))
     if not records:
@@ -224,15 +217,14 @@ def _load_folder(path: Path) -> list[Record]:
         f"expected a folder-per-class directory: one sub-directory per class holding .txt files, "
         f"e.g. {path / 'sports' / '001.txt'}"
     )
-    class_dirs = sorted(
-        (d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
-    )
+    class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
     if not class_dirs:
         raise DataError(f"{path}: no class sub-directories found; {layout}.")
     records = []
     for class_dir in class_dirs:
-        files = sorted((f for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() == ".txt"),
-                       key=lambda f: f.name)
+        files = sorted(
+            (f for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() == ".txt"), key=lambda f: f.name
+        )
         for file in files:
             raw = file.read_bytes()
             try:
@@ -250,7 +242,7 @@ def _load_folder(path: Path) -> list[Record]:
 
 def _parse_hf_spec(spec: str) -> tuple[str | None, Path]:
     """'hf:parquet:/p/x.parquet' -> ('parquet', path); 'hf:/p/x.csv' -> (None, path), builder by suffix."""
-    rest = spec[len("hf:"):]
+    rest = spec[len("hf:") :]
     builder, sep, file = rest.partition(":")
     if sep and builder in ("csv", "json", "parquet"):
         return builder, Path(file)

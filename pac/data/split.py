@@ -66,8 +66,7 @@ def split_records(
     n_val = _count(val_size, n)
     if n_val >= n:
         raise DataError(
-            f"val_size={val_size!r} takes {n_val} of the {n} records and leaves none to train on; "
-            "make it smaller."
+            f"val_size={val_size!r} takes {n_val} of the {n} records and leaves none to train on; make it smaller."
         )
 
     by_label = stratify and any(r.label is not None for r in ordered)
@@ -88,8 +87,10 @@ def split_records(
         available = sum(len(group) for group in rest)
         valid = isinstance(train_size, int) and not isinstance(train_size, bool)
         if not valid or not 1 <= train_size <= available:
-            raise DataError(f"train_size={train_size!r} must be a whole number from 1 to {available} "
-                            f"(the records left after taking {n_val} for validation).")
+            raise DataError(
+                f"train_size={train_size!r} must be a whole number from 1 to {available} "
+                f"(the records left after taking {n_val} for validation)."
+            )
         train_counts = _allocate(train_size, [len(group) for group in rest])
         train = [r for group, c in zip(rest, train_counts, strict=True) for r in group[:c]]
     return sorted(train, key=lambda r: r.sample_id), sorted(val, key=lambda r: r.sample_id)

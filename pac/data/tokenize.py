@@ -106,8 +106,9 @@ def tokenize_records(
         enc = _encode(tokenizer, rendered, max_length, add_special_tokens=False)
         input_ids[chat], attention_mask[chat] = enc["input_ids"], enc["attention_mask"]
     if paired:
-        prompt_mask[paired] = _encode_paired(tokenizer, [records[i] for i in paired], max_length,
-                                             input_ids, attention_mask, paired)
+        prompt_mask[paired] = _encode_paired(
+            tokenizer, [records[i] for i in paired], max_length, input_ids, attention_mask, paired
+        )
     labels = input_ids.masked_fill((attention_mask == 0) | prompt_mask, IGNORE_INDEX)
     return TokenizedSet(sample_ids, input_ids, attention_mask, labels, None)
 
@@ -123,8 +124,9 @@ def _ensure_pad_token(tokenizer: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _encode(tokenizer: Any, texts: list[str], max_length: int, *, add_special_tokens: bool,
-            offsets: bool = False) -> Any:
+def _encode(
+    tokenizer: Any, texts: list[str], max_length: int, *, add_special_tokens: bool, offsets: bool = False
+) -> Any:
     return tokenizer(
         texts,
         truncation=True,
@@ -148,12 +150,20 @@ def _render_chat(tokenizer: Any, record: Record) -> str:
     try:
         return tokenizer.apply_chat_template(list(record.messages), tokenize=False)
     except Exception as e:  # template errors (jinja, raise_exception on a bad role order) are data problems
-        raise DataError(f"{record.sample_id}: the chat template could not render these messages ({e}); "
-                        "fix the roles/turn order of this row.") from e
+        raise DataError(
+            f"{record.sample_id}: the chat template could not render these messages ({e}); "
+            "fix the roles/turn order of this row."
+        ) from e
 
 
-def _encode_paired(tokenizer: Any, records: list[Record], max_length: int, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def _encode_paired(
+    tokenizer: Any,
+    records: list[Record],
+    max_length: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: list[int],
+) -> torch.Tensor:
     """Tokenize prompt+completion into `rows` of the output tensors; returns the prompt-token mask.
 
     Tokenizing the joined string (not the parts) gives the same tokens the model sees at inference; character
@@ -164,13 +174,19 @@ def _encode_paired(tokenizer: Any, records: list[Record], max_length: int, input
             "prompt/completion data needs a fast tokenizer (one with tokenizer.json) to find where the "
             "completion starts; use the model's fast tokenizer."
         )
-    enc = _encode(tokenizer, [r.prompt + r.completion for r in records], max_length,
-                  add_special_tokens=True, offsets=True)
+    # The completion ends in eos so a fine-tuned assistant learns where its answer stops.
+    eos = tokenizer.eos_token or ""
+    enc = _encode(
+        tokenizer, [r.prompt + r.completion + eos for r in records], max_length, add_special_tokens=True, offsets=True
+    )
     input_ids[rows], attention_mask[rows] = enc["input_ids"], enc["attention_mask"]
     prompt_chars = torch.tensor([len(r.prompt) for r in records]).unsqueeze(1)
     # A token ending past the prompt belongs to the completion (including one that straddles the boundary).
-    completion = ((enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
-                  & (enc["offset_mapping"][..., 1] > prompt_chars))
+    completion = (
+        (enc["special_tokens_mask"] == 0)
+        & (enc["attention_mask"] == 1)
+        & (enc["offset_mapping"][..., 1] > prompt_chars)
+    )
     missing = (~completion.any(dim=1)).nonzero().flatten().tolist()
     if missing:
         raise DataError(
@@ -179,4 +195,3 @@ def _encode_paired(tokenizer: Any, records: list[Record], max_length: int, input
         )
     first = completion.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
     return torch.arange(max_length).unsqueeze(0) < first
-

