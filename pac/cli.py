@@ -118,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="classification read-out over real tokens (default mean)",
     )
+    m.add_argument(
+        "--side-init",
+        choices=["random", "pruned"],
+        default="random",
+        help="side blocks start random, or from the model's own weights pruned to width d/r",
+    )
+    m.add_argument(
+        "--tap-norm",
+        action="store_true",
+        help="scale every cached layer output to unit RMS before the side network reads it",
+    )
+    m.add_argument("--dropout", type=float, default=0.0, help="dropout on the side network's inputs (default 0)")
+    m.add_argument(
+        "--train-final-norm",
+        action="store_true",
+        help="also train the model's final norm (cheap; no backward into the layers)",
+    )
+    m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
     m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA rank (default 8)")
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
@@ -178,6 +196,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         reduction=args.reduction,
         tap_every=args.tap_every,
+        side_init=args.side_init,
+        tap_norm=args.tap_norm,
+        dropout=args.dropout,
+        train_final_norm=args.train_final_norm,
+        vocab_bias=args.vocab_bias,
         pooling=args.pooling,
         cache_dir=args.cache_dir,
         cache_dtype=args.cache_dtype,

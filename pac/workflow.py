@@ -25,7 +25,7 @@ from pac.data.tokenize import TokenizedSet, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import load_adapter, save_adapter
 from pac.methods.lora import LoraModel, LoraSettings
-from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
+from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
 from pac.runtime.cache_build import build_cache, model_fingerprint
@@ -72,6 +72,11 @@ class TrainOptions:
     tap_every: int = 1
     pooling: str = "mean"
     gate_temperature: float = 0.1
+    side_init: str = "random"
+    tap_norm: bool = False
+    dropout: float = 0.0
+    train_final_norm: bool = False
+    vocab_bias: bool = False
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
     # lora / dora
@@ -192,10 +197,13 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     # Phase 2: only the final norm / LM head of the backbone is loaded, beside the side network.
     top = load_backbone(data.model_dir, config.num_hidden_layers, config.num_hidden_layers, with_head=True)
     model = ParallelAdapterModel(top, adapter_config)
+    train_source = CachedTaps(CacheReader(built["train"].cache_dir, built["train"].spec))
+    if opts.side_init == "pruned":  # channel statistics from a few cached samples
+        initialize_pruned(model, data.model_dir, train_source.batch(list(range(min(16, len(train_source)))))["taps"])
     trainer = Trainer(
         model,
         opts.data.task,
-        CachedTaps(CacheReader(built["train"].cache_dir, built["train"].spec)),
+        train_source,
         _train_config(opts, DEFAULT_LR[("parallel-adapters", opts.data.task)]),
         out,
         val=CachedTaps(CacheReader(built["val"].cache_dir, built["val"].spec)),

@@ -11,7 +11,9 @@ LM head) turns them into logits:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from pac.errors import PacError
 from pac.methods.base import TASKS
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead
+from pac.models.loading import Checkpoint
 from pac.models.side import SideNetwork
 
 METHOD_TYPE = "PARALLEL_ADAPTERS"
@@ -36,6 +39,11 @@ class ParallelAdapterConfig:
     tap_every: int = 1  # with taps None: tap every k-th layer (always 0 and L)
     gate_temperature: float = 0.1
     pooling: str = "mean"  # classification read-out over real tokens
+    side_init: str = "random"  # random | pruned (from the backbone's weights, Llama-like decoders)
+    tap_norm: bool = False  # scale each tap to unit RMS per token before Down_i
+    dropout: float = 0.0  # on the projected taps Down_i(h_i)
+    train_final_norm: bool = False  # a trainable copy of the backbone's final norm (no backward into layers)
+    vocab_bias: bool = False  # LM: a trainable per-token logit bias (domain word frequencies)
     label_names: list[str] | None = None
     base_model_name_or_path: str = ""
     base_model_fingerprint: str = ""
@@ -47,6 +55,8 @@ class ParallelAdapterConfig:
             raise PacError(f"--task must be one of {TASKS}, not {self.task!r}")
         if self.task == "classify" and not self.label_names:
             raise PacError("a classification adapter needs label names (the classes of the training data)")
+        if self.side_init not in ("random", "pruned"):
+            raise PacError(f"side_init must be random or pruned, not {self.side_init!r}")
 
     def resolved_taps(self, num_layers: int) -> list[int]:
         if self.taps is not None:
@@ -72,20 +82,35 @@ class ParallelAdapterModel(nn.Module):
         self.task = config.task
         self.taps = config.resolved_taps(top.num_layers)
         self.top = top  # frozen: its parameters never get requires_grad
-        self.side = SideNetwork(top.config, self.taps, config.reduction, config.gate_temperature)
+        self.side = SideNetwork(
+            top.config, self.taps, config.reduction, config.gate_temperature, config.tap_norm, config.dropout
+        )
         self.head = (
             ClassificationHead(top.hidden_size, len(config.label_names), config.pooling)
             if config.task == "classify"
             else None
         )
+        self.final_norm = None
+        if config.train_final_norm:
+            if not top.family.causal:
+                raise PacError("train_final_norm needs a decoder (BERT layers end in their own LayerNorm)")
+            self.final_norm = copy.deepcopy(top.norm).requires_grad_(True)
+        lm_bias = config.vocab_bias and config.task == "lm"
+        self.vocab_bias = nn.Parameter(torch.zeros(top.config.vocab_size)) if lm_bias else None
 
     def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
         """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
-        y = self.side(taps, attention_mask, past_key_values)
-        z = self.top.final_norm(taps[:, -1]) + y
+        side_state = self.side.state(taps, attention_mask, past_key_values)
+        h_last = taps[:, -1]
+        base = self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
         if self.head is not None:
-            return self.head(z, attention_mask)
-        return self.top.logits(z)
+            return self.head(base + self.side.up(side_state), attention_mask)
+        # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
+        # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
+        # (unless the final norm trains), the only large product left is the forward of lm_head(base).
+        head = self.top.lm_head.weight
+        logits = self.top.logits(base) + side_state @ (head @ self.side.up.weight).T + head @ self.side.up.bias
+        return logits if self.vocab_bias is None else logits + self.vocab_bias
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["taps"], batch["attention_mask"])
@@ -104,3 +129,21 @@ class ParallelAdapterModel(nn.Module):
         super().train(mode)
         self.top.eval()  # the backbone stays deterministic
         return self
+
+
+def initialize_pruned(model: ParallelAdapterModel, model_dir: Path, sample_taps: torch.Tensor) -> torch.Tensor:
+    """Pruned initialisation of the side blocks from the checkpoint in `model_dir`, one layer at a time
+    (the whole backbone is never loaded in phase 2); channel statistics from cached taps
+    [S, len(model.taps), T, d]. Returns the kept channels."""
+    checkpoint = Checkpoint(model_dir)
+    family = model.top.family
+    root = checkpoint.prefix_of(f"{family.layers_prefix}0.")
+
+    def layer_weights(tap: int) -> dict[str, torch.Tensor]:
+        prefix = f"{root}{family.layers_prefix}{tap - 1}."  # layer i-1 (0-based) produces tap i
+        return {k[len(prefix) :]: v for k, v in checkpoint.load(checkpoint.with_prefix(prefix), torch.float32).items()}
+
+    magnitude = sample_taps.abs().float()
+    return model.side.init_pruned(
+        layer_weights, model.top.norm.weight, magnitude.mean(dim=(0, 1, 2)), magnitude.amax(dim=(0, 1, 2))
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,7 +50,15 @@ def side_config(config: Any, reduction: int, num_blocks: int) -> Any:
 
 
 class SideNetwork(nn.Module):
-    def __init__(self, config: Any, taps: list[int], reduction: int = 8, gate_temperature: float = 0.1):
+    def __init__(
+        self,
+        config: Any,
+        taps: list[int],
+        reduction: int = 8,
+        gate_temperature: float = 0.1,
+        tap_norm: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.family = family_for(config)
         taps = sorted(set(taps))
@@ -61,6 +70,10 @@ class SideNetwork(nn.Module):
             )
         self.taps = taps
         self.gate_temperature = gate_temperature
+        # Raw taps carry massive outliers (|h| ~ 29,000 on a few channels of the first token in
+        # SmolLM2); scaling each tap to unit RMS per token keeps them from swamping the side state.
+        self.tap_norm = tap_norm
+        self.dropout = nn.Dropout(dropout)
         self.config = side_config(config, reduction, num_blocks=len(taps) - 1)
         d, width = config.hidden_size, self.config.hidden_size
         classes = self.family.classes()
@@ -83,14 +96,56 @@ class SideNetwork(nn.Module):
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_logits / self.gate_temperature)
 
-    def forward(
+    def state(
         self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None
     ) -> torch.Tensor:
-        """taps: [B, len(self.taps), T, d] in self.taps order. Returns y = Up(Norm(s)) [B, T, d]."""
+        """Norm(s_last) [B, T, d/r]: the side network's output before Up."""
+        if self.tap_norm:
+            taps = taps * torch.rsqrt(taps.pow(2).mean(-1, keepdim=True) + 1e-6)
         downs = torch.einsum("bntd,nkd->bntk", taps, self.down_weight) + self.down_bias[:, None, :]
+        downs = self.dropout(downs)
         state = downs[:, 0]
         kwargs = layer_kwargs(self.family, self.config, state, attention_mask, self.rotary, past_key_values)
         gates = self.gates()
         for j, block in enumerate(self.blocks):
             state = block(gates[j] * state + (1 - gates[j]) * downs[:, j + 1], **kwargs)
-        return self.up(self.norm(state))
+        return self.norm(state)
+
+    def forward(
+        self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None
+    ) -> torch.Tensor:
+        """taps: [B, len(self.taps), T, d] in self.taps order. Returns y = Up(Norm(s)) [B, T, d]."""
+        return self.up(self.state(taps, attention_mask, past_key_values))
+
+    @torch.no_grad()
+    def init_pruned(
+        self,
+        layer_weights: Callable[[int], dict[str, torch.Tensor]],
+        final_norm_weight: torch.Tensor,
+        mean_abs: torch.Tensor,
+        max_abs: torch.Tensor,
+        outliers: int = 8,
+    ) -> torch.Tensor:
+        """Initialise from the backbone pruned to width d/r (see pac.models.prune).
+
+        `layer_weights(i)` is the state dict of the backbone layer that produces tap i (read one layer
+        at a time); channel statistics come from cached taps. Returns the kept channel indices. Up
+        stays zero, so step 0 still equals the backbone."""
+        if not self.family.causal:
+            raise ModelError("pruned initialisation is implemented for Llama-like decoders; use side_init=random")
+        from pac.models.prune import kept_head_dims, prune_llama_layer, select_channels
+
+        sc = self.config
+        channels = select_channels(mean_abs, max_abs, sc.hidden_size, outliers)
+        backbone_head_dim = sc.head_dim * (mean_abs.numel() // sc.hidden_size)
+        q_rows = kept_head_dims(sc.num_attention_heads, backbone_head_dim, sc.head_dim)
+        kv_rows = kept_head_dims(sc.num_key_value_heads, backbone_head_dim, sc.head_dim)
+        for block, tap in zip(self.blocks, self.taps[1:], strict=True):
+            block.load_state_dict(
+                prune_llama_layer(layer_weights(tap), channels, q_rows, kv_rows, sc.intermediate_size)
+            )
+        self.down_weight.zero_()
+        self.down_weight[:, torch.arange(sc.hidden_size), channels] = 1.0
+        self.down_bias.zero_()
+        self.norm.weight.copy_(final_norm_weight[channels])
+        return channels

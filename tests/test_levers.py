@@ -1,0 +1,76 @@
+"""Quality levers of the side network: pruned init, tap norm, trainable final norm, vocab bias,
+and the factored LM head (exactly equal to the plain one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
+from pac.models.backbone import load_backbone, load_config
+from pac.models.prune import kept_head_dims, select_channels
+from pac.models.side import SideNetwork
+
+
+def _taps(backbone, taps, length=10):
+    ids = torch.randint(3, backbone.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    with torch.no_grad():
+        out = backbone(ids, mask)
+    return torch.stack([out.taps[t] for t in taps], 1), mask, out
+
+
+def test_factored_lm_head_equals_the_plain_one(tiny_llama):
+    backbone = load_backbone(tiny_llama)
+    model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4, tap_norm=True))
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.3)
+        model.side.up.bias.normal_(0, 0.3)
+    taps, mask, out = _taps(backbone, model.taps)
+    plain = backbone.logits(backbone.final_norm(out.hidden) + model.side(taps, mask))
+    torch.testing.assert_close(model(taps, mask), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_init_keeps_step0_and_copies_the_backbone(tiny_llama):
+    backbone = load_backbone(tiny_llama)
+    model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4, side_init="pruned"))
+    taps, mask, out = _taps(backbone, model.taps)
+    channels = initialize_pruned(model, tiny_llama, taps)
+    assert len(channels) == 16 and channels.unique().numel() == 16
+    # Down_i selects the kept channels; the first block's q_proj is the backbone's, pruned.
+    torch.testing.assert_close(model.side.down_weight[0] @ taps[0, 0, 0], taps[0, 0, 0, channels])
+    q_rows = kept_head_dims(4, 16, 4)
+    expected = backbone.layers[0].self_attn.q_proj.weight[q_rows][:, channels]
+    torch.testing.assert_close(model.side.blocks[0].self_attn.q_proj.weight, expected)
+    logits = model(taps, mask)  # Up is still zero: the model answers like the backbone
+    torch.testing.assert_close(logits, backbone.logits(backbone.final_norm(out.hidden)), rtol=0, atol=1e-5)
+
+
+def test_kept_head_dims_keep_the_rope_frequencies(tiny_llama):
+    config = load_config(tiny_llama)
+    side = SideNetwork(config, taps=[0, 4], reduction=4)
+    backbone = load_backbone(tiny_llama)
+    kept = kept_head_dims(1, config.head_dim, side.config.head_dim)  # dims of one head
+    half = side.config.head_dim // 2
+    # the side head's frequency k belongs to backbone dim kept[k] (pairs (j, j + head_dim/2) stay together)
+    assert torch.equal(kept[half:], kept[:half] + config.head_dim // 2)
+    torch.testing.assert_close(side.rotary.inv_freq, backbone.rotary.inv_freq[kept[:half]])
+
+
+def test_channel_selection_skips_massive_outliers():
+    mean_abs = torch.tensor([5.0, 1.0, 900.0, 2.0, 3.0, 0.5])
+    max_abs = torch.tensor([9.0, 2.0, 29000.0, 4.0, 5.0, 1.0])
+    assert select_channels(mean_abs, max_abs, width=3, outliers=1).tolist() == [0, 3, 4]
+
+
+def test_final_norm_and_vocab_bias_train_and_are_saved(tiny_llama):
+    top = load_backbone(tiny_llama, 4, 4, with_head=True)
+    config = ParallelAdapterConfig(task="lm", reduction=4, train_final_norm=True, vocab_bias=True, dropout=0.1)
+    model = ParallelAdapterModel(top, config)
+    saved = model.trainable_state_dict()
+    assert "final_norm.weight" in saved and saved["vocab_bias"].shape == (top.config.vocab_size,)
+    assert not any(k.startswith("top.") for k in saved)
+    assert model.final_norm.weight.requires_grad and not top.norm.weight.requires_grad
+    with pytest.raises(Exception, match="side_init"):
+        ParallelAdapterConfig(task="lm", side_init="magic")
