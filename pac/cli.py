@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the model's final norm (cheap; no backward into the layers)",
     )
     m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
+    m.add_argument(
+        "--no-side-network",
+        action="store_true",
+        help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
+    )
     m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA rank (default 8)")
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
@@ -201,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dropout=args.dropout,
         train_final_norm=args.train_final_norm,
         vocab_bias=args.vocab_bias,
+        side_network=not args.no_side_network,
         pooling=args.pooling,
         cache_dir=args.cache_dir,
         cache_dtype=args.cache_dtype,

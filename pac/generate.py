@@ -53,7 +53,7 @@ def generate_ids(
     use_cache=False recomputes the whole sequence per token (for tests: both must agree)."""
     generator = torch.Generator().manual_seed(seed)
     backbone_cache = DynamicCache(config=backbone.config) if use_cache else None
-    side_cache = DynamicCache(config=adapter.side.config) if use_cache else None
+    side_cache = DynamicCache(config=adapter.side.config) if use_cache and adapter.side is not None else None
     sequence, step_input, new = input_ids, input_ids, []
     for _ in range(max_new_tokens):
         mask = torch.ones_like(sequence)

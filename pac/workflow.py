@@ -77,6 +77,7 @@ class TrainOptions:
     dropout: float = 0.0
     train_final_norm: bool = False
     vocab_bias: bool = False
+    side_network: bool = True
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
     # lora / dora
@@ -182,6 +183,12 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         tap_every=opts.tap_every,
         gate_temperature=opts.gate_temperature,
         pooling=opts.pooling,
+        side_init=opts.side_init,
+        tap_norm=opts.tap_norm,
+        dropout=opts.dropout,
+        train_final_norm=opts.train_final_norm,
+        vocab_bias=opts.vocab_bias,
+        side_network=opts.side_network,
         label_names=data.label_names,
         base_model_name_or_path=opts.model or BUNDLED_MODEL_ID,
         base_model_fingerprint=model_fingerprint(data.model_dir),
@@ -218,7 +225,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         "cache_dir": {k: str(v.cache_dir) for k, v in built.items()},
         "cache_dtype": built["train"].spec.dtype,
         "cache_bytes_per_sample": cache_bytes_per_sample(built["train"].cache_dir),
-        "gates": [round(g, 4) for g in model.side.gates().tolist()],
+        "gates": [round(g, 4) for g in model.side.gates().tolist()] if model.side is not None else [],
     }
 
 

@@ -74,3 +74,20 @@ def test_final_norm_and_vocab_bias_train_and_are_saved(tiny_llama):
     assert model.final_norm.weight.requires_grad and not top.norm.weight.requires_grad
     with pytest.raises(Exception, match="side_init"):
         ParallelAdapterConfig(task="lm", side_init="magic")
+
+
+def test_baselines_without_side_network(tiny_llama, topic_jsonl, tmp_path):
+    """Linear probe (head only) and head + final norm: the same cache and trainer, no side network."""
+    from pac.cli import main
+
+    argv = ["train", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--epochs", "1"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--no-side-network"]
+    assert main([*argv, "--out", str(tmp_path / "probe")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "norm"), "--train-final-norm"]) == 0
+    import json
+
+    probe = json.loads((tmp_path / "probe" / "summary.json").read_text())
+    norm = json.loads((tmp_path / "norm" / "summary.json").read_text())
+    assert probe["trainable_params"] == 64 * 3 + 3  # the head only
+    assert norm["trainable_params"] == probe["trainable_params"] + 64
+    assert json.loads((tmp_path / "probe" / "adapter_config.json").read_text())["side_network"] is False

@@ -44,6 +44,8 @@ class ParallelAdapterConfig:
     dropout: float = 0.0  # on the projected taps Down_i(h_i)
     train_final_norm: bool = False  # a trainable copy of the backbone's final norm (no backward into layers)
     vocab_bias: bool = False  # LM: a trainable per-token logit bias (domain word frequencies)
+    side_network: bool = True  # False: no side network, only the head (+ final norm / vocab bias): the
+    # baselines "linear probe" and "head + final norm only", on the same cache and trainer
     label_names: list[str] | None = None
     base_model_name_or_path: str = ""
     base_model_fingerprint: str = ""
@@ -59,6 +61,8 @@ class ParallelAdapterConfig:
             raise PacError(f"side_init must be random or pruned, not {self.side_init!r}")
 
     def resolved_taps(self, num_layers: int) -> list[int]:
+        if not self.side_network:
+            return [num_layers]
         if self.taps is not None:
             return sorted(set(self.taps))
         return sorted(set(range(0, num_layers + 1, max(1, self.tap_every))) | {0, num_layers})
@@ -82,8 +86,12 @@ class ParallelAdapterModel(nn.Module):
         self.task = config.task
         self.taps = config.resolved_taps(top.num_layers)
         self.top = top  # frozen: its parameters never get requires_grad
-        self.side = SideNetwork(
-            top.config, self.taps, config.reduction, config.gate_temperature, config.tap_norm, config.dropout
+        self.side = (
+            SideNetwork(
+                top.config, self.taps, config.reduction, config.gate_temperature, config.tap_norm, config.dropout
+            )
+            if config.side_network
+            else None
         )
         self.head = (
             ClassificationHead(top.hidden_size, len(config.label_names), config.pooling)
@@ -100,16 +108,19 @@ class ParallelAdapterModel(nn.Module):
 
     def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
         """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
-        side_state = self.side.state(taps, attention_mask, past_key_values)
         h_last = taps[:, -1]
         base = self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
-        if self.head is not None:
-            return self.head(base + self.side.up(side_state), attention_mask)
-        # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
-        # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
-        # (unless the final norm trains), the only large product left is the forward of lm_head(base).
-        head = self.top.lm_head.weight
-        logits = self.top.logits(base) + side_state @ (head @ self.side.up.weight).T + head @ self.side.up.bias
+        if self.side is None:
+            logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
+        elif self.head is not None:
+            return self.head(base + self.side(taps, attention_mask, past_key_values), attention_mask)
+        else:
+            # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
+            # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
+            # (unless the final norm trains), the only large product left is the forward of lm_head(base).
+            side_state = self.side.state(taps, attention_mask, past_key_values)
+            head, up = self.top.lm_head.weight, self.side.up
+            logits = self.top.logits(base) + side_state @ (head @ up.weight).T + head @ up.bias
         return logits if self.vocab_bias is None else logits + self.vocab_bias
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
