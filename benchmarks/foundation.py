@@ -63,7 +63,7 @@ def zero_shot() -> dict:
 def parallel_adapters(dtype: str, seeds: list[int]) -> dict:
     cache = WORK / f"cache-{dtype}"
     shutil.rmtree(cache, ignore_errors=True)
-    common = ["--cache-dir", str(cache), "--cache-dtype", dtype]
+    common = ["--cache-dir", str(cache), "--cache-dtype", dtype]  # the split is always seed 0
     build = run_pac(f"pa-{dtype}-build", *common, "--epochs", "0")
     runs = [run_pac(f"pa-{dtype}-seed{s}", *common, "--seed", str(s)) for s in seeds]
     return {"cache_build": build, "runs": runs}

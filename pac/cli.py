@@ -52,7 +52,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=128, help="tokens per sample; longer text is cut (default 128)")
     g.add_argument("--val-size", type=float, help="validation samples (count, or fraction if < 1)")
     g.add_argument("--train-size", type=int, help="use only this many training samples (stratified)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    g.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the train/validation split; keep it fixed to compare runs (default 0)",
+    )
     g.add_argument("--text-field", default="text", help="text column/key (default: text)")
     g.add_argument("--label-field", default="label", help="label column/key (default: label)")
 
@@ -67,7 +72,7 @@ def _data_options(args: argparse.Namespace):
         max_length=args.max_length,
         val_size=int(val) if val is not None and val >= 1 else val,
         train_size=args.train_size,
-        seed=args.seed,
+        seed=args.split_seed,
         text_field=args.text_field,
         label_field=args.label_field,
     )
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or the peft baselines lora / dora (backward through the whole model)",
     )
     m.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    m.add_argument("--seed", type=int, default=0, help="seed of initialisation and sample order (default 0)")
     m.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
     m.add_argument(
         "--lr",
@@ -223,6 +229,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{summary['cache_bytes_per_sample'] / 1e6:.2f} MB/sample ({summary['cache_dtype']})"
         )
     for ep in summary["epochs"]:
+        if ep["epoch"] == 0:
+            print(f"before training: {metric} {ep[metric]:.4f}")
+            continue
         print(
             f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
             f"  ({ep['epoch_seconds']:.1f} s)"

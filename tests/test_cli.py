@@ -96,3 +96,17 @@ def test_console_scripts_teach():
     for flag in ("--model", "--data", "--task", "--method", "--epochs", "--max-length", "--reduction", "--cache-dir"):
         assert flag in out.stdout
     assert "JSONL" in out.stdout
+
+
+def test_training_seed_does_not_change_the_split(tiny_llama, topic_jsonl, tmp_path):
+    """Seeds vary initialisation and order only, so runs of several seeds share one split and one cache;
+    --epochs 0 builds the cache and reports the untrained starting point."""
+    cache = tmp_path / "cache"
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "s0", cache, "--epochs", "0") == 0
+    start = json.loads((tmp_path / "s0" / "summary.json").read_text())
+    assert start["epochs"][0]["epoch"] == 0 and "val_accuracy" in start["epochs"][0]
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "s1", cache, "--seed", "1") == 0
+    assert json.loads((tmp_path / "s1" / "summary.json").read_text())["cache_computed_samples"] == {
+        "train": 0,
+        "val": 0,
+    }

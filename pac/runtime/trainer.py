@@ -177,6 +177,14 @@ class Trainer:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s (step %d)", ckpt, self.step)
         epochs: list[dict[str, Any]] = []
+        if self.config.epochs == 0 and self.val_source is not None:
+            # Nothing to train: report the starting point (for parallel adapters, exactly the backbone).
+            record = {
+                "epoch": 0,
+                **{f"val_{k}": v for k, v in evaluate(self.model, self.val_source, self.task).items()},
+            }
+            self._log(record)
+            return [record]
         self.model.train()
         first_epoch = self.step // self.steps_per_epoch
         for epoch in range(first_epoch, self.config.epochs):
