@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = t.add_argument_group("method")
     m.add_argument(
         "--method",
-        choices=["parallel-adapters", "lora", "dora"],
+        choices=["parallel-adapters", "lora", "dora", "boundary"],
         default="parallel-adapters",
         help="parallel-adapters (side network from the activation cache; default), "
-        "or the peft baselines lora / dora (backward through the whole model)",
+        "the peft baselines lora / dora (backward through the whole model), or boundary "
+        "(cache one layer's output, LoRA on the layers above it)",
     )
     m.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     m.add_argument("--seed", type=int, default=0, help="seed of initialisation and sample order (default 0)")
@@ -147,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
     )
-    m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA rank (default 8)")
+    m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA / boundary rank (default 8)")
+    m.add_argument(
+        "--boundary-layer",
+        type=int,
+        help="boundary: cache only layer k's output and train LoRA on the layers above it (default 2L/3)",
+    )
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(
@@ -217,6 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         cache_dtype=args.cache_dtype,
         lora_r=args.lora_r,
+        boundary_layer=args.boundary_layer,
     )
     summary = train(opts)
     metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
@@ -256,6 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.adapter, args.model)
     if loaded.task != "lm":
         raise PacError(f"{args.adapter} is a {loaded.task} adapter; generation needs one trained with --task lm")
+    if loaded.kind == "boundary":
+        raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
     ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
     if loaded.kind == "lora":
         out = loaded.model.peft.generate(

@@ -24,17 +24,19 @@ from pac.data.split import check_labels, split_records
 from pac.data.tokenize import TokenizedSet, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import load_adapter, save_adapter
+from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
+from pac.methods.boundary import BoundaryModel
 from pac.methods.lora import LoraModel, LoraSettings
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
-from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
 
 log = logging.getLogger(__name__)
 
-METHODS = ("parallel-adapters", "lora", "dora")
+METHODS = ("parallel-adapters", "lora", "dora", "boundary")
 SUMMARY = "summary.json"
 # Learning rates that worked in the measured anchors (DESIGN.md): the side network is small and
 # starts at zero output, so it takes a larger step than LoRA; LM loss is sharper than 5-way CE.
@@ -80,8 +82,9 @@ class TrainOptions:
     side_network: bool = True
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
-    # lora / dora
+    # lora / dora / boundary
     lora_r: int = 8
+    boundary_layer: int | None = None  # boundary: cache h_k and train LoRA on layers k..L (default 2L/3)
 
 
 @dataclass
@@ -157,6 +160,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     }
     if opts.method == "parallel-adapters":
         summary.update(_train_parallel_adapters(opts, prepared, out))
+    elif opts.method == "boundary":
+        summary.update(_train_boundary(opts, prepared, out))
     else:
         summary.update(_train_lora(opts, prepared, out))
     summary["peak_rss_mb"] = peak_rss_mb()
@@ -194,17 +199,11 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         base_model_fingerprint=model_fingerprint(data.model_dir),
         max_length=opts.data.max_length,
     )
-    taps = adapter_config.resolved_taps(config.num_hidden_layers)
-    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
-    # Phase 1: one backbone pass over train and validation data (the backbone is freed after each).
-    built = {
-        name: build_cache(data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})")
-        for name, part in (("train", data.train), ("val", data.val))
-    }
+    built = _build_caches(opts, data, adapter_config.resolved_taps(config.num_hidden_layers))
     # Phase 2: only the final norm / LM head of the backbone is loaded, beside the side network.
     top = load_backbone(data.model_dir, config.num_hidden_layers, config.num_hidden_layers, with_head=True)
     model = ParallelAdapterModel(top, adapter_config)
-    train_source = CachedTaps(CacheReader(built["train"].cache_dir, built["train"].spec))
+    train_source, val_source = _cached_sources(built)
     if opts.side_init == "pruned":  # channel statistics from a few cached samples
         initialize_pruned(model, data.model_dir, train_source.batch(list(range(min(16, len(train_source)))))["taps"])
     trainer = Trainer(
@@ -213,19 +212,69 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         train_source,
         _train_config(opts, DEFAULT_LR[("parallel-adapters", opts.data.task)]),
         out,
-        val=CachedTaps(CacheReader(built["val"].cache_dir, built["val"].spec)),
+        val=val_source,
     )
     epochs = trainer.fit(resume=opts.resume)
     save_adapter(out, adapter_config.to_dict(), model.trainable_state_dict())
     return {
         "epochs": epochs,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **_cache_summary(built),
+        "gates": [round(g, 4) for g in model.side.gates().tolist()] if model.side is not None else [],
+    }
+
+
+def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:
+    """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    return {
+        name: build_cache(data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})")
+        for name, part in (("train", data.train), ("val", data.val))
+    }
+
+
+def _cached_sources(built: dict[str, CacheBuildResult]) -> tuple[CachedTaps, CachedTaps]:
+    return tuple(CachedTaps(CacheReader(built[k].cache_dir, built[k].spec)) for k in ("train", "val"))
+
+
+def _cache_summary(built: dict[str, CacheBuildResult]) -> dict[str, Any]:
+    return {
         "cache_build_seconds": {k: v.seconds for k, v in built.items()},
         "cache_computed_samples": {k: v.computed_samples for k, v in built.items()},
         "cache_dir": {k: str(v.cache_dir) for k, v in built.items()},
         "cache_dtype": built["train"].spec.dtype,
         "cache_bytes_per_sample": cache_bytes_per_sample(built["train"].cache_dir),
-        "gates": [round(g, 4) for g in model.side.gates().tolist()] if model.side is not None else [],
+    }
+
+
+def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+    """Cache h_k only; phase 2 trains LoRA on layers k..L from it (pac.methods.boundary)."""
+    num_layers = load_config(data.model_dir).num_hidden_layers
+    k = opts.boundary_layer if opts.boundary_layer is not None else 2 * num_layers // 3
+    if not 0 < k < num_layers:
+        raise PacError(f"--boundary-layer must be between 1 and {num_layers - 1}, not {k}")
+    built = _build_caches(opts, data, [k])
+    upper = load_backbone(data.model_dir, k, num_layers, with_head=True)
+    model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r)
+    train_source, val_source = _cached_sources(built)
+    trainer = Trainer(model, opts.data.task, train_source, _train_config(opts, LORA_LR), out, val=val_source)
+    epochs = trainer.fit(resume=opts.resume)
+    meta = {
+        "peft_type": BOUNDARY_TYPE,
+        "boundary_layer": k,
+        "r": opts.lora_r,
+        "task": opts.data.task,
+        "label_names": data.label_names,
+        "pooling": opts.pooling,
+        "max_length": opts.data.max_length,
+        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_fingerprint": model_fingerprint(data.model_dir),
+    }
+    save_adapter(out, meta, model.trainable_state_dict())
+    return {
+        "epochs": epochs,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **_cache_summary(built),
     }
 
 
@@ -263,7 +312,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
 # ----------------------------------------------------------------------------- inference
 @dataclass
 class LoadedAdapter:
-    kind: str  # "parallel-adapters" | "lora"
+    kind: str  # "parallel-adapters" | "lora" | "boundary"
     task: str
     model_dir: Path
     model: Any  # ParallelAdapterModel or LoraModel
@@ -304,6 +353,27 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> Loa
             meta["label_names"],
         )
     raw_config, tensors = load_adapter(adapter_dir)
+    if raw_config.get("peft_type") == BOUNDARY_TYPE:
+        model_dir = _base_model_dir(raw_config, model)
+        k, num_layers = raw_config["boundary_layer"], load_config(model_dir).num_hidden_layers
+        upper = load_backbone(model_dir, k, num_layers, with_head=True)
+        boundary = BoundaryModel(
+            upper, raw_config["task"], raw_config["label_names"], raw_config["pooling"], raw_config["r"]
+        )
+        missing, unexpected = boundary.load_state_dict(tensors, strict=False)
+        if unexpected or any("lora_" in m or m.startswith("head.") for m in missing):
+            raise PacError(f"{adapter_dir}: adapter weights do not match its config")
+        lower = load_backbone(model_dir, 0, k)  # feeds h_k to the adapted top layers
+        return LoadedAdapter(
+            "boundary",
+            raw_config["task"],
+            model_dir,
+            boundary.eval(),
+            lower,
+            load_tokenizer(model_dir),
+            raw_config["max_length"],
+            raw_config["label_names"],
+        )
     config = ParallelAdapterConfig.from_dict(raw_config)
     model_dir = _base_model_dir(raw_config, model)
     backbone = load_backbone(model_dir)

@@ -91,3 +91,27 @@ def test_baselines_without_side_network(tiny_llama, topic_jsonl, tmp_path):
     assert probe["trainable_params"] == 64 * 3 + 3  # the head only
     assert norm["trainable_params"] == probe["trainable_params"] + 64
     assert json.loads((tmp_path / "probe" / "adapter_config.json").read_text())["side_network"] is False
+
+
+def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, topic_jsonl, tmp_path, capsys):
+    import json
+
+    from pac.cli import main
+
+    out = tmp_path / "boundary"
+    argv = ["train", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--epochs", "2"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--method", "boundary", "--boundary-layer", "2", "--lr", "5e-3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cache_bytes_per_sample"] < 2 * 128 * 64 * 2  # one tap (h_2) of 64 channels in fp16
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "BOUNDARY_LORA" and saved["boundary_layer"] == 2
+    capsys.readouterr()
+    assert (
+        main(
+            ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])

@@ -1,0 +1,228 @@
+"""Quality harness: parallel adapters vs the baselines, lever by lever, on one fixed split.
+
+Every configuration is a list of `pac train` options run in its own process (so time and peak
+memory are its own) on the same split (stratified, --split-seed 0), for several training seeds.
+Both tasks use SmolLM2-135M-Instruct on BBC News at 128 tokens:
+  classify  5-way topic classification, validation accuracy
+  lm        language modelling of held-out articles, validation perplexity
+
+    python benchmarks/quality.py --task lm --configs zero-shot side lora --seeds 0 1 2
+    python benchmarks/quality.py --task classify            # every configuration of the task
+    python benchmarks/quality.py --task lm --report          # table and plot from what is recorded
+
+Results accumulate in benchmarks/results/quality_<task>.json (a run already recorded is not run
+again), with a markdown table quality_<task>.md and a plot quality_<task>.png of quality against
+training time (one point per configuration, mean of seeds, bars = one standard deviation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+WORK = HERE / ".work" / "quality"
+
+# name -> (description, `pac train` options). Shared by both tasks unless a task leaves it out.
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "zero-shot": ("untrained model (epochs 0)", ["--epochs", "0"]),
+    "probe": ("linear probe on pooled final-norm h_L", ["--no-side-network", "--lr", "3e-3"]),
+    "head+norm": ("head + final norm only", ["--no-side-network", "--train-final-norm", "--lr", "3e-3"]),
+    "lora": ("LoRA r=8 (peft), q,k,v,o,gate,up,down", ["--method", "lora"]),
+    "side": ("side network, current defaults", []),
+    "side-pruned": ("side blocks from the pruned backbone", ["--side-init", "pruned"]),
+    "side-tapnorm": ("taps scaled to unit RMS", ["--tap-norm"]),
+    "side-pruned-tapnorm": ("pruned init + tap norm", ["--side-init", "pruned", "--tap-norm"]),
+    "side-last": ("last-token read-out", ["--pooling", "last"]),
+    "side-final-norm": ("side network + trainable final norm", ["--train-final-norm"]),
+    "side-vocab-bias": ("side network + vocab logit bias", ["--vocab-bias"]),
+    "side-reg": ("dropout 0.1 + weight decay 0.01", ["--dropout", "0.1", "--weight-decay", "0.01"]),
+    "side-r4": ("width d/4", ["--reduction", "4"]),
+    "side-r16": ("width d/16", ["--reduction", "16"]),
+    "side-tap2": ("every 2nd layer tapped", ["--tap-every", "2"]),
+    "side-tap3": ("every 3rd layer tapped", ["--tap-every", "3"]),
+    "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
+}
+TASK_ONLY = {"classify": {"probe", "side-last"}, "lm": {"side-vocab-bias"}}
+METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
+
+
+def configs_for(task: str) -> list[str]:
+    other = "lm" if task == "classify" else "classify"
+    return [name for name in CONFIGS if name not in TASK_ONLY[other]]
+
+
+def train_args(task: str, name: str, args: argparse.Namespace) -> list[str]:
+    options = list(CONFIGS[name][1])
+    if "--lr-scale" in options:  # relative to the task's default for parallel adapters
+        from pac.workflow import DEFAULT_LR
+
+        scale = float(options.pop(options.index("--lr-scale") + 1))
+        options.remove("--lr-scale")
+        options += ["--lr", str(DEFAULT_LR[("parallel-adapters", task)] * scale)]
+    return [
+        "--task",
+        task,
+        "--train-size",
+        str(args.train_size),
+        "--val-size",
+        str(args.val_size),
+        "--max-length",
+        "128",
+        "--epochs",
+        str(args.epochs),
+        "--split-seed",
+        "0",
+        "--cache-dir",
+        str(WORK / "cache"),
+        *options,
+    ]
+
+
+def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
+    out = WORK / task / name / f"seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pac.cli",
+        "train",
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+        *train_args(task, name, args),
+    ]
+    print("$", " ".join(cmd[2:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "epochs": summary["epochs"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "trainable_params": summary["trainable_params"],
+        "cache_bytes_per_sample": summary.get("cache_bytes_per_sample"),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+# --------------------------------------------------------------------------------------------- report
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: list[float]) -> float:
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
+
+
+def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
+    metric = METRIC[task]
+    rows = {}
+    for name, by_seed in runs.items():
+        seeds = list(by_seed.values())
+        finals = [s["epochs"][-1][metric] for s in seeds]
+        trained = [e for s in seeds for e in s["epochs"] if e["epoch"] > 0]
+        rows[name] = {
+            "final_mean": _mean(finals),
+            "final_std": _std(finals) if len(finals) > 1 else 0.0,
+            "seeds": len(seeds),
+            "curve": [_mean([s["epochs"][i][metric] for s in seeds]) for i in range(len(seeds[0]["epochs"]))],
+            "epoch_seconds": _mean([e["epoch_seconds"] for e in trained]) if trained else 0.0,
+            "train_seconds": _mean([sum(e.get("epoch_seconds", 0) for e in s["epochs"]) for s in seeds]),
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in seeds),
+            "trainable_params": seeds[0]["trainable_params"],
+        }
+    return rows
+
+
+def report(task: str, runs: dict[str, dict]) -> str:
+    rows = aggregate(task, runs)
+    metric = METRIC[task]
+    lines = [
+        f"| configuration | {metric} (final, mean ± sd) | per epoch | time per epoch | phase-2 peak RSS | trainable |",
+        "|---|---|---|---|---|---|",
+    ]
+    zero, lora = rows.get("zero-shot"), rows.get("lora")
+    for name, r in rows.items():
+        cell = f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['seeds']} seeds)"
+        if task == "lm" and zero and lora and name not in ("zero-shot",):
+            gain = math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
+            cell += f", {gain:.0%} of LoRA's log-ppl reduction"
+        curve = " / ".join(f"{v:.3f}" for v in r["curve"])
+        lines.append(
+            f"| {name}: {CONFIGS[name][0]} | {cell} | {curve} | {r['epoch_seconds']:.1f} s "
+            f"| {r['peak_rss_mb'] / 1024:.2f} GB | {r['trainable_params']:,} |"
+        )
+    if lora and lora["epoch_seconds"]:
+        lines.append("")
+        for name, r in rows.items():
+            if name.startswith("side") and r["epoch_seconds"]:
+                lines.append(
+                    f"- {name}: epoch {lora['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than LoRA's, "
+                    f"peak RSS {r['peak_rss_mb'] / lora['peak_rss_mb']:.0%} of LoRA's"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: str, runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(task, runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in rows.items():
+        ax.errorbar(max(r["train_seconds"], 1.0), r["final_mean"], yerr=r["final_std"], fmt="o", capsize=3)
+        ax.annotate(
+            name, (max(r["train_seconds"], 1.0), r["final_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training time, all epochs (s, log scale)")
+    ax.set_ylabel("validation accuracy" if task == "classify" else "validation perplexity (lower is better)")
+    ax.set_title(f"SmolLM2-135M-Instruct, BBC News, {task}: quality vs training time")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["classify", "lm"], required=True)
+    parser.add_argument("--configs", nargs="+", help=f"subset of: {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=400)
+    parser.add_argument("--val-size", type=int, default=400)
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"quality_{args.task}.json"
+    store = json.loads(path.read_text()) if path.exists() else {}
+    key = f"train{args.train_size}-val{args.val_size}-epochs{args.epochs}"
+    runs = store.setdefault(key, {})
+    if not args.report:
+        for name in args.configs or configs_for(args.task):
+            for seed in [0] if name == "zero-shot" else args.seeds:
+                if str(seed) in runs.get(name, {}):
+                    continue
+                runs.setdefault(name, {})[str(seed)] = run(args.task, name, seed, args)
+                path.write_text(json.dumps(store, indent=2) + "\n")  # keep every finished run
+    table = report(args.task, runs)
+    (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
+    plot(args.task, runs, RESULTS / f"quality_{args.task}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
