@@ -1,0 +1,55 @@
+"""The quality harness's bookkeeping (aggregation, table, plot) on synthetic runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(ppls, seconds=10.0, rss=900.0):
+    epochs = [{"epoch": i + 1, "val_perplexity": p, "epoch_seconds": seconds} for i, p in enumerate(ppls)]
+    return {"epochs": epochs, "peak_rss_mb": rss, "trainable_params": 10}
+
+
+def test_report_relates_every_configuration_to_lora(quality, tmp_path):
+    runs = {
+        "zero-shot": {
+            "0": {"epochs": [{"epoch": 0, "val_perplexity": 40.0}], "peak_rss_mb": 800, "trainable_params": 0}
+        },
+        "lora": {"0": _run([30, 26, 25], seconds=400, rss=4000)},
+        "side": {"0": _run([35, 33, 31]), "1": _run([35, 33, 33])},
+    }
+    rows = quality.aggregate("lm", runs)
+    assert rows["side"]["final_mean"] == 32 and rows["side"]["final_std"] == pytest.approx(2**0.5)
+    table = quality.report("lm", runs)
+    share = __import__("math").log(40 / 32) / __import__("math").log(40 / 25)
+    assert f"{share:.0%} of LoRA's log-ppl reduction" in table
+    assert "side: epoch 40.0x faster than LoRA's, peak RSS 22% of LoRA's" in table
+    quality.plot("lm", runs, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_every_configuration_is_known_to_the_cli(quality):
+    from pac.cli import build_parser
+
+    parser = build_parser()
+    for task in ("classify", "lm"):
+        for name in quality.configs_for(task):
+            args = parser.parse_args(["train", "--out", "x", *quality.train_args(task, name, _Args())])
+            assert args.task == task
+
+
+class _Args:
+    train_size, val_size, epochs = 400, 400, 3
