@@ -215,6 +215,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         val=val_source,
     )
     epochs = trainer.fit(resume=opts.resume)
+    adapter_config.taps = model.taps  # saved resolved: the adapter file says exactly which layers it reads
     save_adapter(out, adapter_config.to_dict(), model.trainable_state_dict())
     return {
         "epochs": epochs,

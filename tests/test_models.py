@@ -174,3 +174,11 @@ def test_a_third_of_the_layers_takes_a_third_of_the_memory(smollm2_dir):
         middle["weight_bytes"] / whole["weight_bytes"], abs=0.06
     )
     assert 0.2 < middle["rss_delta"] / whole["rss_delta"] < 0.36
+
+
+def test_hub_ids_fail_clearly_offline(monkeypatch):
+    from pac.models.loading import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="could not fetch 'someone/missing-model'.*--model"):
+        resolve_model("someone/missing-model")

@@ -41,7 +41,7 @@ def test_smollm2_parallel_adapters_on_bbc_news(smollm2_dir, tmp_path):
     assert len(summary["epochs"]) == 2 and summary["trainable_params"] > 2_000_000
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert config["taps"] is None and config["reduction"] == 8
+    assert config["taps"] == list(range(31)) and config["r"] == config["reduction"] == 8
 
     loaded = load_for_inference(tmp_path / "adapter")
     result = evaluate_adapter(loaded, data)

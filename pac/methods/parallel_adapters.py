@@ -68,7 +68,8 @@ class ParallelAdapterConfig:
         return sorted(set(range(0, num_layers + 1, max(1, self.tap_every))) | {0, num_layers})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # "r" as peft names a reduced width; "reduction" is what from_dict reads back.
+        return {**asdict(self), "r": self.reduction}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParallelAdapterConfig:
