@@ -50,6 +50,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-tap2": ("every 2nd layer tapped", ["--tap-every", "2"]),
     "side-tap3": ("every 3rd layer tapped", ["--tap-every", "3"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
+    "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
+    "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),
+    "boundary-20": ("cache h_20, LoRA r=8 on layers 20-29", ["--method", "boundary", "--boundary-layer", "20"]),
+    "boundary-27": ("cache h_27, LoRA r=8 on layers 27-29", ["--method", "boundary", "--boundary-layer", "27"]),
 }
 TASK_ONLY = {"classify": {"probe", "side-last"}, "lm": {"side-vocab-bias"}}
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
