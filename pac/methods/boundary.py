@@ -8,8 +8,6 @@ epoch costs the top L-k layers instead of the whole model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -43,12 +41,5 @@ class BoundaryModel(nn.Module):
         hidden = self.upper.final_norm(self.upper(batch["taps"][:, 0], mask, taps=()).hidden)
         return self.head(hidden, mask) if self.head is not None else self.upper.logits(hidden)
 
-    def train(self, mode: bool = True) -> BoundaryModel:
-        super().train(mode)  # LoRA dropout follows the mode; the frozen layers have no dropout of their own
-        return self
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def describe(self) -> dict[str, Any]:
-        return {"boundary_layer": self.upper.start, "num_layers": self.upper.num_layers}

@@ -8,9 +8,8 @@ the activations of every layer are kept for backward: that is the cost pac avoid
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -95,6 +94,3 @@ class LoraModel(nn.Module):
 
         if self.head is not None:
             self.head.load_state_dict(load_file(Path(adapter_dir) / HEAD_FILE))
-
-    def settings_dict(self) -> dict[str, Any]:
-        return asdict(self.settings)
