@@ -82,13 +82,13 @@ def build_cache(
         if backbone is None:
             backbone = load_backbone(model_dir)
         rows = torch.tensor([position[s] for s in group])
-        parts = []
+        # One buffer per shard, filled micro-batch by micro-batch (no list of parts + concatenated copy).
+        stacked = torch.empty(len(group), len(taps), data.input_ids.shape[1], backbone.hidden_size)
         with torch.inference_mode():
-            for chunk in rows.split(batch_size):
+            for offset, chunk in zip(range(0, len(group), batch_size), rows.split(batch_size), strict=True):
                 out = backbone(data.input_ids[chunk], data.attention_mask[chunk], taps=taps)
-                parts.append(torch.stack([out.taps[t] for t in taps], 1))
+                torch.stack([out.taps[t] for t in taps], 1, out=stacked[offset : offset + len(chunk)])
                 bar.update(len(chunk))
-        stacked = torch.cat(parts)
         if computed == 0 and (safe := choose_dtype(float(stacked.abs().max()), spec.dtype)) != spec.dtype:
             # Before anything is written: switch (e.g. fp16 -> bf16) when values exceed the range.
             log.warning("activations reach %.0f, beyond %s: caching as %s", stacked.abs().max(), spec.dtype, safe)
