@@ -110,3 +110,23 @@ def test_training_seed_does_not_change_the_split(tiny_llama, topic_jsonl, tmp_pa
         "train": 0,
         "val": 0,
     }
+
+
+def test_an_interrupted_cache_build_resumes_where_it_stopped(tiny_llama, topic_jsonl, tmp_path, monkeypatch):
+    from pac.cache import CacheWriter
+
+    real_write, calls = CacheWriter.write, []
+
+    def crash_after_first_shard(self, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C (or the device lost power) mid-build
+        calls.append(1)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "write", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_llama, topic_jsonl, tmp_path / "a", tmp_path / "cache")
+    monkeypatch.setattr(CacheWriter, "write", real_write)
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "b", tmp_path / "cache", "--epochs", "1") == 0
+    computed = json.loads((tmp_path / "b" / "summary.json").read_text())["cache_computed_samples"]
+    assert computed == {"train": 48 - 32, "val": 12}  # the first shard of 32 samples was kept
