@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pac.cache import CacheReader, cache_bytes_per_sample
+from pac.cache import cache_bytes_per_sample
 from pac.data.records import Record
 from pac.data.sources import bundled_bbc_news_dir, load_records
 from pac.data.split import check_labels, split_records
@@ -235,7 +235,7 @@ def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> di
 
 
 def _cached_sources(built: dict[str, CacheBuildResult]) -> tuple[CachedTaps, CachedTaps]:
-    return tuple(CachedTaps(CacheReader(built[k].cache_dir, built[k].spec)) for k in ("train", "val"))
+    return tuple(CachedTaps(built[k].open()) for k in ("train", "val"))
 
 
 def _cache_summary(built: dict[str, CacheBuildResult]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pac.cache import CacheSpec, CacheWriter, choose_dtype, find_cache
+from pac.cache import CacheReader, CacheSpec, CacheWriter, choose_dtype, find_cache
 from pac.cache.fingerprint import fingerprint_files
 from pac.data.tokenize import TokenizedSet
 from pac.models.backbone import load_backbone, load_config
@@ -30,6 +30,10 @@ class CacheBuildResult:
     spec: CacheSpec
     computed_samples: int  # 0 when a complete cache was reused
     seconds: float
+    reader: CacheReader | None = None  # a reader whose shards are already verified (reused caches)
+
+    def open(self) -> CacheReader:
+        return self.reader if self.reader is not None else CacheReader(self.cache_dir, self.spec)
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -67,10 +71,13 @@ def build_cache(
     """Make sure a complete, verified cache of `data` exists; compute only what is missing."""
     started = time.perf_counter()
     spec = cache_spec(model_dir, data, taps, dtype)
-    if (found := find_cache(cache_root, spec)) is not None and not CacheWriter(
-        cache_root, spec, data.sample_ids, shard_size
-    ).pending():
-        return CacheBuildResult(found, spec, 0, time.perf_counter() - started)
+    if (found := find_cache(cache_root, spec)) is not None:
+        # Verify through the reader that phase 2 will use: each shard is hashed once per process,
+        # and the trainer reads only shards that passed. Bad ones fall through to the writer below,
+        # which deletes and rebuilds them.
+        reader = CacheReader(found, spec)
+        if not reader.verify():
+            return CacheBuildResult(found, spec, 0, time.perf_counter() - started, reader)
 
     position = {sid: i for i, sid in enumerate(data.sample_ids)}
     backbone = None
