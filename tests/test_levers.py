@@ -115,3 +115,32 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     )
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])
+
+
+@pytest.mark.parametrize("train_final_norm", [False, True])
+def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, train_final_norm):
+    from pac.methods.base import task_loss
+
+    backbone = load_backbone(tiny_llama)
+    config = ParallelAdapterConfig(task="lm", reduction=4, vocab_bias=True, train_final_norm=train_final_norm)
+    model = ParallelAdapterModel(backbone, config)
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.3)
+        model.vocab_bias.normal_(0, 0.3)
+    taps, mask, out = _taps(backbone, model.taps)
+    labels = torch.where(mask.bool(), torch.randint(3, 100, mask.shape), torch.full_like(mask, -100))
+    batch = {"taps": taps, "attention_mask": mask, "labels": labels}
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = loss_and_grads(lambda: task_loss("lm", model.forward_batch(batch), labels))
+    chunked, chunked_grads = loss_and_grads(lambda: model.loss_batch(batch))
+    torch.testing.assert_close(chunked, plain)
+    assert plain_grads.keys() == chunked_grads.keys() and "side.up.weight" in plain_grads
+    assert ("final_norm.weight" in plain_grads) == train_final_norm
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from pac.errors import PacError
-from pac.methods.base import TASKS
+from pac.methods.base import TASKS, task_loss
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead
+from pac.models.lm_loss import chunked_lm_loss
 from pac.models.loading import Checkpoint
 from pac.models.side import SideNetwork
 
@@ -126,6 +127,18 @@ class ParallelAdapterModel(nn.Module):
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["taps"], batch["attention_mask"])
+
+    def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training loss. For language modelling with a side network it never materialises the
+        full logits (pac.models.lm_loss): the same value and gradients at a fraction of the memory."""
+        if self.task != "lm" or self.side is None:
+            return task_loss(self.task, self.forward_batch(batch), batch["labels"])
+        taps, mask = batch["taps"], batch["attention_mask"]
+        h_last = taps[:, -1]
+        base = self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
+        head, up = self.top.lm_head.weight, self.side.up
+        bias = head @ up.bias if self.vocab_bias is None else head @ up.bias + self.vocab_bias
+        return chunked_lm_loss(base, self.side.state(taps, mask), head @ up.weight, bias, head, batch["labels"])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What the adapter file holds: the side network and the head, nothing of the backbone."""

@@ -164,6 +164,12 @@ class Trainer:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own training loss when it has one (a memory-lean LM loss), else the task loss."""
+        if hasattr(self.model, "loss_batch"):
+            return self.model.loss_batch(batch)
+        return task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
+
     def _batches(self, epoch: int, skip: int) -> Iterator[list[int]]:
         order = epoch_order(len(self.train_source), self.config.seed, epoch)
         bs = self.config.batch_size
@@ -200,7 +206,7 @@ class Trainer:
             )
             for indices in self._batches(epoch, skip):
                 batch = self.train_source.batch(indices)
-                loss = task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
+                loss = self._loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)

@@ -1,0 +1,75 @@
+"""Cross-entropy through a frozen LM head without holding the full logits.
+
+For a batch of 8 x 128 tokens, SmolLM2's 49,152-way logits take 201 MB in float32, and a plain
+loss keeps several such tensors alive (logits, log-softmax, their gradient): that alone made the
+side network's language-model phase 2 need 1.8 GB. Here the logits
+
+    logits = base @ W^T + side @ M^T + c          (W frozen; M = W U and c = W b + bias carry the grads)
+
+are built, turned into a loss and differentiated a chunk of tokens at a time in the forward pass,
+which keeps only the small gradients (for side [N, w], M [V, w], c [V] and, when the final norm
+trains, base [N, d]). Backward then just scales them. Same value and gradients as the plain loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, side, m, c, head, targets, chunk):  # noqa: D102 (autograd API)
+        valid = targets != -100
+        count = valid.sum().clamp_min(1)
+        loss = base.new_zeros((), dtype=torch.float32)
+        grads = {
+            "side": torch.zeros_like(side) if ctx.needs_input_grad[1] else None,
+            "m": torch.zeros_like(m) if ctx.needs_input_grad[2] else None,
+            "c": torch.zeros_like(c) if ctx.needs_input_grad[3] else None,
+            "base": torch.zeros_like(base) if ctx.needs_input_grad[0] else None,
+        }
+        for start in range(0, base.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = torch.addmm(c, base[rows], head.T)
+            logits.addmm_(side[rows], m.T)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            keep, tgt = valid[rows], targets[rows].clamp_min(0)
+            loss -= (logp.gather(1, tgt[:, None]).squeeze(1) * keep).sum()
+            # d(mean CE)/d logits = (softmax - onehot) / count on kept rows
+            g = logp.exp_()
+            g[torch.arange(g.shape[0]), tgt] -= 1
+            g *= (keep / count)[:, None]
+            if grads["side"] is not None:
+                grads["side"][rows] = g @ m
+            if grads["m"] is not None:
+                grads["m"].addmm_(g.T, side[rows])
+            if grads["c"] is not None:
+                grads["c"] += g.sum(0)
+            if grads["base"] is not None:
+                grads["base"][rows] = g @ head
+        ctx.grads = grads
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: D102 (autograd API)
+        g = ctx.grads
+        scale = lambda t: None if t is None else t * grad_loss  # noqa: E731
+        return scale(g["base"]), scale(g["side"]), scale(g["m"]), scale(g["c"]), None, None, None
+
+
+def chunked_lm_loss(
+    base: torch.Tensor,
+    side: torch.Tensor,
+    m: torch.Tensor,
+    c: torch.Tensor,
+    head: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits = base W^T + side M^T + c.
+
+    base [B, T, d], side [B, T, w], labels [B, T] (-100: no loss); position t predicts token t+1."""
+    d, w = base.shape[-1], side.shape[-1]
+    return ChunkedLinearCrossEntropy.apply(
+        base[:, :-1].reshape(-1, d), side[:, :-1].reshape(-1, w), m, c, head, labels[:, 1:].reshape(-1), chunk
+    )
