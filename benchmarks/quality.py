@@ -163,7 +163,7 @@ def report(task: str, runs: dict[str, dict]) -> str:
             cell += f", {gain:.0%} of LoRA's log-ppl reduction"
         curve = " / ".join(f"{v:.3f}" for v in r["curve"])
         lines.append(
-            f"| {name}: {CONFIGS[name][0]} | {cell} | {curve} | {r['epoch_seconds']:.1f} s "
+            f"| {name}: {CONFIGS.get(name, (name,))[0]} | {cell} | {curve} | {r['epoch_seconds']:.1f} s "
             f"| {r['peak_rss_mb'] / 1024:.2f} GB | {r['trainable_params']:,} |"
         )
     if lora and lora["epoch_seconds"]:
