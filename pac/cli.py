@@ -197,34 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from pac.workflow import TrainOptions, train
 
-    opts = TrainOptions(
-        model=args.model,
-        data=_data_options(args),
-        method=args.method,
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        resume=not args.no_resume,
-        reduction=args.reduction,
-        tap_every=args.tap_every,
-        side_init=args.side_init,
-        tap_norm=args.tap_norm,
-        dropout=args.dropout,
-        train_final_norm=args.train_final_norm,
-        vocab_bias=args.vocab_bias,
-        side_network=not args.no_side_network,
-        pooling=args.pooling,
-        cache_dir=args.cache_dir,
-        cache_dtype=args.cache_dtype,
-        lora_r=args.lora_r,
-        boundary_layer=args.boundary_layer,
-    )
+    # Every TrainOptions field with a flag of the same name comes from that flag.
+    named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
+    named.update(data=_data_options(args), resume=not args.no_resume, side_network=not args.no_side_network)
+    opts = TrainOptions(**named)
     summary = train(opts)
     metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
     print(

@@ -248,6 +248,18 @@ def _cache_summary(built: dict[str, CacheBuildResult]) -> dict[str, Any]:
     }
 
 
+def _adapter_meta(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
+    """What every saved adapter records to be evaluated and served again next to its base model."""
+    return {
+        "task": opts.data.task,
+        "label_names": data.label_names,
+        "pooling": opts.pooling,
+        "max_length": opts.data.max_length,
+        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_fingerprint": model_fingerprint(data.model_dir),
+    }
+
+
 def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
     """Cache h_k only; phase 2 trains LoRA on layers k..L from it (pac.methods.boundary)."""
     num_layers = load_config(data.model_dir).num_hidden_layers
@@ -260,17 +272,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     train_source, val_source = _cached_sources(built)
     trainer = Trainer(model, opts.data.task, train_source, _train_config(opts, LORA_LR), out, val=val_source)
     epochs = trainer.fit(resume=opts.resume)
-    meta = {
-        "peft_type": BOUNDARY_TYPE,
-        "boundary_layer": k,
-        "r": opts.lora_r,
-        "task": opts.data.task,
-        "label_names": data.label_names,
-        "pooling": opts.pooling,
-        "max_length": opts.data.max_length,
-        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
-        "base_model_fingerprint": model_fingerprint(data.model_dir),
-    }
+    meta = {"peft_type": BOUNDARY_TYPE, "boundary_layer": k, "r": opts.lora_r, **_adapter_meta(opts, data)}
     save_adapter(out, meta, model.trainable_state_dict())
     return {
         "epochs": epochs,
@@ -294,15 +296,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
     )
     epochs = trainer.fit(resume=opts.resume)
     model.save(out)
-    pac_meta = {
-        "peft_type_pac": opts.method,
-        "task": opts.data.task,
-        "label_names": data.label_names,
-        "pooling": opts.pooling,
-        "max_length": opts.data.max_length,
-        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
-        "base_model_fingerprint": model_fingerprint(data.model_dir),
-    }
+    pac_meta = {"peft_type_pac": opts.method, **_adapter_meta(opts, data)}
     (out / "pac_lora.json").write_text(json.dumps(pac_meta, indent=2) + "\n")
     return {
         "epochs": epochs,

@@ -54,35 +54,25 @@ def quantize(x: torch.Tensor, scheme: str = DEFAULT_SCHEME, k: int = DEFAULT_OUT
     if scheme == "per_channel":
         scale = _scale(x.abs().amax(dim=-2, keepdim=True))  # [..., 1, d]
         return {"q": _q(x, scale), "channel_scale": scale}
-    if scheme == "per_token_outlier":
+    if scheme in ("per_token_outlier", "per_token_topk"):
         d = x.shape[-1]
         k = max(0, min(int(k), d - 1))
-        chan_max = x.abs().amax(dim=-2)  # [..., d]
-        idx = chan_max.topk(k, dim=-1).indices.sort(dim=-1).values  # [..., k]
-        gidx = idx.unsqueeze(-2).expand(*x.shape[:-1], k)  # [..., T, k]
-        vals = x.gather(-1, gidx)
-        inliers = x.scatter(-1, gidx, 0.0)
+        if scheme == "per_token_outlier":  # the same k channels for every token of a sample and layer
+            idx = x.abs().amax(dim=-2).topk(k, dim=-1).indices.sort(dim=-1).values  # [..., k]
+            gather_idx = idx.unsqueeze(-2).expand(*x.shape[:-1], k)  # [..., T, k]
+            prefix = "outlier"
+        else:  # each token's own k largest channels
+            idx = gather_idx = x.abs().topk(k, dim=-1).indices  # [..., T, k]
+            prefix = "topk"
+        vals = x.gather(-1, gather_idx)
+        inliers = x.scatter(-1, gather_idx, 0.0)
         scale = _scale(inliers.abs().amax(dim=-1, keepdim=True))
         val_dtype = torch.float16 if (k == 0 or vals.abs().max() <= _FP16_MAX) else torch.float32
         return {
             "q": _q(inliers, scale),
             "token_scale": scale,
-            "outlier_idx": idx.to(torch.int16 if d <= 32767 else torch.int32),
-            "outlier_val": vals.to(val_dtype),
-        }
-    if scheme == "per_token_topk":
-        d = x.shape[-1]
-        k = max(0, min(int(k), d - 1))
-        idx = x.abs().topk(k, dim=-1).indices  # [..., T, k]
-        vals = x.gather(-1, idx)
-        inliers = x.scatter(-1, idx, 0.0)
-        scale = _scale(inliers.abs().amax(dim=-1, keepdim=True))
-        val_dtype = torch.float16 if (k == 0 or vals.abs().max() <= _FP16_MAX) else torch.float32
-        return {
-            "q": _q(inliers, scale),
-            "token_scale": scale,
-            "topk_idx": idx.to(torch.int16 if d <= 32767 else torch.int32),
-            "topk_val": vals.to(val_dtype),
+            f"{prefix}_idx": idx.to(torch.int16 if d <= 32767 else torch.int32),
+            f"{prefix}_val": vals.to(val_dtype),
         }
     raise ValueError(f"unknown int8 scheme {scheme!r}; expected one of {SCHEMES}")
 
