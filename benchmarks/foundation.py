@@ -39,25 +39,15 @@ def run_pac(name: str, *args: str) -> dict:
 
 
 def zero_shot() -> dict:
-    code = (
-        "import json, time, resource, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "from pac.methods.zero_shot import zero_shot_predict\n"
-        "from pac.workflow import DataOptions, load_tokenizer, read_records, split_data\n"
-        "from pac.models.loading import resolve_model\n"
-        "d = resolve_model(None); tok = load_tokenizer(d)\n"
-        "opts = DataOptions(); recs = read_records(opts); _, val = split_data(opts, recs)\n"
-        "names = sorted({r.label for r in recs})\n"
-        "model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()\n"
-        "t = time.perf_counter()\n"
-        "pred = zero_shot_predict(model, tok, [r.text for r in val], names, 128)\n"
-        "secs = time.perf_counter() - t\n"
-        "acc = sum(names[p] == r.label for p, r in zip(pred, val)) / len(val)\n"
-        "print(json.dumps({'val_accuracy': acc, 'seconds_per_sample': secs / len(val),\n"
-        "  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """`pac eval --zero-shot`: label likelihood on the same validation split."""
+    cmd = [sys.executable, "-m", "pac.cli", "eval", "--zero-shot"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out)
+    return {
+        "val_accuracy": result["accuracy"],
+        "seconds_per_sample": result["seconds"] / result["samples"],
+        "peak_rss_mb": result["peak_rss_mb"],
+    }
 
 
 def parallel_adapters(dtype: str, seeds: list[int]) -> dict:

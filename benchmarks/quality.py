@@ -33,7 +33,7 @@ WORK = HERE / ".work" / "quality"
 
 # name -> (description, `pac train` options). Shared by both tasks unless a task leaves it out.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
-    "zero-shot": ("untrained model (epochs 0)", ["--epochs", "0"]),
+    "zero-shot": ("untrained model: label likelihood / perplexity (`pac eval --zero-shot`)", []),
     "probe": ("linear probe on pooled final-norm h_L", ["--no-side-network", "--lr", "3e-3"]),
     "head+norm": ("head + final norm only", ["--no-side-network", "--train-final-norm", "--lr", "3e-3"]),
     "lora": ("LoRA r=8 (peft), q,k,v,o,gate,up,down", ["--method", "lora"]),
@@ -91,7 +91,38 @@ def train_args(task: str, name: str, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def run_zero_shot(task: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pac.cli",
+        "eval",
+        "--zero-shot",
+        "--task",
+        task,
+        "--train-size",
+        str(args.train_size),
+        "--val-size",
+        str(args.val_size),
+        "--max-length",
+        "128",
+        "--split-seed",
+        "0",
+    ]
+    print("$", " ".join(cmd[2:]), flush=True)
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    metric = METRIC[task]
+    return {
+        "epochs": [{"epoch": 0, metric: result[metric.removeprefix("val_")]}],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "trainable_params": 0,
+        "wall_seconds": result["seconds"],
+    }
+
+
 def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
+    if name == "zero-shot":
+        return run_zero_shot(task, args)
     out = WORK / task / name / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [

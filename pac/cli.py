@@ -171,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a saved adapter on the validation split",
         description="Evaluate an adapter from raw text (accuracy for classify, perplexity for lm).",
     )
-    e.add_argument("--adapter", required=True, help="directory written by `pac train --out`")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="directory written by `pac train --out`")
+    which.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="evaluate the untrained model: classify by label likelihood, lm by perplexity",
+    )
     _add_data_args(e)
     e.add_argument(
         "--split",
@@ -228,10 +234,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pac.workflow import evaluate_adapter, load_for_inference
+    from pac.workflow import evaluate_adapter, evaluate_zero_shot, load_for_inference
 
-    loaded = load_for_inference(args.adapter, args.model)
-    result = evaluate_adapter(loaded, _data_options(args), args.split)
+    if args.zero_shot:
+        result = evaluate_zero_shot(args.model, _data_options(args), args.split)
+    else:
+        result = evaluate_adapter(load_for_inference(args.adapter, args.model), _data_options(args), args.split)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -29,6 +29,7 @@ from pac.methods.boundary import BoundaryModel
 from pac.methods.lora import LoraModel, LoraSettings
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
 from pac.models.backbone import load_backbone, load_config
+from pac.models.families import family_for
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
@@ -384,6 +385,51 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> Loa
         config.max_length,
         config.label_names,
     )
+
+
+class _BaseLM:
+    """The untrained model as a method: next-token logits of the full backbone."""
+
+    def __init__(self, backbone: Any):
+        self.backbone, self.training = backbone, False
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.backbone(batch["input_ids"], batch["attention_mask"], taps=())
+        return self.backbone.logits(self.backbone.final_norm(out.hidden))
+
+    def eval(self) -> _BaseLM:
+        return self
+
+    def train(self, mode: bool = True) -> _BaseLM:
+        return self
+
+
+def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str = "val") -> dict[str, Any]:
+    """The untrained model on the same split: perplexity (lm), or accuracy by label likelihood
+    (classify: each class name is scored after the text and a plain prompt, see methods.zero_shot)."""
+    model_dir = resolve_model(model)
+    tokenizer = load_tokenizer(model_dir)
+    records = read_records(opts)
+    check_labels(records, opts.task)
+    if split == "val":
+        records = split_data(opts, records)[1]
+    started = time.perf_counter()
+    if opts.task == "lm":
+        data = tokenize_records(records, tokenizer, task="lm", max_length=opts.max_length)
+        metrics = evaluate(_BaseLM(load_backbone(model_dir)), Tokens(data), "lm")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from pac.methods.zero_shot import zero_shot_predict
+
+        if not family_for(load_config(model_dir)).causal:
+            raise PacError("zero-shot classification scores label names with a language model: use a decoder")
+        names = sorted({r.label for r in records})
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        predicted = zero_shot_predict(lm, tokenizer, [r.text for r in records], names, opts.max_length)
+        metrics = {"accuracy": sum(names[p] == r.label for p, r in zip(predicted, records, strict=True)) / len(records)}
+    seconds = time.perf_counter() - started
+    return {**metrics, "samples": len(records), "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def evaluate_adapter(loaded: LoadedAdapter, opts: DataOptions, split: str = "val") -> dict[str, Any]:

@@ -130,3 +130,14 @@ def test_an_interrupted_cache_build_resumes_where_it_stopped(tiny_llama, topic_j
     assert _train(tiny_llama, topic_jsonl, tmp_path / "b", tmp_path / "cache", "--epochs", "1") == 0
     computed = json.loads((tmp_path / "b" / "summary.json").read_text())["cache_computed_samples"]
     assert computed == {"train": 48 - 32, "val": 12}  # the first shard of 32 samples was kept
+
+
+def test_zero_shot_evaluation(tiny_llama, tiny_bert, topic_jsonl, capsys):
+    base = ["eval", "--zero-shot", "--data", str(topic_jsonl), "--val-size", "6"]
+    assert main([*base, "--model", str(tiny_llama), "--task", "lm"]) == 0
+    lm = json.loads(capsys.readouterr().out)
+    assert lm["samples"] == 6 and lm["perplexity"] > 1
+    assert main([*base, "--model", str(tiny_llama)]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+    assert main([*base, "--model", str(tiny_bert)]) == 2
+    assert "use a decoder" in capsys.readouterr().err
