@@ -45,6 +45,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-final-norm": ("side network + trainable final norm", ["--train-final-norm"]),
     "side-vocab-bias": ("side network + vocab logit bias", ["--vocab-bias"]),
     "side-reg": ("dropout 0.1 + weight decay 0.01", ["--dropout", "0.1", "--weight-decay", "0.01"]),
+    "side-early": ("early stopping: patience 1 on a 10% holdout of the training set", ["--early-stopping", "1"]),
     "side-r4": ("width d/4", ["--reduction", "4"]),
     "side-r16": ("width d/16", ["--reduction", "16"]),
     "side-tap2": ("every 2nd layer tapped", ["--tap-every", "2"]),
@@ -145,6 +146,7 @@ def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
         "peak_rss_mb": summary["peak_rss_mb"],
         "trainable_params": summary["trainable_params"],
         "cache_bytes_per_sample": summary.get("cache_bytes_per_sample"),
+        "best_epoch": summary.get("best_epoch"),
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -159,18 +161,26 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
 
 
+def final(run: dict, metric: str) -> float:
+    """The metric of the weights the run saved: the last epoch, or the epoch early stopping kept."""
+    kept = run.get("best_epoch")
+    return next(e for e in run["epochs"] if e["epoch"] == kept)[metric] if kept else run["epochs"][-1][metric]
+
+
 def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
     metric = METRIC[task]
     rows = {}
     for name, by_seed in runs.items():
         seeds = list(by_seed.values())
-        finals = [s["epochs"][-1][metric] for s in seeds]
+        finals = [final(s, metric) for s in seeds]
+        ran = min(len(s["epochs"]) for s in seeds)
         trained = [e for s in seeds for e in s["epochs"] if e["epoch"] > 0]
         rows[name] = {
             "final_mean": _mean(finals),
             "final_std": _std(finals) if len(finals) > 1 else 0.0,
             "seeds": len(seeds),
-            "curve": [_mean([s["epochs"][i][metric] for s in seeds]) for i in range(len(seeds[0]["epochs"]))],
+            # Early stopping may end seeds at different epochs: the curve covers the epochs all seeds ran.
+            "curve": [_mean([s["epochs"][i][metric] for s in seeds]) for i in range(ran)],
             "epoch_seconds": _mean([e["epoch_seconds"] for e in trained]) if trained else 0.0,
             "train_seconds": _mean([sum(e.get("epoch_seconds", 0) for e in s["epochs"]) for s in seeds]),
             "peak_rss_mb": max(s["peak_rss_mb"] for s in seeds),

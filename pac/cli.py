@@ -112,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate (default: 3e-3 classify / 1e-3 lm for parallel adapters, 5e-4 for LoRA)",
     )
     m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    m.add_argument(
+        "--holdout",
+        type=float,
+        help="fraction of the training data kept out of training; the adapter keeps the epoch with the best "
+        "loss on it, so the validation set never picks (default 0.1 with --early-stopping, else 0)",
+    )
+    m.add_argument(
+        "--early-stopping",
+        type=int,
+        default=0,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without a better holdout loss (default 0: train every epoch)",
+    )
     m.add_argument("--reduction", type=int, default=8, help="side network width = model width / r (default 8)")
     m.add_argument(
         "--tap-every",
@@ -203,13 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import fields
+    from dataclasses import fields, replace
 
     from pac.workflow import TrainOptions, train
 
     # Every TrainOptions field with a flag of the same name comes from that flag.
     named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
-    named.update(data=_data_options(args), resume=not args.no_resume, side_network=not args.no_side_network)
+    holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
+    named.update(
+        data=replace(_data_options(args), holdout=holdout),
+        resume=not args.no_resume,
+        side_network=not args.no_side_network,
+    )
     opts = TrainOptions(**named)
     summary = train(opts)
     metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
@@ -229,6 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
             f"  ({ep['epoch_seconds']:.1f} s)"
         )
+    if "best_epoch" in summary:
+        print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
     print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")
     return 0
 

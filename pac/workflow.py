@@ -53,6 +53,7 @@ class DataOptions:
     val_size: float | None = None  # count or fraction; None: 200 for the bundled corpus, else 10%
     train_size: int | None = None  # None: 400 for the bundled corpus, else the rest
     seed: int = 0
+    holdout: float = 0.0  # fraction of the training data kept out of training to pick the best epoch
     text_field: str = "text"
     label_field: str = "label"
 
@@ -70,6 +71,7 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 0
     resume: bool = True
+    early_stopping: int = 0  # patience in epochs, judged on the holdout part of the training data
     # parallel adapters
     reduction: int = 8
     tap_every: int = 1
@@ -95,6 +97,12 @@ class PreparedData:
     train: TokenizedSet
     val: TokenizedSet
     label_names: list[str] | None
+    holdout_ids: list[str] = field(default_factory=list)  # part of `train` that is never trained on
+
+    def train_rows(self, holdout: bool) -> list[int]:
+        """Rows of `train` in the holdout part (holdout=True) or in the part that trains."""
+        held = set(self.holdout_ids)
+        return [i for i, sid in enumerate(self.train.sample_ids) if (sid in held) == holdout]
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -129,6 +137,9 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     check_labels(records, opts.task)
     train, val = split_data(opts, records)
     label_names = sorted({r.label for r in records if r.label is not None}) if opts.task == "classify" else None
+    holdout: list[Record] = []
+    if opts.holdout:  # carved from the training part (stratified), so validation stays untouched
+        _, holdout = split_records(train, val_size=opts.holdout, seed=opts.seed, stratify=opts.task == "classify")
     kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names}
     return PreparedData(
         model_dir,
@@ -136,6 +147,7 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
         tokenize_records(train, tokenizer, **kw),
         tokenize_records(val, tokenizer, **kw),
         label_names,
+        [r.sample_id for r in holdout],
     )
 
 
@@ -156,7 +168,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "method": opts.method,
         "task": opts.data.task,
         "options": asdict(opts),
-        "train_samples": len(prepared.train),
+        "train_samples": len(prepared.train) - len(prepared.holdout_ids),
+        "holdout_samples": len(prepared.holdout_ids),
         "val_samples": len(prepared.val),
     }
     if opts.method == "parallel-adapters":
@@ -165,6 +178,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         summary.update(_train_boundary(opts, prepared, out))
     else:
         summary.update(_train_lora(opts, prepared, out))
+    kept = [e["best_epoch"] for e in summary["epochs"] if "best_epoch" in e]
+    if kept:  # the saved adapter holds this epoch's weights
+        summary["best_epoch"] = kept[-1]
     summary["peak_rss_mb"] = peak_rss_mb()
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -178,6 +194,7 @@ def _train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
         weight_decay=opts.weight_decay,
         seed=opts.seed,
         checkpoint_every=opts.checkpoint_every,
+        early_stopping=opts.early_stopping,
     )
 
 
@@ -204,7 +221,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     # Phase 2: only the final norm / LM head of the backbone is loaded, beside the side network.
     top = load_backbone(data.model_dir, config.num_hidden_layers, config.num_hidden_layers, with_head=True)
     model = ParallelAdapterModel(top, adapter_config)
-    train_source, val_source = _cached_sources(built)
+    train_source, val_source, holdout_source = _cached_sources(built, data)
     if opts.side_init == "pruned":  # channel statistics from a few cached samples
         initialize_pruned(model, data.model_dir, train_source.batch(list(range(min(16, len(train_source)))))["taps"])
     trainer = Trainer(
@@ -214,6 +231,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         _train_config(opts, DEFAULT_LR[("parallel-adapters", opts.data.task)]),
         out,
         val=val_source,
+        holdout=holdout_source,
     )
     epochs = trainer.fit(resume=opts.resume)
     adapter_config.taps = model.taps  # saved resolved: the adapter file says exactly which layers it reads
@@ -235,8 +253,14 @@ def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> di
     }
 
 
-def _cached_sources(built: dict[str, CacheBuildResult]) -> tuple[CachedTaps, CachedTaps]:
-    return tuple(CachedTaps(built[k].open()) for k in ("train", "val"))
+def _cached_sources(
+    built: dict[str, CacheBuildResult], data: PreparedData
+) -> tuple[CachedTaps, CachedTaps, CachedTaps | None]:
+    """(train, val, holdout): the holdout samples are read from the training cache, never trained on."""
+    train = built["train"].open()
+    ids = data.train.sample_ids
+    holdout = CachedTaps(train, [ids[i] for i in data.train_rows(holdout=True)]) if data.holdout_ids else None
+    return CachedTaps(train, [ids[i] for i in data.train_rows(holdout=False)]), CachedTaps(built["val"].open()), holdout
 
 
 def _cache_summary(built: dict[str, CacheBuildResult]) -> dict[str, Any]:
@@ -270,8 +294,10 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     built = _build_caches(opts, data, [k])
     upper = load_backbone(data.model_dir, k, num_layers, with_head=True)
     model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r)
-    train_source, val_source = _cached_sources(built)
-    trainer = Trainer(model, opts.data.task, train_source, _train_config(opts, LORA_LR), out, val=val_source)
+    train_source, val_source, holdout_source = _cached_sources(built, data)
+    trainer = Trainer(
+        model, opts.data.task, train_source, _train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
+    )
     epochs = trainer.fit(resume=opts.resume)
     meta = {"peft_type": BOUNDARY_TYPE, "boundary_layer": k, "r": opts.lora_r, **_adapter_meta(opts, data)}
     save_adapter(out, meta, model.trainable_state_dict())
@@ -292,8 +318,15 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
         label_names=data.label_names,
     )
     model = LoraModel(data.model_dir, settings)
+    holdout = Tokens(data.train.subset(data.train_rows(holdout=True))) if data.holdout_ids else None
     trainer = Trainer(
-        model, opts.data.task, Tokens(data.train), _train_config(opts, LORA_LR), out, val=Tokens(data.val)
+        model,
+        opts.data.task,
+        Tokens(data.train.subset(data.train_rows(holdout=False))),
+        _train_config(opts, LORA_LR),
+        out,
+        val=Tokens(data.val),
+        holdout=holdout,
     )
     epochs = trainer.fit(resume=opts.resume)
     model.save(out)

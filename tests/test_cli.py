@@ -112,6 +112,18 @@ def test_training_seed_does_not_change_the_split(tiny_llama, topic_jsonl, tmp_pa
     }
 
 
+def test_early_stopping_holds_out_part_of_the_training_data(tiny_llama, topic_jsonl, tmp_path, capsys):
+    out = tmp_path / "early"
+    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--early-stopping", "1", "--epochs", "3") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # 60 rows - 12 validation = 48 training rows, of which 10% (5) are held out and never trained on;
+    # the training cache still holds all 48 (the holdout samples are read from it).
+    assert (summary["train_samples"], summary["holdout_samples"]) == (43, 5)
+    assert summary["cache_computed_samples"] == {"train": 48, "val": 12}
+    assert all("holdout_loss" in e for e in summary["epochs"]) and 1 <= summary["best_epoch"] <= 3
+    assert f"kept epoch {summary['best_epoch']}" in capsys.readouterr().out
+
+
 def test_an_interrupted_cache_build_resumes_where_it_stopped(tiny_llama, topic_jsonl, tmp_path, monkeypatch):
     from pac.cache import CacheWriter
 

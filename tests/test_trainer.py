@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
 from pac.models.backbone import load_backbone
@@ -30,12 +31,12 @@ class RandomTaps:
         return {"taps": self.taps[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
-def _trainer(tiny_llama, out, source, **overrides):
+def _trainer(tiny_llama, out, source, holdout=None, **overrides):
     torch.manual_seed(0)
     top = load_backbone(tiny_llama, 4, 4, with_head=True)
     model = ParallelAdapterModel(top, ParallelAdapterConfig(task="classify", reduction=4, label_names=["n", "p"]))
-    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, **overrides)
-    return model, Trainer(model, "classify", source, config, out, val=source)
+    config = TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-2, **overrides})
+    return model, Trainer(model, "classify", source, config, out, val=source, holdout=holdout)
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_llama, tmp_path):
@@ -82,3 +83,37 @@ def test_epoch_order_and_schedule():
     assert lr_factor(100, 100, 10, "linear") == pytest.approx(0.0)
     with pytest.raises(ValueError, match="unknown LR schedule"):
         lr_factor(50, 100, 10, "step")
+
+
+class FlippedLabels(RandomTaps):
+    """The same taps with the opposite labels: the better the model fits the training set, the worse
+    its loss here, so the best holdout epoch is the first."""
+
+    def batch(self, indices):
+        batch = super().batch(indices)
+        return {**batch, "labels": 1 - batch["labels"]}
+
+
+def test_early_stopping_keeps_the_best_holdout_epoch_and_survives_a_resume(tiny_llama, tmp_path):
+    source = RandomTaps(22, num_taps=5)  # 6 steps per epoch
+    model, trainer = _trainer(tiny_llama, tmp_path, source, FlippedLabels(22, num_taps=5), epochs=6, early_stopping=1)
+    records = trainer.fit()
+    assert [r["epoch"] for r in records] == [1, 2]  # epoch 2 was worse on the holdout part: stop
+    assert [r["best_epoch"] for r in records] == [1, 1] and records[1]["holdout_loss"] > records[0]["holdout_loss"]
+    epoch_one = load_file(tmp_path / "checkpoints" / "step-0000006" / "trainable.safetensors")
+    for name, value in model.trainable_state_dict().items():
+        torch.testing.assert_close(value, epoch_one[name], rtol=0, atol=0, msg=name)
+
+    # Started again on the same directory, it resumes after epoch 2, sees the patience is spent and ends
+    # on the same best weights instead of training on.
+    again_model, again = _trainer(
+        tiny_llama, tmp_path, source, FlippedLabels(22, num_taps=5), epochs=6, early_stopping=1
+    )
+    assert again.fit() == [] and again.step == 12
+    for name, value in again_model.trainable_state_dict().items():
+        torch.testing.assert_close(value, epoch_one[name], rtol=0, atol=0, msg=name)
+
+
+def test_early_stopping_needs_a_holdout(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="holdout"):
+        _trainer(tiny_llama, tmp_path, RandomTaps(8, num_taps=5), early_stopping=2)

@@ -48,6 +48,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at epoch ends
     keep_checkpoints: int = 2
+    # Epochs without a better holdout loss before training stops (0: never stop early). With a holdout
+    # source the trainer always keeps the best epoch's weights and ends on them.
+    early_stopping: int = 0
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -92,9 +95,16 @@ class Trainer:
         config: TrainConfig,
         out_dir: Path,
         val: BatchSource | None = None,
+        holdout: BatchSource | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     ):
         self.model, self.task, self.train_source, self.val_source = model, task, train, val
+        # Part of the training data kept out of the gradient steps: it picks the epoch to keep
+        # (the validation set never does, or its figures would be optimistic).
+        self.holdout_source = holdout
+        if config.early_stopping and holdout is None:
+            raise ValueError("early stopping needs a holdout source (a part of the training data)")
+        self.best: dict[str, float] | None = None  # {"epoch", "loss"} of the best holdout loss so far
         self.config, self.out_dir = config, Path(out_dir)
         self.on_epoch_end = on_epoch_end
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -120,8 +130,7 @@ class Trainer:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        weights = {n: p.detach().contiguous() for n, p in zip(self.names, self.params, strict=True)}
-        save_file(weights, tmp / "trainable.safetensors")
+        save_file(self._weights(), tmp / "trainable.safetensors")
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -130,7 +139,8 @@ class Trainer:
             },
             tmp / "state.pt",
         )
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}))
+        state = {"step": self.step, "config": asdict(self.config), "best": self.best}
+        (tmp / "trainer.json").write_text(json.dumps(state))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         for old in sorted(self.checkpoint_dir.glob("step-???????"))[: -self.config.keep_checkpoints]:
@@ -148,15 +158,40 @@ class Trainer:
                 f"checkpoint {path} was written with other training settings ({saved}); "
                 "resume with the same settings, or start over in a fresh --out directory"
             )
-        weights = load_file(path / "trainable.safetensors")
-        with torch.no_grad():
-            for name, param in zip(self.names, self.params, strict=True):
-                param.copy_(weights[name])
+        self._load_weights(path / "trainable.safetensors")
         state = torch.load(path / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.step = json.loads((path / "trainer.json").read_text())["step"]
+        state = json.loads((path / "trainer.json").read_text())
+        self.step, self.best = state["step"], state.get("best")
+
+    @property
+    def best_weights_file(self) -> Path:
+        return self.checkpoint_dir / "best" / "trainable.safetensors"
+
+    def _track_best(self, epoch: int, record: dict[str, Any]) -> None:
+        """Evaluate the holdout part; keep the weights of the best epoch on disk (they survive a resume)."""
+        held = evaluate(self.model, self.holdout_source, self.task)
+        record.update({f"holdout_{k}": v for k, v in held.items()})
+        if self.best is None or held["loss"] < self.best["loss"]:
+            self.best = {"epoch": epoch, "loss": held["loss"]}
+            self.best_weights_file.parent.mkdir(parents=True, exist_ok=True)
+            save_file(self._weights(), self.best_weights_file)
+        record["best_epoch"] = self.best["epoch"]
+
+    def _patience_exhausted(self, epochs_done: int) -> bool:
+        patience = self.config.early_stopping
+        return bool(patience) and self.best is not None and epochs_done - self.best["epoch"] >= patience
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in zip(self.names, self.params, strict=True)}
+
+    def _load_weights(self, file: Path) -> None:
+        weights = load_file(file)
+        with torch.no_grad():
+            for name, param in zip(self.names, self.params, strict=True):
+                param.copy_(weights[name])
 
     # ------------------------------------------------------------ training
     def _log(self, record: dict[str, Any]) -> None:
@@ -194,6 +229,8 @@ class Trainer:
         self.model.train()
         first_epoch = self.step // self.steps_per_epoch
         for epoch in range(first_epoch, self.config.epochs):
+            if self._patience_exhausted(epoch):
+                break
             skip = self.step - epoch * self.steps_per_epoch
             started, seen, loss_sum = time.perf_counter(), 0, 0.0
             bar = tqdm(
@@ -244,9 +281,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 record.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_source, self.task).items()})
                 record["eval_seconds"] = time.perf_counter() - t0
+            if self.holdout_source is not None:
+                self._track_best(epoch + 1, record)
             self._log(record)
             epochs.append(record)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch + 1, record)
             self.save_checkpoint()
+            if self._patience_exhausted(epoch + 1):
+                log.info("early stop after epoch %d: holdout loss best at epoch %d", epoch + 1, self.best["epoch"])
+        if self.best is not None:
+            self._load_weights(self.best_weights_file)
         return epochs
