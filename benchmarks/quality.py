@@ -9,6 +9,10 @@ Both tasks use SmolLM2-135M-Instruct on BBC News at 128 tokens:
     python benchmarks/quality.py --task lm --configs zero-shot side lora --seeds 0 1 2
     python benchmarks/quality.py --task classify            # every configuration of the task
     python benchmarks/quality.py --task lm --report          # table and plot from what is recorded
+    python benchmarks/quality.py --task classify --train-size 100 --configs side lora   # a learning-curve point
+
+Runs with other training-set sizes (same validation set) also make a learning curve,
+quality_<task>_learning_curve.{md,png}, for every configuration run at two sizes or more.
 
 Results accumulate in benchmarks/results/quality_<task>.json (a run already recorded is not run
 again), with a markdown table quality_<task>.md and a plot quality_<task>.png of quality against
@@ -21,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +246,47 @@ def plot(task: str, runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def learning_curve(task: str, store: dict[str, dict], val_size: int, epochs: int) -> dict[str, dict[int, dict]]:
+    """config -> train size -> aggregated row, over the settings that differ only in training size."""
+    curves: dict[str, dict[int, dict]] = {}
+    for key, runs in store.items():
+        size, val, ep = map(int, re.fullmatch(r"train(\d+)-val(\d+)-epochs(\d+)", key).groups())
+        if (val, ep) == (val_size, epochs):
+            for name, row in aggregate(task, runs).items():
+                curves.setdefault(name, {})[size] = row
+    return {name: dict(sorted(c.items())) for name, c in curves.items() if len(c) > 1}
+
+
+def write_learning_curve(task: str, curves: dict[str, dict[int, dict]], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = METRIC[task]
+    lines = [f"| configuration | training articles | {metric} (mean ± sd) | time per epoch |", "|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_size in curves.items():
+        for size, r in by_size.items():
+            lines.append(
+                f"| {name} | {size} | {r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['seeds']} seeds) "
+                f"| {r['epoch_seconds']:.1f} s |"
+            )
+        rows = list(by_size.values())
+        ax.errorbar(
+            list(by_size), [r["final_mean"] for r in rows], yerr=[r["final_std"] for r in rows], marker="o", label=name
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training articles (log scale)")
+    ax.set_ylabel(metric)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["classify", "lm"], required=True)
@@ -267,6 +313,9 @@ def main() -> None:
     (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
     plot(args.task, runs, RESULTS / f"quality_{args.task}.png")
     print(table)
+    curves = learning_curve(args.task, store, args.val_size, args.epochs)
+    if curves:
+        write_learning_curve(args.task, curves, RESULTS / f"quality_{args.task}_learning_curve")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,17 @@ def test_every_configuration_is_known_to_the_cli(quality):
 
 class _Args:
     train_size, val_size, epochs = 400, 400, 3
+
+
+def test_early_stopped_runs_report_the_kept_epoch_and_sizes_make_a_learning_curve(quality, tmp_path):
+    kept = {**_run([35, 30, 33]), "best_epoch": 2}
+    assert quality.aggregate("lm", {"side": {"0": kept}})["side"]["final_mean"] == 30
+    store = {
+        "train100-val400-epochs3": {"side": {"0": _run([40, 38, 37])}, "lora": {"0": _run([35, 33, 32])}},
+        "train400-val400-epochs3": {"side": {"0": _run([35, 33, 31])}},
+        "train400-val200-epochs3": {"lora": {"0": _run([30, 26, 25])}},  # another validation set: not a point
+    }
+    curves = quality.learning_curve("lm", store, val_size=400, epochs=3)
+    assert list(curves) == ["side"] and [r["final_mean"] for r in curves["side"].values()] == [37, 31]
+    quality.write_learning_curve("lm", curves, tmp_path / "curve")
+    assert "| side | 100 | 37.0000" in (tmp_path / "curve.md").read_text() and (tmp_path / "curve.png").exists()
