@@ -47,6 +47,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-tapnorm": ("taps scaled to unit RMS", ["--tap-norm"]),
     "side-pruned-tapnorm": ("pruned init + tap norm", ["--side-init", "pruned", "--tap-norm"]),
     "side-last": ("last-token read-out", ["--pooling", "last"]),
+    "side-readout-side": ("head reads the side output alone, not h_L + side", ["--readout", "side"]),
     "side-final-norm": ("side network + trainable final norm", ["--train-final-norm"]),
     "side-vocab-bias": ("side network + vocab logit bias", ["--vocab-bias"]),
     "side-reg": ("dropout 0.1 + weight decay 0.01", ["--dropout", "0.1", "--weight-decay", "0.01"]),
@@ -61,7 +62,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "boundary-20": ("cache h_20, LoRA r=8 on layers 20-29", ["--method", "boundary", "--boundary-layer", "20"]),
     "boundary-27": ("cache h_27, LoRA r=8 on layers 27-29", ["--method", "boundary", "--boundary-layer", "27"]),
 }
-TASK_ONLY = {"classify": {"probe", "side-last"}, "lm": {"side-vocab-bias"}}
+TASK_ONLY = {"classify": {"probe", "side-last", "side-readout-side"}, "lm": {"side-vocab-bias"}}
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
 
 

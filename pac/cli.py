@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="classification read-out over real tokens (default mean)",
     )
     m.add_argument(
+        "--readout",
+        choices=["sum", "side"],
+        default="sum",
+        help="classification: the head reads final_norm(h_L) + side output (sum, default) or the side output "
+        "alone (side, as Ladder Side-Tuning)",
+    )
+    m.add_argument(
         "--side-init",
         choices=["random", "pruned"],
         default="random",

@@ -76,6 +76,7 @@ class TrainOptions:
     reduction: int = 8
     tap_every: int = 1
     pooling: str = "mean"
+    readout: str = "sum"
     gate_temperature: float = 0.1
     side_init: str = "random"
     tap_norm: bool = False
@@ -206,6 +207,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         tap_every=opts.tap_every,
         gate_temperature=opts.gate_temperature,
         pooling=opts.pooling,
+        readout=opts.readout,
         side_init=opts.side_init,
         tap_norm=opts.tap_norm,
         dropout=opts.dropout,

@@ -74,6 +74,27 @@ def test_final_norm_and_vocab_bias_train_and_are_saved(tiny_llama):
     assert model.final_norm.weight.requires_grad and not top.norm.weight.requires_grad
     with pytest.raises(Exception, match="side_init"):
         ParallelAdapterConfig(task="lm", side_init="magic")
+    with pytest.raises(Exception, match="readout=side"):
+        ParallelAdapterConfig(task="lm", readout="side")
+
+
+def test_side_only_readout_ignores_the_backbone_output(tiny_llama):
+    top = load_backbone(tiny_llama, 4, 4, with_head=True)
+    torch.manual_seed(0)
+    config = ParallelAdapterConfig(task="classify", reduction=4, readout="side", label_names=["a", "b"])
+    model = ParallelAdapterModel(top, config)
+    taps = torch.randn(2, len(model.taps), 6, top.hidden_size)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    changed = taps.clone()
+    changed[:, -1] += 5.0  # h_L moves, the side network's own input h_L too: only the sum readout sees it directly
+    torch.nn.init.normal_(model.side.up.weight)
+    assert not torch.equal(model(taps, mask), model(changed, mask))
+    model.side.up.weight.data.zero_()
+    model.side.up.bias.data.zero_()
+    # With Up at zero the side output is 0 whatever the taps, so the side-only head sees no input at all.
+    torch.testing.assert_close(model(taps, mask), model(changed, mask))
+    summed = ParallelAdapterModel(top, ParallelAdapterConfig(task="classify", reduction=4, label_names=["a", "b"]))
+    assert not torch.equal(summed(taps, mask), summed(changed, mask))  # the default reads h_L itself
 
 
 def test_baselines_without_side_network(tiny_llama, topic_jsonl, tmp_path):

@@ -6,7 +6,9 @@ live backbone in evaluation and generation - and the frozen top of the backbone 
 LM head) turns them into logits:
 
     causal LM:      logits = lm_head(final_norm(h_L) + y)
-    classification: logits = Head(pool(final_norm(h_L) + y))
+    classification: logits = Head(pool(final_norm(h_L) + y))     (readout "sum", the default)
+                    logits = Head(pool(y))                       (readout "side": the side state alone,
+                                                                   as Ladder Side-Tuning reads it)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ParallelAdapterConfig:
     tap_every: int = 1  # with taps None: tap every k-th layer (always 0 and L)
     gate_temperature: float = 0.1
     pooling: str = "mean"  # classification read-out over real tokens
+    readout: str = "sum"  # classification: sum = final_norm(h_L) + Up(s_L); side = Up(s_L) alone
     side_init: str = "random"  # random | pruned (from the backbone's weights, Llama-like decoders)
     tap_norm: bool = False  # scale each tap to unit RMS per token before Down_i
     dropout: float = 0.0  # on the projected taps Down_i(h_i)
@@ -58,6 +61,13 @@ class ParallelAdapterConfig:
             raise PacError(f"--task must be one of {TASKS}, not {self.task!r}")
         if self.task == "classify" and not self.label_names:
             raise PacError("a classification adapter needs label names (the classes of the training data)")
+        if self.readout not in ("sum", "side"):
+            raise PacError(f"readout must be sum or side, not {self.readout!r}")
+        if self.readout == "side" and (self.task != "classify" or not self.side_network):
+            raise PacError(
+                "readout=side (the side state alone) is for classification with a side network; a language "
+                "model needs the backbone's own h_L, so use readout=sum"
+            )
         if self.side_init not in ("random", "pruned"):
             raise PacError(f"side_init must be random or pruned, not {self.side_init!r}")
 
@@ -115,7 +125,8 @@ class ParallelAdapterModel(nn.Module):
         if self.side is None:
             logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
         elif self.head is not None:
-            return self.head(base + self.side(taps, attention_mask, past_key_values), attention_mask)
+            side = self.side(taps, attention_mask, past_key_values)
+            return self.head(side if self.config.readout == "side" else base + side, attention_mask)
         else:
             # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
             # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
