@@ -56,6 +56,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-r16": ("width d/16", ["--reduction", "16"]),
     "side-tap2": ("every 2nd layer tapped", ["--tap-every", "2"]),
     "side-tap3": ("every 3rd layer tapped", ["--tap-every", "3"]),
+    "side-last-half": ("only the last half of the layers tapped (15-30)", ["--taps", "15-30"]),
+    "side-gate-t1": ("gate temperature 1 (gates move 10x slower)", ["--gate-temperature", "1"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
     "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),

@@ -78,6 +78,20 @@ def _data_options(args: argparse.Namespace):
     )
 
 
+def layer_list(spec: str) -> list[int]:
+    """'0,15-30' -> [0, 15, 16, ..., 30]: layer numbers and inclusive ranges, comma-separated."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not a layer list; write numbers and ranges such as 0,15-30"
+        ) from None
+    return layers
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="tap every k-th layer (always the first and last); fewer taps, smaller cache (default 1)",
+    )
+    m.add_argument(
+        "--taps",
+        type=layer_list,
+        help="tap exactly these layers, e.g. 15-30 for the last half (0 = embeddings and the last layer are "
+        "always tapped); overrides --tap-every",
+    )
+    m.add_argument(
+        "--gate-temperature",
+        type=float,
+        default=0.1,
+        help="temperature of the side network's gates: lower moves them faster (default 0.1)",
     )
     m.add_argument(
         "--pooling",

@@ -75,6 +75,7 @@ class TrainOptions:
     # parallel adapters
     reduction: int = 8
     tap_every: int = 1
+    taps: list[int] | None = None  # explicit tapped layers (0 and L are always added); overrides tap_every
     pooling: str = "mean"
     readout: str = "sum"
     gate_temperature: float = 0.1
@@ -205,6 +206,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         task=opts.data.task,
         reduction=opts.reduction,
         tap_every=opts.tap_every,
+        taps=sorted({0, config.num_hidden_layers, *opts.taps}) if opts.taps else None,
         gate_temperature=opts.gate_temperature,
         pooling=opts.pooling,
         readout=opts.readout,

@@ -90,6 +90,20 @@ def test_bad_inputs_get_clear_errors(tiny_llama, tmp_path, capsys):
     assert "is not a pac adapter" in capsys.readouterr().err
 
 
+def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, tmp_path, capsys):
+    from pac.cli import layer_list
+
+    assert layer_list("0, 15-17,30") == [0, 15, 16, 17, 30]
+    out = tmp_path / "last-half"
+    argv = ["--taps", "3-4", "--gate-temperature", "0.5", "--epochs", "1"]
+    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["taps"] == [0, 3, 4] and config["gate_temperature"] == 0.5  # 0 and L always tapped
+    with pytest.raises(SystemExit):
+        _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--taps", "last-half")
+    assert "not a layer list" in capsys.readouterr().err
+
+
 def test_console_scripts_teach():
     out = subprocess.run([sys.executable, "-m", "pac.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
