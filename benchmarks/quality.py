@@ -60,6 +60,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-gate-t1": ("gate temperature 1 (gates move 10x slower)", ["--gate-temperature", "1"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
+    # The best single levers on LM (1 seed each: r=4, 3x LR, pruned init), together.
+    "side-combo": ("r=4 + 3x LR + pruned init", ["--reduction", "4", "--lr-scale", "3", "--side-init", "pruned"]),
     "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),
     "boundary-20": ("cache h_20, LoRA r=8 on layers 20-29", ["--method", "boundary", "--boundary-layer", "20"]),
     "boundary-27": ("cache h_27, LoRA r=8 on layers 27-29", ["--method", "boundary", "--boundary-layer", "27"]),
