@@ -42,7 +42,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "probe": ("linear probe on pooled final-norm h_L", ["--no-side-network", "--lr", "3e-3"]),
     "head+norm": ("head + final norm only", ["--no-side-network", "--train-final-norm", "--lr", "3e-3"]),
     "lora": ("LoRA r=8 (peft), q,k,v,o,gate,up,down", ["--method", "lora"]),
-    "side": ("side network, current defaults", []),
+    "side": ("naive side network: r=8, random init, sum read-out, every layer tapped", []),
     "side-pruned": ("side blocks from the pruned backbone", ["--side-init", "pruned"]),
     "side-tapnorm": ("taps scaled to unit RMS", ["--tap-norm"]),
     "side-pruned-tapnorm": ("pruned init + tap norm", ["--side-init", "pruned", "--tap-norm"]),
@@ -65,7 +65,12 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),
     "boundary-20": ("cache h_20, LoRA r=8 on layers 20-29", ["--method", "boundary", "--boundary-layer", "20"]),
     "boundary-27": ("cache h_27, LoRA r=8 on layers 27-29", ["--method", "boundary", "--boundary-layer", "27"]),
+    "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
 }
+# Every side-* lever is measured against the same naive side network, pinned here so that changing
+# pac's defaults never changes what a recorded configuration means.
+NAIVE_SIDE = ["--reduction", "8", "--side-init", "random"]
+NAIVE_LR = {"classify": 3e-3, "lm": 1e-3}
 TASK_ONLY = {"classify": {"probe", "side-last", "side-readout-side"}, "lm": {"side-vocab-bias"}}
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
 
@@ -77,12 +82,12 @@ def configs_for(task: str) -> list[str]:
 
 def train_args(task: str, name: str, args: argparse.Namespace) -> list[str]:
     options = list(CONFIGS[name][1])
-    if "--lr-scale" in options:  # relative to the task's default for parallel adapters
-        from pac.workflow import DEFAULT_LR
-
-        scale = float(options.pop(options.index("--lr-scale") + 1))
-        options.remove("--lr-scale")
-        options += ["--lr", str(DEFAULT_LR[("parallel-adapters", task)] * scale)]
+    if name.startswith("side"):  # later flags override the pinned base
+        scale = 1.0
+        if "--lr-scale" in options:
+            scale = float(options.pop(options.index("--lr-scale") + 1))
+            options.remove("--lr-scale")
+        options = [*NAIVE_SIDE, "--lr", str(NAIVE_LR[task] * scale), *options]
     return [
         "--task",
         task,
