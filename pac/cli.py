@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATIENCE",
         help="stop after PATIENCE epochs without a better holdout loss (default 0: train every epoch)",
     )
-    m.add_argument("--reduction", type=int, default=8, help="side network width = model width / r (default 8)")
+    m.add_argument("--reduction", type=int, help="side network width = model width / r (default: per task, see README)")
     m.add_argument(
         "--tap-every",
         type=int,
@@ -174,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--side-init",
         choices=["random", "pruned"],
-        default="random",
-        help="side blocks start random, or from the model's own weights pruned to width d/r",
+        help="side blocks start random, or from the model's own weights pruned to width d/r (default: per task)",
     )
     m.add_argument(
         "--tap-norm",
