@@ -165,3 +165,19 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
     assert ("final_norm.weight" in plain_grads) == train_final_norm
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Evaluation uses the same lean loss: its sums equal the plain metrics of the full logits.
+    from pac.methods.base import batch_metrics, summarize
+    from pac.runtime.trainer import evaluate
+
+    class OneBatch:
+        def __len__(self):
+            return labels.shape[0]
+
+        def batch(self, indices):
+            return {k: v[indices] for k, v in batch.items()}
+
+    with torch.no_grad():
+        expected = summarize("lm", batch_metrics("lm", model.forward_batch(batch), labels))
+    result = evaluate(model, OneBatch(), "lm")
+    assert result == pytest.approx(expected, rel=1e-5)
