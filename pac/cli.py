@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--lr",
         type=float,
-        help="peak learning rate (default: 3e-3 classify / 1e-3 lm for parallel adapters, 5e-4 for LoRA)",
+        help="peak learning rate (default: 3e-3 for parallel adapters, 5e-4 for LoRA / DoRA / boundary)",
     )
     m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     m.add_argument(
