@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -196,7 +197,8 @@ def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
             "seeds": len(seeds),
             # Early stopping may end seeds at different epochs: the curve covers the epochs all seeds ran.
             "curve": [_mean([s["epochs"][i][metric] for s in seeds]) for i in range(ran)],
-            "epoch_seconds": _mean([e["epoch_seconds"] for e in trained]) if trained else 0.0,
+            # Median: one epoch slowed by another job on the machine does not move it.
+            "epoch_seconds": statistics.median(e["epoch_seconds"] for e in trained) if trained else 0.0,
             "train_seconds": _mean([sum(e.get("epoch_seconds", 0) for e in s["epochs"]) for s in seeds]),
             "peak_rss_mb": max(s["peak_rss_mb"] for s in seeds),
             "trainable_params": seeds[0]["trainable_params"],
@@ -208,7 +210,7 @@ def report(task: str, runs: dict[str, dict]) -> str:
     rows = aggregate(task, runs)
     metric = METRIC[task]
     lines = [
-        f"| configuration | {metric} (final, mean ± sd) | per epoch | time per epoch | phase-2 peak RSS | trainable |",
+        f"| configuration | {metric} (final, mean ± sd) | per epoch | time per epoch (median) | peak RSS | trainable |",
         "|---|---|---|---|---|---|",
     ]
     zero, lora = rows.get("zero-shot"), rows.get("lora")
@@ -222,6 +224,10 @@ def report(task: str, runs: dict[str, dict]) -> str:
             f"| {name}: {CONFIGS.get(name, (name,))[0]} | {cell} | {curve} | {r['epoch_seconds']:.1f} s "
             f"| {r['peak_rss_mb'] / 1024:.2f} GB | {r['trainable_params']:,} |"
         )
+    lines += [
+        "",
+        "Peak RSS is that of the whole `pac train` process: for the run that built a cache it includes phase 1.",
+    ]
     if lora and lora["epoch_seconds"]:
         lines.append("")
         for name, r in rows.items():
