@@ -1,31 +1,153 @@
-"""`pac-launch`: start or reach the peers of a home cluster and run the coordinator.
-
-The collaborative runtime (peers over ZeroMQ, phase 1 pipelined across devices, phase 2
-data-parallel) is the next milestone; until it lands this command says so plainly and points at
-the single-device `pac train`, which runs the same two phases on this machine.
-"""
+"""`pac-launch`: start or reach the peers of a home cluster and run the coordinator."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+from pac.errors import PacError
+
+DESCRIPTION = """\
+Train parallel adapters across the devices you own: phase 1 (the model's forward pass over your
+data) is pipelined across the devices, each holding only its layers; phase 2 trains the side network
+data-parallel. Your data stays on this machine and your home network.
+
+where the peers come from:
+  pac-launch                          the bundled demo on 3 local peer processes (same as --local 3)
+  pac-launch --local N [options]      N peer processes on this machine, over loopback
+  pac-launch --peers hosts.txt        peers already running `pac peer` on the hosts listed
+  pac-launch --peers hosts.txt --ssh  start `pac peer` on each host over ssh first
+
+hosts file: one peer per line, `host[:port] [key=value ...]` (port 29600 by default), keys
+  name= (shown in the logs), max_mem= (e.g. 4g: layers are split in proportion), threads=,
+  and for --ssh: user=, pac= (path of the pac executable there), workdir=.  # starts a comment.
+
+join token: every peer must be given the same secret in $PAC_JOIN_TOKEN; peers without it are
+  refused. --local makes one up for its own peers.
+
+All `pac train` options apply (--model, --data, --task, --epochs, ...); the adapter, metrics and
+each peer's log end up in --out.
+
+examples:
+  pac-launch --local 3 --epochs 2 --out runs/cluster
+  pac-launch --peers hosts.txt --mode replicated --data notes.jsonl --task lm
+  pac-launch --peers hosts.txt --stages 0-9,10-19,20-29
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pac.cli import add_train_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="pac-launch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = parser.add_argument_group("peers")
+    source = where.add_mutually_exclusive_group()
+    source.add_argument("--peers", metavar="HOSTS", help="hosts file: one peer per line, host[:port] [key=value ...]")
+    source.add_argument("--local", type=int, metavar="N", help="start N peer processes on this machine")
+    where.add_argument("--ssh", action="store_true", help="with --peers: start `pac peer` on every host over ssh")
+    where.add_argument("--ssh-option", action="append", default=[], help="extra ssh option, e.g. -p2222 (repeatable)")
+    where.add_argument("--dry-run", action="store_true", help="with --ssh: print the ssh commands and stop")
+    plan = parser.add_argument_group("placement")
+    plan.add_argument(
+        "--mode",
+        choices=["shuffle", "replicated"],
+        default="shuffle",
+        help="shuffle: phase 1 pipelined over the peers' layer ranges, taps streamed to the peer training each "
+        "sample (default); replicated: every peer runs the whole model on its own samples",
+    )
+    plan.add_argument(
+        "--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: in proportion to memory)"
+    )
+    plan.add_argument(
+        "--data-plane",
+        choices=["zmq", "torch"],
+        default="zmq",
+        help="phase-1 transport: ZeroMQ (default) or torch.distributed send/recv",
+    )
+    plan.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for peers (default 120)")
+    plan.add_argument(
+        "--peer-timeout", type=float, default=60.0, help="seconds of silence before a peer counts as lost (default 60)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the coordinator is doing")
+    add_train_arguments(parser)
+    parser.set_defaults(out="runs/cluster")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pac-launch",
-        description="Run pac across the devices of a home cluster (coming with the collaborative runtime). "
-        "Today, train on one device with `pac train` (see `pac train --help`).",
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _launch(args)
+    except PacError as exc:
+        print(f"pac-launch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from launcher.local import LocalPeers
+    from launcher.ssh import describe_ssh
+    from pac.cli import train_options
+    from pac.net.auth import TOKEN_ENV, new_token, token_from_env
+    from pac.net.hosts import read_hosts
+    from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
+
+    if args.ssh and not args.peers:
+        raise PacError("--ssh starts the peers listed in a hosts file: add --peers hosts.txt")
+    settings = LaunchSettings(
+        mode=args.mode,
+        stages=args.stages,
+        data_plane=args.data_plane,
+        join_timeout=args.join_timeout,
+        peer_timeout=args.peer_timeout,
     )
-    parser.add_argument("--peers", help="hosts file: one peer per line, host[:port] [key=value ...]")
-    parser.add_argument("--local", type=int, metavar="N", help="start N peer processes on this machine")
-    parser.parse_known_args(argv)
-    print(
-        "pac-launch: multi-device runs are not available in this version of pac yet.\n"
-        "Train on this device with:  pac train   (the bundled demo), or see  pac train --help",
-        file=sys.stderr,
-    )
-    return 2
+    options = train_options(args)
+    local = None
+    ssh_procs: list[subprocess.Popen] = []
+    if args.peers:
+        hosts = read_hosts(args.peers)
+        token = token_from_env()
+        if args.ssh:
+            if args.dry_run:
+                for host in hosts:
+                    print(describe_ssh(host, extra_options=args.ssh_option))
+                return 0
+            ssh_procs = _start_over_ssh(hosts, token, args.ssh_option)
+    else:
+        count = args.local if args.local is not None else 3
+        token = os.environ.get(TOKEN_ENV) or new_token()
+        local = LocalPeers(count, token, Path(options.out) / "peers")
+        hosts = local.start()
+    try:
+        Coordinator(hosts, token, options, settings).run()
+        return 0
+    except RunFailed as exc:
+        print(f"pac-launch: the run failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if local is not None:
+            local.stop()
+        for proc in ssh_procs:
+            proc.terminate()
+
+
+def _start_over_ssh(hosts, token: str, options: list[str]) -> list[subprocess.Popen]:
+    """One ssh process per host, the token written to its stdin (never on a command line)."""
+    from launcher.ssh import ssh_command
+
+    procs = []
+    for host in hosts:
+        proc = subprocess.Popen(ssh_command(host, extra_options=options), stdin=subprocess.PIPE, text=True)
+        proc.stdin.write(token + "\n")
+        proc.stdin.close()
+        procs.append(proc)
+    return procs
 
 
 if __name__ == "__main__":

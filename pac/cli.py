@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 
 from pac import __version__
@@ -92,21 +93,8 @@ def layer_list(spec: str) -> list[int]:
     return layers
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"pac {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
-
-    t = sub.add_parser(
-        "train",
-        help="fine-tune an adapter (phase 1 cache build + phase 2 training)",
-        description="Fine-tune an adapter and save it to --out.\n\n" + DATA_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """The options of `pac train`; `pac-launch` takes the same ones for a collaborative run."""
     _add_data_args(t)
     m = t.add_argument_group("method")
     m.add_argument(
@@ -211,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: per epoch)")
     o.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pac {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer}")
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune an adapter (phase 1 cache build + phase 2 training)",
+        description="Fine-tune an adapter and save it to --out.\n\n" + DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(t)
+
     e = sub.add_parser(
         "eval",
         help="evaluate a saved adapter on the validation split",
@@ -244,13 +250,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    p = sub.add_parser(
+        "peer",
+        help="serve as one device of a collaborative run (started by or for `pac-launch`)",
+        description=PEER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", default="tcp://0.0.0.0:29600", help="ZeroMQ endpoint (default tcp://0.0.0.0:29600)")
+    p.add_argument("--name", default=socket.gethostname(), help="this device's name in the run (default: hostname)")
+    p.add_argument("--max-mem", type=_size, help="memory this device may use, e.g. 4g (default: all of it)")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads for torch (default: all)")
+    p.add_argument("--work-dir", help="where this peer keeps its outputs and log (default: $PAC_HOME/peers/NAME)")
+    p.add_argument(
+        "--coordinator-timeout",
+        type=float,
+        default=60.0,
+        help="stop after this many seconds without a word from the coordinator (default 60)",
+    )
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+PEER_HELP = """\
+Serve as one device of a collaborative run: listen for the coordinator (`pac-launch`), prove the
+join token, run the layers and samples it assigns, send the results, exit.
+
+The join token comes from the environment variable PAC_JOIN_TOKEN (never from the command line,
+where other users of this machine could read it). Start this on every device, then run
+`pac-launch --peers hosts.txt` on the one that holds the data:
+
+  export PAC_JOIN_TOKEN=...            # the same secret on every device
+  pac peer --name laptop --max-mem 4g  # listens on tcp://0.0.0.0:29600
+"""
+
+
+def _size(text: str) -> int:
+    from pac.net.hosts import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pac.models.loading import pac_home
+    from pac.net.auth import token_from_env
+    from pac.runtime.peer import PeerAgent, PeerSettings
+
+    work_dir = Path(args.work_dir) if args.work_dir else pac_home() / "peers" / args.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(work_dir / "peer.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    settings = PeerSettings(
+        listen=args.listen,
+        name=args.name,
+        token=token_from_env(),
+        work_dir=work_dir,
+        max_mem=args.max_mem,
+        threads=args.threads,
+        coordinator_timeout=args.coordinator_timeout,
+    )
+    return PeerAgent(settings).serve()
+
+
+def train_options(args: argparse.Namespace):
+    """TrainOptions from the flags of `add_train_arguments`."""
     from dataclasses import fields, replace
 
-    from pac.workflow import TrainOptions, train
+    from pac.workflow import TrainOptions
 
     # Every TrainOptions field with a flag of the same name comes from that flag.
     named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
@@ -260,7 +332,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         side_network=not args.no_side_network,
     )
-    opts = TrainOptions(**named)
+    return TrainOptions(**named)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pac.workflow import train
+
+    opts = train_options(args)
     summary = train(opts)
     metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
     print(
@@ -338,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "peer": cmd_peer}
+        return commands[args.command](args)
     except PacError as exc:
         print(f"pac: error: {exc}", file=sys.stderr)
         return 2

@@ -167,13 +167,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(opts: TrainOptions) -> dict[str, Any]:
-    """Train, evaluate after every epoch, save the adapter; returns (and writes) a summary."""
+def with_defaults(opts: TrainOptions) -> TrainOptions:
+    """Options left unset take the task's measured defaults (parallel adapters)."""
     if opts.method not in METHODS:
         raise PacError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
-    if opts.method == "parallel-adapters":  # options left unset take the task's measured defaults
-        unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
-        opts = replace(opts, **unset)
+    if opts.method != "parallel-adapters":
+        return opts
+    unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
+    return replace(opts, **unset)
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Train, evaluate after every epoch, save the adapter; returns (and writes) a summary."""
+    opts = with_defaults(opts)
     torch.manual_seed(opts.seed)
     prepared = prepare_data(opts.model, opts.data)
     out = Path(opts.out)
@@ -200,7 +206,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     return summary
 
 
-def _train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
+def train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
     return TrainConfig(
         epochs=opts.epochs,
         batch_size=opts.batch_size,
@@ -212,9 +218,10 @@ def _train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
     )
 
 
-def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+def parallel_adapter_config(opts: TrainOptions, data: PreparedData) -> ParallelAdapterConfig:
+    """The adapter's config from the options (defaults already filled in): saved beside its weights."""
     config = load_config(data.model_dir)
-    adapter_config = ParallelAdapterConfig(
+    return ParallelAdapterConfig(
         task=opts.data.task,
         reduction=opts.reduction,
         tap_every=opts.tap_every,
@@ -233,31 +240,51 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         base_model_fingerprint=model_fingerprint(data.model_dir),
         max_length=opts.data.max_length,
     )
-    built = _build_caches(opts, data, adapter_config.resolved_taps(config.num_hidden_layers))
-    # Phase 2: only the final norm / LM head of the backbone is loaded, beside the side network.
-    top = load_backbone(data.model_dir, config.num_hidden_layers, config.num_hidden_layers, with_head=True)
+
+
+def build_parallel_adapter_model(
+    opts: TrainOptions, data: PreparedData, adapter_config: ParallelAdapterConfig, train_source: CachedTaps
+) -> ParallelAdapterModel:
+    """Phase 2's model: the side network beside only the final norm / LM head of the backbone.
+    Seeded here, so every device of a collaborative run starts from the same weights."""
+    num_layers = load_config(data.model_dir).num_hidden_layers
+    top = load_backbone(data.model_dir, num_layers, num_layers, with_head=True)
+    torch.manual_seed(opts.seed)
     model = ParallelAdapterModel(top, adapter_config)
-    train_source, val_source, holdout_source = _cached_sources(built, data)
     if opts.side_init == "pruned":  # channel statistics from a few cached samples
         initialize_pruned(model, data.model_dir, train_source.batch(list(range(min(16, len(train_source)))))["taps"])
-    trainer = Trainer(
-        model,
-        opts.data.task,
-        train_source,
-        _train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"]),
-        out,
-        val=val_source,
-        holdout=holdout_source,
-    )
-    epochs = trainer.fit(resume=opts.resume)
+    return model
+
+
+def save_parallel_adapter(
+    out: Path, adapter_config: ParallelAdapterConfig, model: ParallelAdapterModel, epochs: list[dict[str, Any]]
+) -> dict[str, Any]:
     adapter_config.taps = model.taps  # saved resolved: the adapter file says exactly which layers it reads
     save_adapter(out, adapter_config.to_dict(), model.trainable_state_dict())
     return {
         "epochs": epochs,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        **_cache_summary(built),
         "gates": [round(g, 4) for g in model.side.gates().tolist()] if model.side is not None else [],
     }
+
+
+def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+    adapter_config = parallel_adapter_config(opts, data)
+    num_layers = load_config(data.model_dir).num_hidden_layers
+    built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers))
+    train_source, val_source, holdout_source = _cached_sources(built, data)
+    model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
+    trainer = Trainer(
+        model,
+        opts.data.task,
+        train_source,
+        train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"]),
+        out,
+        val=val_source,
+        holdout=holdout_source,
+    )
+    epochs = trainer.fit(resume=opts.resume)
+    return {**save_parallel_adapter(out, adapter_config, model, epochs), **_cache_summary(built)}
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:
@@ -312,7 +339,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     trainer = Trainer(
-        model, opts.data.task, train_source, _train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
+        model, opts.data.task, train_source, train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
     )
     epochs = trainer.fit(resume=opts.resume)
     meta = {"peft_type": BOUNDARY_TYPE, "boundary_layer": k, "r": opts.lora_r, **_adapter_meta(opts, data)}
@@ -339,7 +366,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
         model,
         opts.data.task,
         Tokens(data.train.subset(data.train_rows(holdout=False))),
-        _train_config(opts, LORA_LR),
+        train_config(opts, LORA_LR),
         out,
         val=Tokens(data.val),
         holdout=holdout,

@@ -74,6 +74,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
     """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`."""
+    return summarize(task, evaluation_totals(model, source, task, batch_size))
+
+
+def evaluation_totals(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
+    """Sums over `source` (loss_sum, count, correct): totals of several shards add up to the whole."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -90,7 +95,7 @@ def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int =
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v
     model.train(was_training)
-    return summarize(task, totals)
+    return totals
 
 
 class Trainer:
@@ -179,7 +184,7 @@ class Trainer:
 
     def _track_best(self, epoch: int, record: dict[str, Any]) -> None:
         """Evaluate the holdout part; keep the weights of the best epoch on disk (they survive a resume)."""
-        held = evaluate(self.model, self.holdout_source, self.task)
+        held = self._evaluate(self.holdout_source)
         record.update({f"holdout_{k}": v for k, v in held.items()})
         if self.best is None or held["loss"] < self.best["loss"]:
             self.best = {"epoch": epoch, "loss": held["loss"]}
@@ -212,6 +217,17 @@ class Trainer:
             return self.model.loss_batch(batch)
         return task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
 
+    def _train_step(self, indices: list[int]) -> tuple[float, float]:
+        """Gradients of one batch, clipped, ready for the optimizer step: (loss, grad norm before clipping)."""
+        loss = self._loss(self.train_source.batch(indices))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        return loss.item(), float(grad_norm)
+
+    def _evaluate(self, source: BatchSource) -> dict[str, float]:
+        return evaluate(self.model, source, self.task)
+
     def _batches(self, epoch: int, skip: int) -> Iterator[list[int]]:
         order = epoch_order(len(self.train_source), self.config.seed, epoch)
         bs = self.config.batch_size
@@ -229,7 +245,7 @@ class Trainer:
             # Nothing to train: report the starting point (for parallel adapters, exactly the backbone).
             record = {
                 "epoch": 0,
-                **{f"val_{k}": v for k, v in evaluate(self.model, self.val_source, self.task).items()},
+                **{f"val_{k}": v for k, v in self._evaluate(self.val_source).items()},
             }
             self._log(record)
             return [record]
@@ -249,24 +265,20 @@ class Trainer:
                 dynamic_ncols=True,
             )
             for indices in self._batches(epoch, skip):
-                batch = self.train_source.batch(indices)
-                loss = self._loss(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+                loss, grad_norm = self._train_step(indices)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 seen += len(indices)
-                loss_sum += loss.item() * len(indices)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                loss_sum += loss * len(indices)
+                bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update()
                 self._log(
                     {
                         "step": self.step,
                         "epoch": epoch + 1,
-                        "loss": loss.item(),
-                        "grad_norm": float(grad_norm),
+                        "loss": loss,
+                        "grad_norm": grad_norm,
                         "lr": self.scheduler.get_last_lr()[0],
                     }
                 )
@@ -286,7 +298,7 @@ class Trainer:
             }
             if self.val_source is not None:
                 t0 = time.perf_counter()
-                record.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_source, self.task).items()})
+                record.update({f"val_{k}": v for k, v in self._evaluate(self.val_source).items()})
                 record["eval_seconds"] = time.perf_counter() - t0
             if self.holdout_source is not None:
                 self._track_best(epoch + 1, record)

@@ -1,0 +1,1 @@
+"""Networking: control-plane protocol, data plane, join auth and hosts files."""

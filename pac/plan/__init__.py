@@ -1,0 +1,1 @@
+"""Planning: which peer runs which layers and trains which samples (pure functions)."""

@@ -1,0 +1,112 @@
+"""Placement as pure functions: stages (contiguous layer ranges) per peer and sample ownership.
+
+A stage [start, end) runs layers start..end-1 and produces taps start+1..end (plus tap 0, the
+embedding output, on the first stage). The planner issue will choose stages from measured costs;
+until then a split is given by hand (``--stages``) or made proportional to each peer's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pac.errors import PacError
+
+MODES = ("shuffle", "replicated", "side-pipeline")
+Stage = tuple[int, int]
+
+
+class PlanError(PacError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    stages: tuple[Stage, ...]  # per rank; in `replicated` mode every rank holds (0, L)
+
+    @property
+    def world(self) -> int:
+        return len(self.stages)
+
+    def describe(self) -> str:
+        return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
+
+
+def parse_stages(spec: str, num_layers: int, world: int) -> list[Stage]:
+    """`"0-9,10-19,20-29"` (inclusive layer numbers, one range per peer in rank order) -> [(0,10), ...]."""
+    stages: list[Stage] = []
+    for part in spec.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            a, b = int(first), int(last if sep else first) + 1
+        except ValueError:
+            raise PlanError(f"--stages: {part.strip()!r} is not a layer range like 0-9") from None
+        stages.append((a, b))
+    if len(stages) != world:
+        raise PlanError(f"--stages gives {len(stages)} ranges for {world} peers: give one range per peer")
+    expected = 0
+    for a, b in stages:
+        if a != expected or b <= a:
+            raise PlanError(
+                f"--stages {spec!r}: ranges must be contiguous, non-empty and start at 0 "
+                f"(the range after layer {expected - 1} must start at {expected})"
+            )
+        expected = b
+    if expected != num_layers:
+        raise PlanError(f"--stages {spec!r} ends at layer {expected - 1}; the model has layers 0-{num_layers - 1}")
+    return stages
+
+
+def split_proportional(num_layers: int, weights: Sequence[float]) -> list[Stage]:
+    """Contiguous ranges with layer counts proportional to `weights` (e.g. memory), each at least one layer."""
+    world = len(weights)
+    if world == 0 or any(w <= 0 for w in weights):
+        raise PlanError("every peer needs a positive weight (memory) to be given layers")
+    if num_layers < world:
+        raise PlanError(f"{world} pipeline stages for {num_layers} layers: use at most {num_layers} peers")
+    total = sum(weights)
+    # Largest-remainder rounding of the ideal shares, then at least one layer per stage.
+    ideal = [num_layers * w / total for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    by_remainder = sorted(range(world), key=lambda i: ideal[i] - int(ideal[i]), reverse=True)
+    i = 0
+    while sum(counts) < num_layers:
+        counts[by_remainder[i % world]] += 1
+        i += 1
+    while sum(counts) > num_layers:  # only when the one-layer minimum pushed it over
+        largest = max(range(world), key=lambda k: counts[k])
+        counts[largest] -= 1
+    stages, start = [], 0
+    for count in counts:
+        stages.append((start, start + count))
+        start += count
+    return stages
+
+
+def make_plan(mode: str, num_layers: int, memories: Sequence[float], stages_spec: str | None = None) -> Plan:
+    if mode not in MODES:
+        raise PlanError(f"unknown placement mode {mode!r}: use one of {', '.join(MODES)}")
+    world = len(memories)
+    if mode == "replicated":
+        if stages_spec:
+            raise PlanError("--stages applies to the pipelined modes (shuffle, side-pipeline), not replicated")
+        return Plan(mode, tuple((0, num_layers) for _ in range(world)))
+    stages = parse_stages(stages_spec, num_layers, world) if stages_spec else split_proportional(num_layers, memories)
+    return Plan(mode, tuple(stages))
+
+
+def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:
+    """The wanted taps this stage produces."""
+    start, end = stage
+    produced = set(range(start + 1, end + 1)) | ({0} if start == 0 else set())
+    return [t for t in taps if t in produced]
+
+
+def owner(position: int, world: int) -> int:
+    """The rank that trains the sample at `position` (round-robin keeps classes and lengths balanced)."""
+    return position % world
+
+
+def owned_positions(num_samples: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, num_samples, world))

@@ -1,0 +1,214 @@
+"""What one peer computes for its assignment: phase 1 (its part of the cache), then phase 2 (its shard of
+every global batch), then, on rank 0, the adapter. The agent (`pac.runtime.peer`) runs this on a worker
+thread and relays its progress; the coordinator (`pac.runtime.coordinator`) hands out assignments.
+
+Placement modes (DESIGN.md, "The placement problem"):
+  shuffle     phase 1 is a pipeline over the peers' layer ranges; each stage streams a sample's taps
+              to the peer that trains that sample (pac.runtime.pipeline).
+  replicated  every peer holds the whole backbone and caches its own samples; no phase-1 traffic.
+Both end with every peer holding the complete taps of the samples it owns, so phase 2 is the same
+data-parallel training (pac.runtime.distributed) for both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pac.cache import CacheReader
+from pac.data.tokenize import TokenizedSet
+from pac.errors import PacError
+from pac.models.loading import pac_home, resolve_model
+from pac.net.dataplane import DataPlane, TorchDataPlane
+from pac.plan.placement import Plan, owned_positions
+from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
+from pac.runtime.pipeline import owned_cache, run_pipeline_stage
+from pac.runtime.sources import CachedTaps
+from pac.workflow import (
+    PARALLEL_ADAPTER_DEFAULTS,
+    DataOptions,
+    PreparedData,
+    TrainOptions,
+    build_parallel_adapter_model,
+    parallel_adapter_config,
+    save_parallel_adapter,
+    train_config,
+)
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class Assignment:
+    rank: int
+    plan: Plan
+    taps: list[int]
+    options: TrainOptions  # defaults already filled in by the coordinator
+    model_fingerprint: str
+    store: tuple[str, int]  # the coordinator's TCPStore: rendezvous of the process group
+    backend: str = "gloo"
+    data_plane: str = "zmq"  # zmq | torch
+    data_endpoints: dict[int, str] | None = None  # rank -> ZeroMQ data endpoint
+
+    def to_wire(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "rank": self.rank,
+            "mode": self.plan.mode,
+            "stages": [list(s) for s in self.plan.stages],
+            "taps": self.taps,
+            "options": asdict(self.options),
+            "model_fingerprint": self.model_fingerprint,
+            "store": list(self.store),
+            "backend": self.backend,
+            "data_plane": self.data_plane,
+            "data_endpoints": {str(k): v for k, v in (self.data_endpoints or {}).items()},
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Assignment:
+        try:
+            options = dict(raw["options"])
+            options["data"] = DataOptions(**options["data"])
+            return cls(
+                rank=int(raw["rank"]),
+                plan=Plan(str(raw["mode"]), tuple((int(a), int(b)) for a, b in raw["stages"])),
+                taps=[int(t) for t in raw["taps"]],
+                options=TrainOptions(**options),
+                model_fingerprint=str(raw["model_fingerprint"]),
+                store=(str(raw["store"][0]), int(raw["store"][1])),
+                backend=str(raw["backend"]),
+                data_plane=str(raw["data_plane"]),
+                data_endpoints={int(k): str(v) for k, v in raw["data_endpoints"].items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None
+
+
+def run_assignment(
+    job: Assignment,
+    splits: dict[str, TokenizedSet],
+    label_names: list[str] | None,
+    out: Path,
+    zmq_plane: DataPlane | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Phase 1 and phase 2 of this peer; rank 0 also writes the adapter into `out`. Returns a summary."""
+    opts, plan, rank = job.options, job.plan, job.rank
+    model_dir = resolve_model(opts.model)
+    if model_fingerprint(model_dir) != job.model_fingerprint:
+        raise PacError(
+            f"this device's copy of {opts.model or 'the bundled model'} ({model_dir}) differs from the "
+            "coordinator's (fingerprint mismatch): give every device the same model files"
+        )
+    init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
+    try:
+        started = time.perf_counter()
+        caches = _phase_one(job, model_dir, splits, zmq_plane, progress, stop)
+        phase1_seconds = time.perf_counter() - started
+        dist.barrier()  # every owner's cache is complete before anyone trains
+        summary = _phase_two(job, model_dir, splits, label_names, caches, out, progress)
+        summary["phase1_seconds"] = phase1_seconds
+        return summary
+    finally:
+        dist.destroy_process_group()
+
+
+def _cache_root(opts: TrainOptions) -> Path:
+    return Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+
+
+def _phase_one(
+    job: Assignment,
+    model_dir: Path,
+    splits: dict[str, TokenizedSet],
+    zmq_plane: DataPlane | None,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> dict[str, Path]:
+    opts, plan, rank = job.options, job.plan, job.rank
+    report = (lambda done, total: progress("cache", done, total)) if progress else None
+    if plan.mode == "replicated":
+        caches = {}
+        for name, data in splits.items():
+            mine = data.subset(owned_positions(len(data), rank, plan.world))
+            built = build_cache(model_dir, mine, _cache_root(opts), job.taps, opts.cache_dtype, desc=f"cache ({name})")
+            caches[name] = built.cache_dir
+            if report:
+                report(sum(len(d) for d in list(splits.values())[: list(splits).index(name) + 1]), 0)
+        return caches
+    if plan.mode != "shuffle":
+        raise PacError(f"placement mode {plan.mode!r} is not supported by this pac version: use shuffle or replicated")
+    if job.data_plane == "torch":
+        plane: DataPlane = TorchDataPlane(rank)
+    else:
+        if zmq_plane is None:
+            raise PacError("the ZeroMQ data plane was not opened")
+        plane = zmq_plane
+        for peer_rank, endpoint in (job.data_endpoints or {}).items():
+            if peer_rank != rank:
+                plane.connect(peer_rank, endpoint)
+    return run_pipeline_stage(
+        plane,
+        plan,
+        rank,
+        model_dir,
+        splits,
+        job.taps,
+        _cache_root(opts),
+        opts.cache_dtype,
+        micro_batch=opts.batch_size,
+        progress=report,
+        stop=stop,
+    )
+
+
+def _phase_two(
+    job: Assignment,
+    model_dir: Path,
+    splits: dict[str, TokenizedSet],
+    label_names: list[str] | None,
+    caches: dict[str, Path],
+    out: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    opts, plan, rank = job.options, job.plan, job.rank
+    sources = {}
+    for name, data in splits.items():
+        mine, spec = owned_cache(model_dir, data, rank, plan.world, job.taps, opts.cache_dtype, _cache_root(opts))
+        reader = CacheReader(caches[name], spec)
+        sources[name] = ShardedSource(CachedTaps(reader), owned_positions(len(data), rank, plan.world), len(data))
+    prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
+    adapter_config = parallel_adapter_config(opts, prepared)
+    model = build_parallel_adapter_model(opts, prepared, adapter_config, sources["train"].local)
+    with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p, src=0)
+    trainer = DataParallelTrainer(
+        model,
+        opts.data.task,
+        sources["train"],
+        train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"]),
+        out,
+        val=sources["val"],
+        on_epoch_end=(lambda epoch, _: progress("train", epoch, opts.epochs)) if progress else None,
+    )
+    epochs = trainer.fit(resume=opts.resume)
+    summary: dict[str, Any] = {"rank": rank, "owned_samples": {k: len(s.local) for k, s in sources.items()}}
+    if rank == 0:
+        summary.update(save_parallel_adapter(out, adapter_config, model, epochs))
+    return summary

@@ -1,0 +1,400 @@
+"""The coordinator of a collaborative run (`pac-launch`): it reaches the peers, plans, hands out the
+work, watches heartbeats and progress, and gathers the results.
+
+Run states (an explicit machine; every change is logged and shown)::
+
+    joining -> planning -> cache build -> training -> export -> done
+        \\________\\____________\\_____________\\__________\\-> failed (with a reason)
+
+The coordinator is not a rank of the process group: it hosts the group's rendezvous (a TCPStore)
+and talks to the peers over a ZeroMQ ROUTER socket; it never computes. A message that fails
+validation gets an `error` reply and a log line; it never stops the coordinator.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from pac.data.tokenize import TokenizedSet
+from pac.errors import PacError
+from pac.models.backbone import load_config
+from pac.net import auth, protocol
+from pac.net.hosts import PeerHost
+from pac.plan.placement import Plan, make_plan, parse_stages
+from pac.runtime.cache_build import model_fingerprint
+from pac.runtime.collaborative import Assignment
+from pac.workflow import SUMMARY, TrainOptions, parallel_adapter_config, prepare_data, with_defaults
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+DATA_CHUNK_SAMPLES = 256
+
+
+class RunState(enum.Enum):
+    JOINING = "joining"
+    PLANNING = "planning"
+    CACHE_BUILD = "cache build"
+    TRAINING = "training"
+    EXPORT = "export"
+    DONE = "done"
+    FAILED = "failed"
+
+
+NEXT_STATE = {
+    RunState.JOINING: RunState.PLANNING,
+    RunState.PLANNING: RunState.CACHE_BUILD,
+    RunState.CACHE_BUILD: RunState.TRAINING,
+    RunState.TRAINING: RunState.EXPORT,
+    RunState.EXPORT: RunState.DONE,
+}
+
+
+class RunFailed(PacError):
+    pass
+
+
+@dataclass
+class PeerState:
+    host: PeerHost
+    rank: int = -1
+    status: str = "connecting"  # connecting | joined | refused | <phase> | finished | failed
+    profile: dict[str, Any] = field(default_factory=dict)
+    nonce: bytes = b""  # ours, which the peer signs
+    join_nonce: bytes = b""  # the peer's, which we sign
+    data_endpoint: str = ""
+    last_heard: float = field(default_factory=time.monotonic)
+    progress: tuple[str, int, int, float] = ("", 0, 0, 0.0)
+    summary: dict[str, Any] | None = None
+    files: dict[str, bytearray] = field(default_factory=dict)
+
+    @property
+    def routing_id(self) -> bytes:
+        return self.host.name.encode()
+
+
+@dataclass
+class LaunchSettings:
+    mode: str = "shuffle"
+    stages: str | None = None
+    data_plane: str = "zmq"
+    join_timeout: float = 120.0
+    peer_timeout: float = 60.0
+    store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        hosts: list[PeerHost],
+        token: str,
+        options: TrainOptions,
+        settings: LaunchSettings,
+        display: TextIO | None = None,
+    ):
+        if options.method != "parallel-adapters":
+            raise PacError("collaborative runs train parallel adapters: drop --method or use `pac train` for LoRA")
+        if options.data.holdout or options.early_stopping:
+            raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
+        self.options = with_defaults(options)
+        self.settings, self.token, self.display = settings, token, display or sys.stdout
+        self.peers = {h.name: PeerState(h) for h in hosts}
+        self.state = RunState.JOINING
+        self.reason = ""
+        self.out = Path(options.out)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_BYTES)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a peer not connected yet raises, not vanishes
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.ROUTING_ID, b"coordinator-" + auth.new_nonce()[:6].hex().encode())
+        for peer in self.peers.values():
+            if ":" in peer.host.host:
+                self.sock.setsockopt(zmq.IPV6, 1)
+            self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer.routing_id)
+            self.sock.connect(peer.host.endpoint)
+        self.store: dist.TCPStore | None = None
+        self._last_display = 0.0
+
+    # ------------------------------------------------------------------ state machine
+    def _advance(self, target: RunState) -> None:
+        if target is not RunState.FAILED and NEXT_STATE.get(self.state) is not target:
+            raise RuntimeError(f"run state {self.state.value} cannot go to {target.value}")
+        log.info("run state: %s -> %s", self.state.value, target.value)
+        self.state = target
+        self._print(f"[pac-launch] {target.value}" + (f": {self.reason}" if self.reason else ""))
+
+    def _fail(self, reason: str) -> None:
+        self.reason = reason
+        self._advance(RunState.FAILED)
+        raise RunFailed(reason)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.display, flush=True)
+
+    # ------------------------------------------------------------------ messaging
+    def _send(self, peer: PeerState, kind: str, block: bool = False, **fields: Any) -> bool:
+        try:
+            self.sock.send_multipart(
+                [peer.routing_id, protocol.encode(kind, **fields)], flags=0 if block else zmq.NOBLOCK
+            )
+            return True
+        except zmq.ZMQError:  # not connected yet (EHOSTUNREACH) or congested (EAGAIN)
+            return False
+
+    def _poll(self, timeout_ms: int) -> None:
+        if not self.sock.poll(timeout_ms):
+            return
+        frames = self.sock.recv_multipart()
+        by_id = {p.routing_id: p for p in self.peers.values()}
+        peer = by_id.get(frames[0])
+        if peer is None or len(frames) != 2:
+            log.warning("ignored a message from an unknown connection %r", frames[0][:32])
+            return
+        try:
+            message = protocol.decode(frames[1])
+        except protocol.ProtocolError as exc:
+            log.warning("rejected a message from %s: %s", peer.host.name, exc)
+            self._send(peer, "error", reason=str(exc))
+            return
+        peer.last_heard = time.monotonic()
+        self._on_message(peer, message)
+
+    def _on_message(self, peer: PeerState, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "join":
+            self._on_join(peer, message)
+        elif kind == "error":  # never answered, so two sides cannot bounce errors forever
+            log.warning("peer %s rejected a message: %s", peer.host.name, message["reason"])
+        elif peer.status in ("connecting", "refused"):
+            self._send(peer, "error", reason=f"{kind}: join first")
+        elif kind == "progress":
+            peer.status = message["phase"]
+            peer.progress = (message["phase"], message["done"], message["total"], message["rate"])
+        elif kind == "file":
+            buffer = peer.files.setdefault(message["name"], bytearray())
+            if message["offset"] != len(buffer):
+                self._send(peer, "error", reason=f"file {message['name']}: chunk at {message['offset']} out of order")
+            else:
+                buffer.extend(message["chunk"])
+        elif kind == "finished":
+            peer.status, peer.summary = "finished", message["summary"]
+        elif kind == "failed":
+            peer.status = "failed"
+            self._fail(f"peer {peer.host.name} (rank {peer.rank}) failed: {message['reason']}")
+        elif kind != "heartbeat":
+            self._send(peer, "error", reason=f"a coordinator does not accept {kind} messages")
+
+    def _on_join(self, peer: PeerState, message: dict[str, Any]) -> None:
+        if peer.status != "connecting":  # the answer to a repeated hello: the first one counted
+            return
+        if not auth.verify(self.token, "peer", peer.nonce, message["proof"]):
+            peer.status = "refused"
+            log.warning("refused peer %s at %s: wrong join token", peer.host.name, peer.host.endpoint)
+            self._print(f"[pac-launch] refused {peer.host.name} ({peer.host.endpoint}): wrong join token")
+            self._send(peer, "refused", reason="wrong join token: use the token pac-launch printed")
+            return
+        peer.status, peer.profile, peer.join_nonce = "joined", message["profile"], message["nonce"]
+        # The peer reports the port of its data socket; reach it at the host this coordinator reached it at.
+        port = message["data_endpoint"].rsplit(":", 1)[-1]
+        host = f"[{peer.host.host}]" if ":" in peer.host.host else peer.host.host
+        peer.data_endpoint = f"tcp://{host}:{port}"
+        self._print(f"[pac-launch] {peer.host.name} joined: {_describe_profile(peer.profile)}")
+
+    # ------------------------------------------------------------------ phases
+    def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        except RunFailed:
+            self._shutdown(f"run failed: {self.reason}")
+            raise
+        except BaseException as exc:
+            self.reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PacError) else str(exc)
+            if self.state is not RunState.FAILED:
+                self._advance(RunState.FAILED)
+            self._shutdown(f"run failed: {self.reason}")
+            raise
+        finally:
+            self.sock.close()
+            self.ctx.term()
+
+    def _run(self) -> dict[str, Any]:
+        self._print(f"[pac-launch] {self.state.value}: {len(self.peers)} peer(s)")
+        # Before anyone joins, so that bad data, an unknown model or bad --stages fail in seconds.
+        prepared = prepare_data(self.options.model, self.options.data)
+        num_layers = load_config(prepared.model_dir).num_hidden_layers
+        if self.settings.stages:
+            parse_stages(self.settings.stages, num_layers, len(self.peers))
+        members = self._join()
+        self._advance(RunState.PLANNING)
+        memories = [float(p.profile.get("max_mem", 1)) for p in members]
+        plan = make_plan(self.settings.mode, num_layers, memories, self.settings.stages)
+        self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
+        taps = parallel_adapter_config(self.options, prepared).resolved_taps(num_layers)
+        store_port = self._start_store()
+        fingerprint = model_fingerprint(prepared.model_dir)
+        endpoints = {p.rank: p.data_endpoint for p in members}
+        for peer in members:
+            for split, data in (("train", prepared.train), ("val", prepared.val)):
+                self._send_data(peer, split, data)
+            job = Assignment(
+                rank=peer.rank,
+                plan=plan,
+                taps=taps,
+                options=self.options,
+                model_fingerprint=fingerprint,
+                store=(self._store_host(peer), store_port),
+                data_plane=self.settings.data_plane,
+                data_endpoints=endpoints,
+            )
+            self._must_send(peer, "assign", assignment=job.to_wire())
+        self._advance(RunState.CACHE_BUILD)
+        self._wait(members, lambda: all(p.status in ("train", "finished") for p in members), RunState.TRAINING)
+        self._wait(members, lambda: all(p.status == "finished" for p in members), RunState.EXPORT)
+        summary = self._export(members, plan)
+        self._advance(RunState.DONE)
+        self._shutdown("run complete")
+        return summary
+
+    def _join(self) -> list[PeerState]:
+        deadline = time.monotonic() + self.settings.join_timeout
+        next_hello = 0.0
+        while any(p.status == "connecting" for p in self.peers.values()):
+            now = time.monotonic()
+            if now > deadline:
+                missing = [
+                    f"{p.host.name} ({p.host.endpoint})" for p in self.peers.values() if p.status == "connecting"
+                ]
+                self._fail(
+                    f"no answer within {self.settings.join_timeout:.0f} s from {', '.join(missing)}: "
+                    "is `pac peer` running there, with that port reachable?"
+                )
+            if now >= next_hello:  # ROUTER_MANDATORY makes a hello to a peer not yet reachable fail; retry
+                for p in self.peers.values():
+                    if p.status == "connecting":
+                        p.nonce = p.nonce or auth.new_nonce()
+                        self._send(p, "hello", nonce=p.nonce)
+                next_hello = now + 0.5
+            self._poll(100)
+        members = [p for p in self.peers.values() if p.status == "joined"]
+        if not members:
+            self._fail("no peer joined (every peer was refused)")
+        for rank, peer in enumerate(members):
+            peer.rank = rank
+            self._must_send(peer, "welcome", proof=auth.proof(self.token, "coordinator", peer.join_nonce), rank=rank)
+        return members
+
+    def _must_send(self, peer: PeerState, kind: str, **fields: Any) -> None:
+        if not self._send(peer, kind, block=True, **fields):
+            self._fail(f"lost the connection to {peer.host.name} while sending {kind}")
+
+    def _send_data(self, peer: PeerState, split: str, data: TokenizedSet) -> None:
+        """The tokenised split in chunks: a few bytes per token, far below the activations it produces."""
+        for start in range(0, len(data), DATA_CHUNK_SAMPLES):
+            part = data.subset(slice(start, start + DATA_CHUNK_SAMPLES))
+            self._must_send(
+                peer,
+                "data",
+                split=split,
+                sample_ids=part.sample_ids,
+                input_ids=part.input_ids.to(torch.int64).numpy().tobytes(),
+                attention_mask=part.attention_mask.to(torch.int64).numpy().tobytes(),
+                labels=part.labels.to(torch.int64).numpy().tobytes(),
+                label_shape=list(part.labels.shape[1:]),
+                max_length=int(part.input_ids.shape[1]),
+                label_names=part.label_names,
+                task=self.options.data.task,
+            )
+
+    def _store_host(self, peer: PeerState) -> str:
+        return self.settings.store_host or _local_address_towards(peer.host.host)
+
+    def _start_store(self) -> int:
+        """The process group's rendezvous, hosted here; peers connect to it with their rank."""
+        self.store = dist.TCPStore("0.0.0.0", 0, world_size=None, is_master=True, wait_for_workers=False)
+        return self.store.port
+
+    def _wait(self, members: list[PeerState], condition, then: RunState) -> None:
+        next_beat = 0.0
+        while not condition():
+            now = time.monotonic()
+            if now >= next_beat:
+                for p in members:
+                    self._send(p, "heartbeat")
+                next_beat = now + HEARTBEAT_S
+            for p in members:
+                if now - p.last_heard > self.settings.peer_timeout:
+                    self._fail(f"peer {p.host.name} (rank {p.rank}) stopped responding for {now - p.last_heard:.0f} s")
+            self._poll(100)
+            self._show(members)
+        self._advance(then)
+
+    def _show(self, members: list[PeerState], every: float = 2.0) -> None:
+        now = time.monotonic()
+        if now - self._last_display < every:
+            return
+        self._last_display = now
+        parts = []
+        for p in members:
+            phase, done, total, rate = p.progress
+            unit = "samples/s" if phase == "cache" else "epochs"
+            parts.append(f"{p.host.name}: {p.status} {done}/{total} ({rate:.1f} {unit})" if phase else p.status)
+        self._print("  " + " | ".join(parts))
+
+    def _export(self, members: list[PeerState], plan: Plan) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for peer in members:
+            for name, content in peer.files.items():
+                shared = peer.rank == 0 and name != "peer.log"  # rank 0 holds the adapter and global metrics
+                target = self.out / name if shared else self.out / "peers" / peer.host.name / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(bytes(content))
+        if not (self.out / "adapter_model.safetensors").exists():
+            self._fail("rank 0 finished without sending the adapter")
+        lead = members[0].summary or {}
+        summary = {
+            **lead,
+            "method": self.options.method,
+            "task": self.options.data.task,
+            "mode": plan.mode,
+            "plan": [list(s) for s in plan.stages],
+            "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
+        }
+        (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        self._print(f"[pac-launch] adapter, metrics and logs in {self.out}")
+        return summary
+
+    def _shutdown(self, reason: str) -> None:
+        for p in self.peers.values():
+            if p.status not in ("connecting", "refused"):
+                self._send(p, "shutdown", reason=reason)
+
+
+def _describe_profile(profile: dict[str, Any]) -> str:
+    mem = profile.get("max_mem", 0) / 2**30
+    return (
+        f"{profile.get('cores', '?')} cores, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}"
+    )
+
+
+def _local_address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,105 @@
+"""Phase 2 across peers: data-parallel training of the side network with all-reduce.
+
+Every rank holds the same model and optimizer and draws the same global batches (the epoch order is a
+pure function of seed and epoch, over the positions of the whole training set). Each rank computes
+the loss of the samples of that batch it owns (their taps are in its local cache), and one
+all-reduce sums the gradients of the loss *sums* and the sample/token counts. Dividing by the global
+count gives exactly the gradient of the global batch's mean loss, so, up to float summation order,
+N peers take the same steps as one device with the same global batch and seed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from pac.methods.base import summarize
+from pac.runtime.trainer import BatchSource, Trainer, evaluation_totals
+
+log = logging.getLogger(__name__)
+
+
+class ShardedSource:
+    """The whole training set addressed by global position; only the owned positions have data here."""
+
+    def __init__(self, local: BatchSource, owned_positions: Sequence[int], num_samples: int):
+        if len(local) != len(owned_positions):
+            raise ValueError(f"{len(local)} local samples for {len(owned_positions)} owned positions")
+        self.local, self.num_samples = local, num_samples
+        self.local_index = {pos: i for i, pos in enumerate(owned_positions)}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def owned(self, indices: Sequence[int]) -> list[int]:
+        """Local indices of the owned samples among global positions `indices`."""
+        return [self.local_index[i] for i in indices if i in self.local_index]
+
+
+def loss_count(task: str, labels: torch.Tensor) -> int:
+    """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
+    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != -100).sum())
+
+
+class DataParallelTrainer(Trainer):
+    """A Trainer whose steps and evaluations are sums over the ranks of a process group."""
+
+    train_source: ShardedSource
+
+    def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def _train_step(self, indices: list[int]) -> tuple[float, float]:
+        self.optimizer.zero_grad(set_to_none=False)
+        for p in self.params:  # ranks without a sample in this batch still join the all-reduce with zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        mine = self.train_source.owned(indices)
+        loss_sum, count = 0.0, 0
+        if mine:
+            batch = self.train_source.local.batch(mine)
+            count = loss_count(self.task, batch["labels"])
+            loss = self._loss(batch) * count  # the sum, so ranks' parts add up to the global batch
+            loss.backward()
+            loss_sum = loss.item()
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [torch.tensor([loss_sum, float(count)])])
+        dist.all_reduce(flat, group=self.group)
+        total = max(flat[-1].item(), 1.0)
+        offset = 0
+        for p in self.params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p)).div_(total)
+            offset += p.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        return flat[-2].item() / total, float(grad_norm)
+
+    def _evaluate(self, source: BatchSource) -> dict[str, float]:
+        local = source.local if isinstance(source, ShardedSource) else source
+        totals = evaluation_totals(self.model, local, self.task) if len(local) else {}
+        keys = ("loss_sum", "count", "correct") if self.task == "classify" else ("loss_sum", "count")
+        summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        dist.all_reduce(summed, group=self.group)
+        return summarize(self.task, dict(zip(keys, summed.tolist(), strict=True)))
+
+
+def init_process_group(
+    backend: str, store_host: str, store_port: int, rank: int, world: int, timeout_s: float = 300.0
+) -> None:
+    """Join the run's process group through the TCPStore the coordinator hosts (it is not a rank)."""
+    store = dist.TCPStore(
+        store_host, store_port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    log.info("rank %d/%d joined the %s process group (store %s:%d)", rank, world, backend, store_host, store_port)
+
+
+def choose_backend() -> str:
+    """NCCL when this peer has CUDA (the coordinator only asks for it when every peer has), else gloo."""
+    return "nccl" if torch.cuda.is_available() and os.environ.get("PAC_FORCE_GLOO") != "1" else "gloo"

@@ -1,0 +1,287 @@
+"""`pac peer`: the agent on each device of a home cluster.
+
+It listens on a ZeroMQ endpoint and waits for a coordinator (`pac-launch`). After both sides have
+proved they know the run's join token (pac.net.auth), it reports this device's profile, receives the
+tokenised data and its assignment, runs its part of phase 1 and phase 2 on a worker thread
+(pac.runtime.collaborative), reports progress and heartbeats, sends its results back and exits.
+It also exits when the coordinator falls silent for longer than `coordinator_timeout`.
+
+The control socket is a ROUTER, not a DEALER: a bound DEALER would spread its replies round-robin
+over everyone who connects, while a ROUTER answers exactly the coordinator that authenticated and
+only rejects (with an `error` reply) what anybody else sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import zmq
+
+from pac import __version__
+from pac.data.tokenize import TokenizedSet
+from pac.errors import PacError
+from pac.net import auth, protocol
+from pac.net.dataplane import ZmqDataPlane
+from pac.runtime.collaborative import Assignment, run_assignment
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+RESULT_FILES = ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl")
+
+
+@dataclass
+class PeerSettings:
+    listen: str  # e.g. tcp://0.0.0.0:29600
+    name: str
+    token: str
+    work_dir: Path
+    max_mem: int | None = None
+    threads: int | None = None
+    coordinator_timeout: float = 60.0  # seconds of silence after which the run is considered gone
+
+
+def device_profile(settings: PeerSettings) -> dict[str, Any]:
+    """What the planner needs to know about this device."""
+    memory = psutil.virtual_memory().total
+    return {
+        "cores": os.cpu_count() or 1,
+        "threads": settings.threads or torch.get_num_threads(),
+        "memory": memory,
+        "max_mem": settings.max_mem or memory,
+        "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "pac": __version__,
+        "platform": platform.platform(),
+    }
+
+
+def _data_from_chunks(chunks: list[dict[str, Any]]) -> TokenizedSet:
+    """Rebuild a TokenizedSet from its `data` messages (the coordinator's tokenisation, sent once)."""
+    ids = [sid for c in chunks for sid in c["sample_ids"]]
+    length = chunks[0]["max_length"]
+
+    def cat(key: str, shape_tail: list[int]) -> torch.Tensor:
+        parts = [torch.frombuffer(bytearray(c[key]), dtype=torch.int64) for c in chunks]
+        return torch.cat(parts).reshape(len(ids), *shape_tail)
+
+    return TokenizedSet(
+        sample_ids=ids,
+        input_ids=cat("input_ids", [length]),
+        attention_mask=cat("attention_mask", [length]),
+        labels=cat("labels", list(chunks[0]["label_shape"])),
+        label_names=chunks[0]["label_names"],
+    )
+
+
+class PeerAgent:
+    def __init__(self, settings: PeerSettings):
+        self.settings = settings
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_BYTES)
+        self.control.setsockopt(zmq.LINGER, 2000)
+        if "[" in settings.listen:
+            self.control.setsockopt(zmq.IPV6, 1)
+        self.control.bind(settings.listen)
+        self.endpoint = self.control.getsockopt(zmq.LAST_ENDPOINT).decode()
+        host = settings.listen.split("://", 1)[1].rsplit(":", 1)[0]
+        self.plane = ZmqDataPlane(-1, f"tcp://{host}:0", {})
+        self.coordinator: bytes | None = None  # routing id of the authenticated coordinator
+        self.pending_nonce: dict[bytes, bytes] = {}  # routing id -> the nonce we asked it to sign
+        self.last_heard = time.monotonic()
+        self.chunks: dict[str, list[dict[str, Any]]] = {}
+        self.events: queue.Queue = queue.Queue()  # from the worker thread: ("progress"|"done"|"failed", ...)
+        self.stop = threading.Event()
+        self.worker: threading.Thread | None = None
+        self.exit_code: int | None = None
+        self.label_names: list[str] | None = None
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, to: bytes, kind: str, **fields: Any) -> None:
+        try:
+            self.control.send_multipart([to, protocol.encode(kind, **fields)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not send %s: the coordinator's connection is congested", kind)
+
+    def _reject(self, to: bytes, reason: str) -> None:
+        log.warning("rejected a message from %r: %s", to[:32], reason)
+        self._send(to, "error", reason=reason)
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self) -> int:
+        """Serve one run; returns the process exit code (0 done, 2 refused, 3 coordinator lost, 1 failed)."""
+        log.info("peer %s listening on %s", self.settings.name, self.endpoint)
+        print(f"pac peer {self.settings.name}: listening on {self.endpoint}", flush=True)
+        next_beat = time.monotonic()
+        try:
+            while self.exit_code is None:
+                if self.control.poll(200):
+                    self._on_frames(self.control.recv_multipart())
+                self._drain_events()
+                now = time.monotonic()
+                if self.coordinator is not None:
+                    if now >= next_beat:
+                        self._send(self.coordinator, "heartbeat")
+                        next_beat = now + HEARTBEAT_S
+                    if now - self.last_heard > self.settings.coordinator_timeout:
+                        log.error("the coordinator has been silent for %.0f s: stopping", now - self.last_heard)
+                        print(f"pac peer {self.settings.name}: coordinator lost, stopping", flush=True)
+                        self.exit_code = 3
+            return self.exit_code
+        finally:
+            self.stop.set()
+            if self.worker is not None:
+                self.worker.join(timeout=10)
+            self.plane.close()
+            self.control.close()
+            self.ctx.term()
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self._reject(frames[0], f"expected one message frame, got {len(frames) - 1}")
+            return
+        sender, raw = frames
+        try:
+            message = protocol.decode(raw)
+        except protocol.ProtocolError as exc:
+            self._reject(sender, str(exc))
+            return
+        kind = message["type"]
+        if kind == "error":  # never answered, so two sides cannot bounce errors forever
+            log.warning("%r rejected a message: %s", sender[:32], message["reason"])
+        elif kind == "hello":
+            self._on_hello(sender, message)
+        elif kind == "welcome":
+            self._on_welcome(sender, message)
+        elif kind == "refused" and self.coordinator is None and sender in self.pending_nonce:
+            # Unauthenticated by nature (our token is the wrong one), so honoured only before joining a run.
+            log.error("the coordinator refused this peer: %s", message["reason"])
+            print(f"pac peer {self.settings.name}: refused: {message['reason']}", flush=True)
+            self.exit_code = 2
+        elif sender != self.coordinator:
+            self._reject(sender, f"{kind}: not authenticated; send hello first")
+        else:
+            self.last_heard = time.monotonic()
+            self._on_coordinator(message)
+
+    def _on_hello(self, sender: bytes, message: dict[str, Any]) -> None:
+        if self.coordinator is not None and sender != self.coordinator:
+            self._reject(sender, "this peer is already in a run with another coordinator")
+            return
+        # A coordinator repeats hello until it hears back; answering each with the same nonce keeps
+        # whichever join it reads first valid.
+        nonce = self.pending_nonce.setdefault(sender, auth.new_nonce())
+        self._send(
+            sender,
+            "join",
+            name=self.settings.name,
+            profile=device_profile(self.settings),
+            nonce=nonce,
+            proof=auth.proof(self.settings.token, "peer", message["nonce"]),
+            data_endpoint=self.plane.endpoint,
+        )
+
+    def _on_welcome(self, sender: bytes, message: dict[str, Any]) -> None:
+        nonce = self.pending_nonce.get(sender)
+        if nonce is None or not auth.verify(self.settings.token, "coordinator", nonce, message["proof"]):
+            self._reject(sender, "welcome without a valid proof of the join token")
+            return
+        self.coordinator, self.last_heard = sender, time.monotonic()
+        self.plane.rank = message["rank"]
+        log.info("joined the run as rank %d", message["rank"])
+        print(f"pac peer {self.settings.name}: joined as rank {message['rank']}", flush=True)
+
+    def _on_coordinator(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "data":
+            self.chunks.setdefault(message["split"], []).append(message)
+            self.label_names = message["label_names"]
+        elif kind == "assign":
+            if self.worker is not None:
+                self._reject(self.coordinator, "assign: this peer is already running an assignment")
+                return
+            try:
+                job = Assignment.from_wire(message["assignment"])
+                splits = {name: _data_from_chunks(chunks) for name, chunks in self.chunks.items()}
+            except (PacError, KeyError, ValueError, RuntimeError) as exc:
+                self._send(self.coordinator, "failed", reason=f"bad assignment or data: {exc}")
+                self.exit_code = 1
+                return
+            self.worker = threading.Thread(target=self._work, args=(job, splits), name="pac-work", daemon=True)
+            self.worker.start()
+        elif kind == "shutdown":
+            log.info("shutdown: %s", message["reason"])
+            self.exit_code = 0 if self.exit_code is None else self.exit_code
+        # heartbeats only refresh last_heard
+
+    # ------------------------------------------------------------------ work
+    def _work(self, job: Assignment, splits: dict[str, TokenizedSet]) -> None:
+        out = self.settings.work_dir / "out"
+        try:
+            if self.settings.threads:
+                torch.set_num_threads(self.settings.threads)
+            summary = run_assignment(
+                job,
+                splits,
+                self.label_names,
+                out,
+                zmq_plane=self.plane,
+                progress=lambda phase, done, total: self.events.put(("progress", phase, done, total)),
+                stop=self.stop,
+            )
+            self.events.put(("done", summary, out))
+        except Exception as exc:  # reported to the coordinator, which fails the run with this reason
+            log.error("assignment failed:\n%s", traceback.format_exc())
+            self.events.put(("failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, PacError) else str(exc)))
+
+    def _drain_events(self) -> None:
+        rates: dict[str, tuple[float, int]] = getattr(self, "_rates", {})
+        self._rates = rates
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if self.coordinator is None:
+                continue
+            if event[0] == "progress":
+                _, phase, done, total = event
+                t0, d0 = rates.setdefault(phase, (time.monotonic(), 0))
+                rate = (done - d0) / max(time.monotonic() - t0, 1e-6)
+                self._send(self.coordinator, "progress", phase=phase, done=done, total=total, rate=float(rate))
+            elif event[0] == "done":
+                _, summary, out = event
+                self._send_results(out)
+                self._send(self.coordinator, "finished", summary=summary)
+            else:
+                self._send(self.coordinator, "failed", reason=event[1])
+
+    def _send_results(self, out: Path) -> None:
+        """The adapter files (rank 0) and this peer's log, in chunks under the control-message limit."""
+        files = [out / name for name in RESULT_FILES if (out / name).exists()]
+        log_file = self.settings.work_dir / "peer.log"
+        if log_file.exists():
+            files.append(log_file)
+        for path in files:
+            data = path.read_bytes()
+            offsets = range(0, max(len(data), 1), protocol.CHUNK_BYTES)
+            for offset in offsets:
+                chunk = data[offset : offset + protocol.CHUNK_BYTES]
+                last = offset + protocol.CHUNK_BYTES >= len(data)
+                # Blocking send: results must not be dropped under the high-water mark.
+                raw = protocol.encode("file", name=path.name, offset=offset, chunk=chunk, last=last)
+                self.control.send_multipart([self.coordinator, raw])

@@ -1,0 +1,236 @@
+"""Phase 1 across peers: the frozen backbone's forward pass, pipelined over stages (`shuffle` mode).
+
+Each peer runs one stage, a contiguous layer range. Micro-batches of token ids enter stage 0; every
+stage sends its output hidden state to the next stage and the taps it produced to the peers that
+own those samples (`pac.plan.placement.owner`). Each owner writes what it receives into its own
+activation cache, one shard per (group of samples, stage's tap block): the cache format stores tap
+blocks separately, so an owner never holds more than a shard of one stage's taps. The owner's
+cache is the same one `pac train` would build for its samples, so phase 2 reads it unchanged.
+
+Threads: the stage computes on the calling thread; a receiver thread drains the data plane,
+hands hidden states to the compute loop and writes taps into the cache. Draining never waits on
+another peer, so the cycle "stage A sends taps to B while B sends taps to A" cannot deadlock;
+the planes' high-water marks still bound how far a stage can run ahead of a slow receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pac.cache import CacheSpec, CacheWriter, find_cache
+from pac.cache.writer import FP16_MAX
+from pac.data.tokenize import TokenizedSet
+from pac.errors import PacError
+from pac.models.backbone import load_backbone
+from pac.net.dataplane import DataPlane
+from pac.plan.placement import Plan, owned_positions, owner, stage_taps
+from pac.runtime.cache_build import cache_spec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (samples done, total)
+WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}  # int8 quantises at the owner
+
+
+@dataclass
+class _OwnedSplit:
+    """One split's cache on its owner: which (shard, tap block) pairs are still missing, and their buffers."""
+
+    writer: CacheWriter
+    data: TokenizedSet  # the owned samples only
+    pending: dict[tuple[int, ...], list[list[str]]]  # tap block -> groups of sample ids still to write
+    buffers: dict[tuple[tuple[int, ...], int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the compute and receiver threads both deliver
+
+    @property
+    def done(self) -> bool:
+        return not any(group for groups in self.pending.values() for group in groups)
+
+    def receive(self, block: tuple[int, ...], sample_ids: list[str], taps: torch.Tensor) -> None:
+        with self.lock:
+            self._receive(block, sample_ids, taps)
+
+    def _receive(self, block: tuple[int, ...], sample_ids: list[str], taps: torch.Tensor) -> None:
+        groups = self.pending.get(block, [])
+        for sid, sample_taps in zip(sample_ids, taps, strict=True):
+            g = next((i for i, group in enumerate(groups) if sid in group), None)
+            if g is None:  # already in the cache from an earlier, interrupted run
+                continue
+            buffer = self.buffers.setdefault((block, g), {})
+            buffer[sid] = sample_taps
+            if len(buffer) == len(groups[g]):
+                self._write(block, groups[g], buffer)
+                del self.buffers[(block, g)]
+                groups[g] = []  # keep indices stable for the other buffers
+
+    def _write(self, block: tuple[int, ...], group: list[str], buffer: dict[str, torch.Tensor]) -> None:
+        rows = torch.tensor([self.data.sample_ids.index(s) for s in group])
+        stacked = torch.stack([buffer[s] for s in group]).float()
+        self.writer.write(group, stacked, self.data.attention_mask[rows], self.data.labels[rows], tap_block=block)
+
+
+def owned_cache(
+    model_dir: Path, data: TokenizedSet, rank: int, world: int, taps: list[int], dtype: str, cache_root: Path
+) -> tuple[TokenizedSet, CacheSpec]:
+    """The samples a rank owns and the spec of their cache (the same `pac train` would use for them)."""
+    mine = data.subset(owned_positions(len(data), rank, world))
+    return mine, cache_spec(model_dir, mine, taps, dtype)
+
+
+def run_pipeline_stage(
+    plane: DataPlane,
+    plan: Plan,
+    rank: int,
+    model_dir: Path,
+    splits: dict[str, TokenizedSet],
+    taps: list[int],
+    cache_root: Path,
+    dtype: str = "fp16",
+    micro_batch: int = 8,
+    shard_size: int = 32,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Path]:
+    """Run this rank's stage over every split and build this rank's caches; returns split -> cache dir."""
+    world, stage = plan.world, plan.stages[rank]
+    my_taps = stage_taps(stage, taps)
+    blocks = [tuple(stage_taps(s, taps)) for s in plan.stages]
+    owned: dict[str, _OwnedSplit] = {}
+    for name, data in splits.items():
+        mine, spec = owned_cache(model_dir, data, rank, world, taps, dtype, cache_root)
+        writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size)
+        complete = find_cache(cache_root, spec) is not None
+        pending = {b: ([] if complete else writer.pending(b)) for b in blocks if b}
+        owned[name] = _OwnedSplit(writer, mine, pending)
+
+    hidden_inbox: queue.Queue = queue.Queue()
+    failure: list[BaseException] = []
+    expected = expected_messages(plan, rank, {name: len(d) for name, d in splits.items()}, taps, micro_batch)
+
+    def receive() -> None:
+        """Exactly the expected messages, so that no sender is left waiting (torch send/recv pair up)."""
+        counts = {"hidden": 0, "taps": 0}
+        try:
+            while counts != expected:
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    header, tensors = plane.recv(timeout=0.2)
+                except TimeoutError:
+                    continue
+                kind = header.get("kind")
+                if kind not in counts:
+                    raise PacError(f"unexpected data-plane message {kind!r} from rank {header.get('src')}")
+                counts[kind] += 1
+                if kind == "hidden":
+                    hidden_inbox.put((header, tensors["hidden"]))
+                else:
+                    owned[header["split"]].receive(tuple(header["block"]), header["sample_ids"], tensors["taps"])
+        except BaseException as exc:  # surfaced on the compute thread
+            failure.append(exc)
+            hidden_inbox.put(None)
+
+    receiver = threading.Thread(target=receive, name="pac-data-plane", daemon=True)
+    receiver.start()
+
+    backbone = load_backbone(model_dir, *stage, with_head=False)
+    total = sum(len(d) for d in splits.values())
+    done = 0
+    wire = WIRE_DTYPES[dtype]
+    last_stage = stage[1] == plan.stages[-1][1]
+    with torch.inference_mode():
+        for name, data in splits.items():
+            for batch_no, start in enumerate(range(0, len(data), micro_batch)):
+                if stop is not None and stop.is_set():
+                    raise PacError("phase 1 stopped: the run was cancelled")
+                positions = list(range(start, min(start + micro_batch, len(data))))
+                if stage[0] == 0:
+                    inputs = data.input_ids[positions]
+                else:
+                    item = _next_hidden(hidden_inbox, failure, stop)
+                    header, inputs = item
+                    if (header["split"], header["batch"]) != (name, batch_no):
+                        raise PacError(
+                            f"stage {rank} expected micro-batch {name}/{batch_no} but got "
+                            f"{header['split']}/{header['batch']} from rank {header['src']}"
+                        )
+                out = backbone(inputs, data.attention_mask[positions], taps=my_taps)
+                if not last_stage:
+                    plane.send(rank + 1, {"kind": "hidden", "split": name, "batch": batch_no}, {"hidden": out.hidden})
+                if my_taps:
+                    stacked = torch.stack([out.taps[t] for t in my_taps], 1)
+                    if wire is torch.float16 and (peak := float(stacked.abs().max())) > FP16_MAX:
+                        raise PacError(
+                            f"activations of layers {my_taps[0]}-{my_taps[-1]} reach {peak:.0f}, beyond fp16: "
+                            "run again with --cache-dtype bf16"
+                        )
+                    _send_taps(plane, rank, world, name, data, positions, tuple(my_taps), stacked.to(wire), owned)
+                done += len(positions)
+                if progress is not None:
+                    progress(done, total)
+    del backbone
+    while receiver.is_alive():
+        receiver.join(timeout=0.2)
+        if stop is not None and stop.is_set():
+            raise PacError("phase 1 stopped: the run was cancelled")
+    if failure:
+        raise failure[0]
+    return {name: o.writer.finalize() for name, o in owned.items()}
+
+
+def expected_messages(
+    plan: Plan, rank: int, split_sizes: dict[str, int], taps: list[int], micro_batch: int
+) -> dict[str, int]:
+    """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted)."""
+    world, stage = plan.world, plan.stages[rank]
+    hidden = taps_msgs = 0
+    producers = [s for r, s in enumerate(plan.stages) if r != rank and stage_taps(s, taps)]
+    for size in split_sizes.values():
+        for start in range(0, size, micro_batch):
+            hidden += stage[0] > 0
+            if any(owner(p, world) == rank for p in range(start, min(start + micro_batch, size))):
+                taps_msgs += len(producers)
+    return {"hidden": hidden, "taps": taps_msgs}
+
+
+def _next_hidden(inbox: queue.Queue, failure: list[BaseException], stop: threading.Event | None):
+    while True:
+        try:
+            item = inbox.get(timeout=0.2)
+        except queue.Empty:
+            if stop is not None and stop.is_set():
+                raise PacError("phase 1 stopped: the run was cancelled") from None
+            continue
+        if item is None:
+            raise failure[0]
+        return item
+
+
+def _send_taps(
+    plane: DataPlane,
+    rank: int,
+    world: int,
+    split: str,
+    data: TokenizedSet,
+    positions: list[int],
+    block: tuple[int, ...],
+    taps: torch.Tensor,
+    owned: dict[str, _OwnedSplit],
+) -> None:
+    """Each sample's taps go to its owner; this rank's own samples go straight into its cache."""
+    for dest in sorted({owner(p, world) for p in positions}):
+        rows = [i for i, p in enumerate(positions) if owner(p, world) == dest]
+        ids = [data.sample_ids[positions[i]] for i in rows]
+        part = taps[rows]
+        if dest == rank:
+            owned[split].receive(block, ids, part)
+        else:
+            header = {"kind": "taps", "split": split, "block": list(block), "sample_ids": ids}
+            plane.send(dest, header, {"taps": part})

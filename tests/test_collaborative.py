@@ -1,0 +1,200 @@
+"""The collaborative runtime end to end: `pac-launch` with real `pac peer` processes on loopback, real
+ZeroMQ sockets, a real gloo process group; every placement mode against a single-device run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import load_file
+
+from launcher.local import LocalPeers, free_port
+from launcher.main import main as launch
+from pac.net import auth, protocol
+from pac.net.hosts import PeerHost
+from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
+from pac.workflow import DataOptions, TrainOptions, train
+
+COMMON = ["--epochs", "2", "--val-size", "12", "--reduction", "4", "--batch-size", "8"]
+
+
+def _options(model, data, out, cache) -> TrainOptions:
+    return TrainOptions(
+        model=str(model),
+        data=DataOptions(data=str(data), val_size=12),
+        out=str(out),
+        epochs=2,
+        reduction=4,
+        cache_dir=str(cache),
+    )
+
+
+@pytest.fixture(scope="module")
+def single_device(tiny_llama, topic_jsonl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    summary = train(_options(tiny_llama, topic_jsonl, root / "out", root / "cache"))
+    return load_file(root / "out" / "adapter_model.safetensors"), summary
+
+
+def _launch(tiny_llama, topic_jsonl, out, cache, *extra) -> int:
+    argv = ["--local", "3", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    return launch([*argv, "--cache-dir", str(cache), "--join-timeout", "90", *COMMON, *extra])
+
+
+@pytest.mark.parametrize(
+    "mode, plane",
+    [("shuffle", "zmq"), ("shuffle", "torch"), ("replicated", "zmq")],
+)
+def test_three_peers_train_the_same_adapter_as_one_device(
+    mode, plane, single_device, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--mode", mode, "--data-plane", plane) == 0
+    shown = capsys.readouterr().out
+    for state in ("joining", "planning", "cache build", "training", "export", "done"):
+        assert f"[pac-launch] {state}" in shown
+    expected, single_summary = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == mode and len(summary["peers"]) == 3
+    # Each peer trained only its own third of the samples, yet the metrics are those of the whole set.
+    owned = [p["summary"]["owned_samples"]["train"] for p in summary["peers"].values()]
+    assert sum(owned) == single_summary["train_samples"] and max(owned) - min(owned) <= 1
+    for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
+        assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+    assert (out / "metrics.jsonl").exists() and (out / "adapter_config.json").exists()
+    for name in ("local-0", "local-1", "local-2"):
+        assert (out / "peers" / name / "peer.log").read_text()
+
+
+def test_stages_by_hand_and_bad_stage_specs(tiny_llama, topic_jsonl, tmp_path, capsys):
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache", "--stages", "0-0,1-2,3-3") == 0
+    assert "rank 0: layers 0-0, rank 1: layers 1-2, rank 2: layers 3-3" in capsys.readouterr().out
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", "--stages", "0-1,3-3,2-2") == 2
+    shown = capsys.readouterr()
+    assert "contiguous" in shown.err and "joined" not in shown.out  # refused before any peer is asked
+
+
+def test_bad_hosts_file_names_the_line(tmp_path, capsys):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# home\nlaptop:29600 name=laptop\ndesktop:notaport\n")
+    assert launch(["--peers", str(hosts)]) == 2
+    err = capsys.readouterr().err
+    assert "hosts.txt:3" in err and "port" in err
+
+
+def _peer_process(tmp_path, name: str, token: str) -> tuple[subprocess.Popen, PeerHost]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", name]
+    cmd += ["--work-dir", str(tmp_path / name), "--coordinator-timeout", "20"]
+    env = {**os.environ, auth.TOKEN_ENV: token}
+    return subprocess.Popen(cmd, env=env), PeerHost("127.0.0.1", port, name)
+
+
+def test_a_peer_with_a_wrong_token_is_refused_and_the_others_train(tiny_llama, topic_jsonl, tmp_path, caplog):
+    token = auth.new_token()
+    good, good_host = _peer_process(tmp_path, "good", token)
+    bad, bad_host = _peer_process(tmp_path, "intruder", "not-the-token")
+    try:
+        settings = LaunchSettings(join_timeout=60)
+        out = tmp_path / "out"
+        options = _options(tiny_llama, topic_jsonl, out, tmp_path / "c")
+        summary = Coordinator([good_host, bad_host], token, options, settings).run()
+        assert list(summary["peers"]) == ["good"]
+        assert "refused peer intruder" in caplog.text and "wrong join token" in caplog.text
+        assert bad.wait(timeout=30) == 2  # the refused peer is told so and exits
+        assert good.wait(timeout=30) == 0
+        assert (out / "adapter_model.safetensors").exists()
+    finally:
+        for proc in (good, bad):
+            proc.kill()
+
+
+def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl, tmp_path, caplog):
+    """A peer answered by garbage, by an oversized and a mistyped message, keeps serving; so does the coordinator."""
+    token = auth.new_token()
+    peer, host = _peer_process(tmp_path, "target", token)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.RCVTIMEO, 15000)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(host.endpoint)
+    try:
+        replies = []
+        for junk in (b"\xc1garbage", protocol.encode("heartbeat")[:-1] + b"\x00", b"\x93\x01\x02\x03"):
+            rogue.send(junk)
+            replies.append(protocol.decode(rogue.recv()))
+        rogue.send(msgpack.packb({"type": "hello", "version": protocol.PROTOCOL_VERSION, "nonce": 7}))
+        replies.append(protocol.decode(rogue.recv()))
+        rogue.send(protocol.encode("assign", assignment={}))  # not authenticated
+        replies.append(protocol.decode(rogue.recv()))
+        assert [r["type"] for r in replies] == ["error"] * 5
+        assert "msgpack" in replies[0]["reason"] and "nonce" in replies[3]["reason"]
+        assert "not authenticated" in replies[4]["reason"]
+        rogue.send(b"x" * (protocol.MAX_CONTROL_BYTES + 1))  # beyond MAXMSGSIZE: zmq drops the connection
+        time.sleep(0.5)
+        assert peer.poll() is None  # still serving
+        # The coordinator survives garbage too: it answers with an error, logs it and goes on waiting.
+        fake = ctx.socket(zmq.ROUTER)
+        fake.setsockopt(zmq.RCVTIMEO, 15000)
+        fake_host = PeerHost("127.0.0.1", fake.bind_to_random_port("tcp://127.0.0.1"), "fake")
+
+        def answer_with_garbage() -> None:
+            hello = fake.recv_multipart()
+            fake.send_multipart([hello[0], b"\xc1 not msgpack"])
+            replies.append(protocol.decode(fake.recv_multipart()[1]))
+
+        worker = threading.Thread(target=answer_with_garbage)
+        worker.start()
+        options = _options(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c")
+        with pytest.raises(RunFailed, match="no answer within 5 s from fake"):
+            Coordinator([fake_host], token, options, LaunchSettings(join_timeout=5)).run()
+        worker.join()
+        assert replies[-1]["type"] == "error" and "msgpack" in replies[-1]["reason"]
+        assert "rejected a message from fake" in caplog.text
+        fake.close(0)
+    finally:
+        peer.kill()
+        rogue.close(0)
+        ctx.term()
+
+
+def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
+    peers = LocalPeers(1, auth.new_token(), tmp_path, coordinator_timeout=3)
+    (host,) = peers.start()
+    ctx = zmq.Context()
+    coordinator = ctx.socket(zmq.ROUTER)
+    coordinator.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    coordinator.setsockopt(zmq.CONNECT_ROUTING_ID, b"p")
+    coordinator.connect(host.endpoint)
+    try:
+        nonce = auth.new_nonce()
+        deadline = time.monotonic() + 60
+        while True:  # the peer process needs a few seconds to start listening
+            try:
+                coordinator.send_multipart([b"p", protocol.encode("hello", nonce=nonce)])
+                break
+            except zmq.ZMQError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        join = protocol.decode(coordinator.recv_multipart()[1])
+        assert auth.verify(peers.token, "peer", nonce, join["proof"])
+        proof = auth.proof(peers.token, "coordinator", join["nonce"])
+        coordinator.send_multipart([b"p", protocol.encode("welcome", proof=proof, rank=0)])
+    finally:
+        coordinator.close(0)
+        ctx.term()
+    codes = peers.stop(grace=60)  # a kill after the grace would give -9, not 3
+    assert codes == [3]
