@@ -55,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = parser.add_argument_group("placement")
     plan.add_argument(
         "--mode",
-        choices=["shuffle", "replicated"],
+        choices=["shuffle", "side-pipeline", "replicated"],
         default="shuffle",
         help="shuffle: phase 1 pipelined over the peers' layer ranges, taps streamed to the peer training each "
-        "sample (default); replicated: every peer runs the whole model on its own samples",
+        "sample, phase 2 data-parallel (default); side-pipeline: taps stay where computed and phase 2 runs the "
+        "side network as a pipeline too (no cache traffic); replicated: every peer runs the whole model on its "
+        "own samples (no phase-1 traffic, but every peer holds all layers)",
     )
     plan.add_argument(
         "--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: in proportion to memory)"

@@ -120,36 +120,52 @@ class ParallelAdapterModel(nn.Module):
 
     def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
         """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
-        h_last = taps[:, -1]
-        base = self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
         if self.side is None:
+            base = self._base(taps[:, -1])
             logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
-        elif self.head is not None:
-            side = self.side(taps, attention_mask, past_key_values)
+            return logits if self.vocab_bias is None else logits + self.vocab_bias
+        side_state = self.side.state(taps, attention_mask, past_key_values)
+        return self.logits_from_state(taps[:, -1], side_state, attention_mask)
+
+    def _base(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
+
+    def logits_from_state(
+        self, h_last: torch.Tensor, side_state: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits from h_L and the side network's normed state (the part after the side blocks)."""
+        base = self._base(h_last)
+        if self.head is not None:
+            side = self.side.up(side_state)
             return self.head(side if self.config.readout == "side" else base + side, attention_mask)
-        else:
-            # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
-            # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
-            # (unless the final norm trains), the only large product left is the forward of lm_head(base).
-            side_state = self.side.state(taps, attention_mask, past_key_values)
-            head, up = self.top.lm_head.weight, self.side.up
-            logits = self.top.logits(base) + side_state @ (head @ up.weight).T + head @ up.bias
+        # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
+        # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
+        # (unless the final norm trains), the only large product left is the forward of lm_head(base).
+        head, up = self.top.lm_head.weight, self.side.up
+        logits = self.top.logits(base) + side_state @ (head @ up.weight).T + head @ up.bias
         return logits if self.vocab_bias is None else logits + self.vocab_bias
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["taps"], batch["attention_mask"])
 
     def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training loss. For language modelling with a side network it never materialises the
-        full logits (pac.models.lm_loss): the same value and gradients at a fraction of the memory."""
-        if self.task != "lm" or self.side is None:
+        """Training loss (mean over samples, or over next-token targets)."""
+        if self.side is None:
             return task_loss(self.task, self.forward_batch(batch), batch["labels"])
         taps, mask = batch["taps"], batch["attention_mask"]
-        h_last = taps[:, -1]
-        base = self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
+        return self.loss_from_state(taps[:, -1], self.side.state(taps, mask), mask, batch["labels"])
+
+    def loss_from_state(
+        self, h_last: torch.Tensor, side_state: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss from h_L and the side state. For language modelling it never materialises the full
+        logits (pac.models.lm_loss): the same value and gradients at a fraction of the memory."""
+        if self.task != "lm":
+            return task_loss(self.task, self.logits_from_state(h_last, side_state, attention_mask), labels)
+        base = self._base(h_last)
         head, up = self.top.lm_head.weight, self.side.up
         bias = head @ up.bias if self.vocab_bias is None else head @ up.bias + self.vocab_bias
-        return chunked_lm_loss(base, self.side.state(taps, mask), head @ up.weight, bias, head, batch["labels"])
+        return chunked_lm_loss(base, side_state, head @ up.weight, bias, head, labels)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What the adapter file holds: the side network and the head, nothing of the backbone."""

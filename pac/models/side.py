@@ -100,16 +100,34 @@ class SideNetwork(nn.Module):
         self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None
     ) -> torch.Tensor:
         """Norm(s_last) [B, T, d/r]: the side network's output before Up."""
+        downs = self.downs(taps)
+        state = self.run_blocks(downs[:, 0], downs[:, 1:], range(len(self.blocks)), attention_mask, past_key_values)
+        return self.norm(state)
+
+    def downs(self, taps: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Down_i(h_i) for the stacked taps [B, n, T, d]: all of them, or those of `rows` of self.taps."""
         if self.tap_norm:
             taps = taps * torch.rsqrt(taps.pow(2).mean(-1, keepdim=True) + 1e-6)
-        downs = torch.einsum("bntd,nkd->bntk", taps, self.down_weight) + self.down_bias[:, None, :]
-        downs = self.dropout(downs)
-        state = downs[:, 0]
+        weight, bias = self.down_weight, self.down_bias
+        if rows is not None:
+            weight, bias = weight[rows], bias[rows]
+        return self.dropout(torch.einsum("bntd,nkd->bntk", taps, weight) + bias[:, None, :])
+
+    def run_blocks(
+        self,
+        state: torch.Tensor,
+        downs: torch.Tensor,
+        blocks: range,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> torch.Tensor:
+        """Side blocks `blocks` in order; downs[:, i] is Down of the tap that block blocks[i] reads.
+        A pipeline stage runs the blocks of its own layers (pac.runtime.side_pipeline)."""
         kwargs = layer_kwargs(self.family, self.config, state, attention_mask, self.rotary, past_key_values)
         gates = self.gates()
-        for j, block in enumerate(self.blocks):
-            state = block(gates[j] * state + (1 - gates[j]) * downs[:, j + 1], **kwargs)
-        return self.norm(state)
+        for i, j in enumerate(blocks):
+            state = self.blocks[j](gates[j] * state + (1 - gates[j]) * downs[:, i], **kwargs)
+        return state
 
     def forward(
         self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None

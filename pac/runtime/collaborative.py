@@ -6,8 +6,10 @@ Placement modes (DESIGN.md, "The placement problem"):
   shuffle     phase 1 is a pipeline over the peers' layer ranges; each stage streams a sample's taps
               to the peer that trains that sample (pac.runtime.pipeline).
   replicated  every peer holds the whole backbone and caches its own samples; no phase-1 traffic.
-Both end with every peer holding the complete taps of the samples it owns, so phase 2 is the same
-data-parallel training (pac.runtime.distributed) for both.
+  side-pipeline  phase 1 as in shuffle, but taps stay where they were computed; phase 2 runs the side
+              network itself as a pipeline (pac.runtime.side_pipeline).
+In shuffle and replicated mode every peer ends phase 1 holding the complete taps of the samples it
+owns, so phase 2 is data-parallel training (pac.runtime.distributed).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
 from pac.runtime.cache_build import build_cache, model_fingerprint
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
-from pac.runtime.pipeline import owned_cache, run_pipeline_stage
+from pac.runtime.pipeline import run_pipeline_stage
+from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps
 from pac.workflow import (
     PARALLEL_ADAPTER_DEFAULTS,
@@ -117,10 +120,11 @@ def run_assignment(
     init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
     try:
         started = time.perf_counter()
-        caches = _phase_one(job, model_dir, splits, zmq_plane, progress, stop)
+        plane = _data_plane(job, zmq_plane)
+        caches = _phase_one(job, model_dir, splits, plane, progress, stop)
         phase1_seconds = time.perf_counter() - started
         dist.barrier()  # every owner's cache is complete before anyone trains
-        summary = _phase_two(job, model_dir, splits, label_names, caches, out, progress)
+        summary = _phase_two(job, model_dir, splits, label_names, caches, out, plane, progress)
         summary["phase1_seconds"] = phase1_seconds
         return summary
     finally:
@@ -131,36 +135,42 @@ def _cache_root(opts: TrainOptions) -> Path:
     return Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
 
 
+def _data_plane(job: Assignment, zmq_plane: DataPlane | None) -> DataPlane | None:
+    """The plane between the stages: the peer's ZeroMQ sockets or the process group's send/recv."""
+    if job.plan.mode == "replicated":
+        return None
+    if job.data_plane == "torch":
+        return TorchDataPlane(job.rank)
+    if zmq_plane is None:
+        raise PacError("the ZeroMQ data plane was not opened")
+    for peer_rank, endpoint in (job.data_endpoints or {}).items():
+        if peer_rank != job.rank:
+            zmq_plane.connect(peer_rank, endpoint)
+    return zmq_plane
+
+
 def _phase_one(
     job: Assignment,
     model_dir: Path,
     splits: dict[str, TokenizedSet],
-    zmq_plane: DataPlane | None,
+    plane: DataPlane | None,
     progress: Progress | None,
     stop: threading.Event | None,
 ) -> dict[str, Path]:
     opts, plan, rank = job.options, job.plan, job.rank
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
-        caches = {}
+        caches, done, total = {}, 0, sum(len(d) for d in splits.values())
         for name, data in splits.items():
             mine = data.subset(owned_positions(len(data), rank, plan.world))
             built = build_cache(model_dir, mine, _cache_root(opts), job.taps, opts.cache_dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
+            done += len(data)
             if report:
-                report(sum(len(d) for d in list(splits.values())[: list(splits).index(name) + 1]), 0)
+                report(done, total)
         return caches
-    if plan.mode != "shuffle":
-        raise PacError(f"placement mode {plan.mode!r} is not supported by this pac version: use shuffle or replicated")
-    if job.data_plane == "torch":
-        plane: DataPlane = TorchDataPlane(rank)
-    else:
-        if zmq_plane is None:
-            raise PacError("the ZeroMQ data plane was not opened")
-        plane = zmq_plane
-        for peer_rank, endpoint in (job.data_endpoints or {}).items():
-            if peer_rank != rank:
-                plane.connect(peer_rank, endpoint)
+    if plan.mode not in ("shuffle", "side-pipeline"):
+        raise PacError(f"unknown placement mode {plan.mode!r}: use shuffle, side-pipeline or replicated")
     return run_pipeline_stage(
         plane,
         plan,
@@ -183,32 +193,47 @@ def _phase_two(
     label_names: list[str] | None,
     caches: dict[str, Path],
     out: Path,
+    plane: DataPlane | None,
     progress: Progress | None,
 ) -> dict[str, Any]:
     opts, plan, rank = job.options, job.plan, job.rank
-    sources = {}
-    for name, data in splits.items():
-        mine, spec = owned_cache(model_dir, data, rank, plan.world, job.taps, opts.cache_dtype, _cache_root(opts))
-        reader = CacheReader(caches[name], spec)
-        sources[name] = ShardedSource(CachedTaps(reader), owned_positions(len(data), rank, plan.world), len(data))
+    local: dict[str, CachedTaps] = {}
+    for name in splits:  # each cache was built (and verified) by this run's phase 1; its manifest has the spec
+        local[name] = CachedTaps(CacheReader(caches[name]))
     prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
     adapter_config = parallel_adapter_config(opts, prepared)
-    model = build_parallel_adapter_model(opts, prepared, adapter_config, sources["train"].local)
+    model = build_parallel_adapter_model(opts, prepared, adapter_config, local["train"])
     with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p, src=0)
-    trainer = DataParallelTrainer(
-        model,
-        opts.data.task,
-        sources["train"],
-        train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"]),
-        out,
-        val=sources["val"],
-        on_epoch_end=(lambda epoch, _: progress("train", epoch, opts.epochs)) if progress else None,
-    )
+    config = train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"])
+    on_epoch_end = (lambda epoch, _: progress("train", epoch, opts.epochs)) if progress else None
+    if plan.mode == "side-pipeline":
+        trainer: DataParallelTrainer | SidePipelineTrainer = SidePipelineTrainer(
+            model,
+            opts.data.task,
+            local["train"],
+            config,
+            out,
+            val=local["val"],
+            on_epoch_end=on_epoch_end,
+            plane=plane,
+            plan=plan,
+            rank=rank,
+        )
+    else:
+        sources = {
+            name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
+            for name, data in splits.items()
+        }
+        trainer = DataParallelTrainer(
+            model, opts.data.task, sources["train"], config, out, val=sources["val"], on_epoch_end=on_epoch_end
+        )
     epochs = trainer.fit(resume=opts.resume)
-    summary: dict[str, Any] = {"rank": rank, "owned_samples": {k: len(s.local) for k, s in sources.items()}}
+    if isinstance(trainer, SidePipelineTrainer):
+        trainer.gather_adapter()
+    summary: dict[str, Any] = {"rank": rank, "cached_samples": {k: len(s) for k, s in local.items()}}
     if rank == 0:
         summary.update(save_parallel_adapter(out, adapter_config, model, epochs))
     return summary

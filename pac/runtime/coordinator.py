@@ -32,7 +32,7 @@ from pac.errors import PacError
 from pac.models.backbone import load_config
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
-from pac.plan.placement import Plan, make_plan, parse_stages
+from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
 from pac.runtime.cache_build import model_fingerprint
 from pac.runtime.collaborative import Assignment
 from pac.workflow import SUMMARY, TrainOptions, parallel_adapter_config, prepare_data, with_defaults
@@ -243,6 +243,11 @@ class Coordinator:
         plan = make_plan(self.settings.mode, num_layers, memories, self.settings.stages)
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         taps = parallel_adapter_config(self.options, prepared).resolved_taps(num_layers)
+        idle = [r for r, stage in enumerate(plan.stages) if not stage_taps(stage, taps)]
+        if plan.mode == "side-pipeline" and idle:
+            self._fail(
+                f"in side-pipeline mode every stage needs a tapped layer; ranks {idle} have none: tap more layers"
+            )
         store_port = self._start_store()
         fingerprint = model_fingerprint(prepared.model_dir)
         endpoints = {p.rank: p.data_endpoint for p in members}

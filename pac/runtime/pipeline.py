@@ -77,10 +77,13 @@ class _OwnedSplit:
 
 
 def owned_cache(
-    model_dir: Path, data: TokenizedSet, rank: int, world: int, taps: list[int], dtype: str, cache_root: Path
+    model_dir: Path, data: TokenizedSet, plan: Plan, rank: int, taps: list[int], dtype: str
 ) -> tuple[TokenizedSet, CacheSpec]:
-    """The samples a rank owns and the spec of their cache (the same `pac train` would use for them)."""
-    mine = data.subset(owned_positions(len(data), rank, world))
+    """What a rank caches: in `shuffle` and `replicated` mode every tap of the samples it owns (the cache
+    `pac train` would build for them), in `side-pipeline` mode its own layers' taps of every sample."""
+    if plan.mode == "side-pipeline":
+        return data, cache_spec(model_dir, data, stage_taps(plan.stages[rank], taps), dtype)
+    mine = data.subset(owned_positions(len(data), rank, plan.world))
     return mine, cache_spec(model_dir, mine, taps, dtype)
 
 
@@ -101,10 +104,11 @@ def run_pipeline_stage(
     """Run this rank's stage over every split and build this rank's caches; returns split -> cache dir."""
     world, stage = plan.world, plan.stages[rank]
     my_taps = stage_taps(stage, taps)
-    blocks = [tuple(stage_taps(s, taps)) for s in plan.stages]
+    local = plan.mode == "side-pipeline"  # taps stay where they were computed
+    blocks = [tuple(my_taps)] if local else [tuple(stage_taps(s, taps)) for s in plan.stages]
     owned: dict[str, _OwnedSplit] = {}
     for name, data in splits.items():
-        mine, spec = owned_cache(model_dir, data, rank, world, taps, dtype, cache_root)
+        mine, spec = owned_cache(model_dir, data, plan, rank, taps, dtype)
         writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size)
         complete = find_cache(cache_root, spec) is not None
         pending = {b: ([] if complete else writer.pending(b)) for b in blocks if b}
@@ -171,7 +175,8 @@ def run_pipeline_stage(
                             f"activations of layers {my_taps[0]}-{my_taps[-1]} reach {peak:.0f}, beyond fp16: "
                             "run again with --cache-dtype bf16"
                         )
-                    _send_taps(plane, rank, world, name, data, positions, tuple(my_taps), stacked.to(wire), owned)
+                    owners = [rank] * len(positions) if local else [owner(p, world) for p in positions]
+                    _send_taps(plane, rank, owners, name, data, positions, tuple(my_taps), stacked.to(wire), owned)
                 done += len(positions)
                 if progress is not None:
                     progress(done, total)
@@ -191,7 +196,8 @@ def expected_messages(
     """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted)."""
     world, stage = plan.world, plan.stages[rank]
     hidden = taps_msgs = 0
-    producers = [s for r, s in enumerate(plan.stages) if r != rank and stage_taps(s, taps)]
+    local = plan.mode == "side-pipeline"
+    producers = [s for r, s in enumerate(plan.stages) if r != rank and stage_taps(s, taps) and not local]
     for size in split_sizes.values():
         for start in range(0, size, micro_batch):
             hidden += stage[0] > 0
@@ -216,7 +222,7 @@ def _next_hidden(inbox: queue.Queue, failure: list[BaseException], stop: threadi
 def _send_taps(
     plane: DataPlane,
     rank: int,
-    world: int,
+    owners: list[int],
     split: str,
     data: TokenizedSet,
     positions: list[int],
@@ -225,8 +231,8 @@ def _send_taps(
     owned: dict[str, _OwnedSplit],
 ) -> None:
     """Each sample's taps go to its owner; this rank's own samples go straight into its cache."""
-    for dest in sorted({owner(p, world) for p in positions}):
-        rows = [i for i, p in enumerate(positions) if owner(p, world) == dest]
+    for dest in sorted(set(owners)):
+        rows = [i for i, o in enumerate(owners) if o == dest]
         ids = [data.sample_ids[positions[i]] for i in rows]
         part = taps[rows]
         if dest == rank:
