@@ -223,3 +223,22 @@ def test_language_modelling_across_peers_equals_one_device(mode, tiny_llama, top
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"][-1]["val_perplexity"] == pytest.approx(single["epochs"][-1]["val_perplexity"], rel=1e-4)
+
+
+def test_ssh_dry_run_prints_commands_without_the_token(tmp_path, capsys, monkeypatch):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("desktop.local name=desktop threads=8\njetson.local:29601 user=me workdir=/data\n")
+    monkeypatch.setenv(auth.TOKEN_ENV, "s3cret-token")
+    assert launch(["--peers", str(hosts), "--ssh", "--dry-run", "--ssh-option=-p2222"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "s3cret" not in "".join(lines)
+    assert lines[0].startswith("ssh -p2222 ") and "pac peer --listen tcp://0.0.0.0:29600 --name desktop" in lines[0]
+    assert "me@jetson.local" in lines[1] and "read -r PAC_JOIN_TOKEN" in lines[1]
+
+
+def test_peers_need_a_token(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(auth.TOKEN_ENV, raising=False)
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("desktop.local\n")
+    assert launch(["--peers", str(hosts)]) == 2
+    assert "PAC_JOIN_TOKEN" in capsys.readouterr().err

@@ -72,6 +72,7 @@ class DataPlane(Protocol):
     """
 
     rank: int
+    bytes_sent: int  # everything this plane has sent so far (headers and tensors)
 
     def send(self, dest: int, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None: ...
 
@@ -269,6 +270,7 @@ class ZmqDataPlane:
         if hwm < 1 or max_message_bytes < 1:
             raise DataPlaneError(f"hwm and max_message_bytes must be >= 1, got {hwm} and {max_message_bytes}")
         self.rank = rank
+        self.bytes_sent = 0  # headers and tensor bytes, for the traffic figures
         self.hwm = hwm
         self.max_message_bytes = max_message_bytes
         self._linger_ms = max(0, int(linger * 1000))
@@ -325,6 +327,7 @@ class ZmqDataPlane:
         if len(head) > self.max_message_bytes:
             raise DataPlaneError(f"the header is {len(head)} bytes, above max_message_bytes={self.max_message_bytes}")
         self._socket_for(dest).send_multipart([head, *(f.numpy() for f in frames)], copy=False)
+        self.bytes_sent += len(head) + sum(f.numel() for f in frames)
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message from any peer; TimeoutError after ``timeout`` seconds (None: wait forever)."""
@@ -440,6 +443,7 @@ class TorchDataPlane:
         self.rank = rank
         self.group = group
         self.device = torch.device(device)
+        self.bytes_sent = 0  # headers and tensor bytes, for the traffic figures
 
     def send(self, dest: int, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         if dest == self.rank:
@@ -455,6 +459,7 @@ class TorchDataPlane:
                     dist.send(frame, dest, group=self.group, tag=_TAG_DATA)
         except RuntimeError as e:
             raise DataPlaneError(f"rank {self.rank} could not send to rank {dest} ({e}): is it still running?") from e
+        self.bytes_sent += length.numel() * 8 + len(head) + sum(f.numel() for f in frames)
 
     def recv(self, timeout: float | None = None, src: int | None = None) -> Message:
         """The next message, from ``src`` or (gloo only) any rank.

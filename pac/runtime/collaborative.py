@@ -122,13 +122,16 @@ def run_assignment(
         started = time.perf_counter()
         plane = _data_plane(job, zmq_plane)
         caches = _phase_one(job, model_dir, splits, plane, progress, stop)
-        phase1_seconds = time.perf_counter() - started
+        phase1 = {"phase1_seconds": time.perf_counter() - started, "phase1_bytes_sent": _sent(plane)}
         dist.barrier()  # every owner's cache is complete before anyone trains
         summary = _phase_two(job, model_dir, splits, label_names, caches, out, plane, progress)
-        summary["phase1_seconds"] = phase1_seconds
-        return summary
+        return {**summary, **phase1, "phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
     finally:
         dist.destroy_process_group()
+
+
+def _sent(plane: DataPlane | None) -> int:
+    return plane.bytes_sent if plane is not None else 0
 
 
 def _cache_root(opts: TrainOptions) -> Path:
@@ -233,7 +236,11 @@ def _phase_two(
     epochs = trainer.fit(resume=opts.resume)
     if isinstance(trainer, SidePipelineTrainer):
         trainer.gather_adapter()
-    summary: dict[str, Any] = {"rank": rank, "cached_samples": {k: len(s) for k, s in local.items()}}
+    summary: dict[str, Any] = {
+        "rank": rank,
+        "cached_samples": {k: len(s) for k, s in local.items()},
+        "split_sizes": {k: len(d) for k, d in splits.items()},
+    }
     if rank == 0:
         summary.update(save_parallel_adapter(out, adapter_config, model, epochs))
     return summary
