@@ -242,3 +242,39 @@ def test_peers_need_a_token(tmp_path, capsys, monkeypatch):
     hosts.write_text("desktop.local\n")
     assert launch(["--peers", str(hosts)]) == 2
     assert "PAC_JOIN_TOKEN" in capsys.readouterr().err
+
+
+def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topic_jsonl, tmp_path):
+    """A peer that joins properly, takes its assignment and then stops answering (a laptop closed)."""
+    token = auth.new_token()
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.RCVTIMEO, 20000)
+    host = PeerHost("127.0.0.1", fake.bind_to_random_port("tcp://127.0.0.1"), "laptop")
+    seen: list[str] = []
+
+    def behave_then_vanish() -> None:
+        nonce = auth.new_nonce()
+        while "assign" not in seen:
+            sender, raw = fake.recv_multipart()
+            message = protocol.decode(raw)
+            seen.append(message["type"])
+            if message["type"] == "hello" and seen.count("hello") == 1:
+                proof = auth.proof(token, "peer", message["nonce"])
+                profile = {"max_mem": 2**30}
+                join = protocol.encode("join", name="laptop", profile=profile, nonce=nonce, proof=proof,
+                                       data_endpoint="tcp://127.0.0.1:1")  # fmt: skip
+                fake.send_multipart([sender, join])
+        # ... and silence from now on.
+
+    worker = threading.Thread(target=behave_then_vanish)
+    worker.start()
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+    try:
+        with pytest.raises(RunFailed, match=r"peer laptop \(rank 0\) stopped responding"):
+            Coordinator([host], token, options, LaunchSettings(join_timeout=20, peer_timeout=2)).run()
+    finally:
+        worker.join()
+        fake.close(0)
+        ctx.term()
+    assert seen[-3:] == ["data", "data", "assign"] and "welcome" in seen

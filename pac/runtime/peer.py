@@ -108,6 +108,7 @@ class PeerAgent:
         self.worker: threading.Thread | None = None
         self.exit_code: int | None = None
         self.label_names: list[str] | None = None
+        self.phase_start: dict[str, tuple[float, int]] = {}  # phase -> (when, done) at its first report
 
     # ------------------------------------------------------------------ sending
     def _send(self, to: bytes, kind: str, **fields: Any) -> None:
@@ -231,6 +232,7 @@ class PeerAgent:
     # ------------------------------------------------------------------ work
     def _work(self, job: Assignment, splits: dict[str, TokenizedSet]) -> None:
         out = self.settings.work_dir / "out"
+        self.phase_start["cache"] = (time.monotonic(), 0)
         try:
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
@@ -249,8 +251,6 @@ class PeerAgent:
             self.events.put(("failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, PacError) else str(exc)))
 
     def _drain_events(self) -> None:
-        rates: dict[str, tuple[float, int]] = getattr(self, "_rates", {})
-        self._rates = rates
         while True:
             try:
                 event = self.events.get_nowait()
@@ -260,8 +260,9 @@ class PeerAgent:
                 continue
             if event[0] == "progress":
                 _, phase, done, total = event
-                t0, d0 = rates.setdefault(phase, (time.monotonic(), 0))
-                rate = (done - d0) / max(time.monotonic() - t0, 1e-6)
+                now = time.monotonic()
+                t0, d0 = self.phase_start.setdefault(phase, (now, done))
+                rate = (done - d0) / (now - t0) if now > t0 else 0.0
                 self._send(self.coordinator, "progress", phase=phase, done=done, total=total, rate=float(rate))
             elif event[0] == "done":
                 _, summary, out = event
