@@ -263,7 +263,7 @@ def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topi
                 proof = auth.proof(token, "peer", message["nonce"])
                 profile = {"max_mem": 2**30}
                 join = protocol.encode("join", name="laptop", profile=profile, nonce=nonce, proof=proof,
-                                       data_endpoint="tcp://127.0.0.1:1")  # fmt: skip
+                                       data_endpoint="tcp://127.0.0.1:1", data_key=b"k" * 40)  # fmt: skip
                 fake.send_multipart([sender, join])
         # ... and silence from now on.
 

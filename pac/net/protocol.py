@@ -9,7 +9,8 @@ reply and a log line. Nothing a remote sends can crash the receiver.
 The conversation of one run (C = coordinator, P = peer)::
 
     C -> P  hello      {nonce}                         C connects to P's endpoint and says hello
-    P -> C  join       {name, profile, nonce, proof}   proof = HMAC(token, "peer" | C's nonce)
+    P -> C  join       {name, profile, nonce, proof,   proof = HMAC(token, "peer" | C's nonce)
+                        data_endpoint, data_key}
     C -> P  welcome    {proof, rank}  or  refused       proof = HMAC(token, "coordinator" | P's nonce)
     C -> P  data       {split, part, ...}               the tokenised data (a few bytes per token)
     C -> P  assign     {assignment}                     role, layers, peers' data endpoints, rendezvous
@@ -43,7 +44,14 @@ _NUM = (int, float)
 # type -> {field: accepted python types after msgpack decoding}
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {"nonce": (bytes,)},
-    "join": {"name": (str,), "profile": (dict,), "nonce": (bytes,), "proof": (bytes,), "data_endpoint": (str,)},
+    "join": {
+        "name": (str,),
+        "profile": (dict,),
+        "nonce": (bytes,),
+        "proof": (bytes,),
+        "data_endpoint": (str,),
+        "data_key": (bytes,),  # the CURVE public key of the peer's data plane
+    },
     "welcome": {"proof": (bytes,), "rank": (int,)},
     "refused": {"reason": (str,)},
     "data": {

@@ -63,6 +63,7 @@ class Assignment:
     backend: str = "gloo"
     data_plane: str = "zmq"  # zmq | torch
     data_endpoints: dict[int, str] | None = None  # rank -> ZeroMQ data endpoint
+    data_keys: dict[int, bytes] | None = None  # rank -> CURVE public key of that endpoint
 
     def to_wire(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -78,6 +79,7 @@ class Assignment:
             "backend": self.backend,
             "data_plane": self.data_plane,
             "data_endpoints": {str(k): v for k, v in (self.data_endpoints or {}).items()},
+            "data_keys": {str(k): v for k, v in (self.data_keys or {}).items()},
         }
 
     @classmethod
@@ -95,6 +97,7 @@ class Assignment:
                 backend=str(raw["backend"]),
                 data_plane=str(raw["data_plane"]),
                 data_endpoints={int(k): str(v) for k, v in raw["data_endpoints"].items()},
+                data_keys={int(k): bytes(v) for k, v in raw["data_keys"].items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None
@@ -146,9 +149,10 @@ def _data_plane(job: Assignment, zmq_plane: DataPlane | None) -> DataPlane | Non
         return TorchDataPlane(job.rank)
     if zmq_plane is None:
         raise PacError("the ZeroMQ data plane was not opened")
+    keys = job.data_keys or {}
     for peer_rank, endpoint in (job.data_endpoints or {}).items():
         if peer_rank != job.rank:
-            zmq_plane.connect(peer_rank, endpoint)
+            zmq_plane.connect(peer_rank, endpoint, public_key=keys.get(peer_rank))
     return zmq_plane
 
 

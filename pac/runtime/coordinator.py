@@ -75,6 +75,7 @@ class PeerState:
     nonce: bytes = b""  # ours, which the peer signs
     join_nonce: bytes = b""  # the peer's, which we sign
     data_endpoint: str = ""
+    data_key: bytes = b""
     last_heard: float = field(default_factory=time.monotonic)
     progress: tuple[str, int, int, float] = ("", 0, 0, 0.0)
     summary: dict[str, Any] | None = None
@@ -210,7 +211,7 @@ class Coordinator:
         # The peer reports the port of its data socket; reach it at the host this coordinator reached it at.
         port = message["data_endpoint"].rsplit(":", 1)[-1]
         host = f"[{peer.host.host}]" if ":" in peer.host.host else peer.host.host
-        peer.data_endpoint = f"tcp://{host}:{port}"
+        peer.data_endpoint, peer.data_key = f"tcp://{host}:{port}", message["data_key"]
         self._print(f"[pac-launch] {peer.host.name} joined: {_describe_profile(peer.profile)}")
 
     # ------------------------------------------------------------------ phases
@@ -251,6 +252,7 @@ class Coordinator:
         store_port = self._start_store()
         fingerprint = model_fingerprint(prepared.model_dir)
         endpoints = {p.rank: p.data_endpoint for p in members}
+        keys = {p.rank: p.data_key for p in members}
         for peer in members:
             for split, data in (("train", prepared.train), ("val", prepared.val)):
                 self._send_data(peer, split, data)
@@ -263,6 +265,7 @@ class Coordinator:
                 store=(self._store_host(peer), store_port),
                 data_plane=self.settings.data_plane,
                 data_endpoints=endpoints,
+                data_keys=keys,
             )
             self._must_send(peer, "assign", assignment=job.to_wire())
         self._advance(RunState.CACHE_BUILD)

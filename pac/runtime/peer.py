@@ -32,7 +32,7 @@ from pac import __version__
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.net import auth, protocol
-from pac.net.dataplane import ZmqDataPlane
+from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.runtime.collaborative import Assignment, run_assignment
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,11 @@ class PeerAgent:
         self.control.bind(settings.listen)
         self.endpoint = self.control.getsockopt(zmq.LAST_ENDPOINT).decode()
         host = settings.listen.split("://", 1)[1].rsplit(":", 1)[0]
-        self.plane = ZmqDataPlane(-1, f"tcp://{host}:0", {})
+        # The data plane is always CURVE-encrypted: taps are derived from private data. The coordinator
+        # hands every peer the others' public keys with the assignment; only those may deliver.
+        public, secret = CurveConfig.generate()
+        self.plane = ZmqDataPlane(-1, f"tcp://{host}:0", {}, curve=CurveConfig(public, secret, {}))
+        self.data_key = public
         self.coordinator: bytes | None = None  # routing id of the authenticated coordinator
         self.pending_nonce: dict[bytes, bytes] = {}  # routing id -> the nonce we asked it to sign
         self.last_heard = time.monotonic()
@@ -194,6 +198,7 @@ class PeerAgent:
             nonce=nonce,
             proof=auth.proof(self.settings.token, "peer", message["nonce"]),
             data_endpoint=self.plane.endpoint,
+            data_key=self.data_key,
         )
 
     def _on_welcome(self, sender: bytes, message: dict[str, Any]) -> None:
