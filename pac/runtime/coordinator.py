@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.backbone import load_config
 from pac.net import auth, protocol
+from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
 from pac.runtime.cache_build import model_fingerprint
@@ -327,7 +327,7 @@ class Coordinator:
             )
 
     def _store_host(self, peer: PeerState) -> str:
-        return self.settings.store_host or _local_address_towards(peer.host.host)
+        return self.settings.store_host or local_address_towards(peer.host.host)
 
     def _start_store(self) -> int:
         """The process group's rendezvous, hosted here; peers connect to it with their rank."""
@@ -395,14 +395,3 @@ def _describe_profile(profile: dict[str, Any]) -> str:
     return (
         f"{profile.get('cores', '?')} cores, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}"
     )
-
-
-def _local_address_towards(host: str) -> str:
-    """This machine's address on the route to `host` (a UDP connect sends nothing)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pac.methods.base import summarize
+from pac.net.addresses import interface_of, local_address_towards
 from pac.runtime.trainer import BatchSource, Trainer, evaluation_totals
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ def init_process_group(
     backend: str, store_host: str, store_port: int, rank: int, world: int, timeout_s: float = 300.0
 ) -> None:
     """Join the run's process group through the TCPStore the coordinator hosts (it is not a rank)."""
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # gloo advertises the address the hostname resolves to, which is often 127.0.1.1 on a home
+        # machine: bind it to the interface that reaches the coordinator instead.
+        interface = interface_of(local_address_towards(store_host))
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
     store = dist.TCPStore(
         store_host, store_port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
@@ -98,8 +105,3 @@ def init_process_group(
         backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
     )
     log.info("rank %d/%d joined the %s process group (store %s:%d)", rank, world, backend, store_host, store_port)
-
-
-def choose_backend() -> str:
-    """NCCL when this peer has CUDA (the coordinator only asks for it when every peer has), else gloo."""
-    return "nccl" if torch.cuda.is_available() and os.environ.get("PAC_FORCE_GLOO") != "1" else "gloo"

@@ -1,0 +1,91 @@
+"""Placement, protocol and address helpers: pure functions."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from pac.net import auth, protocol
+from pac.net.addresses import interface_of, local_address_towards
+from pac.plan.placement import (
+    PlanError,
+    make_plan,
+    owned_positions,
+    owner,
+    parse_stages,
+    split_proportional,
+    stage_taps,
+)
+from pac.runtime.pipeline import expected_messages
+
+
+def test_stages_by_hand():
+    assert parse_stages("0-9,10-19,20-29", 30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert parse_stages("0-28, 29", 30, 2) == [(0, 29), (29, 30)]
+    for bad, hint in [("0-9,10-19", "one range per peer"), ("0-9,11-19,20-29", "must start at 10"),
+                      ("0-9,10-19,20-28", "ends at layer 28"), ("a-b,1,2", "not a layer range")]:  # fmt: skip
+        with pytest.raises(PlanError, match=hint):
+            parse_stages(bad, 30, 3)
+
+
+def test_split_in_proportion_to_memory():
+    assert split_proportional(30, [1, 1, 1]) == [(0, 10), (10, 20), (20, 30)]
+    assert split_proportional(30, [8, 4, 2]) == [(0, 17), (17, 26), (26, 30)]
+    assert split_proportional(4, [100, 1, 1]) == [(0, 2), (2, 3), (3, 4)]  # at least one layer each
+    with pytest.raises(PlanError, match="at most 4 peers"):
+        split_proportional(4, [1] * 5)
+
+
+def test_plans_and_ownership():
+    assert make_plan("replicated", 30, [1, 2]).stages == ((0, 30), (0, 30))
+    assert (
+        make_plan("side-pipeline", 30, [1, 1], "0-14,15-29").describe() == "rank 0: layers 0-14, rank 1: layers 15-29"
+    )
+    with pytest.raises(PlanError, match="unknown placement mode"):
+        make_plan("ring", 30, [1])
+    assert stage_taps((0, 10), list(range(31))) == list(range(11))
+    assert stage_taps((10, 20), [0, 15, 30]) == [15]
+    assert [owner(p, 3) for p in range(5)] == [0, 1, 2, 0, 1]
+    assert owned_positions(7, 1, 3) == [1, 4]
+
+
+def test_expected_messages_count_what_the_senders_send():
+    plan = make_plan("shuffle", 4, [1, 1, 1], "0-1,2-2,3-3")
+    taps = [0, 1, 2, 3, 4]
+    # 10 samples in micro-batches of 4 -> 3 batches. Rank 1 owns samples 1, 4, 7 (none in the last batch),
+    # so it hears from the 2 other stages for 2 batches; as a later stage it gets one hidden state per batch.
+    assert expected_messages(plan, 1, {"train": 10}, taps, 4) == {"hidden": 3, "taps": 4}
+    assert expected_messages(plan, 0, {"train": 10}, taps, 4) == {"hidden": 0, "taps": 6}
+    side = make_plan("side-pipeline", 4, [1, 1, 1], "0-1,2-2,3-3")
+    assert expected_messages(side, 2, {"train": 10}, taps, 4) == {"hidden": 3, "taps": 0}
+
+
+def test_protocol_validates_every_field():
+    raw = protocol.encode("progress", phase="cache", done=3, total=10, rate=1.5)
+    assert protocol.decode(raw)["done"] == 3
+    cases = [
+        (b"\xc1", "not a msgpack"),
+        (msgpack.packb([1, 2]), "must be a map"),
+        (msgpack.packb({"type": "launch_missiles", "version": 1}), "unknown message type"),
+        (msgpack.packb({"type": "heartbeat", "version": 99}), "protocol version 99"),
+        (msgpack.packb({"type": "progress", "version": 1, "phase": "x", "done": 1, "total": 2}), "'rate'"),
+        (msgpack.packb({"type": "progress", "version": 1, "phase": "x", "done": True, "total": 2, "rate": 1}), "int"),
+    ]
+    for message, complaint in cases:
+        with pytest.raises(protocol.ProtocolError, match=complaint):
+            protocol.decode(message)
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        protocol.decode(b"\x00" * (protocol.MAX_CONTROL_BYTES + 1))
+
+
+def test_join_proofs_are_role_bound():
+    token, nonce = auth.new_token(), auth.new_nonce()
+    proof = auth.proof(token, "peer", nonce)
+    assert auth.verify(token, "peer", nonce, proof)
+    assert not auth.verify(token, "coordinator", nonce, proof)  # cannot be replayed the other way
+    assert not auth.verify("other", "peer", nonce, proof)
+
+
+def test_the_interface_towards_loopback_is_lo():
+    assert local_address_towards("127.0.0.1") == "127.0.0.1"
+    assert interface_of("127.0.0.1") == "lo"
