@@ -64,6 +64,7 @@ class Assignment:
     data_plane: str = "zmq"  # zmq | torch
     data_endpoints: dict[int, str] | None = None  # rank -> ZeroMQ data endpoint
     data_keys: dict[int, bytes] | None = None  # rank -> CURVE public key of that endpoint
+    threads: int | None = None  # the hosts file's threads= for this peer
 
     def to_wire(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -80,6 +81,7 @@ class Assignment:
             "data_plane": self.data_plane,
             "data_endpoints": {str(k): v for k, v in (self.data_endpoints or {}).items()},
             "data_keys": {str(k): v for k, v in (self.data_keys or {}).items()},
+            "threads": self.threads,
         }
 
     @classmethod
@@ -98,6 +100,7 @@ class Assignment:
                 data_plane=str(raw["data_plane"]),
                 data_endpoints={int(k): str(v) for k, v in raw["data_endpoints"].items()},
                 data_keys={int(k): bytes(v) for k, v in raw["data_keys"].items()},
+                threads=None if raw.get("threads") is None else int(raw["threads"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None

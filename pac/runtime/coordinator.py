@@ -240,7 +240,8 @@ class Coordinator:
             parse_stages(self.settings.stages, num_layers, len(self.peers))
         members = self._join()
         self._advance(RunState.PLANNING)
-        memories = [float(p.profile.get("max_mem", 1)) for p in members]
+        # The hosts file's max_mem= wins over what a peer reports (a cap the user chose for that device).
+        memories = [float(p.host.max_mem or p.profile.get("max_mem", 1)) for p in members]
         plan = make_plan(self.settings.mode, num_layers, memories, self.settings.stages)
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         taps = parallel_adapter_config(self.options, prepared).resolved_taps(num_layers)
@@ -266,6 +267,7 @@ class Coordinator:
                 data_plane=self.settings.data_plane,
                 data_endpoints=endpoints,
                 data_keys=keys,
+                threads=peer.host.threads,
             )
             self._must_send(peer, "assign", assignment=job.to_wire())
         self._advance(RunState.CACHE_BUILD)

@@ -239,8 +239,9 @@ class PeerAgent:
         out = self.settings.work_dir / "out"
         self.phase_start["cache"] = (time.monotonic(), 0)
         try:
-            if self.settings.threads:
-                torch.set_num_threads(self.settings.threads)
+            threads = job.threads or self.settings.threads  # the hosts file's threads= wins
+            if threads:
+                torch.set_num_threads(threads)
             summary = run_assignment(
                 job,
                 splits,
