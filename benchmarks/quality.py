@@ -200,7 +200,8 @@ def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
             # Median: one epoch slowed by another job on the machine does not move it.
             "epoch_seconds": statistics.median(e["epoch_seconds"] for e in trained) if trained else 0.0,
             "train_seconds": _mean([sum(e.get("epoch_seconds", 0) for e in s["epochs"]) for s in seeds]),
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in seeds),
+            # Median: the seed that built the shared cache also counts phase 1 in its process's peak.
+            "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in seeds),
             "trainable_params": seeds[0]["trainable_params"],
         }
     return rows
@@ -214,6 +215,8 @@ def report(task: str, runs: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     zero, lora = rows.get("zero-shot"), rows.get("lora")
+    order = list(CONFIGS)
+    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     for name, r in rows.items():
         cell = f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['seeds']} seeds)"
         if task == "lm" and zero and lora and name not in ("zero-shot",):
@@ -226,7 +229,8 @@ def report(task: str, runs: dict[str, dict]) -> str:
         )
     lines += [
         "",
-        "Peak RSS is that of the whole `pac train` process: for the run that built a cache it includes phase 1.",
+        "Peak RSS is that of the whole `pac train` process (median over seeds): for a run that built the cache "
+        "it includes phase 1.",
     ]
     if lora and lora["epoch_seconds"]:
         lines.append("")

@@ -315,7 +315,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
         threads=args.threads,
         coordinator_timeout=args.coordinator_timeout,
     )
-    return PeerAgent(settings).serve()
+    code = PeerAgent(settings).serve()
+    # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere):
+    # leave without waiting for it; everything worth keeping is on disk or already sent.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def train_options(args: argparse.Namespace):

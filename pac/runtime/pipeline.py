@@ -71,7 +71,8 @@ class _OwnedSplit:
                 groups[g] = []  # keep indices stable for the other buffers
 
     def _write(self, block: tuple[int, ...], group: list[str], buffer: dict[str, torch.Tensor]) -> None:
-        rows = torch.tensor([self.data.sample_ids.index(s) for s in group])
+        row_of = {sid: i for i, sid in enumerate(self.data.sample_ids)}
+        rows = torch.tensor([row_of[s] for s in group])
         stacked = torch.stack([buffer[s] for s in group]).float()
         self.writer.write(group, stacked, self.data.attention_mask[rows], self.data.labels[rows], tap_block=block)
 
