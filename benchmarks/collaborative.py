@@ -10,9 +10,10 @@ run's own summary (every peer reports its phase-1 time and the bytes its data pl
 
 Every run gets a fresh cache directory, so phase 1 really runs. The peers share this machine's cores
 (each gets cores/N threads): on one machine more peers cannot be faster, so these figures show the
-runtime's overhead, not a home cluster's speed-up.
+runtime's overhead, not a home cluster's speed-up. With `--network 100mbit` (root) every peer runs
+in its own network namespace behind a 100 Mbit link (deploy/netns.py), as on a home Wi-Fi.
 
-    python benchmarks/collaborative.py [--train-size 64] [--val-size 16] [--epochs 2]
+    python benchmarks/collaborative.py [--train-size 64] [--val-size 16] [--epochs 2] [--network 100mbit]
 Writes benchmarks/results/collaborative.{json,md,png}.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,17 +42,45 @@ CONFIGS = [
 
 
 def run(name: str, peers: int, mode: str, args: argparse.Namespace) -> dict:
-    slug = name.replace(" ", "").replace(",", "-")
+    slug = name.replace(" ", "").replace(",", "-").replace("@", "-")
     out, cache = WORK / slug / "out", WORK / slug / "cache"
     shutil.rmtree(WORK / slug, ignore_errors=True)
-    cmd = [sys.executable, "-m", "launcher.main", "--local", str(peers), "--mode", mode, "--out", str(out)]
-    cmd += ["--cache-dir", str(cache), "--epochs", str(args.epochs), "--train-size", str(args.train_size)]
-    cmd += ["--val-size", str(args.val_size), *(["--model", args.model] if args.model else [])]
-    print("$", " ".join(cmd[2:]), flush=True)
+    (WORK / slug).mkdir(parents=True)
+    cmd = [sys.executable, "-m", "launcher.main", "--mode", mode, "--out", str(out), "--cache-dir", str(cache)]
+    cmd += ["--epochs", str(args.epochs), "--train-size", str(args.train_size), "--val-size", str(args.val_size)]
+    cmd += ["--model", args.model] if args.model else []
     started = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if args.network:
+        with_network(cmd, peers, args.network, WORK / slug)
+    else:
+        cmd += ["--local", str(peers)]
+        print("$", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True)
     wall = time.perf_counter() - started
     return measure(json.loads((out / "summary.json").read_text()), wall)
+
+
+def with_network(cmd: list[str], peers: int, rate: str, work: Path) -> None:
+    """The run with every peer in its own network namespace, behind a `rate` link (deploy/netns.py)."""
+    sys.path.insert(0, str(HERE.parent / "deploy"))
+    from netns import HomeNetwork
+
+    from pac.net.auth import TOKEN_ENV, new_token
+
+    env = {**os.environ, TOKEN_ENV: new_token(), "TQDM_DISABLE": "1"}
+    threads = max(1, (os.cpu_count() or 1) // peers)
+    with HomeNetwork(peers, rate=rate) as net:
+        lines = []
+        for d in range(peers):
+            name = f"device-{d}"
+            agent = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://{net.address(d)}:29600"]
+            agent += ["--name", name, "--threads", str(threads), "--work-dir", str(work / name)]
+            net.run(d, agent, work / f"{name}.log", env=env)
+            lines.append(f"{net.address(d)}:29600 name={name}")
+        (work / "hosts.txt").write_text("\n".join(lines) + "\n")
+        cmd = [*cmd, "--peers", str(work / "hosts.txt")]
+        print("$", " ".join(cmd[2:]), f"(each peer behind {rate})", flush=True)
+        subprocess.run(cmd, check=True, env=env)
 
 
 def measure(summary: dict, wall_seconds: float) -> dict:
@@ -129,6 +159,12 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--configs", nargs="+", help=f"subset of: {'; '.join(c[0] for c in CONFIGS)}")
+    parser.add_argument(
+        "--network",
+        metavar="RATE",
+        help="run the multi-peer configurations with every peer in its own network namespace behind a RATE "
+        "link, e.g. 100mbit (root; deploy/netns.py)",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -136,11 +172,16 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.exists() else {}
     if not args.report:
         for name, peers, mode in CONFIGS:
-            if args.configs and name not in args.configs:
+            if args.configs and name not in args.configs or (args.network and peers == 1):
                 continue
-            rows[name] = run(name, peers, mode, args)
+            key = f"{name} @ {args.network}" if args.network else name
+            rows[key] = run(key, peers, mode, args)
             path.write_text(json.dumps(rows, indent=2) + "\n")
-    ordered = {name: rows[name] for name, _, _ in CONFIGS if name in rows}
+    ordered = {}  # each configuration, then its runs on a shaped network
+    for name, _, _ in CONFIGS:
+        for key in (name, *sorted(r for r in rows if r.startswith(f"{name} @"))):
+            if key in rows:
+                ordered[key] = rows[key]
     setting = f"SmolLM2-135M-Instruct, BBC News, {args.train_size} + {args.val_size} samples, 128 tokens, 2 cores"
     table = report(ordered)
     (RESULTS / "collaborative.md").write_text(f"Setting: {setting}.\n\n{table}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -278,3 +280,37 @@ def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topi
         fake.close(0)
         ctx.term()
     assert seen[-3:] == ["data", "data", "assign"] and "welcome" in seen
+
+
+def _can_make_namespaces() -> bool:
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "pac-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "pac-probe"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_namespaces(), reason="needs root with ip/tc and network namespaces")
+def test_peers_in_their_own_network_namespaces_behind_a_rate_limit(single_device, tiny_llama, topic_jsonl, tmp_path):
+    """Real interfaces instead of loopback: the peers' data planes, the rendezvous and gloo all go over
+    the bridge of a simulated home network (deploy/netns.py), and the result is still the single-device one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    from netns import HomeNetwork
+
+    token = auth.new_token()
+    env = {**os.environ, auth.TOKEN_ENV: token, "TQDM_DISABLE": "1"}
+    with HomeNetwork(2, rate="100mbit", tag=f"pt{os.getpid() % 10000}") as net:
+        hosts = []
+        for d in range(2):
+            agent = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://{net.address(d)}:29600"]
+            net.run(
+                d, [*agent, "--name", f"dev{d}", "--work-dir", str(tmp_path / f"dev{d}")], tmp_path / f"{d}.log", env
+            )
+            hosts.append(PeerHost(net.address(d), 29600, f"dev{d}"))
+        options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+        Coordinator(hosts, token, options, LaunchSettings(mode="side-pipeline", join_timeout=60)).run()
+    expected, _ = single_device
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    assert "gloo" in (tmp_path / "dev1" / "peer.log").read_text()
