@@ -205,7 +205,11 @@ class Coordinator:
             peer.status = "refused"
             log.warning("refused peer %s at %s: wrong join token", peer.host.name, peer.host.endpoint)
             self._print(f"[pac-launch] refused {peer.host.name} ({peer.host.endpoint}): wrong join token")
-            self._send(peer, "refused", reason="wrong join token: use the token pac-launch printed")
+            self._send(peer, "refused", reason="wrong join token: set PAC_JOIN_TOKEN to the run's token")
+            return
+        memory = message["profile"].get("max_mem")
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+            self._send(peer, "error", reason="join: profile.max_mem must be a positive number of bytes")
             return
         peer.status, peer.profile, peer.join_nonce = "joined", message["profile"], message["nonce"]
         # The peer reports the port of its data socket; reach it at the host this coordinator reached it at.
