@@ -31,5 +31,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Hours on 2 cores: the quality harness runs every configuration with 3 seeds (finished runs in
+# benchmarks/results/quality_*.json are kept, so it resumes where it stopped).
 bench: setup
 	$(PY) benchmarks/foundation.py
+	$(PY) benchmarks/layer_range_memory.py
+	$(PY) benchmarks/int8_cache_error.py
+	$(PY) benchmarks/collaborative.py
+	$(PY) benchmarks/quality.py --task classify
+	$(PY) benchmarks/quality.py --task lm
