@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from launcher.local import LocalPeers
     from launcher.ssh import describe_ssh
-    from pac.cli import train_options
+    from pac.cli import print_epochs, train_options
     from pac.net.auth import TOKEN_ENV, new_token, token_from_env
     from pac.net.hosts import read_hosts
     from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
@@ -127,7 +127,8 @@ def _launch(args: argparse.Namespace) -> int:
         local = LocalPeers(count, token, Path(options.out) / "peers")
         hosts = local.start()
     try:
-        Coordinator(hosts, token, options, settings).run()
+        summary = Coordinator(hosts, token, options, settings).run()
+        print_epochs(summary["epochs"], "val_accuracy" if options.data.task == "classify" else "val_perplexity")
         return 0
     except RunFailed as exc:
         print(f"pac-launch: the run failed: {exc}", file=sys.stderr)

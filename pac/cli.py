@@ -340,6 +340,18 @@ def train_options(args: argparse.Namespace):
     return TrainOptions(**named)
 
 
+def print_epochs(epochs: list[dict], metric: str) -> None:
+    """One line per epoch of a training summary (`pac train` and `pac-launch`)."""
+    for ep in epochs:
+        if ep["epoch"] == 0:
+            print(f"before training: {metric} {ep[metric]:.4f}")
+            continue
+        print(
+            f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
+            f"  ({ep['epoch_seconds']:.1f} s)"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pac.workflow import train
 
@@ -354,14 +366,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"cache build: {sum(summary['cache_build_seconds'].values()):.1f} s, "
             f"{summary['cache_bytes_per_sample'] / 1e6:.2f} MB/sample ({summary['cache_dtype']})"
         )
-    for ep in summary["epochs"]:
-        if ep["epoch"] == 0:
-            print(f"before training: {metric} {ep[metric]:.4f}")
-            continue
-        print(
-            f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
-            f"  ({ep['epoch_seconds']:.1f} s)"
-        )
+    print_epochs(summary["epochs"], metric)
     if "best_epoch" in summary:
         print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
     print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")

@@ -218,7 +218,7 @@ def _phase_two(
             if p.requires_grad:
                 dist.broadcast(p, src=0)
     config = train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"])
-    on_epoch_end = (lambda epoch, _: progress("train", epoch, opts.epochs)) if progress else None
+    on_step = (lambda step, total: progress("train", step, total)) if progress else None
     if plan.mode == "side-pipeline":
         trainer: DataParallelTrainer | SidePipelineTrainer = SidePipelineTrainer(
             model,
@@ -227,7 +227,7 @@ def _phase_two(
             config,
             out,
             val=local["val"],
-            on_epoch_end=on_epoch_end,
+            on_step=on_step,
             plane=plane,
             plan=plan,
             rank=rank,
@@ -238,7 +238,7 @@ def _phase_two(
             for name, data in splits.items()
         }
         trainer = DataParallelTrainer(
-            model, opts.data.task, sources["train"], config, out, val=sources["val"], on_epoch_end=on_epoch_end
+            model, opts.data.task, sources["train"], config, out, val=sources["val"], on_step=on_step
         )
     epochs = trainer.fit(resume=opts.resume)
     if isinstance(trainer, SidePipelineTrainer):

@@ -355,16 +355,20 @@ class Coordinator:
             self._show(members)
         self._advance(then)
 
-    def _show(self, members: list[PeerState], every: float = 2.0) -> None:
+    def _show(self, members: list[PeerState], every: float = 5.0) -> None:
         now = time.monotonic()
         if now - self._last_display < every:
             return
         self._last_display = now
         parts = []
         for p in members:
-            phase, done, total, rate = p.progress
-            unit = "samples/s" if phase == "cache" else "epochs"
-            parts.append(f"{p.host.name}: {p.status} {done}/{total} ({rate:.1f} {unit})" if phase else p.status)
+            _, done, total, rate = p.progress
+            if p.status == "cache":
+                parts.append(f"{p.host.name}: cache {done}/{total} samples ({rate:.1f}/s)")
+            elif p.status == "train":
+                parts.append(f"{p.host.name}: training, step {done}/{total} ({rate:.1f}/s)")
+            else:
+                parts.append(f"{p.host.name}: {p.status}")
         self._print("  " + " | ".join(parts))
 
     def _export(self, members: list[PeerState], plan: Plan) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class Trainer:
         val: BatchSource | None = None,
         holdout: BatchSource | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ):
         self.model, self.task, self.train_source, self.val_source = model, task, train, val
         # Part of the training data kept out of the gradient steps: it picks the epoch to keep
@@ -118,7 +119,7 @@ class Trainer:
             raise ValueError("early stopping needs a holdout source (a part of the training data)")
         self.best: dict[str, float] | None = None  # {"epoch", "loss"} of the best holdout loss so far
         self.config, self.out_dir = config, Path(out_dir)
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.on_step = on_epoch_end, on_step  # progress for whoever watches (a coordinator)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -273,6 +274,8 @@ class Trainer:
                 loss_sum += loss * len(indices)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update()
+                if self.on_step is not None:
+                    self.on_step(self.step, self.total_steps)
                 self._log(
                     {
                         "step": self.step,
