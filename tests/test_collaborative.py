@@ -314,3 +314,17 @@ def test_peers_in_their_own_network_namespaces_behind_a_rate_limit(single_device
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     assert "gloo" in (tmp_path / "dev1" / "peer.log").read_text()
+
+
+def test_a_finished_run_resumes_from_its_checkpoints(single_device, tiny_llama, topic_jsonl, tmp_path):
+    """Launched again into the same --out, every rank finds the same last checkpoint: nothing is retrained."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert _launch(tiny_llama, topic_jsonl, out, cache, "--mode", "replicated") == 0
+    steps_before = len((out / "metrics.jsonl").read_text().splitlines())
+    assert _launch(tiny_llama, topic_jsonl, out, cache, "--mode", "replicated") == 0
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    # rank 0's metrics log came back whole, without a second round of steps
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == steps_before

@@ -136,6 +136,19 @@ def run_assignment(
         dist.destroy_process_group()
 
 
+def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrainer) -> bool:
+    """Resume only when every rank holds a checkpoint of the same step (a crash may land between saves);
+    otherwise ranks would start at different steps and their collectives would not pair up."""
+    latest = trainer.latest_checkpoint()
+    step = int(latest.name.split("-")[1]) if latest is not None else -1
+    steps = torch.tensor([step, -step], dtype=torch.int64)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    same = int(steps[0]) == -int(steps[1])
+    if not same:
+        log.warning("ranks hold checkpoints of different steps: training starts over")
+    return same
+
+
 def _sent(plane: DataPlane | None) -> int:
     return plane.bytes_sent if plane is not None else 0
 
@@ -240,7 +253,7 @@ def _phase_two(
         trainer = DataParallelTrainer(
             model, opts.data.task, sources["train"], config, out, val=sources["val"], on_step=on_step
         )
-    epochs = trainer.fit(resume=opts.resume)
+    epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
     if isinstance(trainer, SidePipelineTrainer):
         trainer.gather_adapter()
     summary: dict[str, Any] = {
