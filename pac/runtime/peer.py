@@ -95,7 +95,14 @@ class PeerAgent:
         self.control.setsockopt(zmq.LINGER, 2000)
         if "[" in settings.listen:
             self.control.setsockopt(zmq.IPV6, 1)
-        self.control.bind(settings.listen)
+        try:
+            self.control.bind(settings.listen)
+        except zmq.ZMQError as exc:
+            self.control.close(0)
+            self.ctx.term()
+            raise PacError(
+                f"cannot listen on {settings.listen}: {exc}; pick another address or port with --listen"
+            ) from None
         self.endpoint = self.control.getsockopt(zmq.LAST_ENDPOINT).decode()
         host = settings.listen.split("://", 1)[1].rsplit(":", 1)[0]
         # The data plane is always CURVE-encrypted: taps are derived from private data. The coordinator
@@ -111,6 +118,7 @@ class PeerAgent:
         self.stop = threading.Event()
         self.worker: threading.Thread | None = None
         self.exit_code: int | None = None
+        self.work_failed = False
         self.label_names: list[str] | None = None
         self.phase_start: dict[str, tuple[float, int]] = {}  # phase -> (when, done) at its first report
 
@@ -231,7 +239,7 @@ class PeerAgent:
             self.worker.start()
         elif kind == "shutdown":
             log.info("shutdown: %s", message["reason"])
-            self.exit_code = 0 if self.exit_code is None else self.exit_code
+            self.exit_code = 1 if self.work_failed else 0
         # heartbeats only refresh last_heard
 
     # ------------------------------------------------------------------ work
@@ -275,6 +283,7 @@ class PeerAgent:
                 self._send_results(out)
                 self._send(self.coordinator, "finished", summary=summary)
             else:
+                self.work_failed = True
                 self._send(self.coordinator, "failed", reason=event[1])
 
     def _send_results(self, out: Path) -> None:
