@@ -125,8 +125,11 @@ def test_a_peer_with_a_wrong_token_is_refused_and_the_others_train(tiny_llama, t
         summary = Coordinator([good_host, bad_host], token, options, settings).run()
         assert list(summary["peers"]) == ["good"]
         assert "refused peer intruder" in caplog.text and "wrong join token" in caplog.text
-        assert bad.wait(timeout=30) == 2  # the refused peer is told so and exits
         assert good.wait(timeout=30) == 0
+        # The intruder never got to talk: its control socket's keys come from its own token, so the
+        # coordinator's encrypted handshake failed. It logged that and waits for a coordinator of its run.
+        assert bad.poll() is None
+        assert "failed the encrypted handshake" in (tmp_path / "intruder" / "peer.log").read_text()
         assert (out / "adapter_model.safetensors").exists()
     finally:
         for proc in (good, bad):
@@ -138,11 +141,20 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
     token = auth.new_token()
     peer, host = _peer_process(tmp_path, "target", token)
     ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
+    outsider = ctx.socket(zmq.DEALER)  # does not know the token: cannot even complete the handshake
+    outsider.setsockopt(zmq.RCVTIMEO, 2000)
+    outsider.setsockopt(zmq.LINGER, 0)
+    auth.connect_encrypted(outsider, "not-the-token")
+    outsider.connect(host.endpoint)
+    rogue = ctx.socket(zmq.DEALER)  # knows the token (a buggy device of the run), sends garbage
     rogue.setsockopt(zmq.RCVTIMEO, 15000)
     rogue.setsockopt(zmq.LINGER, 0)
+    auth.connect_encrypted(rogue, token)
     rogue.connect(host.endpoint)
     try:
+        outsider.send(protocol.encode("hello", nonce=auth.new_nonce()))
+        with pytest.raises(zmq.Again):
+            outsider.recv()
         replies = []
         for junk in (b"\xc1garbage", protocol.encode("heartbeat")[:-1] + b"\x00", b"\x93\x01\x02\x03"):
             rogue.send(junk)
@@ -160,6 +172,7 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         # The coordinator survives garbage too: it answers with an error, logs it and goes on waiting.
         fake = ctx.socket(zmq.ROUTER)
         fake.setsockopt(zmq.RCVTIMEO, 15000)
+        auth.serve_encrypted(fake, token)
         fake_host = PeerHost("127.0.0.1", fake.bind_to_random_port("tcp://127.0.0.1"), "fake")
 
         def answer_with_garbage() -> None:
@@ -179,7 +192,9 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
     finally:
         peer.kill()
         rogue.close(0)
+        outsider.close(0)
         ctx.term()
+    assert "failed the encrypted handshake" in (tmp_path / "target" / "peer.log").read_text()
 
 
 def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
@@ -189,6 +204,7 @@ def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
     coordinator = ctx.socket(zmq.ROUTER)
     coordinator.setsockopt(zmq.ROUTER_MANDATORY, 1)
     coordinator.setsockopt(zmq.CONNECT_ROUTING_ID, b"p")
+    auth.connect_encrypted(coordinator, peers.token)
     coordinator.connect(host.endpoint)
     try:
         nonce = auth.new_nonce()
@@ -252,6 +268,7 @@ def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topi
     ctx = zmq.Context()
     fake = ctx.socket(zmq.ROUTER)
     fake.setsockopt(zmq.RCVTIMEO, 20000)
+    auth.serve_encrypted(fake, token)
     host = PeerHost("127.0.0.1", fake.bind_to_random_port("tcp://127.0.0.1"), "laptop")
     seen: list[str] = []
 

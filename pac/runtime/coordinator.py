@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
@@ -121,6 +122,11 @@ class Coordinator:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a peer not connected yet raises, not vanishes
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTING_ID, b"coordinator-" + auth.new_nonce()[:6].hex().encode())
+        auth.connect_encrypted(self.sock, token)
+        # A peer with another token has other CURVE keys: the handshake fails before any message.
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
         for peer in self.peers.values():
             if ":" in peer.host.host:
                 self.sock.setsockopt(zmq.IPV6, 1)
@@ -156,6 +162,8 @@ class Coordinator:
             return False
 
     def _poll(self, timeout_ms: int) -> None:
+        while self.monitor.poll(0):
+            self._on_failed_handshake(recv_monitor_message(self.monitor)["endpoint"].decode())
         if not self.sock.poll(timeout_ms):
             return
         frames = self.sock.recv_multipart()
@@ -198,6 +206,17 @@ class Coordinator:
         elif kind != "heartbeat":
             self._send(peer, "error", reason=f"a coordinator does not accept {kind} messages")
 
+    def _on_failed_handshake(self, endpoint: str) -> None:
+        peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
+        if peer is None or peer.status != "connecting":
+            return
+        peer.status = "refused"
+        self.sock.disconnect(endpoint)  # no retries against a peer that holds another token
+        log.warning(
+            "refused peer %s at %s: wrong join token (the encrypted handshake failed)", peer.host.name, endpoint
+        )
+        self._print(f"[pac-launch] refused {peer.host.name} ({endpoint}): wrong join token")
+
     def _on_join(self, peer: PeerState, message: dict[str, Any]) -> None:
         if peer.status != "connecting":  # the answer to a repeated hello: the first one counted
             return
@@ -232,6 +251,8 @@ class Coordinator:
             self._shutdown(f"run failed: {self.reason}")
             raise
         finally:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
             self.sock.close()
             self.ctx.term()
 

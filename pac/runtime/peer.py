@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pac import __version__
 from pac.data.tokenize import TokenizedSet
@@ -95,6 +96,11 @@ class PeerAgent:
         self.control.setsockopt(zmq.LINGER, 2000)
         if "[" in settings.listen:
             self.control.setsockopt(zmq.IPV6, 1)
+        auth.serve_encrypted(self.control, settings.token)
+        # A coordinator with another token fails the CURVE handshake before any message: log it.
+        self.monitor = self.control.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
         try:
             self.control.bind(settings.listen)
         except zmq.ZMQError as exc:
@@ -143,6 +149,13 @@ class PeerAgent:
             while self.exit_code is None:
                 if self.control.poll(200):
                     self._on_frames(self.control.recv_multipart())
+                while self.monitor.poll(0):
+                    event = recv_monitor_message(self.monitor)
+                    log.warning(
+                        "a connection failed the encrypted handshake (%s): a coordinator with another "
+                        "PAC_JOIN_TOKEN, or not a pac coordinator",
+                        zmq.Event(event["event"]).name,
+                    )
                 self._drain_events()
                 now = time.monotonic()
                 if self.coordinator is not None:
@@ -159,6 +172,8 @@ class PeerAgent:
             if self.worker is not None:
                 self.worker.join(timeout=10)
             self.plane.close()
+            self.control.disable_monitor()
+            self.monitor.close(0)
             self.control.close()
             self.ctx.term()
 
