@@ -66,6 +66,15 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),
     "boundary-20": ("cache h_20, LoRA r=8 on layers 20-29", ["--method", "boundary", "--boundary-layer", "20"]),
     "boundary-27": ("cache h_27, LoRA r=8 on layers 27-29", ["--method", "boundary", "--boundary-layer", "27"]),
+    # The boundary variant with a side network (r=8, at the side network's LR) beside the top layers.
+    "boundary-15-side": (
+        "boundary-15 + side network r=8 over layers 15-29",
+        ["--method", "boundary", "--boundary-layer", "15", "--boundary-side"],
+    ),
+    "boundary-20-side": (
+        "boundary-20 + side network r=8 over layers 20-29",
+        ["--method", "boundary", "--boundary-layer", "20", "--boundary-side"],
+    ),
     "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
 }
 # Every side-* lever is measured against the same naive side network, pinned here so that changing

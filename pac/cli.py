@@ -187,6 +187,11 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         type=int,
         help="boundary: cache only layer k's output and train LoRA on the layers above it (default 2L/3)",
     )
+    m.add_argument(
+        "--boundary-side",
+        action="store_true",
+        help="boundary: also run a side network (width d/--reduction) beside layers k..L, fed by their outputs",
+    )
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(

@@ -99,6 +99,7 @@ class TrainOptions:
     # lora / dora / boundary
     lora_r: int = 8
     boundary_layer: int | None = None  # boundary: cache h_k and train LoRA on layers k..L (default 2L/3)
+    boundary_side: bool = False  # boundary: a side network (width d/reduction) beside layers k..L too
 
 
 @dataclass
@@ -336,13 +337,20 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
         raise PacError(f"--boundary-layer must be between 1 and {num_layers - 1}, not {k}")
     built = _build_caches(opts, data, [k])
     upper = load_backbone(data.model_dir, k, num_layers, with_head=True)
-    model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r)
+    side = (opts.reduction or 8) if opts.boundary_side else None
+    model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r, side)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     trainer = Trainer(
         model, opts.data.task, train_source, train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
     )
     epochs = trainer.fit(resume=opts.resume)
-    meta = {"peft_type": BOUNDARY_TYPE, "boundary_layer": k, "r": opts.lora_r, **_adapter_meta(opts, data)}
+    meta = {
+        "peft_type": BOUNDARY_TYPE,
+        "boundary_layer": k,
+        "r": opts.lora_r,
+        "side_reduction": side,
+        **_adapter_meta(opts, data),
+    }
     save_adapter(out, meta, model.trainable_state_dict())
     return {
         "epochs": epochs,
@@ -430,10 +438,15 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> Loa
         k, num_layers = raw_config["boundary_layer"], load_config(model_dir).num_hidden_layers
         upper = load_backbone(model_dir, k, num_layers, with_head=True)
         boundary = BoundaryModel(
-            upper, raw_config["task"], raw_config["label_names"], raw_config["pooling"], raw_config["r"]
+            upper,
+            raw_config["task"],
+            raw_config["label_names"],
+            raw_config["pooling"],
+            raw_config["r"],
+            raw_config.get("side_reduction"),
         )
         missing, unexpected = boundary.load_state_dict(tensors, strict=False)
-        if unexpected or any("lora_" in m or m.startswith("head.") for m in missing):
+        if unexpected or any("lora_" in m or m.startswith(("head.", "side.")) for m in missing):
             raise PacError(f"{adapter_dir}: adapter weights do not match its config")
         lower = load_backbone(model_dir, 0, k)  # feeds h_k to the adapted top layers
         return LoadedAdapter(

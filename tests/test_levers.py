@@ -181,3 +181,44 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
         expected = summarize("lm", batch_metrics("lm", model.forward_batch(batch), labels))
     result = evaluate(model, OneBatch(), "lm")
     assert result == pytest.approx(expected, rel=1e-5)
+
+
+def test_boundary_side_network_starts_as_plain_boundary_and_trains_beside_lora(
+    tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """With a side network beside layers k..L: at step 0 the logits are those of LoRA alone (Up is
+    zero), the side network gets the parallel adapters' learning rate, and the saved adapter evaluates
+    to the figure training reported."""
+    import json
+
+    from pac.cli import main
+    from pac.methods.base import load_adapter
+    from pac.methods.boundary import SIDE_LR_RATIO, BoundaryModel
+
+    num_layers = load_config(tiny_llama).num_hidden_layers
+    h_k = torch.randn(2, 1, 10, 64)
+    batch = {"taps": h_k, "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    models = []
+    for side in (None, 4):
+        torch.manual_seed(0)
+        upper = load_backbone(tiny_llama, 2, num_layers, with_head=True)
+        models.append(BoundaryModel(upper, "lm", None, "mean", r=4, side_reduction=side).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(models[1].forward_batch(batch), models[0].forward_batch(batch))
+    lora_group, side_group = models[1].param_groups(1e-3)
+    assert side_group["lr"] == pytest.approx(SIDE_LR_RATIO * 1e-3) and lora_group["lr"] == 1e-3
+    assert {id(p) for p in side_group["params"]} == {id(p) for p in models[1].side.parameters()}
+
+    out = tmp_path / "boundary-side"
+    argv = ["--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--task", "lm"]
+    train = ["train", *argv, "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--method", "boundary"]
+    train += ["--boundary-layer", "2", "--boundary-side", "--reduction", "4", "--lr", "5e-3", "--out", str(out)]
+    assert main(train) == 0
+    config, tensors = load_adapter(out)
+    assert config["side_reduction"] == 4
+    assert tensors["side.up.weight"].abs().sum() > 0  # the side network trained
+    assert any("lora_B" in name and t.abs().sum() > 0 for name, t in tensors.items())  # and so did LoRA
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)

@@ -4,9 +4,15 @@ Beyond the PAC paper. Phase 1 caches a single tap, h_k, so the cache is about (L
 the parallel adapters' cache of every layer. Phase 2 runs the frozen layers k..L (LoRA injected by
 peft into their linear maps) on the cached h_k; backward passes through those layers only, and an
 epoch costs the top L-k layers instead of the whole model.
+
+With `side_reduction` a parallel-adapter side network (pac.models.side) also runs beside the top
+layers, fed by their live outputs h_k..h_L, and its Up(s) is added to the final-normed h_L as in
+pac.methods.parallel_adapters: the boundary variant "with the side network".
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -16,15 +22,27 @@ from pac.errors import PacError
 from pac.methods.lora import DEFAULT_TARGETS
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead
+from pac.models.side import SideNetwork
 
 METHOD_TYPE = "BOUNDARY_LORA"
+# The side network trains at the parallel adapters' learning rate (3e-3), LoRA at LoRA's (5e-4):
+# one shared rate would leave one of them badly tuned.
+SIDE_LR_RATIO = 6.0
 
 
 class BoundaryModel(nn.Module):
     """LoRA on backbone layers [k, L) fed by cached h_k, with the model's own final norm and LM head
-    (or a classification head on the pooled final-normed state)."""
+    (or a classification head on the pooled final-normed state), and optionally a side network."""
 
-    def __init__(self, upper: Backbone, task: str, label_names: list[str] | None, pooling: str, r: int = 8):
+    def __init__(
+        self,
+        upper: Backbone,
+        task: str,
+        label_names: list[str] | None,
+        pooling: str,
+        r: int = 8,
+        side_reduction: int | None = None,
+    ):
         super().__init__()
         if not upper.with_head and upper.family.causal:
             raise PacError("the boundary model needs the top stage with the final norm and LM head")
@@ -35,11 +53,30 @@ class BoundaryModel(nn.Module):
         )
         inject_adapter_in_model(config, upper.layers)  # only the lora_A/lora_B weights require grad
         self.head = ClassificationHead(upper.hidden_size, len(label_names), pooling) if task == "classify" else None
+        self.side = None
+        if side_reduction:
+            # The side network sees the top layers as a model of their own: taps 0..L-k are h_k..h_L.
+            top_config = copy.deepcopy(upper.config)
+            top_config.num_hidden_layers = upper.end - upper.start
+            self.side = SideNetwork(top_config, list(range(top_config.num_hidden_layers + 1)), side_reduction)
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["attention_mask"]
-        hidden = self.upper.final_norm(self.upper(batch["taps"][:, 0], mask, taps=()).hidden)
+        mask, h_k = batch["attention_mask"], batch["taps"][:, 0]
+        out = self.upper(h_k, mask, taps=None if self.side is not None else ())
+        hidden = self.upper.final_norm(out.hidden)
+        if self.side is not None:
+            taps = torch.stack([h_k, *(out.taps[i] for i in range(self.upper.start + 1, self.upper.end + 1))], 1)
+            hidden = hidden + self.side(taps, mask)
         return self.head(hidden, mask) if self.head is not None else self.upper.logits(hidden)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: LoRA and the head at `lr`, the side network at SIDE_LR_RATIO x `lr`."""
+        side = {id(p) for p in self.side.parameters()} if self.side is not None else set()
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in side], "lr": lr}]
+        if side:
+            groups.append({"params": [p for p in trainable if id(p) in side], "lr": lr * SIDE_LR_RATIO})
+        return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

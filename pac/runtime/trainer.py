@@ -122,7 +122,9 @@ class Trainer:
         self.on_epoch_end, self.on_step = on_epoch_end, on_step  # progress for whoever watches (a coordinator)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # A model whose parts want different learning rates says so (pac.methods.boundary).
+        groups = model.param_groups(config.lr) if hasattr(model, "param_groups") else self.params
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup = int(config.warmup_ratio * self.total_steps)
