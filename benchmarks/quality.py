@@ -61,6 +61,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-gate-t1": ("gate temperature 1 (gates move 10x slower)", ["--gate-temperature", "1"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
+    # Mixed precision, for both sides of the comparison: bf16 products in the training steps.
+    "side-bf16": ("bf16 training steps (`--precision bf16`)", ["--precision", "bf16"]),
+    "lora-bf16": ("LoRA r=8 with bf16 training steps", ["--method", "lora", "--precision", "bf16"]),
     # The best single levers on LM (1 seed each: r=4, 3x LR, pruned init), together.
     "side-combo": ("r=4 + 3x LR + pruned init", ["--reduction", "4", "--lr-scale", "3", "--side-init", "pruned"]),
     "boundary-15": ("cache h_15, LoRA r=8 on layers 15-29", ["--method", "boundary", "--boundary-layer", "15"]),
@@ -245,9 +248,12 @@ def report(task: str, runs: dict[str, dict]) -> str:
         lines.append("")
         for name, r in rows.items():
             if name.startswith("side") and r["epoch_seconds"]:
+                # bf16 against bf16: the same precision on both sides of a ratio
+                ref_name = "lora-bf16" if name.endswith("-bf16") and "lora-bf16" in rows else "lora"
+                ref = rows[ref_name]
                 lines.append(
-                    f"- {name}: epoch {lora['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than LoRA's, "
-                    f"peak RSS {r['peak_rss_mb'] / lora['peak_rss_mb']:.0%} of LoRA's"
+                    f"- {name}: epoch {ref['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than {ref_name}'s, "
+                    f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_name}'s"
                 )
     return "\n".join(lines) + "\n"
 

@@ -77,6 +77,7 @@ class TrainOptions:
     batch_size: int = 8
     lr: float | None = None
     weight_decay: float = 0.0
+    precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.trainer.autocast)
     seed: int = 0
     checkpoint_every: int = 0
     resume: bool = True
@@ -213,6 +214,7 @@ def train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
         batch_size=opts.batch_size,
         lr=opts.lr or default_lr,
         weight_decay=opts.weight_decay,
+        precision=opts.precision,
         seed=opts.seed,
         checkpoint_every=opts.checkpoint_every,
         early_stopping=opts.early_stopping,

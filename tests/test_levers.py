@@ -183,6 +183,51 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
     assert result == pytest.approx(expected, rel=1e-5)
 
 
+def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp_path):
+    """--precision bf16: the lean LM loss under autocast is the plain loss's bf16 twin (close to fp32),
+    and a real training step leaves weights, gradients and optimizer state in float32."""
+    from pac.runtime.trainer import TrainConfig, Trainer, autocast
+
+    backbone = load_backbone(tiny_llama)
+    model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4))
+    with torch.no_grad():
+        model.side.up.weight.normal_(0, 0.3)
+    taps, mask, _ = _taps(backbone, model.taps)
+    labels = torch.where(mask.bool(), torch.randint(3, 100, mask.shape), torch.full_like(mask, -100))
+    batch = {"taps": taps, "attention_mask": mask, "labels": labels}
+
+    def loss_and_grads(precision):
+        model.zero_grad()
+        with autocast(precision):
+            loss = model.loss_batch(batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    exact, exact_grads = loss_and_grads("fp32")
+    low, low_grads = loss_and_grads("bf16")
+    assert low.dtype == torch.float32 and low != exact  # really computed in bf16
+    torch.testing.assert_close(low, exact, rtol=2e-2, atol=0)
+    for name, grad in exact_grads.items():
+        assert low_grads[name].dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(low_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
+
+    class OneBatch:
+        def __len__(self):
+            return labels.shape[0]
+
+        def batch(self, indices):
+            return {k: v[indices] for k, v in batch.items()}
+
+    trainer = Trainer(model, "lm", OneBatch(), TrainConfig(epochs=2, batch_size=2, precision="bf16"), tmp_path)
+    epochs = trainer.fit()
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values() for v in st.values() if v.dim())
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast("fp8")
+
+
 def test_boundary_side_network_starts_as_plain_boundary_and_trains_beside_lora(
     tiny_llama, topic_jsonl, tmp_path, capsys
 ):

@@ -9,6 +9,10 @@ side network's language-model phase 2 need 1.8 GB. Here the logits
 are built, turned into a loss and differentiated a chunk of tokens at a time in the forward pass,
 which keeps only the small gradients (for side [N, w], M [V, w], c [V] and, when the final norm
 trains, base [N, d]). Backward then just scales them. Same value and gradients as the plain loss.
+
+Under autocast (`--precision bf16`) the products run in the autocast dtype, as a plain bf16 loss
+would (logits in bf16, log-softmax in float32); the gradients are kept in each input's own dtype.
+On language modelling these products over the 49k-word vocabulary are most of a cached epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import torch
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, side, m, c, head, targets, chunk):  # noqa: D102 (autograd API)
+        # Autocast cannot reach into the in-place products below: cast once here, explicitly.
+        device = base.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.dtype
+        base_c, side_c, m_c, head_c, c_c = (t.to(compute) for t in (base, side, m, head, c))
         valid = targets != -100
         count = valid.sum().clamp_min(1)
         loss = base.new_zeros((), dtype=torch.float32)
@@ -30,8 +38,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         }
         for start in range(0, base.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = torch.addmm(c, base[rows], head.T)
-            logits.addmm_(side[rows], m.T)
+            logits = torch.addmm(c_c, base_c[rows], head_c.T)
+            logits.addmm_(side_c[rows], m_c.T)
             logp = torch.log_softmax(logits.float(), dim=-1)
             keep, tgt = valid[rows], targets[rows].clamp_min(0)
             loss -= (logp.gather(1, tgt[:, None]).squeeze(1) * keep).sum()
@@ -39,14 +47,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g = logp.exp_()
             g[torch.arange(g.shape[0]), tgt] -= 1
             g *= (keep / count)[:, None]
-            if grads["side"] is not None:
-                grads["side"][rows] = g @ m
-            if grads["m"] is not None:
-                grads["m"].addmm_(g.T, side[rows])
             if grads["c"] is not None:
-                grads["c"] += g.sum(0)
+                grads["c"] += g.sum(0).to(c.dtype)
+            g = g.to(compute)
+            if grads["side"] is not None:
+                grads["side"][rows] = g @ m_c
+            if grads["m"] is not None:
+                grads["m"] += g.T @ side_c[rows]
             if grads["base"] is not None:
-                grads["base"][rows] = g @ head
+                grads["base"][rows] = g @ head_c
         ctx.grads = grads
         return loss / count
 

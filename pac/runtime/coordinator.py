@@ -110,6 +110,9 @@ class Coordinator:
             raise PacError("collaborative runs train parallel adapters: drop --method or use `pac train` for LoRA")
         if options.data.holdout or options.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
+        if options.precision != "fp32" and settings.mode == "side-pipeline":
+            # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
+            raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
         self.options = with_defaults(options)
         self.settings, self.token, self.display = settings, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}

@@ -51,6 +51,19 @@ class TrainConfig:
     # Epochs without a better holdout loss before training stops (0: never stop early). With a holdout
     # source the trainer always keeps the best epoch's weights and ends on them.
     early_stopping: int = 0
+    # "bf16": the training steps' matrix products in bfloat16 (autocast); weights, optimizer state and
+    # evaluation stay float32, so reported figures are exact.
+    precision: str = "fp32"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str) -> torch.autocast:
+    """The mixed-precision context of a training step (a no-op for fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -216,9 +229,10 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own training loss when it has one (a memory-lean LM loss), else the task loss."""
-        if hasattr(self.model, "loss_batch"):
-            return self.model.loss_batch(batch)
-        return task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
+        with autocast(self.config.precision):
+            if hasattr(self.model, "loss_batch"):
+                return self.model.loss_batch(batch)
+            return task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
 
     def _train_step(self, indices: list[int]) -> tuple[float, float]:
         """Gradients of one batch, clipped, ready for the optimizer step: (loss, grad norm before clipping)."""
