@@ -56,7 +56,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g[torch.arange(g.shape[0]), tgt] -= 1
             g *= (keep / count)[:, None]
             if grads["c"] is not None:
-                grads["c"] += g.sum(0, dtype=torch.float32).to(c.dtype)
+                grads["c"] += g.sum(0).to(c.dtype)  # a float32 sum of bf16 rows is 25x slower
             if grads["side"] is not None:
                 grads["side"][rows] = g @ m_c
             if grads["m"] is not None:
