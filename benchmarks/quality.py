@@ -249,11 +249,11 @@ def report(task: str, runs: dict[str, dict]) -> str:
         for name, r in rows.items():
             if name.startswith("side") and r["epoch_seconds"]:
                 # bf16 against bf16: the same precision on both sides of a ratio
-                ref_name = "lora-bf16" if name.endswith("-bf16") and "lora-bf16" in rows else "lora"
-                ref = rows[ref_name]
+                bf16 = name.endswith("-bf16") and "lora-bf16" in rows
+                ref, ref_label = (rows["lora-bf16"], "LoRA bf16") if bf16 else (lora, "LoRA")
                 lines.append(
-                    f"- {name}: epoch {ref['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than {ref_name}'s, "
-                    f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_name}'s"
+                    f"- {name}: epoch {ref['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than {ref_label}'s, "
+                    f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_label}'s"
                 )
     return "\n".join(lines) + "\n"
 

@@ -30,6 +30,8 @@ def test_report_relates_every_configuration_to_lora(quality, tmp_path):
         },
         "lora": {"0": _run([30, 26, 25], seconds=400, rss=4000)},
         "side": {"0": _run([35, 33, 31]), "1": _run([35, 33, 33])},
+        "lora-bf16": {"0": _run([30, 26, 25], seconds=200, rss=3000)},
+        "side-bf16": {"0": _run([35, 33, 32], seconds=8, rss=1200)},
     }
     rows = quality.aggregate("lm", runs)
     assert rows["side"]["final_mean"] == 32 and rows["side"]["final_std"] == pytest.approx(2**0.5)
@@ -37,6 +39,8 @@ def test_report_relates_every_configuration_to_lora(quality, tmp_path):
     share = __import__("math").log(40 / 32) / __import__("math").log(40 / 25)
     assert f"{share:.0%} of LoRA's log-ppl reduction" in table
     assert "side: epoch 40.0x faster than LoRA's, peak RSS 22% of LoRA's" in table
+    # bf16 rows are compared with LoRA in bf16: like against like
+    assert "side-bf16: epoch 25.0x faster than LoRA bf16's, peak RSS 40% of LoRA bf16's" in table
     quality.plot("lm", runs, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
