@@ -21,6 +21,34 @@ def _taps(backbone, taps, length=10):
     return torch.stack([out.taps[t] for t in taps], 1), mask, out
 
 
+def _lm_batch(backbone, taps):
+    """Taps of random ids with next-token labels (-100 on padding), as the cache's batches look."""
+    taps, mask, _ = _taps(backbone, taps)
+    labels = torch.where(mask.bool(), torch.randint(3, 100, mask.shape), torch.full_like(mask, -100))
+    return {"taps": taps, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, loss_fn):
+    """The loss `loss_fn()` gives and the gradients it leaves on `model`'s parameters."""
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class OneBatch:
+    """A batch source (pac.runtime.trainer.BatchSource) over the samples of one batch."""
+
+    def __init__(self, batch):
+        self.samples = batch
+
+    def __len__(self):
+        return self.samples["labels"].shape[0]
+
+    def batch(self, indices):
+        return {k: v[indices] for k, v in self.samples.items()}
+
+
 def test_factored_lm_head_equals_the_plain_one(tiny_llama):
     backbone = load_backbone(tiny_llama)
     model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4, tap_norm=True))
@@ -148,18 +176,11 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
     with torch.no_grad():
         model.side.up.weight.normal_(0, 0.3)
         model.vocab_bias.normal_(0, 0.3)
-    taps, mask, out = _taps(backbone, model.taps)
-    labels = torch.where(mask.bool(), torch.randint(3, 100, mask.shape), torch.full_like(mask, -100))
-    batch = {"taps": taps, "attention_mask": mask, "labels": labels}
+    batch = _lm_batch(backbone, model.taps)
+    labels = batch["labels"]
 
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain, plain_grads = loss_and_grads(lambda: task_loss("lm", model.forward_batch(batch), labels))
-    chunked, chunked_grads = loss_and_grads(lambda: model.loss_batch(batch))
+    plain, plain_grads = _loss_and_grads(model, lambda: task_loss("lm", model.forward_batch(batch), labels))
+    chunked, chunked_grads = _loss_and_grads(model, lambda: model.loss_batch(batch))
     torch.testing.assert_close(chunked, plain)
     assert plain_grads.keys() == chunked_grads.keys() and "side.up.weight" in plain_grads
     assert ("final_norm.weight" in plain_grads) == train_final_norm
@@ -170,16 +191,9 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
     from pac.methods.base import batch_metrics, summarize
     from pac.runtime.trainer import evaluate
 
-    class OneBatch:
-        def __len__(self):
-            return labels.shape[0]
-
-        def batch(self, indices):
-            return {k: v[indices] for k, v in batch.items()}
-
     with torch.no_grad():
         expected = summarize("lm", batch_metrics("lm", model.forward_batch(batch), labels))
-    result = evaluate(model, OneBatch(), "lm")
+    result = evaluate(model, OneBatch(batch), "lm")
     assert result == pytest.approx(expected, rel=1e-5)
 
 
@@ -192,19 +206,14 @@ def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp
     model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4))
     with torch.no_grad():
         model.side.up.weight.normal_(0, 0.3)
-    taps, mask, _ = _taps(backbone, model.taps)
-    labels = torch.where(mask.bool(), torch.randint(3, 100, mask.shape), torch.full_like(mask, -100))
-    batch = {"taps": taps, "attention_mask": mask, "labels": labels}
+    batch = _lm_batch(backbone, model.taps)
 
-    def loss_and_grads(precision):
-        model.zero_grad()
+    def loss_in(precision):
         with autocast(precision):
-            loss = model.loss_batch(batch)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            return model.loss_batch(batch)
 
-    exact, exact_grads = loss_and_grads("fp32")
-    low, low_grads = loss_and_grads("bf16")
+    exact, exact_grads = _loss_and_grads(model, lambda: loss_in("fp32"))
+    low, low_grads = _loss_and_grads(model, lambda: loss_in("bf16"))
     assert low.dtype == torch.float32 and low != exact  # really computed in bf16
     torch.testing.assert_close(low, exact, rtol=2e-2, atol=0)
     for name, grad in exact_grads.items():
@@ -212,14 +221,7 @@ def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp
         cosine = torch.nn.functional.cosine_similarity(low_grads[name].flatten(), grad.flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
 
-    class OneBatch:
-        def __len__(self):
-            return labels.shape[0]
-
-        def batch(self, indices):
-            return {k: v[indices] for k, v in batch.items()}
-
-    trainer = Trainer(model, "lm", OneBatch(), TrainConfig(epochs=2, batch_size=2, precision="bf16"), tmp_path)
+    trainer = Trainer(model, "lm", OneBatch(batch), TrainConfig(epochs=2, batch_size=2, precision="bf16"), tmp_path)
     epochs = trainer.fit()
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
