@@ -60,6 +60,12 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-last-half": ("only the last half of the layers tapped (15-30)", ["--taps", "15-30"]),
     "side-gate-t1": ("gate temperature 1 (gates move 10x slower)", ["--gate-temperature", "1"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
+    "side-readout576": ("+ read-out MLP of [s; final_norm(h_L)], 576 hidden", ["--readout-hidden", "576"]),
+    "side-readout576-lr-high": ("read-out MLP (576) + 3x LR", ["--readout-hidden", "576", "--lr-scale", "3"]),
+    "readout576": (
+        "read-out MLP of final_norm(h_L) alone, no side network",
+        ["--no-side-network", "--readout-hidden", "576"],
+    ),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
     # Mixed precision, for both sides of the comparison: bf16 products in the training steps.
     "side-bf16": ("bf16 training steps (`--precision bf16`)", ["--precision", "bf16"]),

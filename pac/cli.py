@@ -185,6 +185,13 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
     m.add_argument(
+        "--readout-hidden",
+        type=int,
+        metavar="H",
+        help="add a read-out MLP (H hidden units) that corrects final_norm(h_L) from it and the side state; its "
+        "correction has full rank, where Up's is confined to d/r directions (0: off; default: per task)",
+    )
+    m.add_argument(
         "--no-side-network",
         action="store_true",
         help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",

@@ -60,6 +60,30 @@ def test_factored_lm_head_equals_the_plain_one(tiny_llama):
     torch.testing.assert_close(model(taps, mask), plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("side_network", [True, False])
+def test_readout_mlp_starts_as_the_backbone_and_corrects_at_full_rank(tiny_llama, side_network):
+    backbone = load_backbone(tiny_llama)
+    config = ParallelAdapterConfig(task="lm", reduction=4, readout_hidden=24, side_network=side_network)
+    model = ParallelAdapterModel(backbone, config)
+    taps, mask, out = _taps(backbone, model.taps)
+    base = backbone.final_norm(out.hidden)
+    torch.testing.assert_close(model(taps, mask), backbone.logits(base), rtol=0, atol=0)
+    with torch.no_grad():
+        model.readout_mlp.out.weight.normal_(0, 0.3)
+        side_state = model.side.state(taps, mask) if side_network else None
+        correction = model.readout_mlp(side_state, base)
+    # Up(s) spans at most d/r = 16 directions of the 64-wide hidden space; the MLP's correction more.
+    assert torch.linalg.matrix_rank(correction.reshape(-1, 64)) > 16
+    torch.testing.assert_close(model(taps, mask), backbone.logits(base + correction), rtol=1e-4, atol=1e-4)
+
+
+def test_readout_mlp_refuses_the_side_only_readout():
+    from pac.errors import PacError
+
+    with pytest.raises(PacError, match="readout=sum"):
+        ParallelAdapterConfig(task="classify", label_names=["a", "b"], readout="side", readout_hidden=8)
+
+
 def test_pruned_init_keeps_step0_and_copies_the_backbone(tiny_llama):
     backbone = load_backbone(tiny_llama)
     model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4, side_init="pruned"))
@@ -166,16 +190,20 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     assert result["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])
 
 
-@pytest.mark.parametrize("train_final_norm", [False, True])
-def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, train_final_norm):
+@pytest.mark.parametrize(("train_final_norm", "readout_hidden"), [(False, 0), (True, 0), (False, 24), (True, 24)])
+def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, train_final_norm, readout_hidden):
     from pac.methods.base import task_loss
 
     backbone = load_backbone(tiny_llama)
-    config = ParallelAdapterConfig(task="lm", reduction=4, vocab_bias=True, train_final_norm=train_final_norm)
+    config = ParallelAdapterConfig(
+        task="lm", reduction=4, vocab_bias=True, train_final_norm=train_final_norm, readout_hidden=readout_hidden
+    )
     model = ParallelAdapterModel(backbone, config)
     with torch.no_grad():
         model.side.up.weight.normal_(0, 0.3)
         model.vocab_bias.normal_(0, 0.3)
+        if readout_hidden:
+            model.readout_mlp.out.weight.normal_(0, 0.3)
     batch = _lm_batch(backbone, model.taps)
     labels = batch["labels"]
 
@@ -184,6 +212,7 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
     torch.testing.assert_close(chunked, plain)
     assert plain_grads.keys() == chunked_grads.keys() and "side.up.weight" in plain_grads
     assert ("final_norm.weight" in plain_grads) == train_final_norm
+    assert ("readout_mlp.inp.weight" in plain_grads) == bool(readout_hidden)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 

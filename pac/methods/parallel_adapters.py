@@ -24,7 +24,7 @@ from torch import nn
 from pac.errors import PacError
 from pac.methods.base import TASKS, task_loss
 from pac.models.backbone import Backbone
-from pac.models.heads import ClassificationHead
+from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
 from pac.models.loading import Checkpoint
 from pac.models.side import SideNetwork
@@ -48,6 +48,7 @@ class ParallelAdapterConfig:
     dropout: float = 0.0  # on the projected taps Down_i(h_i)
     train_final_norm: bool = False  # a trainable copy of the backbone's final norm (no backward into layers)
     vocab_bias: bool = False  # LM: a trainable per-token logit bias (domain word frequencies)
+    readout_hidden: int = 0  # > 0: add a full-rank read-out MLP of [s; final_norm(h_L)] (models.heads.ReadoutMLP)
     side_network: bool = True  # False: no side network, only the head (+ final norm / vocab bias): the
     # baselines "linear probe" and "head + final norm only", on the same cache and trainer
     label_names: list[str] | None = None
@@ -68,6 +69,10 @@ class ParallelAdapterConfig:
                 "readout=side (the side state alone) is for classification with a side network; a language "
                 "model needs the backbone's own h_L, so use readout=sum"
             )
+        if self.readout_hidden < 0:
+            raise PacError(f"readout_hidden must be 0 (off) or a positive width, not {self.readout_hidden}")
+        if self.readout_hidden and self.readout == "side":
+            raise PacError("the read-out MLP reads final_norm(h_L), so it cannot go with readout=side; use readout=sum")
         if self.side_init not in ("random", "pruned"):
             raise PacError(f"side_init must be random or pruned, not {self.side_init!r}")
 
@@ -115,13 +120,17 @@ class ParallelAdapterModel(nn.Module):
             if not top.family.causal:
                 raise PacError("train_final_norm needs a decoder (BERT layers end in their own LayerNorm)")
             self.final_norm = copy.deepcopy(top.norm).requires_grad_(True)
+        side_width = self.side.config.hidden_size if self.side is not None else 0
+        self.readout_mlp = (
+            ReadoutMLP(side_width, top.hidden_size, config.readout_hidden) if config.readout_hidden else None
+        )
         lm_bias = config.vocab_bias and config.task == "lm"
         self.vocab_bias = nn.Parameter(torch.zeros(top.config.vocab_size)) if lm_bias else None
 
     def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
         """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
         if self.side is None:
-            base = self._base(taps[:, -1])
+            base = self._corrected(self._base(taps[:, -1]), None)
             logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
             return logits if self.vocab_bias is None else logits + self.vocab_bias
         side_state = self.side.state(taps, attention_mask, past_key_values)
@@ -130,14 +139,23 @@ class ParallelAdapterModel(nn.Module):
     def _base(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
 
+    def _corrected(self, base: torch.Tensor, side_state: torch.Tensor | None) -> torch.Tensor:
+        """base + Up(s) + ReadoutMLP([s; base]), each term where the adapter has it."""
+        hidden = base if side_state is None else base + self.side.up(side_state)
+        return hidden if self.readout_mlp is None else hidden + self.readout_mlp(side_state, base)
+
     def logits_from_state(
         self, h_last: torch.Tensor, side_state: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits from h_L and the side network's normed state (the part after the side blocks)."""
         base = self._base(h_last)
         if self.head is not None:
-            side = self.side.up(side_state)
-            return self.head(side if self.config.readout == "side" else base + side, attention_mask)
+            if self.config.readout == "side":
+                return self.head(self.side.up(side_state), attention_mask)
+            return self.head(self._corrected(base, side_state), attention_mask)
+        if self.readout_mlp is not None:
+            logits = self.top.logits(self._corrected(base, side_state))
+            return logits if self.vocab_bias is None else logits + self.vocab_bias
         # lm_head(base + Up(s)) = lm_head(base) + s (W U)^T + W b exactly: the head is linear without bias.
         # Factored so, backward never multiplies by the 49k x d head: with W frozen and `base` constant
         # (unless the final norm trains), the only large product left is the forward of lm_head(base).
@@ -170,6 +188,11 @@ class ParallelAdapterModel(nn.Module):
             return task_loss(self.task, self.logits_from_state(h_last, side_state, attention_mask), labels)
         base = self._base(h_last)
         head, up = self.top.lm_head.weight, self.side.up
+        if self.readout_mlp is not None:
+            # The correction has full rank, so the head cannot be folded into Up: one product of the
+            # corrected hidden state with the head, and its gradient back to that state.
+            bias = self.vocab_bias if self.vocab_bias is not None else head.new_zeros(head.shape[0])
+            return chunked_lm_loss(self._corrected(base, side_state), None, None, bias, head, labels)
         bias = head @ up.bias if self.vocab_bias is None else head @ up.bias + self.vocab_bias
         return chunked_lm_loss(base, side_state, head @ up.weight, bias, head, labels)
 

@@ -26,20 +26,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Autocast cannot reach into the in-place products below: cast once here, explicitly.
         device = base.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.dtype
-        base_c, side_c, m_c, head_c, c_c = (t.to(compute) for t in (base, side, m, head, c))
+        base_c, side_c, m_c, head_c, c_c = (None if t is None else t.to(compute) for t in (base, side, m, head, c))
         valid = targets != -100
         count = valid.sum().clamp_min(1)
         loss = base.new_zeros((), dtype=torch.float32)
         grads = {
-            "side": torch.zeros_like(side) if ctx.needs_input_grad[1] else None,
-            "m": torch.zeros_like(m) if ctx.needs_input_grad[2] else None,
+            "side": torch.zeros_like(side) if side is not None and ctx.needs_input_grad[1] else None,
+            "m": torch.zeros_like(m) if m is not None and ctx.needs_input_grad[2] else None,
             "c": torch.zeros_like(c) if ctx.needs_input_grad[3] else None,
             "base": torch.zeros_like(base) if ctx.needs_input_grad[0] else None,
         }
         for start in range(0, base.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = torch.addmm(c_c, base_c[rows], head_c.T)
-            logits.addmm_(side_c[rows], m_c.T)
+            if side_c is not None:
+                logits.addmm_(side_c[rows], m_c.T)
             keep, tgt = valid[rows], targets[rows].clamp_min(0)
             if torch.finfo(compute).bits >= 32:
                 logp = torch.log_softmax(logits, dim=-1)
@@ -75,8 +76,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_lm_loss(
     base: torch.Tensor,
-    side: torch.Tensor,
-    m: torch.Tensor,
+    side: torch.Tensor | None,
+    m: torch.Tensor | None,
     c: torch.Tensor,
     head: torch.Tensor,
     labels: torch.Tensor,
@@ -84,8 +85,10 @@ def chunked_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of logits = base W^T + side M^T + c.
 
-    base [B, T, d], side [B, T, w], labels [B, T] (-100: no loss); position t predicts token t+1."""
-    d, w = base.shape[-1], side.shape[-1]
+    base [B, T, d], side [B, T, w] or None (no factored term), labels [B, T] (-100: no loss);
+    position t predicts token t+1."""
+    d = base.shape[-1]
+    side = None if side is None else side[:, :-1].reshape(-1, side.shape[-1])
     return ChunkedLinearCrossEntropy.apply(
-        base[:, :-1].reshape(-1, d), side[:, :-1].reshape(-1, w), m, c, head, labels[:, 1:].reshape(-1), chunk
+        base[:, :-1].reshape(-1, d), side, m, c, head, labels[:, 1:].reshape(-1), chunk
     )
