@@ -60,6 +60,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-last-half": ("only the last half of the layers tapped (15-30)", ["--taps", "15-30"]),
     "side-gate-t1": ("gate temperature 1 (gates move 10x slower)", ["--gate-temperature", "1"]),
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
+    "side-heads3": ("3 attention heads of 24 dims (not 9 of 8)", ["--side-heads", "3"]),
     "side-readout576": ("+ read-out MLP of [s; final_norm(h_L)], 576 hidden", ["--readout-hidden", "576"]),
     "side-readout576-lr-high": ("read-out MLP (576) + 3x LR", ["--readout-hidden", "576", "--lr-scale", "3"]),
     "readout576": (

@@ -185,6 +185,13 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
     m.add_argument(
+        "--side-heads",
+        type=int,
+        metavar="N",
+        help="attention heads of the side blocks (default: the model's; fewer heads are wider, e.g. 3 heads of "
+        "24 dimensions instead of 9 of 8 on SmolLM2 at r=8)",
+    )
+    m.add_argument(
         "--readout-hidden",
         type=int,
         metavar="H",

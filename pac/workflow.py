@@ -94,6 +94,7 @@ class TrainOptions:
     dropout: float = 0.0
     train_final_norm: bool = False
     vocab_bias: bool = False
+    side_heads: int | None = None  # None: the backbone's head count
     readout_hidden: int | None = None  # None: the task's default (0: no read-out MLP)
     side_network: bool = True
     cache_dir: str | None = None
@@ -238,6 +239,7 @@ def parallel_adapter_config(opts: TrainOptions, data: PreparedData) -> ParallelA
         dropout=opts.dropout,
         train_final_norm=opts.train_final_norm,
         vocab_bias=opts.vocab_bias,
+        side_heads=opts.side_heads,
         readout_hidden=opts.readout_hidden,
         side_network=opts.side_network,
         label_names=data.label_names,

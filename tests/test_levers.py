@@ -77,6 +77,20 @@ def test_readout_mlp_starts_as_the_backbone_and_corrects_at_full_rank(tiny_llama
     torch.testing.assert_close(model(taps, mask), backbone.logits(base + correction), rtol=1e-4, atol=1e-4)
 
 
+def test_side_heads_make_fewer_wider_heads(tiny_llama):
+    from pac.errors import PacError
+
+    config = load_config(tiny_llama)  # 64 wide, 4 heads, 2 key/value heads
+    side = SideNetwork(config, taps=[0, 2, 4], reduction=2, heads=1)
+    attention = side.blocks[0].self_attn
+    assert (side.config.num_attention_heads, side.config.head_dim, side.config.num_key_value_heads) == (1, 32, 1)
+    assert attention.q_proj.weight.shape == (32, 32) and attention.k_proj.weight.shape == (32, 32)
+    taps = torch.randn(2, 3, 5, 64)
+    assert side(taps, torch.ones(2, 5, dtype=torch.long)).shape == (2, 5, 64)
+    with pytest.raises(PacError, match="side_heads"):
+        ParallelAdapterConfig(task="lm", side_init="pruned", side_heads=1)
+
+
 def test_readout_mlp_refuses_the_side_only_readout():
     from pac.errors import PacError
 

@@ -48,6 +48,7 @@ class ParallelAdapterConfig:
     dropout: float = 0.0  # on the projected taps Down_i(h_i)
     train_final_norm: bool = False  # a trainable copy of the backbone's final norm (no backward into layers)
     vocab_bias: bool = False  # LM: a trainable per-token logit bias (domain word frequencies)
+    side_heads: int | None = None  # attention heads of the side blocks (None: the backbone's count)
     readout_hidden: int = 0  # > 0: add a full-rank read-out MLP of [s; final_norm(h_L)] (models.heads.ReadoutMLP)
     side_network: bool = True  # False: no side network, only the head (+ final norm / vocab bias): the
     # baselines "linear probe" and "head + final norm only", on the same cache and trainer
@@ -75,6 +76,8 @@ class ParallelAdapterConfig:
             raise PacError("the read-out MLP reads final_norm(h_L), so it cannot go with readout=side; use readout=sum")
         if self.side_init not in ("random", "pruned"):
             raise PacError(f"side_init must be random or pruned, not {self.side_init!r}")
+        if self.side_init == "pruned" and self.side_heads:
+            raise PacError("pruned initialisation keeps the backbone's attention heads: leave side_heads unset")
 
     def resolved_taps(self, num_layers: int) -> list[int]:
         if not self.side_network:
@@ -105,7 +108,13 @@ class ParallelAdapterModel(nn.Module):
         self.top = top  # frozen: its parameters never get requires_grad
         self.side = (
             SideNetwork(
-                top.config, self.taps, config.reduction, config.gate_temperature, config.tap_norm, config.dropout
+                top.config,
+                self.taps,
+                config.reduction,
+                config.gate_temperature,
+                config.tap_norm,
+                config.dropout,
+                config.side_heads,
             )
             if config.side_network
             else None

@@ -26,9 +26,11 @@ from pac.models.backbone import layer_kwargs
 from pac.models.families import family_for
 
 
-def side_config(config: Any, reduction: int, num_blocks: int) -> Any:
-    """The backbone config scaled to width d/r with `num_blocks` layers."""
-    d, heads = config.hidden_size, config.num_attention_heads
+def side_config(config: Any, reduction: int, num_blocks: int, heads: int | None = None) -> Any:
+    """The backbone config scaled to width d/r with `num_blocks` layers, and the backbone's head count
+    or `heads` attention heads (fewer, wider heads: at r = 8 SmolLM2's 9 heads are 8 dimensions each)."""
+    d = config.hidden_size
+    heads = heads or config.num_attention_heads
     width = d // reduction
     if d % reduction or width % heads:
         options = [r for r in range(2, 65) if d % r == 0 and (d // r) % heads == 0]
@@ -39,10 +41,12 @@ def side_config(config: Any, reduction: int, num_blocks: int) -> Any:
     sc = copy.deepcopy(config)
     sc.hidden_size = width
     sc.intermediate_size = max(1, config.intermediate_size // reduction)
+    sc.num_attention_heads = heads
     sc.head_dim = width // heads
     kv_heads = getattr(config, "num_key_value_heads", None)
     if kv_heads is not None:
-        sc.num_key_value_heads = kv_heads
+        # Grouped-query attention needs the query heads to be a multiple of the key/value heads.
+        sc.num_key_value_heads = math.gcd(kv_heads, heads)
     sc.num_hidden_layers = num_blocks
     if getattr(sc, "layer_types", None) is not None:
         sc.layer_types = list(sc.layer_types[:1]) * num_blocks if sc.layer_types else None
@@ -58,6 +62,7 @@ class SideNetwork(nn.Module):
         gate_temperature: float = 0.1,
         tap_norm: bool = False,
         dropout: float = 0.0,
+        heads: int | None = None,
     ):
         super().__init__()
         self.family = family_for(config)
@@ -74,7 +79,7 @@ class SideNetwork(nn.Module):
         # SmolLM2); scaling each tap to unit RMS per token keeps them from swamping the side state.
         self.tap_norm = tap_norm
         self.dropout = nn.Dropout(dropout)
-        self.config = side_config(config, reduction, num_blocks=len(taps) - 1)
+        self.config = side_config(config, reduction, num_blocks=len(taps) - 1, heads=heads)
         d, width = config.hidden_size, self.config.hidden_size
         classes = self.family.classes()
 
