@@ -85,6 +85,18 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "boundary-20 + side network r=8 over layers 20-29",
         ["--method", "boundary", "--boundary-layer", "20", "--boundary-side"],
     ),
+    "boundary-20-below": (
+        "cache h_0..h_20; a side network over them adds to h_20; LoRA r=8 on layers 20-29",
+        ["--method", "boundary", "--boundary-layer", "20", "--boundary-side-below"],
+    ),
+    "boundary-20-below-frozen": (
+        "the same with layers 20-29 frozen (no LoRA): only the side network trains",
+        ["--method", "boundary", "--boundary-layer", "20", "--boundary-side-below", "--lora-r", "0"],
+    ),
+    "boundary-27-below-frozen": (
+        "cache h_0..h_27; a side network over them adds to h_27; layers 27-29 frozen",
+        ["--method", "boundary", "--boundary-layer", "27", "--boundary-side-below", "--lora-r", "0"],
+    ),
     "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
 }
 # Every side-* lever is measured against the same naive side network, pinned here so that changing

@@ -110,7 +110,8 @@ def main() -> None:
         "",
         f"LoRA's correction projected onto its top-k principal directions (fitted on {len(fit_deltas)} training "
         f"tokens), scored on {len(states)} validation tokens. Base perplexity {torch.tensor(zero).exp():.2f}, "
-        f"LoRA {torch.tensor(lora).exp():.2f}.",
+        f"LoRA {torch.tensor(lora).exp():.2f} (the first {len(val[: args.eval_articles])} validation articles of the "
+        "quality harness's split, so not its 400-article figures).",
         "",
         "| rank k | perplexity | share of LoRA's log-perplexity gain | variance kept |",
         "|---|---|---|---|",

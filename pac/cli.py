@@ -214,6 +214,12 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="boundary: also run a side network (width d/--reduction) beside layers k..L, fed by their outputs",
     )
+    m.add_argument(
+        "--boundary-side-below",
+        action="store_true",
+        help="boundary: a side network (width d/--reduction) over the cached layers 0..k whose output is added to "
+        "h_k, so the top layers carry it; with --lora-r 0 the top layers stay frozen",
+    )
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(

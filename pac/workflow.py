@@ -103,6 +103,7 @@ class TrainOptions:
     lora_r: int = 8
     boundary_layer: int | None = None  # boundary: cache h_k and train LoRA on layers k..L (default 2L/3)
     boundary_side: bool = False  # boundary: a side network (width d/reduction) beside layers k..L too
+    boundary_side_below: bool = False  # boundary: a side network over layers 0..k whose output joins h_k
 
 
 @dataclass
@@ -341,10 +342,11 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     k = opts.boundary_layer if opts.boundary_layer is not None else 2 * num_layers // 3
     if not 0 < k < num_layers:
         raise PacError(f"--boundary-layer must be between 1 and {num_layers - 1}, not {k}")
-    built = _build_caches(opts, data, [k])
     upper = load_backbone(data.model_dir, k, num_layers, with_head=True)
     side = (opts.reduction or 8) if opts.boundary_side else None
-    model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r, side)
+    below = (opts.reduction or 8) if opts.boundary_side_below else None
+    model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r, side, below)
+    built = _build_caches(opts, data, model.taps)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     trainer = Trainer(
         model, opts.data.task, train_source, train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
@@ -355,6 +357,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
         "boundary_layer": k,
         "r": opts.lora_r,
         "side_reduction": side,
+        "below_reduction": below,
         **_adapter_meta(opts, data),
     }
     save_adapter(out, meta, model.trainable_state_dict())
@@ -450,9 +453,10 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> Loa
             raw_config["pooling"],
             raw_config["r"],
             raw_config.get("side_reduction"),
+            raw_config.get("below_reduction"),
         )
         missing, unexpected = boundary.load_state_dict(tensors, strict=False)
-        if unexpected or any("lora_" in m or m.startswith(("head.", "side.")) for m in missing):
+        if unexpected or any("lora_" in m or m.startswith(("head.", "side.", "below.")) for m in missing):
             raise PacError(f"{adapter_dir}: adapter weights do not match its config")
         lower = load_backbone(model_dir, 0, k)  # feeds h_k to the adapted top layers
         return LoadedAdapter(

@@ -312,3 +312,47 @@ def test_boundary_side_network_starts_as_plain_boundary_and_trains_beside_lora(
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out), *argv]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)
+
+
+def test_boundary_side_network_below_feeds_h_k_through_the_frozen_top_layers(tiny_llama, topic_jsonl, tmp_path, capsys):
+    """A side network over layers 0..k adds its output to h_k: at step 0 the model is the backbone
+    itself (Up is zero); with --lora-r 0 only the side network trains, and its gradient comes back
+    through the frozen top layers; the saved adapter evaluates to the figure training reported."""
+    import json
+
+    from pac.cli import main
+    from pac.errors import PacError
+    from pac.methods.base import load_adapter
+    from pac.methods.boundary import BoundaryModel
+
+    backbone = load_backbone(tiny_llama)
+    num_layers = backbone.num_layers
+    upper = load_backbone(tiny_llama, 2, num_layers, with_head=True)
+    model = BoundaryModel(upper, "lm", None, "mean", r=0, below_reduction=4)
+    assert model.taps == [0, 1, 2]
+    taps, mask, out = _taps(backbone, model.taps)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_batch({"taps": taps, "attention_mask": mask}),
+            backbone.logits(backbone.final_norm(out.hidden)),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"below"}
+    with pytest.raises(PacError, match="beside the top layers or below"):
+        BoundaryModel(upper, "lm", None, "mean", r=4, side_reduction=4, below_reduction=4)
+    with pytest.raises(PacError, match="lora-r"):
+        BoundaryModel(upper, "lm", None, "mean", r=0)
+
+    out_dir = tmp_path / "below"
+    argv = ["--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--task", "lm"]
+    train = ["train", *argv, "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--method", "boundary"]
+    train += ["--boundary-layer", "2", "--boundary-side-below", "--lora-r", "0", "--reduction", "4"]
+    assert main([*train, "--lr", "5e-3", "--out", str(out_dir)]) == 0
+    config, tensors = load_adapter(out_dir)
+    assert config["below_reduction"] == 4 and config["r"] == 0
+    assert tensors["below.up.weight"].abs().sum() > 0 and not any("lora_" in name for name in tensors)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out_dir), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)

@@ -8,6 +8,12 @@ epoch costs the top L-k layers instead of the whole model.
 With `side_reduction` a parallel-adapter side network (pac.models.side) also runs beside the top
 layers, fed by their live outputs h_k..h_L, and its Up(s) is added to the final-normed h_L as in
 pac.methods.parallel_adapters: the boundary variant "with the side network".
+
+With `below_reduction` a side network instead reads the cached h_0..h_k and its Up(s) is added to h_k
+itself, so the frozen top layers (with or without LoRA, r = 0) carry its correction to the output. Why:
+a side network whose correction goes straight to the LM head overfits 400 articles long before it
+matches LoRA (benchmarks/results/quality_lm.md); here the pretrained top layers interpret the
+correction, as they interpret a LoRA update of a lower layer. The cache then holds h_0..h_k.
 """
 
 from __future__ import annotations
@@ -42,16 +48,22 @@ class BoundaryModel(nn.Module):
         pooling: str,
         r: int = 8,
         side_reduction: int | None = None,
+        below_reduction: int | None = None,
     ):
         super().__init__()
         if not upper.with_head and upper.family.causal:
             raise PacError("the boundary model needs the top stage with the final norm and LM head")
+        if side_reduction and below_reduction:
+            raise PacError("a boundary side network goes beside the top layers or below them, not both")
+        if r < 0 or (r == 0 and not below_reduction):
+            raise PacError(f"--lora-r must be positive (0 only with a side network below the boundary), not {r}")
         self.task, self.upper = task, upper
-        self.taps = [upper.start]
-        config = LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=DEFAULT_TARGETS[upper.family.causal]
-        )
-        inject_adapter_in_model(config, upper.layers)  # only the lora_A/lora_B weights require grad
+        self.taps = list(range(upper.start + 1)) if below_reduction else [upper.start]
+        if r:
+            config = LoraConfig(
+                r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=DEFAULT_TARGETS[upper.family.causal]
+            )
+            inject_adapter_in_model(config, upper.layers)  # only the lora_A/lora_B weights require grad
         self.head = ClassificationHead(upper.hidden_size, len(label_names), pooling) if task == "classify" else None
         self.side = None
         if side_reduction:
@@ -59,9 +71,17 @@ class BoundaryModel(nn.Module):
             top_config = copy.deepcopy(upper.config)
             top_config.num_hidden_layers = upper.end - upper.start
             self.side = SideNetwork(top_config, list(range(top_config.num_hidden_layers + 1)), side_reduction)
+        self.below = None
+        if below_reduction:
+            # A side network over the cached layers 0..k, as parallel adapters run it over the whole model.
+            below_config = copy.deepcopy(upper.config)
+            below_config.num_hidden_layers = upper.start
+            self.below = SideNetwork(below_config, self.taps, below_reduction)
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask, h_k = batch["attention_mask"], batch["taps"][:, 0]
+        mask, h_k = batch["attention_mask"], batch["taps"][:, -1]
+        if self.below is not None:
+            h_k = h_k + self.below(batch["taps"], mask)
         out = self.upper(h_k, mask, taps=None if self.side is not None else ())
         hidden = self.upper.final_norm(out.hidden)
         if self.side is not None:
@@ -70,8 +90,8 @@ class BoundaryModel(nn.Module):
         return self.head(hidden, mask) if self.head is not None else self.upper.logits(hidden)
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups: LoRA and the head at `lr`, the side network at SIDE_LR_RATIO x `lr`."""
-        side = {id(p) for p in self.side.parameters()} if self.side is not None else set()
+        """Optimizer groups: LoRA and the head at `lr`, the side networks at SIDE_LR_RATIO x `lr`."""
+        side = {id(p) for net in (self.side, self.below) if net is not None for p in net.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if id(p) not in side], "lr": lr}]
         if side:
