@@ -273,16 +273,33 @@ def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp
         autocast("fp8")
 
 
+def _train_boundary_lm(tiny_llama, topic_jsonl, tmp_path, capsys, options: list[str]) -> tuple[dict, dict]:
+    """`pac train --method boundary --boundary-layer 2 --reduction 4` on LM with `options`; checks that
+    `pac eval` of the saved adapter gives the last epoch's validation loss; returns its config and tensors."""
+    import json
+
+    from pac.cli import main
+    from pac.methods.base import load_adapter
+
+    out = tmp_path / "boundary"
+    argv = ["--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--task", "lm"]
+    train = ["train", *argv, "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--method", "boundary"]
+    train += ["--boundary-layer", "2", "--reduction", "4", *options, "--lr", "5e-3", "--out", str(out)]
+    assert main(train) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), *argv]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)
+    return load_adapter(out)
+
+
 def test_boundary_side_network_starts_as_plain_boundary_and_trains_beside_lora(
     tiny_llama, topic_jsonl, tmp_path, capsys
 ):
     """With a side network beside layers k..L: at step 0 the logits are those of LoRA alone (Up is
     zero), the side network gets the parallel adapters' learning rate, and the saved adapter evaluates
     to the figure training reported."""
-    import json
 
-    from pac.cli import main
-    from pac.methods.base import load_adapter
     from pac.methods.boundary import SIDE_LR_RATIO, BoundaryModel
 
     num_layers = load_config(tiny_llama).num_hidden_layers
@@ -299,30 +316,18 @@ def test_boundary_side_network_starts_as_plain_boundary_and_trains_beside_lora(
     assert side_group["lr"] == pytest.approx(SIDE_LR_RATIO * 1e-3) and lora_group["lr"] == 1e-3
     assert {id(p) for p in side_group["params"]} == {id(p) for p in models[1].side.parameters()}
 
-    out = tmp_path / "boundary-side"
-    argv = ["--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--task", "lm"]
-    train = ["train", *argv, "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--method", "boundary"]
-    train += ["--boundary-layer", "2", "--boundary-side", "--reduction", "4", "--lr", "5e-3", "--out", str(out)]
-    assert main(train) == 0
-    config, tensors = load_adapter(out)
+    config, tensors = _train_boundary_lm(tiny_llama, topic_jsonl, tmp_path, capsys, ["--boundary-side"])
     assert config["side_reduction"] == 4
     assert tensors["side.up.weight"].abs().sum() > 0  # the side network trained
     assert any("lora_B" in name and t.abs().sum() > 0 for name, t in tensors.items())  # and so did LoRA
-    summary = json.loads((out / "summary.json").read_text())
-    capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), *argv]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)
 
 
 def test_boundary_side_network_below_feeds_h_k_through_the_frozen_top_layers(tiny_llama, topic_jsonl, tmp_path, capsys):
     """A side network over layers 0..k adds its output to h_k: at step 0 the model is the backbone
     itself (Up is zero); with --lora-r 0 only the side network trains, and its gradient comes back
     through the frozen top layers; the saved adapter evaluates to the figure training reported."""
-    import json
 
-    from pac.cli import main
     from pac.errors import PacError
-    from pac.methods.base import load_adapter
     from pac.methods.boundary import BoundaryModel
 
     backbone = load_backbone(tiny_llama)
@@ -344,15 +349,7 @@ def test_boundary_side_network_below_feeds_h_k_through_the_frozen_top_layers(tin
     with pytest.raises(PacError, match="lora-r"):
         BoundaryModel(upper, "lm", None, "mean", r=0)
 
-    out_dir = tmp_path / "below"
-    argv = ["--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12", "--task", "lm"]
-    train = ["train", *argv, "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--method", "boundary"]
-    train += ["--boundary-layer", "2", "--boundary-side-below", "--lora-r", "0", "--reduction", "4"]
-    assert main([*train, "--lr", "5e-3", "--out", str(out_dir)]) == 0
-    config, tensors = load_adapter(out_dir)
+    below = ["--boundary-side-below", "--lora-r", "0"]
+    config, tensors = _train_boundary_lm(tiny_llama, topic_jsonl, tmp_path, capsys, below)
     assert config["below_reduction"] == 4 and config["r"] == 0
     assert tensors["below.up.weight"].abs().sum() > 0 and not any("lora_" in name for name in tensors)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    capsys.readouterr()
-    assert main(["eval", "--adapter", str(out_dir), *argv]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)

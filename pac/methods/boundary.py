@@ -19,6 +19,7 @@ correction, as they interpret a LoRA update of a lower layer. The cache then hol
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -34,6 +35,13 @@ METHOD_TYPE = "BOUNDARY_LORA"
 # The side network trains at the parallel adapters' learning rate (3e-3), LoRA at LoRA's (5e-4):
 # one shared rate would leave one of them badly tuned.
 SIDE_LR_RATIO = 6.0
+
+
+def _side_network(config: Any, num_layers: int, reduction: int) -> SideNetwork:
+    """A side network over a stack of `num_layers` layers shaped like `config`'s, tapping all its h_0..h_n."""
+    stack = copy.deepcopy(config)
+    stack.num_hidden_layers = num_layers
+    return SideNetwork(stack, list(range(num_layers + 1)), reduction)
 
 
 class BoundaryModel(nn.Module):
@@ -65,18 +73,10 @@ class BoundaryModel(nn.Module):
             )
             inject_adapter_in_model(config, upper.layers)  # only the lora_A/lora_B weights require grad
         self.head = ClassificationHead(upper.hidden_size, len(label_names), pooling) if task == "classify" else None
-        self.side = None
-        if side_reduction:
-            # The side network sees the top layers as a model of their own: taps 0..L-k are h_k..h_L.
-            top_config = copy.deepcopy(upper.config)
-            top_config.num_hidden_layers = upper.end - upper.start
-            self.side = SideNetwork(top_config, list(range(top_config.num_hidden_layers + 1)), side_reduction)
-        self.below = None
-        if below_reduction:
-            # A side network over the cached layers 0..k, as parallel adapters run it over the whole model.
-            below_config = copy.deepcopy(upper.config)
-            below_config.num_hidden_layers = upper.start
-            self.below = SideNetwork(below_config, self.taps, below_reduction)
+        # Beside: the top layers seen as a model of their own (its taps 0..L-k are h_k..h_L).
+        # Below: the cached layers 0..k, as parallel adapters run it over the whole model.
+        self.side = _side_network(upper.config, upper.end - upper.start, side_reduction) if side_reduction else None
+        self.below = _side_network(upper.config, upper.start, below_reduction) if below_reduction else None
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask, h_k = batch["attention_mask"], batch["taps"][:, -1]
