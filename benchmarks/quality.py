@@ -62,6 +62,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "side-lr-high": ("3x the default learning rate", ["--lr-scale", "3"]),
     "side-heads3": ("3 attention heads of 24 dims (not 9 of 8)", ["--side-heads", "3"]),
     "side-readout576": ("+ read-out MLP of [s; final_norm(h_L)], 576 hidden", ["--readout-hidden", "576"]),
+    "side-r4-readout576": (
+        "the two best LM levers together: width d/4 + read-out MLP (576)",
+        ["--reduction", "4", "--readout-hidden", "576"],
+    ),
     "side-readout576-lr-high": ("read-out MLP (576) + 3x LR", ["--readout-hidden", "576", "--lr-scale", "3"]),
     "readout576": (
         "read-out MLP of final_norm(h_L) alone, no side network",

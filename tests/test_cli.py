@@ -62,7 +62,13 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     ppl = [e["val_perplexity"] for e in summary["epochs"]]
     assert ppl[-1] < ppl[0]
+    # The LM default reads out through an MLP as wide as the model (pac.workflow.PARALLEL_ADAPTER_DEFAULTS).
+    width = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
+    assert json.loads((out / "adapter_config.json").read_text())["readout_hidden"] == width
     capsys.readouterr()
+    argv = ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+    assert main([*argv, "--task", "lm"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
     argv = ["generate", "--adapter", str(out), "--model", str(tiny_llama), "--prompt", "the market", "--no-chat"]
     assert main([*argv, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
