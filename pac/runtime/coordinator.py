@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 DATA_CHUNK_SAMPLES = 256
+HANDSHAKE_ATTEMPTS = 3  # failed encrypted handshakes before a peer counts as holding another token
 
 
 class RunState(enum.Enum):
@@ -81,6 +82,7 @@ class PeerState:
     progress: tuple[str, int, int, float] = ("", 0, 0, 0.0)
     summary: dict[str, Any] | None = None
     files: dict[str, bytearray] = field(default_factory=dict)
+    failed_handshakes: int = 0
 
     @property
     def routing_id(self) -> bytes:
@@ -212,6 +214,19 @@ class Coordinator:
     def _on_failed_handshake(self, endpoint: str) -> None:
         peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
         if peer is None or peer.status != "connecting":
+            return
+        # One failure is not proof of a wrong token: a connect to a loopback port in the ephemeral range
+        # that the peer has not bound yet can connect the socket to itself (TCP simultaneous open), and
+        # that handshake fails once. ZeroMQ reconnects; a peer holding another token fails every time.
+        peer.failed_handshakes += 1
+        if peer.failed_handshakes < HANDSHAKE_ATTEMPTS:
+            log.info(
+                "handshake with %s at %s failed (%d of %d); retrying",
+                peer.host.name,
+                endpoint,
+                peer.failed_handshakes,
+                HANDSHAKE_ATTEMPTS,
+            )
             return
         peer.status = "refused"
         self.sock.disconnect(endpoint)  # no retries against a peer that holds another token
