@@ -51,7 +51,7 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Language modelling: a read-out MLP as wide as the model lifts the d/r-direction cap of a linear Up
     # (perplexity 29.71 -> 29.07 +- 0.05, 49% of LoRA's log-perplexity reduction) and keeps phase 2 at 24.7% of
     # LoRA's peak memory, at 1.2x the plain epoch. 3x LR alone gave 29.22 +- 0.08 at 27% of LoRA's memory and
-    # overfits with the MLP (29.67); width d/4 gave 29.06 +- 0.06 at 1.4x the epoch and 34% of the memory, and
+    # overfits with the MLP (29.67); width d/4 gave 29.06 +- 0.06 at 1.4x the epoch and 36% of the memory, and
     # d/4 with the MLP 29.02 +- 0.07: the two do not add up, so the cheaper one is the default.
     "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": MODEL_WIDTH},
 }
