@@ -42,7 +42,9 @@ SUMMARY = "summary.json"
 # Defaults of --method parallel-adapters per task, chosen by the quality harness (benchmarks/quality.py,
 # SmolLM2-135M on BBC News, 400 training / 400 validation articles, 3 seeds; tables in benchmarks/results/).
 # The side network is small and starts at zero output, so it takes a larger step than LoRA (5e-4).
-MODEL_WIDTH = -1  # a read-out MLP as wide as the model's hidden size (resolved once the model is known)
+# A read-out MLP as wide as the model's hidden size, resolved once the model is known. A string, not an int,
+# so that no width a user types (e.g. -1) can mean it: those still meet ParallelAdapterConfig's check.
+MODEL_WIDTH = "model-width"
 PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Classification: the plain side network (0.948 +- 0.001) already matches LoRA r=8 (0.950 +- 0.008), and no
     # lever beat it by more than its noise: dropout + weight decay 0.950 +- 0.004, read-out MLP 0.949 +- 0.012,
@@ -99,7 +101,7 @@ class TrainOptions:
     train_final_norm: bool = False
     vocab_bias: bool = False
     side_heads: int | None = None  # None: the backbone's head count
-    readout_hidden: int | None = None  # None: the task's default (0: no read-out MLP; MODEL_WIDTH: d units)
+    readout_hidden: int | str | None = None  # None: the task's default (0: no read-out MLP; MODEL_WIDTH: d units)
     side_network: bool = True
     cache_dir: str | None = None
     cache_dtype: str = "fp16"

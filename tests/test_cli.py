@@ -84,7 +84,7 @@ def test_lora_baseline_is_one_flag_away(tiny_llama, topic_jsonl, tmp_path, capsy
     assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
 
 
-def test_bad_inputs_get_clear_errors(tiny_llama, tmp_path, capsys):
+def test_bad_inputs_get_clear_errors(tiny_llama, topic_jsonl, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "a"}\n{"text": "no label here"}\n{"text": "x", "label": "b"}\n')
     assert _train(tiny_llama, bad, tmp_path / "o", tmp_path / "c") == 2
@@ -94,6 +94,9 @@ def test_bad_inputs_get_clear_errors(tiny_llama, tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(tmp_path)]) == 2
     assert "is not a pac adapter" in capsys.readouterr().err
+    negative_width = ["--task", "lm", "--readout-hidden", "-1"]  # not the LM default's "model width"
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", *negative_width) == 2
+    assert "readout_hidden must be 0 (off) or a positive width, not -1" in capsys.readouterr().err
 
 
 def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, tmp_path, capsys):
