@@ -4,6 +4,7 @@ ZeroMQ sockets, a real gloo process group; every placement mode against a single
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -134,6 +135,47 @@ def test_a_peer_with_a_wrong_token_is_refused_and_the_others_train(tiny_llama, t
     finally:
         for proc in (good, bad):
             proc.kill()
+
+
+def test_one_failed_handshake_is_retried_not_refused(tiny_llama, topic_jsonl, tmp_path, caplog):
+    """A single failed encrypted handshake (on loopback, a connect to a port nobody bound yet can meet
+    itself) is not proof of a wrong token: the coordinator retries, and the real peer that binds the port
+    next joins and trains."""
+    caplog.set_level(logging.INFO, logger="pac.runtime.coordinator")
+    token = auth.new_token()
+    port = free_port()
+    ctx = zmq.Context()
+    impostor = ctx.socket(zmq.ROUTER)  # another run's keys: the coordinator's handshake with it fails
+    impostor.setsockopt(zmq.LINGER, 0)
+    auth.serve_encrypted(impostor, "another-run's-token")
+    events = impostor.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    impostor.bind(f"tcp://127.0.0.1:{port}")
+    started: list[subprocess.Popen] = []
+
+    def hand_the_port_to_the_real_peer() -> None:
+        assert events.poll(30_000), "the coordinator never tried the impostor's port"
+        impostor.close(0)  # before ZeroMQ's reconnect (100 ms): exactly one failed handshake
+        cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", "late"]
+        cmd += ["--work-dir", str(tmp_path / "late"), "--coordinator-timeout", "20"]
+        started.append(subprocess.Popen(cmd, env={**os.environ, auth.TOKEN_ENV: token}))
+
+    switch = threading.Thread(target=hand_the_port_to_the_real_peer)
+    switch.start()
+    try:
+        options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c")
+        hosts = [PeerHost("127.0.0.1", port, "late")]
+        summary = Coordinator(hosts, token, options, LaunchSettings(join_timeout=60)).run()
+        switch.join()
+        assert list(summary["peers"]) == ["late"]
+        assert "handshake with late" in caplog.text and "retrying" in caplog.text
+        assert "refused" not in caplog.text
+        assert started[0].wait(timeout=30) == 0
+    finally:
+        switch.join()
+        events.close(0)
+        for proc in started:
+            proc.kill()
+        ctx.term()
 
 
 def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl, tmp_path, caplog):
