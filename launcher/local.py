@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from pac.errors import PacError
 from pac.net.auth import TOKEN_ENV
 from pac.net.hosts import PeerHost
 
 
+def ephemeral_port_floor() -> int:
+    """The lowest port the OS hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS and Windows start higher (49152)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the ephemeral range.
+
+    A port the OS gave out by bind(0) is an ephemeral one, and a connect to it before the peer binds it can
+    pick the same port as its source and connect the socket to itself (TCP simultaneous open): the
+    coordinator then fails a handshake with its own socket. A port below the range is never a source port.
+    """
+    floor = ephemeral_port_floor()
+    for port in random.sample(range(max(1024, floor - 10000), floor), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+            return port
+    raise PacError(f"no free loopback port below {floor}: stop some local servers, or list peers in --peers")
 
 
 class LocalPeers:

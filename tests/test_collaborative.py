@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import torch
 import zmq
 from safetensors.torch import load_file
 
-from launcher.local import LocalPeers, free_port
+from launcher.local import LocalPeers, ephemeral_port_floor, free_port
 from launcher.main import main as launch
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
@@ -97,6 +98,15 @@ def test_stages_by_hand_and_bad_stage_specs(tiny_llama, topic_jsonl, tmp_path, c
     assert _launch(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", "--stages", "0-1,3-3,2-2") == 2
     shown = capsys.readouterr()
     assert "contiguous" in shown.err and "joined" not in shown.out  # refused before any peer is asked
+
+
+def test_local_ports_are_below_the_ephemeral_range_and_free():
+    """So a connect to a local peer that has not bound yet can never meet itself (see free_port)."""
+    for _ in range(20):
+        port = free_port()
+        assert 1024 <= port < ephemeral_port_floor()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_bad_hosts_file_names_the_line(tmp_path, capsys):
