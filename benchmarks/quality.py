@@ -172,10 +172,15 @@ def run_zero_shot(task: str, args: argparse.Namespace) -> dict:
     }
 
 
+def setting_key(args: argparse.Namespace) -> str:
+    """What a run's figures are filed under; its adapter lands under it too, so sizes never overwrite."""
+    return f"train{args.train_size}-val{args.val_size}-epochs{args.epochs}"
+
+
 def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
     if name == "zero-shot":
         return run_zero_shot(task, args)
-    out = WORK / task / name / f"seed{seed}"
+    out = WORK / task / setting_key(args) / name / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -358,7 +363,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"quality_{args.task}.json"
     store = json.loads(path.read_text()) if path.exists() else {}
-    key = f"train{args.train_size}-val{args.val_size}-epochs{args.epochs}"
+    key = setting_key(args)
     runs = store.setdefault(key, {})
     if not args.report:
         for name in args.configs or configs_for(args.task):

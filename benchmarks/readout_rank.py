@@ -12,7 +12,7 @@ training articles (an oracle: the best any rank-k linear read-out could do if it
 perfectly). k = d is LoRA itself, k = 0 the mean shift alone. The share is of LoRA's log-perplexity gain.
 
 Run after the quality harness has trained its LoRA LM adapter:
-    python benchmarks/readout_rank.py [--adapter benchmarks/.work/quality/lm/lora/seed0]
+    python benchmarks/readout_rank.py [--adapter benchmarks/.work/quality/lm/train400-val400-epochs3/lora/seed0]
 About 4 minutes on 2 CPU cores. Writes benchmarks/results/readout_rank.{json,md}.
 """
 
@@ -64,7 +64,9 @@ def cross_entropy(head: torch.Tensor, hidden: torch.Tensor, targets: torch.Tenso
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", type=Path, default=ROOT / "benchmarks/.work/quality/lm/lora/seed0")
+    ap.add_argument(
+        "--adapter", type=Path, default=ROOT / "benchmarks/.work/quality/lm/train400-val400-epochs3/lora/seed0"
+    )
     ap.add_argument("--fit-articles", type=int, default=160, help="training articles whose corrections give P_k")
     ap.add_argument("--eval-articles", type=int, default=120, help="validation articles scored")
     args = ap.parse_args()
