@@ -71,6 +71,12 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "read-out MLP of final_norm(h_L) alone, no side network",
         ["--no-side-network", "--readout-hidden", "576"],
     ),
+    # A memory of the training tokens mixed in after training (kNN-LM over the cache's last tap).
+    "side-retrieval": ("naive side network + retrieval from the cache", ["--retrieval"]),
+    "side-readout576-retrieval": (
+        "read-out MLP (576) + retrieval from the cache: the LM default",
+        ["--readout-hidden", "576", "--retrieval"],
+    ),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
     # Mixed precision, for both sides of the comparison: bf16 products in the training steps.
     "side-bf16": ("bf16 training steps (`--precision bf16`)", ["--precision", "bf16"]),
@@ -105,9 +111,12 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 # Every side-* lever is measured against the same naive side network, pinned here so that changing
 # pac's defaults never changes what a recorded configuration means.
-NAIVE_SIDE = ["--reduction", "8", "--side-init", "random"]
+NAIVE_SIDE = ["--reduction", "8", "--side-init", "random", "--readout-hidden", "0", "--no-retrieval"]
 NAIVE_LR = {"classify": 3e-3, "lm": 1e-3}
-TASK_ONLY = {"classify": {"probe", "side-last", "side-readout-side"}, "lm": {"side-vocab-bias"}}
+TASK_ONLY = {
+    "classify": {"probe", "side-last", "side-readout-side"},
+    "lm": {"side-vocab-bias", "side-retrieval", "side-readout576-retrieval"},
+}
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
 
 
@@ -203,6 +212,7 @@ def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
         "trainable_params": summary["trainable_params"],
         "cache_bytes_per_sample": summary.get("cache_bytes_per_sample"),
         "best_epoch": summary.get("best_epoch"),
+        "retrieval": summary.get("retrieval"),
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -218,7 +228,10 @@ def _std(xs: list[float]) -> float:
 
 
 def final(run: dict, metric: str) -> float:
-    """The metric of the weights the run saved: the last epoch, or the epoch early stopping kept."""
+    """The metric of what the run saved: the last epoch, or the epoch early stopping kept; with a memory of
+    the training tokens, the mixture's."""
+    if run.get("retrieval"):
+        return run["retrieval"][metric]
     kept = run.get("best_epoch")
     return next(e for e in run["epochs"] if e["epoch"] == kept)[metric] if kept else run["epochs"][-1][metric]
 
@@ -243,6 +256,7 @@ def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
             # Median: the seed that built the shared cache also counts phase 1 in its process's peak.
             "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in seeds),
             "trainable_params": seeds[0]["trainable_params"],
+            "retrieval_seconds": _mean([s["retrieval"]["seconds"] for s in seeds]) if seeds[0].get("retrieval") else 0,
         }
     return rows
 
@@ -279,9 +293,10 @@ def report(task: str, runs: dict[str, dict]) -> str:
                 # bf16 against bf16: the same precision on both sides of a ratio
                 bf16 = name.endswith("-bf16") and "lora-bf16" in rows
                 ref, ref_label = (rows["lora-bf16"], "LoRA bf16") if bf16 else (lora, "LoRA")
+                once = f"; retrieval adds {r['retrieval_seconds']:.0f} s once" if r["retrieval_seconds"] else ""
                 lines.append(
                     f"- {name}: epoch {ref['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than {ref_label}'s, "
-                    f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_label}'s"
+                    f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_label}'s{once}"
                 )
     return "\n".join(lines) + "\n"
 

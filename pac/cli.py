@@ -31,6 +31,7 @@ examples:
   pac generate --adapter runs/notes --prompt "Summarise my week"
 """
 
+NO_RETRIEVAL_HELP = "use a language-model adapter without its memory of the training text (retrieval.safetensors)"
 DATA_HELP = """\
 data formats (--data):
   JSONL   one object per line: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}
@@ -200,6 +201,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "--task lm, off for classify)",
     )
     m.add_argument(
+        "--retrieval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lm: after training, mix the adapter's next-token distribution with that of the nearest training "
+        "tokens in the activation cache (a kNN-LM; its weight is fit on training text, 0 if it does not help). "
+        "The adapter then carries retrieval.safetensors, the cached states and token ids of the training text: "
+        "share that file only where the text may go (default: on for --task lm)",
+    )
+    m.add_argument(
         "--no-side-network",
         action="store_true",
         help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
@@ -264,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the untrained model: classify by label likelihood, lm by perplexity",
     )
     _add_data_args(e)
+    e.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
     e.add_argument(
         "--split",
         choices=["val", "all"],
@@ -284,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
 
     p = sub.add_parser(
         "peer",
@@ -401,6 +413,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{summary['cache_bytes_per_sample'] / 1e6:.2f} MB/sample ({summary['cache_dtype']})"
         )
     print_epochs(summary["epochs"], metric)
+    if "retrieval" in summary:
+        r = summary["retrieval"]
+        print(
+            f"with retrieval from {r['tokens']:,} training tokens (weight {r['weight']}, temperature "
+            f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB): val_perplexity {r['val_perplexity']:.4f}"
+        )
     if "best_epoch" in summary:
         print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
     print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")
@@ -413,7 +431,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.zero_shot:
         result = evaluate_zero_shot(args.model, _data_options(args), args.split)
     else:
-        result = evaluate_adapter(load_for_inference(args.adapter, args.model), _data_options(args), args.split)
+        result = evaluate_adapter(
+            load_for_inference(args.adapter, args.model, not args.no_retrieval), _data_options(args), args.split
+        )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -422,7 +442,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pac.generate import encode_prompt, generate_ids
     from pac.workflow import load_for_inference
 
-    loaded = load_for_inference(args.adapter, args.model)
+    loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
     if loaded.task != "lm":
         raise PacError(f"{args.adapter} is a {loaded.task} adapter; generation needs one trained with --task lm")
     if loaded.kind == "boundary":

@@ -27,10 +27,16 @@ from pac.methods.base import load_adapter, save_adapter
 from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
 from pac.methods.boundary import BoundaryModel
 from pac.methods.lora import LoraModel, LoraSettings
-from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
+from pac.methods.parallel_adapters import (
+    ParallelAdapterConfig,
+    ParallelAdapterModel,
+    attach_memory,
+    initialize_pruned,
+)
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
+from pac.models.retrieval import TokenMemory
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
@@ -49,13 +55,14 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Classification: the plain side network (0.948 +- 0.001) already matches LoRA r=8 (0.950 +- 0.008), and no
     # lever beat it by more than its noise: dropout + weight decay 0.950 +- 0.004, read-out MLP 0.949 +- 0.012,
     # pruned init 0.943, 3x LR 0.945, last-token read-out 0.846, side-only read-out 0.941.
-    "classify": {"lr": 3e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0},
+    "classify": {"lr": 3e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": False},
     # Language modelling: a read-out MLP as wide as the model lifts the d/r-direction cap of a linear Up
     # (perplexity 29.71 -> 29.07 +- 0.05, 49% of LoRA's log-perplexity reduction) and keeps phase 2 at 24.7% of
     # LoRA's peak memory, at 1.2x the plain epoch. 3x LR alone gave 29.22 +- 0.08 at 27% of LoRA's memory and
     # overfits with the MLP (29.67); width d/4 gave 29.06 +- 0.06 at 1.4x the epoch and 36% of the memory, and
     # d/4 with the MLP 29.02 +- 0.07: the two do not add up, so the cheaper one is the default.
-    "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": MODEL_WIDTH},
+    # Retrieval from the cache's last tap (a kNN-LM, pac.models.retrieval) then takes it to ... (filled in below).
+    "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": MODEL_WIDTH, "retrieval": True},
 }
 LORA_LR = 5e-4
 
@@ -103,6 +110,7 @@ class TrainOptions:
     side_heads: int | None = None  # None: the backbone's head count
     readout_hidden: int | str | None = None  # None: the task's default (0: no read-out MLP; MODEL_WIDTH: d units)
     side_network: bool = True
+    retrieval: bool | None = None  # None: the task's default; lm: mix in a memory of the training tokens
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
     # lora / dora / boundary
@@ -182,6 +190,8 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
     """Options left unset take the task's measured defaults (parallel adapters)."""
     if opts.method not in METHODS:
         raise PacError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
+    if opts.retrieval and (opts.method != "parallel-adapters" or opts.data.task != "lm"):
+        raise PacError("--retrieval is for --method parallel-adapters --task lm: drop it")
     if opts.method != "parallel-adapters":
         return opts
     unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
@@ -298,7 +308,24 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         holdout=holdout_source,
     )
     epochs = trainer.fit(resume=opts.resume)
-    return {**save_parallel_adapter(out, adapter_config, model, epochs), **_cache_summary(built)}
+    retrieval: dict[str, Any] = {}
+    if opts.retrieval:
+        started = time.perf_counter()
+        fit_loss = attach_memory(model, train_source, seed=opts.seed)
+        adapter_config.retrieval = model.memory.settings()
+        path = model.memory.save(out)
+        scored = evaluate(model, val_source, opts.data.task)
+        retrieval = {
+            **adapter_config.retrieval,
+            "tokens": len(model.memory.keys),
+            "file_mb": path.stat().st_size / 1e6,
+            "fit_loss": fit_loss,
+            "val_loss": scored["loss"],
+            "val_perplexity": scored["perplexity"],
+            "seconds": time.perf_counter() - started,
+        }
+    saved = save_parallel_adapter(out, adapter_config, model, epochs)
+    return {**saved, **_cache_summary(built), **({"retrieval": retrieval} if retrieval else {})}
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:
@@ -429,7 +456,9 @@ def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
     return model_dir
 
 
-def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> LoadedAdapter:
+def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrieval: bool = True) -> LoadedAdapter:
+    """A saved adapter with its base model, ready for evaluation or generation; `retrieval=False` leaves a
+    language-model adapter's memory of its training text (retrieval.safetensors) unloaded."""
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / "pac_lora.json").exists():
         meta = json.loads((adapter_dir / "pac_lora.json").read_text())
@@ -480,6 +509,8 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None) -> Loa
     backbone = load_backbone(model_dir)
     adapter = ParallelAdapterModel(backbone, config)
     adapter.load_trainable(tensors)
+    if config.retrieval and retrieval:
+        adapter.memory = TokenMemory.load(adapter_dir, config.retrieval)
     return LoadedAdapter(
         "parallel-adapters",
         config.task,

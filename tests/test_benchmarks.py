@@ -71,3 +71,15 @@ def test_early_stopped_runs_report_the_kept_epoch_and_sizes_make_a_learning_curv
     assert list(curves) == ["side"] and [r["final_mean"] for r in curves["side"].values()] == [37, 31]
     quality.write_learning_curve("lm", curves, tmp_path / "curve")
     assert "| side | 100 | 37.0000" in (tmp_path / "curve.md").read_text() and (tmp_path / "curve.png").exists()
+
+
+def test_a_run_with_retrieval_reports_the_mixture_and_its_one_off_cost(quality):
+    mixed = {**_run([35, 33, 31]), "retrieval": {"val_perplexity": 28.0, "seconds": 42.0}}
+    runs = {"lora": {"0": _run([30, 26, 25], seconds=400, rss=4000)}, "side-retrieval": {"0": mixed}}
+    assert quality.aggregate("lm", runs)["side-retrieval"]["final_mean"] == 28
+    assert "side-retrieval: epoch 40.0x faster than LoRA's, peak RSS 22% of LoRA's; retrieval adds 42 s once" in (
+        quality.report("lm", runs)
+    )
+    # The naive base every side-* lever is measured against pins the LM default's extras off.
+    naive = quality.train_args("lm", "side", _Args())
+    assert "--no-retrieval" in naive and naive[naive.index("--readout-hidden") + 1] == "0"

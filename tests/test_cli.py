@@ -65,13 +65,25 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     # The LM default reads out through an MLP as wide as the model (pac.workflow.PARALLEL_ADAPTER_DEFAULTS).
     width = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
     assert json.loads((out / "adapter_config.json").read_text())["readout_hidden"] == width
-    capsys.readouterr()
+    # ... and mixes in a memory of the training tokens, fit on training text: this corpus repeats itself.
+    retrieval = summary["retrieval"]
+    assert retrieval["weight"] > 0 and retrieval["val_perplexity"] < ppl[-1]
+    assert retrieval["tokens"] > 0 and (out / "retrieval.safetensors").stat().st_size > 0
+    assert "with retrieval from" in capsys.readouterr().out
     argv = ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+    # Through the live backbone, with and without the memory: what training measured from the cache.
     assert main([*argv, "--task", "lm"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(retrieval["val_perplexity"], rel=1e-3)
+    assert main([*argv, "--task", "lm", "--no-retrieval"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
     argv = ["generate", "--adapter", str(out), "--model", str(tiny_llama), "--prompt", "the market", "--no-chat"]
     assert main([*argv, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
+    # An adapter copied without its memory says what is missing and how to go on.
+    (out / "retrieval.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    assert main([*argv, "--max-new-tokens", "5"]) == 2
+    assert "retrieval.safetensors is missing" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "5", "--no-retrieval"]) == 0
 
 
 def test_lora_baseline_is_one_flag_away(tiny_llama, topic_jsonl, tmp_path, capsys):
@@ -97,6 +109,8 @@ def test_bad_inputs_get_clear_errors(tiny_llama, topic_jsonl, tmp_path, capsys):
     negative_width = ["--task", "lm", "--readout-hidden", "-1"]  # not the LM default's "model width"
     assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", *negative_width) == 2
     assert "readout_hidden must be 0 (off) or a positive width, not -1" in capsys.readouterr().err
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", "--retrieval") == 2  # classify
+    assert "--retrieval is for --method parallel-adapters --task lm" in capsys.readouterr().err
 
 
 def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, tmp_path, capsys):

@@ -27,6 +27,7 @@ from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
 from pac.models.loading import Checkpoint
+from pac.models.retrieval import TokenMemory, target_log_probs
 from pac.models.side import SideNetwork
 
 METHOD_TYPE = "PARALLEL_ADAPTERS"
@@ -50,6 +51,7 @@ class ParallelAdapterConfig:
     vocab_bias: bool = False  # LM: a trainable per-token logit bias (domain word frequencies)
     side_heads: int | None = None  # attention heads of the side blocks (None: the backbone's count)
     readout_hidden: int = 0  # > 0: add a full-rank read-out MLP of [s; final_norm(h_L)] (models.heads.ReadoutMLP)
+    retrieval: dict[str, float] | None = None  # LM: the token memory's settings (models.retrieval), if it has one
     side_network: bool = True  # False: no side network, only the head (+ final norm / vocab bias): the
     # baselines "linear probe" and "head + final norm only", on the same cache and trainer
     label_names: list[str] | None = None
@@ -135,15 +137,28 @@ class ParallelAdapterModel(nn.Module):
         )
         lm_bias = config.vocab_bias and config.task == "lm"
         self.vocab_bias = nn.Parameter(torch.zeros(top.config.vocab_size)) if lm_bias else None
+        # Language modelling: a memory of the training tokens mixed in at inference (pac.models.retrieval);
+        # attached after training, saved in its own file, never trained.
+        self.memory: TokenMemory | None = None
 
     def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
-        """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L)."""
+        """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L). With a token
+        memory (language modelling) the result is the log-probabilities of the mixture."""
         if self.side is None:
             base = self._corrected(self._base(taps[:, -1]), None)
             logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
-            return logits if self.vocab_bias is None else logits + self.vocab_bias
-        side_state = self.side.state(taps, attention_mask, past_key_values)
-        return self.logits_from_state(taps[:, -1], side_state, attention_mask)
+            logits = logits if self.vocab_bias is None else logits + self.vocab_bias
+        else:
+            side_state = self.side.state(taps, attention_mask, past_key_values)
+            logits = self.logits_from_state(taps[:, -1], side_state, attention_mask)
+        if self.memory is None:
+            return logits
+        return self.memory.mix_logits(logits, self.top.final_norm(taps[:, -1]))
+
+    def lm_hidden(self, taps: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads: final_norm(h_L) + Up(s_L) (+ the read-out MLP's correction)."""
+        side_state = self.side.state(taps, attention_mask) if self.side is not None else None
+        return self._corrected(self._base(taps[:, -1]), side_state)
 
     def _base(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h_last) if self.final_norm is not None else self.top.final_norm(h_last)
@@ -177,6 +192,10 @@ class ParallelAdapterModel(nn.Module):
 
     def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss (mean over samples, or over next-token targets)."""
+        if self.memory is not None and not self.training:  # evaluation of the mixture with the memory
+            taps, mask = batch["taps"], batch["attention_mask"]
+            hidden, queries = self.lm_hidden(taps, mask), self.top.final_norm(taps[:, -1])
+            return self.memory.lm_loss(hidden, queries, self.top.lm_head.weight, self.vocab_bias, batch["labels"])
         if self.side is None:
             return task_loss(self.task, self.forward_batch(batch), batch["labels"])
         taps, mask = batch["taps"], batch["attention_mask"]
@@ -237,3 +256,31 @@ def initialize_pruned(model: ParallelAdapterModel, model_dir: Path, sample_taps:
     return model.side.init_pruned(
         layer_weights, model.top.norm.weight, magnitude.mean(dim=(0, 1, 2)), magnitude.amax(dim=(0, 1, 2))
     )
+
+
+def attach_memory(model: ParallelAdapterModel, train_source: Any, seed: int = 0, fit_samples: int = 64) -> float:
+    """Give a trained language-model adapter a memory of its training tokens (pac.models.retrieval) and fit
+    the mixture on up to `fit_samples` training samples, each against the others' keys. Returns that fit's
+    loss per token."""
+    if model.task != "lm":
+        raise PacError("retrieval mixes next-token distributions: it is for --task lm")
+    # Keys need h_L alone: reading every tap for them would hold 31x the bytes per batch.
+    memory = TokenMemory.from_source(train_source.with_taps([model.taps[-1]]), model.top.final_norm)
+    rows = torch.randperm(len(train_source), generator=torch.Generator().manual_seed(seed))[:fit_samples]
+    log_probs, queries, targets, owners = [], [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for chunk in rows.split(8):  # a training batch's worth of taps at a time
+            batch = train_source.batch(chunk.tolist())
+            taps, mask, labels = batch["taps"], batch["attention_mask"], batch["labels"][:, 1:]
+            keep = labels != -100
+            hidden = model.lm_hidden(taps, mask)[:, :-1][keep]
+            log_probs.append(target_log_probs(hidden, model.top.lm_head.weight, model.vocab_bias, labels[keep]))
+            queries.append(model.top.final_norm(taps[:, -1, :-1])[keep])
+            targets.append(labels[keep])
+            owners.append(chunk[:, None].expand_as(labels)[keep])
+    model.train(was_training)
+    loss = memory.fit(torch.cat(log_probs), torch.cat(queries), torch.cat(targets), torch.cat(owners))
+    model.memory = memory
+    return loss

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -115,7 +115,10 @@ class Coordinator:
         if options.precision != "fp32" and settings.mode == "side-pipeline":
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        self.options = with_defaults(options)
+        if options.retrieval:
+            # The memory would need every peer's share of the training cache in one place.
+            raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
+        self.options = with_defaults(replace(options, retrieval=False))
         self.settings, self.token, self.display = settings, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING

@@ -22,6 +22,10 @@ class CachedTaps:
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self.reader.load([self.sample_ids[i] for i in indices], self.taps)
 
+    def with_taps(self, taps: list[int]) -> CachedTaps:
+        """The same samples, reading only `taps` (in that order) from the cache."""
+        return CachedTaps(self.reader, self.sample_ids, taps)
+
 
 class Tokens:
     """Batches of token ids straight from a tokenised data set (no cache)."""

@@ -1,0 +1,212 @@
+"""Retrieval from the activation cache: a k-nearest-neighbour language model over the training text.
+
+Phase 1 already stored h_L for every training token. final_norm(h_L) at position t is a key and the
+token at t+1 its value (kNN-LM, Khandelwal et al. 2020). At inference the adapter's next-token
+distribution is mixed with that of the values of the k keys nearest to the query final_norm(h_L):
+
+    p(y) = (1 - w) p_adapter(y) + w * sum_j softmax(-|q - key_j|^2 / T)_j [value_j = y]
+
+Keys and queries come from the frozen backbone, so the memory is the cache's last tap (no extra
+pass), and nothing in it trains. A side network reads the backbone's states and cannot copy
+a rare name or phrase it saw once; the memory can. On SmolLM2 + 400 BBC articles it took the LM
+default from perplexity 29.05 to 27.05. The adapter's own corrected states as keys gave 27.05 too,
+so the frozen keys lose nothing (benchmarks/results/quality_lm.md).
+
+w and T are fit on training tokens scored against the other articles' keys (leave-article-out),
+never on the validation set; w = 0 is one of the choices, so a memory that does not help is off.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pac.errors import PacError
+
+RETRIEVAL_FILE = "retrieval.safetensors"
+DEFAULT_NEIGHBOURS = 64
+WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+TEMPERATURES = tuple(10.0 ** (e / 2) for e in range(-2, 9))  # 0.1 .. 10^4: distances scale with the model
+QUERY_CHUNK = 256  # [256, KEY_BLOCK] float32 distances: 16 MB
+KEY_BLOCK = 16384  # keys stay float16; a block at a time is widened for the distance products
+
+
+class TokenMemory:
+    """Keys [N, d] (float16), next-token values [N], and the row (article) each key came from."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        neighbours: int = DEFAULT_NEIGHBOURS,
+        weight: float = 0.0,
+        temperature: float = 1.0,
+    ):
+        if keys.ndim != 2 or values.shape != keys.shape[:1]:
+            raise PacError(
+                f"a token memory needs keys [N, d] and values [N], got {tuple(keys.shape)}, {tuple(values.shape)}"
+            )
+        if len(keys) == 0:
+            raise PacError("a token memory needs at least one training token")
+        self.keys, self.values = keys.to(torch.float16).contiguous(), values.long()
+        self.rows = rows
+        self.neighbours = min(neighbours, len(keys))
+        self.weight, self.temperature = weight, temperature
+        self._key_sq = self.keys.float().pow(2).sum(1)
+
+    @classmethod
+    def from_source(cls, source, final_norm: torch.nn.Module, batch_size: int = 16) -> TokenMemory:
+        """Keys final_norm(h_L) and values (next tokens) of every real token of a cached source, whose
+        last tap is h_L; `rows` records each key's sample for leave-article-out fitting."""
+        keys, values, rows = [], [], []
+        with torch.inference_mode():
+            for start in range(0, len(source), batch_size):
+                index = list(range(start, min(start + batch_size, len(source))))
+                batch = source.batch(index)
+                targets = batch["labels"][:, 1:]
+                keep = targets != -100
+                keys.append(final_norm(batch["taps"][:, -1, :-1])[keep].to(torch.float16))
+                values.append(targets[keep])
+                rows.append(torch.tensor(index)[:, None].expand_as(targets)[keep])
+        return cls(torch.cat(keys), torch.cat(values), torch.cat(rows))
+
+    # ---------------------------------------------------------------- search and mixing
+    def search(
+        self, queries: torch.Tensor, exclude_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances and indices of each query's nearest keys, nearest first; a query never
+        meets keys of its own entry of `exclude_rows` (leave-article-out)."""
+        found_d, found_i = [], []
+        for q0 in range(0, len(queries), QUERY_CHUNK):
+            q = queries[q0 : q0 + QUERY_CHUNK].float()
+            best_d = q.new_empty(len(q), 0)
+            best_i = torch.empty(len(q), 0, dtype=torch.long)
+            for k0 in range(0, len(self.keys), KEY_BLOCK):
+                block = self.keys[k0 : k0 + KEY_BLOCK].float()
+                d = self._key_sq[k0 : k0 + KEY_BLOCK] - 2 * q @ block.T
+                if exclude_rows is not None:
+                    same = self.rows[k0 : k0 + KEY_BLOCK][None] == exclude_rows[q0 : q0 + QUERY_CHUNK, None]
+                    d.masked_fill_(same, math.inf)
+                d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(k0, k0 + len(block)).expand_as(d)], 1)
+                best_d, pick = d.topk(min(self.neighbours, d.shape[1]), dim=1, largest=False)
+                best_i = i.gather(1, pick)
+            found_d.append(best_d + q.pow(2).sum(1, keepdim=True))
+            found_i.append(best_i)
+        return torch.cat(found_d), torch.cat(found_i)
+
+    def _neighbour_weights(self, dist: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(-dist / temperature, dim=-1)  # excluded keys (inf) get weight 0
+
+    def mix_target(
+        self,
+        lm_log_probs: torch.Tensor,
+        dist: torch.Tensor,
+        index: torch.Tensor,
+        targets: torch.Tensor,
+        weight: float | None = None,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """log p(target) of the mixture, from the adapter's log p(target) [n] and the neighbours."""
+        weight = self.weight if weight is None else weight
+        temperature = self.temperature if temperature is None else temperature
+        hits = self.values[index] == targets[:, None]
+        memory_p = (self._neighbour_weights(dist, temperature) * hits).sum(1)
+        return torch.logaddexp(lm_log_probs + math.log1p(-weight), (weight * memory_p).log())
+
+    def mix_logits(self, logits: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """log p over the whole vocabulary ([..., V]) for queries [..., d]: what generation samples from."""
+        shape = logits.shape
+        log_p = torch.log_softmax(logits.reshape(-1, shape[-1]).float(), dim=-1)
+        if self.weight == 0.0:
+            return log_p.reshape(shape)
+        dist, index = self.search(queries.reshape(-1, queries.shape[-1]))
+        memory_p = torch.zeros_like(log_p).scatter_add_(
+            1, self.values[index], self._neighbour_weights(dist, self.temperature)
+        )
+        return torch.logaddexp(log_p + math.log1p(-self.weight), (self.weight * memory_p).log()).reshape(shape)
+
+    def lm_loss(
+        self,
+        hidden: torch.Tensor,
+        queries: torch.Tensor,
+        head: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        chunk: int = 128,
+    ) -> torch.Tensor:
+        """Mean next-token loss of the mixture: hidden [B, T, d] is what the LM head reads, queries [B, T, d]
+        are final_norm(h_L). Only each target's probability is built, a chunk of tokens at a time."""
+        targets = labels[:, 1:].reshape(-1)
+        keep = targets != -100
+        hidden, queries, targets = (
+            hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep],
+            queries[:, :-1].reshape(-1, queries.shape[-1])[keep],
+            targets[keep],
+        )
+        lm_log_probs = target_log_probs(hidden, head, bias, targets, chunk)
+        if self.weight == 0.0:
+            return -lm_log_probs.mean()
+        dist, index = self.search(queries)
+        return -self.mix_target(lm_log_probs, dist, index, targets).mean()
+
+    # ---------------------------------------------------------------- fitting
+    def fit(
+        self, lm_log_probs: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor
+    ) -> float:
+        """Pick the weight and temperature that minimise the loss of training tokens (`rows`: their samples),
+        each scored against the other samples' keys. Returns that loss."""
+        dist, index = self.search(queries, exclude_rows=rows)
+        best = (math.inf, 0.0, 1.0)
+        for temperature in TEMPERATURES:
+            for weight in WEIGHTS:
+                loss = -self.mix_target(lm_log_probs, dist, index, targets, weight, temperature).mean().item()
+                best = min(best, (loss, weight, temperature))
+        _, self.weight, self.temperature = best
+        return best[0]
+
+    def settings(self) -> dict[str, float]:
+        return {"neighbours": self.neighbours, "weight": self.weight, "temperature": self.temperature}
+
+    # ---------------------------------------------------------------- files
+    def save(self, adapter_dir: Path) -> Path:
+        path = Path(adapter_dir) / RETRIEVAL_FILE
+        save_file({"keys": self.keys, "values": self.values.to(torch.int32)}, path)
+        return path
+
+    @classmethod
+    def load(cls, adapter_dir: Path, settings: dict[str, float]) -> TokenMemory:
+        path = Path(adapter_dir) / RETRIEVAL_FILE
+        try:
+            tensors = load_file(path)
+        except FileNotFoundError:
+            raise PacError(
+                f"{path} is missing: this adapter mixes in a memory of its training text. Copy the file "
+                "along with the adapter, or pass --no-retrieval to use the adapter without it"
+            ) from None
+        except Exception as exc:  # safetensors raises its own errors for truncated or foreign files
+            raise PacError(f"{path} is not a readable token memory ({exc}): retrain, or pass --no-retrieval") from None
+        return cls(
+            tensors["keys"],
+            tensors["values"],
+            None,
+            int(settings["neighbours"]),
+            settings["weight"],
+            settings["temperature"],
+        )
+
+
+def target_log_probs(
+    hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int = 128
+) -> torch.Tensor:
+    """log softmax(hidden @ head^T + bias)[target] for rows of hidden [n, d], without the [n, V] logits at once."""
+    out = []
+    for start in range(0, len(hidden), chunk):
+        logits = hidden[start : start + chunk].float() @ head.T.float()
+        if bias is not None:
+            logits += bias
+        out.append(torch.log_softmax(logits, dim=-1).gather(1, targets[start : start + chunk, None]).squeeze(1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
