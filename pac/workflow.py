@@ -576,6 +576,11 @@ def evaluate_adapter(loaded: LoadedAdapter, opts: DataOptions, split: str = "val
     check_labels(records, opts.task)
     if split == "val":
         records = split_data(opts, records)[1]
+    elif getattr(loaded.model, "memory", None) is not None:
+        log.warning(
+            "the adapter's memory holds its training text, which --split all scores too: that perplexity says "
+            "little about new text (pass --no-retrieval, or use --split val)"
+        )
     data = tokenize_records(
         records, loaded.tokenizer, task=opts.task, max_length=opts.max_length, label_names=loaded.label_names
     )

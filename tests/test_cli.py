@@ -56,7 +56,7 @@ def test_corrupt_shard_is_rebuilt_not_trained_on(tiny_llama, topic_jsonl, tmp_pa
     assert any("checksum" in r.getMessage() or "corrupt" in r.getMessage().lower() for r in caplog.records)
 
 
-def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, capsys):
+def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, capsys, caplog):
     out = tmp_path / "lm"
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--task", "lm", "--lr", "1e-2") == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -76,6 +76,8 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(retrieval["val_perplexity"], rel=1e-3)
     assert main([*argv, "--task", "lm", "--no-retrieval"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
+    assert main([*argv, "--task", "lm", "--split", "all"]) == 0  # scores the text the memory holds: said so
+    assert "memory holds its training text" in caplog.text
     argv = ["generate", "--adapter", str(out), "--model", str(tiny_llama), "--prompt", "the market", "--no-chat"]
     assert main([*argv, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
