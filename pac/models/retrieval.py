@@ -30,8 +30,8 @@ RETRIEVAL_FILE = "retrieval.safetensors"
 DEFAULT_NEIGHBOURS = 64
 WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 TEMPERATURES = tuple(10.0 ** (e / 2) for e in range(-2, 9))  # 0.1 .. 10^4: distances scale with the model
-QUERY_CHUNK = 256  # [256, KEY_BLOCK] float32 distances: 16 MB
-KEY_BLOCK = 16384  # keys stay float16; a block at a time is widened for the distance products
+QUERY_CHUNK = 256  # [256, KEY_BLOCK] float32 distances: 8 MB
+KEY_BLOCK = 8192  # keys stay float16; a block at a time is widened for the distance products
 
 
 class TokenMemory:
@@ -56,23 +56,30 @@ class TokenMemory:
         self.rows = rows
         self.neighbours = min(neighbours, len(keys))
         self.weight, self.temperature = weight, temperature
-        self._key_sq = self.keys.float().pow(2).sum(1)
+        self._key_sq = torch.cat([block.float().pow(2).sum(1) for block in self.keys.split(KEY_BLOCK)])
 
     @classmethod
     def from_source(cls, source, final_norm: torch.nn.Module, batch_size: int = 16) -> TokenMemory:
         """Keys final_norm(h_L) and values (next tokens) of every real token of a cached source, whose
         last tap is h_L; `rows` records each key's sample for leave-article-out fitting."""
-        keys, values, rows = [], [], []
+        keys = None  # filled in place: a list of parts and their concatenation would hold the keys twice
+        values, rows, filled = [], [], 0
         with torch.inference_mode():
             for start in range(0, len(source), batch_size):
                 index = list(range(start, min(start + batch_size, len(source))))
                 batch = source.batch(index)
                 targets = batch["labels"][:, 1:]
                 keep = targets != -100
-                keys.append(final_norm(batch["taps"][:, -1, :-1])[keep].to(torch.float16))
+                states = final_norm(batch["taps"][:, -1, :-1])[keep]
+                if keys is None:  # at most every position of every sample
+                    keys = states.new_empty(len(source) * targets.shape[1], states.shape[-1], dtype=torch.float16)
+                keys[filled : filled + len(states)] = states
+                filled += len(states)
                 values.append(targets[keep])
                 rows.append(torch.tensor(index)[:, None].expand_as(targets)[keep])
-        return cls(torch.cat(keys), torch.cat(values), torch.cat(rows))
+        if keys is None:
+            raise PacError("a token memory needs at least one training token")
+        return cls(keys[:filled], torch.cat(values), torch.cat(rows))
 
     # ---------------------------------------------------------------- search and mixing
     def search(
