@@ -197,8 +197,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         type=int,
         metavar="H",
         help="add a read-out MLP (H hidden units) that corrects final_norm(h_L) from it and the side state; its "
-        "correction has full rank, where Up's is confined to d/r directions (0: off; default: the model's width for "
-        "--task lm, off for classify)",
+        "correction has full rank, where Up's is confined to d/r directions (default 0: off; on language modelling "
+        "it lifted the side network alone from 45%% to 49%% of LoRA's gain, but not with --retrieval)",
     )
     m.add_argument(
         "--retrieval",

@@ -62,10 +62,8 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     ppl = [e["val_perplexity"] for e in summary["epochs"]]
     assert ppl[-1] < ppl[0]
-    # The LM default reads out through an MLP as wide as the model (pac.workflow.PARALLEL_ADAPTER_DEFAULTS).
-    width = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
-    assert json.loads((out / "adapter_config.json").read_text())["readout_hidden"] == width
-    # ... and mixes in a memory of the training tokens, fit on training text: this corpus repeats itself.
+    # The LM default mixes in a memory of the training tokens, fit on training text: this corpus repeats itself.
+    assert json.loads((out / "adapter_config.json").read_text())["retrieval"]["neighbours"] > 0
     retrieval = summary["retrieval"]
     assert retrieval["weight"] > 0 and retrieval["val_perplexity"] < ppl[-1]
     assert retrieval["tokens"] > 0 and (out / "retrieval.safetensors").stat().st_size > 0
@@ -108,7 +106,7 @@ def test_bad_inputs_get_clear_errors(tiny_llama, topic_jsonl, tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(tmp_path)]) == 2
     assert "is not a pac adapter" in capsys.readouterr().err
-    negative_width = ["--task", "lm", "--readout-hidden", "-1"]  # not the LM default's "model width"
+    negative_width = ["--task", "lm", "--readout-hidden", "-1"]
     assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", *negative_width) == 2
     assert "readout_hidden must be 0 (off) or a positive width, not -1" in capsys.readouterr().err
     assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", "--retrieval") == 2  # classify
