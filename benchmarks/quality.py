@@ -72,9 +72,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         ["--no-side-network", "--readout-hidden", "576"],
     ),
     # A memory of the training tokens mixed in after training (kNN-LM over the cache's last tap).
-    "side-retrieval": ("naive side network + retrieval from the cache", ["--retrieval"]),
+    "side-retrieval": ("naive side network + retrieval from the cache: the LM default", ["--retrieval"]),
     "side-readout576-retrieval": (
-        "read-out MLP (576) + retrieval from the cache: the LM default",
+        "read-out MLP (576) + retrieval from the cache",
         ["--readout-hidden", "576", "--retrieval"],
     ),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
