@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pac.models.backbone import load_backbone, load_config
-from pac.models.retrieval import TokenMemory
+from pac.models.retrieval import TokenMemory, next_token_rows
 from pac.runtime.cache_build import build_cache
 from pac.runtime.sources import CachedTaps, Tokens
 from pac.workflow import DataOptions, load_for_inference, prepare_data
@@ -36,14 +36,18 @@ def token_scores(lora, tokens: Tokens, cached: CachedTaps, norm, rows: list[int]
     with torch.inference_mode():
         for start in range(0, len(rows), 8):
             chunk = rows[start : start + 8]
-            logits = lora.forward_batch(tokens.batch(chunk))[:, :-1].float()
             cache = cached.batch(chunk)
-            labels = cache["labels"][:, 1:]
-            keep = labels != -100
-            log_probs.append(torch.log_softmax(logits[keep], -1).gather(1, labels[keep][:, None]).squeeze(1))
-            queries.append(norm(cache["taps"][:, -1, :-1])[keep])
-            targets.append(labels[keep])
-            owners.append(torch.tensor(chunk)[:, None].expand_as(labels)[keep])
+            labels = cache["labels"]
+            target, logits, query, owner = next_token_rows(
+                labels,
+                lora.forward_batch(tokens.batch(chunk)).float(),
+                norm(cache["taps"][:, -1]),
+                torch.tensor(chunk)[:, None].expand_as(labels),
+            )
+            log_probs.append(torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1))
+            queries.append(query)
+            targets.append(target)
+            owners.append(owner)
     return torch.cat(log_probs), torch.cat(queries), torch.cat(targets), torch.cat(owners)
 
 

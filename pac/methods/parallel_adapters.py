@@ -27,7 +27,7 @@ from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
 from pac.models.loading import Checkpoint
-from pac.models.retrieval import TokenMemory, target_log_probs
+from pac.models.retrieval import TokenMemory, next_token_rows, target_log_probs
 from pac.models.side import SideNetwork
 
 METHOD_TYPE = "PARALLEL_ADAPTERS"
@@ -273,13 +273,17 @@ def attach_memory(model: ParallelAdapterModel, train_source: Any, seed: int = 0,
     with torch.inference_mode():
         for chunk in rows.split(8):  # a training batch's worth of taps at a time
             batch = train_source.batch(chunk.tolist())
-            taps, mask, labels = batch["taps"], batch["attention_mask"], batch["labels"][:, 1:]
-            keep = labels != -100
-            hidden = model.lm_hidden(taps, mask)[:, :-1][keep]
-            log_probs.append(target_log_probs(hidden, model.top.lm_head.weight, model.vocab_bias, labels[keep]))
-            queries.append(model.top.final_norm(taps[:, -1, :-1])[keep])
-            targets.append(labels[keep])
-            owners.append(chunk[:, None].expand_as(labels)[keep])
+            taps, labels = batch["taps"], batch["labels"]
+            target, hidden, query, owner = next_token_rows(
+                labels,
+                model.lm_hidden(taps, batch["attention_mask"]),
+                model.top.final_norm(taps[:, -1]),
+                chunk[:, None].expand_as(labels),
+            )
+            log_probs.append(target_log_probs(hidden, model.top.lm_head.weight, model.vocab_bias, target))
+            queries.append(query)
+            targets.append(target)
+            owners.append(owner)
     model.train(was_training)
     loss = memory.fit(torch.cat(log_probs), torch.cat(queries), torch.cat(targets), torch.cat(owners))
     model.memory = memory

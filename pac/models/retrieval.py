@@ -68,15 +68,15 @@ class TokenMemory:
             for start in range(0, len(source), batch_size):
                 index = list(range(start, min(start + batch_size, len(source))))
                 batch = source.batch(index)
-                targets = batch["labels"][:, 1:]
-                keep = targets != -100
-                states = final_norm(batch["taps"][:, -1, :-1])[keep]
+                labels = batch["labels"]
+                owner = torch.tensor(index)[:, None].expand_as(labels)
+                targets, states, owner = next_token_rows(labels, final_norm(batch["taps"][:, -1]), owner)
                 if keys is None:  # at most every position of every sample
-                    keys = states.new_empty(len(source) * targets.shape[1], states.shape[-1], dtype=torch.float16)
+                    keys = states.new_empty(len(source) * labels.shape[1], states.shape[-1], dtype=torch.float16)
                 keys[filled : filled + len(states)] = states
                 filled += len(states)
-                values.append(targets[keep])
-                rows.append(torch.tensor(index)[:, None].expand_as(targets)[keep])
+                values.append(targets)
+                rows.append(owner)
         if keys is None:
             raise PacError("a token memory needs at least one training token")
         return cls(keys[:filled], torch.cat(values), torch.cat(rows))
@@ -108,21 +108,21 @@ class TokenMemory:
     def _neighbour_weights(self, dist: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.softmax(-dist / temperature, dim=-1)  # excluded keys (inf) get weight 0
 
+    @staticmethod
+    def _mix(lm_log_p: torch.Tensor, memory_p: torch.Tensor, weight: float) -> torch.Tensor:
+        """log((1 - w) p_adapter + w p_memory), from log p_adapter and p_memory."""
+        return torch.logaddexp(lm_log_p + math.log1p(-weight), (weight * memory_p).log())
+
     def mix_target(
         self,
         lm_log_probs: torch.Tensor,
         dist: torch.Tensor,
         index: torch.Tensor,
         targets: torch.Tensor,
-        weight: float | None = None,
-        temperature: float | None = None,
     ) -> torch.Tensor:
         """log p(target) of the mixture, from the adapter's log p(target) [n] and the neighbours."""
-        weight = self.weight if weight is None else weight
-        temperature = self.temperature if temperature is None else temperature
         hits = self.values[index] == targets[:, None]
-        memory_p = (self._neighbour_weights(dist, temperature) * hits).sum(1)
-        return torch.logaddexp(lm_log_probs + math.log1p(-weight), (weight * memory_p).log())
+        return self._mix(lm_log_probs, (self._neighbour_weights(dist, self.temperature) * hits).sum(1), self.weight)
 
     def mix_logits(self, logits: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """log p over the whole vocabulary ([..., V]) for queries [..., d]: what generation samples from."""
@@ -134,7 +134,7 @@ class TokenMemory:
         memory_p = torch.zeros_like(log_p).scatter_add_(
             1, self.values[index], self._neighbour_weights(dist, self.temperature)
         )
-        return torch.logaddexp(log_p + math.log1p(-self.weight), (self.weight * memory_p).log()).reshape(shape)
+        return self._mix(log_p, memory_p, self.weight).reshape(shape)
 
     def lm_loss(
         self,
@@ -147,13 +147,7 @@ class TokenMemory:
     ) -> torch.Tensor:
         """Mean next-token loss of the mixture: hidden [B, T, d] is what the LM head reads, queries [B, T, d]
         are final_norm(h_L). Only each target's probability is built, a chunk of tokens at a time."""
-        targets = labels[:, 1:].reshape(-1)
-        keep = targets != -100
-        hidden, queries, targets = (
-            hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep],
-            queries[:, :-1].reshape(-1, queries.shape[-1])[keep],
-            targets[keep],
-        )
+        targets, hidden, queries = next_token_rows(labels, hidden, queries)
         lm_log_probs = target_log_probs(hidden, head, bias, targets, chunk)
         if self.weight == 0.0:
             return -lm_log_probs.mean()
@@ -167,10 +161,12 @@ class TokenMemory:
         """Pick the weight and temperature that minimise the loss of training tokens (`rows`: their samples),
         each scored against the other samples' keys. Returns that loss."""
         dist, index = self.search(queries, exclude_rows=rows)
+        hits = self.values[index] == targets[:, None]
         best = (math.inf, 0.0, 1.0)
         for temperature in TEMPERATURES:
+            memory_p = (self._neighbour_weights(dist, temperature) * hits).sum(1)
             for weight in WEIGHTS:
-                loss = -self.mix_target(lm_log_probs, dist, index, targets, weight, temperature).mean().item()
+                loss = -self._mix(lm_log_probs, memory_p, weight).mean().item()
                 best = min(best, (loss, weight, temperature))
         _, self.weight, self.temperature = best
         return best[0]
@@ -204,6 +200,14 @@ class TokenMemory:
             settings["weight"],
             settings["temperature"],
         )
+
+
+def next_token_rows(labels: torch.Tensor, *per_position: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The targets (labels [B, T] shifted by one, -100 dropped) and, for each [B, T, ...] tensor, its rows at
+    the positions that predict them."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return (targets[keep], *(t[:, :-1][keep] for t in per_position))
 
 
 def target_log_probs(
