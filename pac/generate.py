@@ -59,7 +59,7 @@ def generate_ids(
         mask = torch.ones_like(sequence)
         out = backbone(step_input, mask, taps=adapter.taps, past_key_values=backbone_cache)
         taps = torch.stack([out.taps[t] for t in adapter.taps], 1)
-        logits = adapter(taps, mask, past_key_values=side_cache)[:, -1]
+        logits = adapter(taps, mask, past_key_values=side_cache, last_only=True)[:, -1]
         token = next_token(logits, temperature, top_p, generator)
         new.append(token)
         sequence = torch.cat([sequence, token], 1)

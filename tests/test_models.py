@@ -15,6 +15,7 @@ from pac.generate import generate_ids
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import Checkpoint
+from pac.models.retrieval import TokenMemory
 from pac.models.side import SideNetwork
 
 
@@ -135,6 +136,22 @@ def test_generation_with_kv_cache_equals_recompute(tiny_llama):
     recomputed = generate_ids(backbone, adapter, prompt, max_new_tokens=8, use_cache=False)
     assert cached.shape == (1, 8)
     assert cached.tolist() == recomputed.tolist()
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_last_only_forward_is_the_last_position_of_the_full_one(tiny_llama, side):
+    """What generation reads: the last position's mixture with the memory, without the others' head products."""
+    backbone = load_backbone(tiny_llama)
+    config = ParallelAdapterConfig(task="lm", reduction=4, side_network=side, readout_hidden=0 if side else 16)
+    adapter = ParallelAdapterModel(backbone, config).eval()
+    ids, mask = _inputs(backbone.config.vocab_size)
+    taps = torch.stack([backbone(ids, mask, taps=adapter.taps).taps[t] for t in adapter.taps], 1)
+    keys = torch.randn(40, backbone.hidden_size, generator=torch.Generator().manual_seed(0))
+    adapter.memory = TokenMemory(keys, torch.arange(40) % 7, neighbours=5, weight=0.3, temperature=10.0)
+    with torch.no_grad():
+        full, last = adapter(taps, mask), adapter(taps, mask, last_only=True)
+    assert last.shape == (2, 1, backbone.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])
 
 
 MEMORY_PROBE = """

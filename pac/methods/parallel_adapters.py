@@ -141,19 +141,29 @@ class ParallelAdapterModel(nn.Module):
         # attached after training, saved in its own file, never trained.
         self.memory: TokenMemory | None = None
 
-    def forward(self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None) -> torch.Tensor:
+    def forward(
+        self, taps: torch.Tensor, attention_mask: torch.Tensor, past_key_values: Any = None, last_only: bool = False
+    ) -> torch.Tensor:
         """taps: [B, len(self.taps), T, d] (tap order as self.taps; the last one is h_L). With a token
-        memory (language modelling) the result is the log-probabilities of the mixture."""
-        if self.side is None:
-            base = self._corrected(self._base(taps[:, -1]), None)
+        memory (language modelling) the result is the log-probabilities of the mixture. last_only (language
+        modelling): only the last position's next-token distribution, [B, 1, V]; generation reads nothing
+        else, and a long prompt would otherwise cost a vocabulary product and a memory search per token."""
+        if last_only and self.head is not None:
+            raise PacError("last_only is for language modelling: a classification head reads every position")
+        side_state = self.side.state(taps, attention_mask, past_key_values) if self.side is not None else None
+        h_last = taps[:, -1]
+        if last_only:  # the side blocks still read every position: their KV cache needs them
+            h_last = h_last[:, -1:]
+            side_state = side_state[:, -1:] if side_state is not None else None
+        if side_state is None:
+            base = self._corrected(self._base(h_last), None)
             logits = self.head(base, attention_mask) if self.head is not None else self.top.logits(base)
             logits = logits if self.vocab_bias is None else logits + self.vocab_bias
         else:
-            side_state = self.side.state(taps, attention_mask, past_key_values)
-            logits = self.logits_from_state(taps[:, -1], side_state, attention_mask)
+            logits = self.logits_from_state(h_last, side_state, attention_mask)
         if self.memory is None:
             return logits
-        return self.memory.mix_logits(logits, self.top.final_norm(taps[:, -1]))
+        return self.memory.mix_logits(logits, self.top.final_norm(h_last))
 
     def lm_hidden(self, taps: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """What the LM head reads: final_norm(h_L) + Up(s_L) (+ the read-out MLP's correction)."""
