@@ -77,6 +77,14 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "read-out MLP (576) + retrieval from the cache",
         ["--readout-hidden", "576", "--retrieval"],
     ),
+    # Training on per-token shortlists of the frozen head's likeliest words (pac.models.shortlist); evaluation
+    # still scores the whole vocabulary.
+    "side-shortlist64": ("side network trained on shortlists of 64 words", ["--shortlist", "64"]),
+    "side-shortlist256": ("side network trained on shortlists of 256 words", ["--shortlist", "256"]),
+    "side-retrieval-shortlist256": (
+        "shortlists of 256 words + retrieval from the cache",
+        ["--shortlist", "256", "--retrieval"],
+    ),
     "side-bs4": ("batch 4 (twice the steps)", ["--batch-size", "4"]),
     # Mixed precision, for both sides of the comparison: bf16 products in the training steps.
     "side-bf16": ("bf16 training steps (`--precision bf16`)", ["--precision", "bf16"]),
@@ -115,7 +123,14 @@ NAIVE_SIDE = ["--reduction", "8", "--side-init", "random", "--readout-hidden", "
 NAIVE_LR = {"classify": 3e-3, "lm": 1e-3}
 TASK_ONLY = {
     "classify": {"probe", "side-last", "side-readout-side"},
-    "lm": {"side-vocab-bias", "side-retrieval", "side-readout576-retrieval"},
+    "lm": {
+        "side-vocab-bias",
+        "side-retrieval",
+        "side-readout576-retrieval",
+        "side-shortlist64",
+        "side-shortlist256",
+        "side-retrieval-shortlist256",
+    },
 }
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
 
@@ -213,6 +228,7 @@ def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
         "cache_bytes_per_sample": summary.get("cache_bytes_per_sample"),
         "best_epoch": summary.get("best_epoch"),
         "retrieval": summary.get("retrieval"),
+        "shortlist": summary.get("shortlist"),
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -257,6 +273,7 @@ def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
             "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in seeds),
             "trainable_params": seeds[0]["trainable_params"],
             "retrieval_seconds": _mean([s["retrieval"]["seconds"] for s in seeds]) if seeds[0].get("retrieval") else 0,
+            "shortlist_seconds": _mean([s["shortlist"]["seconds"] for s in seeds]) if seeds[0].get("shortlist") else 0,
         }
     return rows
 
@@ -293,11 +310,39 @@ def report(task: str, runs: dict[str, dict]) -> str:
                 # bf16 against bf16: the same precision on both sides of a ratio
                 bf16 = name.endswith("-bf16") and "lora-bf16" in rows
                 ref, ref_label = (rows["lora-bf16"], "LoRA bf16") if bf16 else (lora, "LoRA")
-                once = f"; retrieval adds {r['retrieval_seconds']:.0f} s once" if r["retrieval_seconds"] else ""
+                once = "".join(
+                    f"; {what} adds {r[f'{what}_seconds']:.0f} s once"
+                    for what in ("shortlist", "retrieval")
+                    if r[f"{what}_seconds"]
+                )
                 lines.append(
                     f"- {name}: epoch {ref['epoch_seconds'] / r['epoch_seconds']:.1f}x faster than {ref_label}'s, "
                     f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.0%} of {ref_label}'s{once}"
                 )
+    return "\n".join(lines) + "\n"
+
+
+def compact(task: str, runs: dict[str, dict]) -> str:
+    """The README's table: one line per configuration, rounded (the full one is `report`)."""
+    rows = aggregate(task, runs)
+    order = list(CONFIGS)
+    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    zero, lora = rows.get("zero-shot"), rows.get("lora")
+    if task == "lm":
+        lines = ["| configuration | perplexity | of LoRA's log-ppl reduction | seeds | s/epoch | peak RSS |"]
+        rows.pop("zero-shot", None)
+    else:
+        lines = ["| configuration | accuracy | seeds | s/epoch | peak RSS |"]
+    lines.append("|" + "---|" * (lines[0].count("|") - 1))
+    for name, r in rows.items():
+        value = f"{r['final_mean']:.3f}" + (f" ± {r['final_std']:.3f}" if r["seeds"] > 1 else "")
+        cells = [name, value]
+        if task == "lm":
+            gain = math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
+            cells.append(f"{gain:.0%}")
+        seconds = "—" if name == "zero-shot" else f"{r['epoch_seconds']:.0f}"
+        cells += [str(r["seeds"]), seconds, f"{r['peak_rss_mb'] / 1024:.2f} GB"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +434,7 @@ def main() -> None:
                 path.write_text(json.dumps(store, indent=2) + "\n")  # keep every finished run
     table = report(args.task, runs)
     (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
+    (RESULTS / f"quality_{args.task}_compact.md").write_text(compact(args.task, runs))
     plot(args.task, runs, RESULTS / f"quality_{args.task}.png")
     print(table)
     curves = learning_curve(args.task, store, args.val_size, args.epochs)

@@ -210,6 +210,16 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "share that file only where the text may go (default: on for --task lm)",
     )
     m.add_argument(
+        "--shortlist",
+        type=int,
+        default=0,
+        metavar="K",
+        help="lm, plain side network: before the first epoch, keep for every training token the K words the "
+        "frozen backbone finds likeliest (and the target), and train on those plus one term for the rest of the "
+        "vocabulary, instead of all 49k words at every step; evaluation always scores the whole vocabulary "
+        "(default 0: off)",
+    )
+    m.add_argument(
         "--no-side-network",
         action="store_true",
         help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
@@ -419,6 +429,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"with retrieval from {r['tokens']:,} training tokens (weight {r['weight']}, temperature "
             f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB): val_perplexity {r['val_perplexity']:.4f}"
         )
+    if "shortlist" in summary:
+        s = summary["shortlist"]
+        print(f"shortlists of {s['size']} words per training token: {s['mb']:.0f} MB, built in {s['seconds']:.1f} s")
     if "best_epoch" in summary:
         print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
     print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")

@@ -37,6 +37,7 @@ from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
+from pac.models.shortlist import Shortlisted
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
@@ -108,6 +109,7 @@ class TrainOptions:
     readout_hidden: int | None = None  # None: the task's default (0: no read-out MLP)
     side_network: bool = True
     retrieval: bool | None = None  # None: the task's default; lm: mix in a memory of the training tokens
+    shortlist: int = 0  # lm, plain side network: train on per-token shortlists of K words (pac.models.shortlist)
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
     # lora / dora / boundary
@@ -189,10 +191,18 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         raise PacError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
     if opts.retrieval and (opts.method != "parallel-adapters" or opts.data.task != "lm"):
         raise PacError("--retrieval is for --method parallel-adapters --task lm: drop it")
+    if opts.shortlist and (opts.method != "parallel-adapters" or opts.data.task != "lm"):
+        raise PacError("--shortlist is for --method parallel-adapters --task lm: drop it")
     if opts.method != "parallel-adapters":
         return opts
     unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
-    return replace(opts, **unset)
+    opts = replace(opts, **unset)
+    if opts.shortlist and (opts.readout_hidden or opts.vocab_bias or opts.train_final_norm or not opts.side_network):
+        raise PacError(
+            "--shortlist trains the plain side network: drop --readout-hidden, --vocab-bias, --train-final-norm "
+            "and --no-side-network, or drop --shortlist"
+        )
+    return opts
 
 
 def train(opts: TrainOptions) -> dict[str, Any]:
@@ -295,10 +305,17 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers))
     train_source, val_source, holdout_source = _cached_sources(built, data)
     model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
+    shortlist: dict[str, Any] = {}
+    training_source: Any = train_source
+    if opts.shortlist:
+        started = time.perf_counter()
+        training_source = Shortlisted(train_source, model.top.final_norm, model.top.lm_head.weight, opts.shortlist)
+        seconds = time.perf_counter() - started
+        shortlist = {"size": opts.shortlist, "mb": training_source.nbytes() / 1e6, "seconds": seconds}
     trainer = Trainer(
         model,
         opts.data.task,
-        train_source,
+        training_source,
         train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"]),
         out,
         val=val_source,
@@ -322,7 +339,8 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
             "seconds": time.perf_counter() - started,
         }
     saved = save_parallel_adapter(out, adapter_config, model, epochs)
-    return {**saved, **_cache_summary(built), **({"retrieval": retrieval} if retrieval else {})}
+    extras = {"retrieval": retrieval, "shortlist": shortlist}
+    return {**saved, **_cache_summary(built), **{k: v for k, v in extras.items() if v}}
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:

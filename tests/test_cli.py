@@ -86,6 +86,21 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     assert main([*argv, "--max-new-tokens", "5", "--no-retrieval"]) == 0
 
 
+def test_language_modelling_on_shortlists(tiny_llama, topic_jsonl, tmp_path, capsys):
+    """Training on shortlists learns; every reported perplexity still scores the whole vocabulary."""
+    out = tmp_path / "lm"
+    argv = ["--task", "lm", "--lr", "1e-2", "--shortlist", "8", "--no-retrieval"]
+    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ppl = [e["val_perplexity"] for e in summary["epochs"]]
+    assert ppl[-1] < ppl[0]
+    assert summary["shortlist"]["size"] == 8 and summary["shortlist"]["mb"] > 0
+    assert "shortlists of 8 words per training token" in capsys.readouterr().out
+    argv = ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+    assert main([*argv, "--task", "lm"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
+
+
 def test_lora_baseline_is_one_flag_away(tiny_llama, topic_jsonl, tmp_path, capsys):
     out = tmp_path / "lora"
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", "lora", "--epochs", "1") == 0
@@ -111,6 +126,11 @@ def test_bad_inputs_get_clear_errors(tiny_llama, topic_jsonl, tmp_path, capsys):
     assert "readout_hidden must be 0 (off) or a positive width, not -1" in capsys.readouterr().err
     assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", "--retrieval") == 2  # classify
     assert "--retrieval is for --method parallel-adapters --task lm" in capsys.readouterr().err
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", "--shortlist", "8") == 2  # classify
+    assert "--shortlist is for --method parallel-adapters --task lm" in capsys.readouterr().err
+    with_mlp = ["--task", "lm", "--shortlist", "8", "--readout-hidden", "16"]
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c", *with_mlp) == 2
+    assert "--shortlist trains the plain side network" in capsys.readouterr().err
 
 
 def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, tmp_path, capsys):

@@ -28,6 +28,7 @@ from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
 from pac.models.loading import Checkpoint
 from pac.models.retrieval import TokenMemory, next_token_rows, target_log_probs
+from pac.models.shortlist import shortlist_lm_loss
 from pac.models.side import SideNetwork
 
 METHOD_TYPE = "PARALLEL_ADAPTERS"
@@ -215,6 +216,13 @@ class ParallelAdapterModel(nn.Module):
         # blocks in fp32 and the products with the vocabulary-sized head in bf16). GPU autocast is untouched.
         with torch.autocast("cpu", enabled=False):
             side_state = self.side.state(taps, mask)
+            if "shortlist_index" in batch:  # a training batch of pac.models.shortlist.Shortlisted: no big products
+                if self.readout_mlp is not None or self.vocab_bias is not None or self.final_norm is not None:
+                    raise PacError(
+                        "--shortlist trains the plain side network: drop the read-out MLP, the vocab bias "
+                        "and the trainable final norm, or drop --shortlist"
+                    )
+                return shortlist_lm_loss(side_state, self.side.up, self.top.lm_head.weight, batch)
         return self.loss_from_state(taps[:, -1], side_state, mask, batch["labels"])
 
     def loss_from_state(

@@ -1,0 +1,85 @@
+"""Shortlists (pac.models.shortlist): the (K+1)-way training loss against the whole-vocabulary one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pac.errors import PacError
+from pac.models.shortlist import shortlist_lm_loss, shortlist_rows
+
+VOCAB, HIDDEN, WIDTH = 40, 12, 4
+
+
+def _problem(seed: int = 0, up_scale: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randn(VOCAB, HIDDEN, generator=g)
+    base = torch.randn(2, 6, HIDDEN, generator=g)
+    state = torch.randn(2, 6, WIDTH, generator=g).requires_grad_(True)
+    labels = torch.randint(VOCAB, (2, 6), generator=g)
+    labels[1, 4:] = -100  # padding at the end of the second row
+    up = torch.nn.Linear(WIDTH, HIDDEN)
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(HIDDEN, WIDTH, generator=g) * up_scale)
+        up.bias.copy_(torch.randn(HIDDEN, generator=g) * up_scale)
+    return head, base, state, labels, up
+
+
+def _exact(head, base, state, labels, up) -> torch.Tensor:
+    logits = (base + up(state)) @ head.T
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _shortlisted(head, base, state, labels, up, size: int) -> torch.Tensor:
+    targets = labels[:, 1:].clamp_min(0)
+    rows = shortlist_rows(base[:, :-1].flatten(0, 1), targets.flatten(), head, size)
+    batch = {"labels": labels, **{k: v.unflatten(0, targets.shape) for k, v in rows.items()}}
+    return shortlist_lm_loss(state, up, head, batch)
+
+
+def _grads(loss: torch.Tensor, up: torch.nn.Linear, state: torch.Tensor) -> list[torch.Tensor]:
+    return torch.autograd.grad(loss, [up.weight, up.bias, state])
+
+
+def test_a_shortlist_of_all_but_one_word_is_the_exact_loss():
+    """With one word left in the tail, its log-sum-exp and mean row are exact: so is the loss."""
+    head, base, state, labels, up = _problem()
+    exact, listed = _exact(head, base, state, labels, up), _shortlisted(head, base, state, labels, up, VOCAB - 1)
+    # fp16 base logits in the shortlist: agreement to their rounding
+    torch.testing.assert_close(listed, exact, rtol=1e-3, atol=1e-3)
+    for a, b in zip(_grads(listed, up, state), _grads(exact, up, state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_at_zero_correction_value_and_gradient_are_exact_for_any_size():
+    """The tail term is the first-order expansion: where training starts (Up = 0) it is exact to first order."""
+    head, base, state, labels, up = _problem(up_scale=0.0)
+    exact, listed = _exact(head, base, state, labels, up), _shortlisted(head, base, state, labels, up, 5)
+    torch.testing.assert_close(listed, exact, rtol=1e-3, atol=1e-3)
+    for a, b in zip(_grads(listed, up, state), _grads(exact, up, state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [2, 5, 20])
+def test_away_from_zero_the_shortlist_loss_is_a_lower_bound(size):
+    head, base, state, labels, up = _problem(seed=size)
+    assert _shortlisted(head, base, state, labels, up, size) <= _exact(head, base, state, labels, up) + 1e-4
+
+
+def test_slot_zero_holds_the_target_and_the_rest_the_likeliest_other_words():
+    head, base, _, labels, _ = _problem()
+    rows = shortlist_rows(base[0], labels[0].clamp_min(0), head, 4)
+    logits = base[0] @ head.T
+    for t, target in enumerate(labels[0].tolist()):
+        assert rows["shortlist_index"][t, 0] == target
+        others = logits[t].clone()
+        others[target] = -torch.inf
+        assert set(rows["shortlist_index"][t, 1:].tolist()) == set(others.topk(3).indices.tolist())
+
+
+@pytest.mark.parametrize("size", [1, VOCAB])
+def test_sizes_that_leave_no_choice_or_no_tail_are_refused(size):
+    head, base, _, labels, _ = _problem()
+    with pytest.raises(PacError, match="between 2 and"):
+        shortlist_rows(base[0], labels[0].clamp_min(0), head, size)
