@@ -98,6 +98,9 @@ def test_stages_by_hand_and_bad_stage_specs(tiny_llama, topic_jsonl, tmp_path, c
     assert _launch(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", "--stages", "0-1,3-3,2-2") == 2
     shown = capsys.readouterr()
     assert "contiguous" in shown.err and "joined" not in shown.out  # refused before any peer is asked
+    pipelined = ["--task", "lm", "--mode", "side-pipeline", "--shortlist", "8"]
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", *pipelined) == 2
+    assert "--shortlist runs in the shuffle and replicated modes" in capsys.readouterr().err
 
 
 def test_local_ports_are_below_the_ephemeral_range_and_free():
@@ -279,14 +282,16 @@ def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
     assert codes == [3]
 
 
-@pytest.mark.parametrize("mode", ["shuffle", "side-pipeline"])
-def test_language_modelling_across_peers_equals_one_device(mode, tiny_llama, topic_jsonl, tmp_path):
-    """Token-weighted losses: ranks' shares of a batch differ in token count, the mean must not."""
+@pytest.mark.parametrize("mode, shortlist", [("shuffle", 0), ("side-pipeline", 0), ("shuffle", 8)])
+def test_language_modelling_across_peers_equals_one_device(mode, shortlist, tiny_llama, topic_jsonl, tmp_path):
+    """Token-weighted losses: ranks' shares of a batch differ in token count, the mean must not. With
+    shortlists each peer digests its own share of the cache: the same adapter again."""
     options = _options(tiny_llama, topic_jsonl, tmp_path / "single", tmp_path / "cache")
-    options.data.task = "lm"
+    options.data.task, options.shortlist = "lm", shortlist
     single = train(options)
     out = tmp_path / "out"
-    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--task", "lm", "--mode", mode) == 0
+    argv = ["--task", "lm", "--mode", mode, "--shortlist", str(shortlist)]
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
     expected = load_file(tmp_path / "single" / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     for name in expected:

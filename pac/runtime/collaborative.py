@@ -29,6 +29,7 @@ from pac.cache import CacheReader
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.loading import pac_home, resolve_model
+from pac.models.shortlist import Shortlisted
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
 from pac.runtime.cache_build import build_cache, model_fingerprint
@@ -220,7 +221,7 @@ def _phase_two(
     progress: Progress | None,
 ) -> dict[str, Any]:
     opts, plan, rank = job.options, job.plan, job.rank
-    local: dict[str, CachedTaps] = {}
+    local: dict[str, CachedTaps | Shortlisted] = {}
     for name in splits:  # each cache was built (and verified) by this run's phase 1; its manifest has the spec
         local[name] = CachedTaps(CacheReader(caches[name]))
     prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
@@ -246,6 +247,9 @@ def _phase_two(
             rank=rank,
         )
     else:
+        if opts.shortlist:  # each rank digests its own share of the training cache (pac.models.shortlist)
+            head = model.top.lm_head.weight
+            local["train"] = Shortlisted(local["train"], model.top.final_norm, head, opts.shortlist)
         sources = {
             name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
             for name, data in splits.items()

@@ -115,6 +115,9 @@ class Coordinator:
         if options.precision != "fp32" and settings.mode == "side-pipeline":
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
+        if options.shortlist and settings.mode == "side-pipeline":
+            # Its last stage alone computes the loss, from side states the other peers send it.
+            raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
         if options.retrieval:
             # The memory would need every peer's share of the training cache in one place.
             raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
