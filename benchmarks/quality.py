@@ -81,6 +81,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     # still scores the whole vocabulary.
     "side-shortlist64": ("side network trained on shortlists of 64 words", ["--shortlist", "64"]),
     "side-shortlist256": ("side network trained on shortlists of 256 words", ["--shortlist", "256"]),
+    "side-shortlist1024": ("side network trained on shortlists of 1024 words", ["--shortlist", "1024"]),
     "side-retrieval-shortlist256": (
         "shortlists of 256 words + retrieval from the cache",
         ["--shortlist", "256", "--retrieval"],
@@ -129,6 +130,7 @@ TASK_ONLY = {
         "side-readout576-retrieval",
         "side-shortlist64",
         "side-shortlist256",
+        "side-shortlist1024",
         "side-retrieval-shortlist256",
     },
 }

@@ -216,8 +216,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         metavar="K",
         help="lm, plain side network: before the first epoch, keep for every training token the K words the "
         "frozen backbone finds likeliest (and the target), and train on those plus one term for the rest of the "
-        "vocabulary, instead of all 49k words at every step; evaluation always scores the whole vocabulary "
-        "(default 0: off)",
+        "vocabulary, instead of the whole vocabulary (49k words on SmolLM2) at every step; evaluation always "
+        "scores the whole vocabulary (default 0: off)",
     )
     m.add_argument(
         "--no-side-network",
@@ -431,7 +431,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if "shortlist" in summary:
         s = summary["shortlist"]
-        print(f"shortlists of {s['size']} words per training token: {s['mb']:.0f} MB, built in {s['seconds']:.1f} s")
+        made = f"built in {s['seconds']:.1f} s" if s["built_files"] else "from an earlier run"
+        print(f"shortlists of {s['size']} words per training token: {s['mb']:.0f} MB beside the cache, {made}")
     if "best_epoch" in summary:
         print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
     print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")

@@ -309,9 +309,14 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     training_source: Any = train_source
     if opts.shortlist:
         started = time.perf_counter()
-        training_source = Shortlisted(train_source, model.top.final_norm, model.top.lm_head.weight, opts.shortlist)
-        seconds = time.perf_counter() - started
-        shortlist = {"size": opts.shortlist, "mb": training_source.nbytes() / 1e6, "seconds": seconds}
+        top = model.top
+        training_source = Shortlisted(train_source, model.taps[-1], top.final_norm, top.lm_head.weight, opts.shortlist)
+        shortlist = {
+            "size": opts.shortlist,
+            "mb": training_source.nbytes() / 1e6,
+            "built_files": training_source.built,  # 0: an earlier run on this cache built them
+            "seconds": time.perf_counter() - started,
+        }
     trainer = Trainer(
         model,
         opts.data.task,

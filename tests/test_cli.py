@@ -86,19 +86,31 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     assert main([*argv, "--max-new-tokens", "5", "--no-retrieval"]) == 0
 
 
-def test_language_modelling_on_shortlists(tiny_llama, topic_jsonl, tmp_path, capsys):
+def test_language_modelling_on_shortlists(tiny_llama, topic_jsonl, tmp_path, capsys, caplog):
     """Training on shortlists learns; every reported perplexity still scores the whole vocabulary."""
     out = tmp_path / "lm"
-    argv = ["--task", "lm", "--lr", "1e-2", "--shortlist", "8", "--no-retrieval"]
-    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
+    train_argv = ["--task", "lm", "--lr", "1e-2", "--shortlist", "8", "--no-retrieval"]
+    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", *train_argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     ppl = [e["val_perplexity"] for e in summary["epochs"]]
     assert ppl[-1] < ppl[0]
     assert summary["shortlist"]["size"] == 8 and summary["shortlist"]["mb"] > 0
+    assert summary["shortlist"]["built_files"] > 0
     assert "shortlists of 8 words per training token" in capsys.readouterr().out
     argv = ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
     assert main([*argv, "--task", "lm"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
+    # They live beside the cache: the next run reuses them, and one cut short is rebuilt, not trained on.
+    files = sorted((tmp_path / "cache").glob("*/shortlists-8/*.safetensors"))
+    assert files
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "again", tmp_path / "cache", *train_argv) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["shortlist"]["built_files"] == 0 and [e["val_perplexity"] for e in again["epochs"]] == ppl
+    files[0].write_bytes(files[0].read_bytes()[:-100])
+    assert _train(tiny_llama, topic_jsonl, tmp_path / "cut", tmp_path / "cache", *train_argv) == 0
+    assert "rebuilding" in caplog.text and "cannot be read back" in caplog.text
+    rebuilt = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert rebuilt["shortlist"]["built_files"] == 1 and [e["val_perplexity"] for e in rebuilt["epochs"]] == ppl
 
 
 def test_lora_baseline_is_one_flag_away(tiny_llama, topic_jsonl, tmp_path, capsys):

@@ -248,8 +248,8 @@ def _phase_two(
         )
     else:
         if opts.shortlist:  # each rank digests its own share of the training cache (pac.models.shortlist)
-            head = model.top.lm_head.weight
-            local["train"] = Shortlisted(local["train"], model.top.final_norm, head, opts.shortlist)
+            head, norm = model.top.lm_head.weight, model.top.final_norm
+            local["train"] = Shortlisted(local["train"], model.taps[-1], norm, head, opts.shortlist)
         sources = {
             name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
             for name, data in splits.items()
