@@ -120,7 +120,17 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 # Every side-* lever is measured against the same naive side network, pinned here so that changing
 # pac's defaults never changes what a recorded configuration means.
-NAIVE_SIDE = ["--reduction", "8", "--side-init", "random", "--readout-hidden", "0", "--no-retrieval"]
+NAIVE_SIDE = [
+    "--reduction",
+    "8",
+    "--side-init",
+    "random",
+    "--readout-hidden",
+    "0",
+    "--no-retrieval",
+    "--shortlist",
+    "0",
+]
 NAIVE_LR = {"classify": 3e-3, "lm": 1e-3}
 TASK_ONLY = {
     "classify": {"probe", "side-last", "side-readout-side"},

@@ -212,12 +212,12 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--shortlist",
         type=int,
-        default=0,
         metavar="K",
         help="lm, plain side network: before the first epoch, keep for every training token the K words the "
         "frozen backbone finds likeliest (and the target), and train on those plus one term for the rest of the "
         "vocabulary, instead of the whole vocabulary (49k words on SmolLM2) at every step; evaluation always "
-        "scores the whole vocabulary (default 0: off)",
+        "scores the whole vocabulary. The shortlists are stored beside the activation cache and reused "
+        "(default: 256 for --task lm with the plain side network; 0: train on every word)",
     )
     m.add_argument(
         "--no-side-network",

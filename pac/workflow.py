@@ -37,7 +37,7 @@ from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
-from pac.models.shortlist import Shortlisted
+from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
@@ -53,14 +53,22 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Classification: the plain side network (0.948 +- 0.001) already matches LoRA r=8 (0.950 +- 0.008), and no
     # lever beat it by more than its noise: dropout + weight decay 0.950 +- 0.004, read-out MLP 0.949 +- 0.012,
     # pruned init 0.943, 3x LR 0.945, last-token read-out 0.846, side-only read-out 0.941.
-    "classify": {"lr": 3e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": False},
+    "classify": {
+        "lr": 3e-3,
+        "reduction": 8,
+        "side_init": "random",
+        "readout_hidden": 0,
+        "retrieval": False,
+        "shortlist": 0,
+    },
     # Language modelling: the plain side network plus a memory of the training tokens (retrieval, a kNN-LM over
     # the cache's last tap; pac.models.retrieval): perplexity 29.71 -> 27.02 +- 0.13, 65% of LoRA's
     # log-perplexity reduction where no trained lever passed 50%, at the plain epoch time plus ~1 minute once.
     # The best trained lever, a read-out MLP as wide as the model (29.07 +- 0.05, 49%), gains less with the
     # memory (27.38 +- 0.20, 62%): it fits the training text closer, so the weight fit on that text comes out
     # smaller. 3x LR 29.22 +- 0.08; width d/4 29.06 +- 0.06 at 1.4x the epoch and 36% of LoRA's memory.
-    "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True},
+    # Trained on shortlists of 256 words (pac.models.shortlist): SHORTLIST_EFFECT.
+    "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True, "shortlist": 256},
 }
 LORA_LR = 5e-4
 
@@ -109,7 +117,7 @@ class TrainOptions:
     readout_hidden: int | None = None  # None: the task's default (0: no read-out MLP)
     side_network: bool = True
     retrieval: bool | None = None  # None: the task's default; lm: mix in a memory of the training tokens
-    shortlist: int = 0  # lm, plain side network: train on per-token shortlists of K words (pac.models.shortlist)
+    shortlist: int | None = None  # None: the task's default; lm: train on per-token shortlists of K words
     cache_dir: str | None = None
     cache_dtype: str = "fp16"
     # lora / dora / boundary
@@ -198,6 +206,8 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
     unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
     opts = replace(opts, **unset)
     if opts.shortlist and (opts.readout_hidden or opts.vocab_bias or opts.train_final_norm or not opts.side_network):
+        if "shortlist" in unset:  # the default is for the plain side network: the others train on every word
+            return replace(opts, shortlist=0)
         raise PacError(
             "--shortlist trains the plain side network: drop --readout-hidden, --vocab-bias, --train-final-norm "
             "and --no-side-network, or drop --shortlist"
@@ -306,11 +316,12 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     train_source, val_source, holdout_source = _cached_sources(built, data)
     model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
     shortlist: dict[str, Any] = {}
+    started, top = time.perf_counter(), model.top
     training_source: Any = train_source
     if opts.shortlist:
-        started = time.perf_counter()
-        top = model.top
-        training_source = Shortlisted(train_source, model.taps[-1], top.final_norm, top.lm_head.weight, opts.shortlist)
+        head, norm = top.lm_head.weight, top.final_norm
+        training_source = with_shortlists(train_source, model.taps[-1], norm, head, opts.shortlist)
+    if isinstance(training_source, Shortlisted):
         shortlist = {
             "size": opts.shortlist,
             "mb": training_source.nbytes() / 1e6,

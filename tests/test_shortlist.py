@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pac.errors import PacError
-from pac.models.shortlist import shortlist_lm_loss, shortlist_rows
+from pac.models.shortlist import shortlist_lm_loss, shortlist_rows, with_shortlists
+from pac.workflow import DataOptions, TrainOptions, with_defaults
 
 VOCAB, HIDDEN, WIDTH = 40, 12, 4
 
@@ -31,11 +32,11 @@ def _exact(head, base, state, labels, up) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def _shortlisted(head, base, state, labels, up, size: int) -> torch.Tensor:
+def _shortlisted(head, base, state, labels, up, size: int, chunk: int = 256) -> torch.Tensor:
     targets = labels[:, 1:].clamp_min(0)
     rows = shortlist_rows(base[:, :-1].flatten(0, 1), targets.flatten(), head, size)
     batch = {"labels": labels, **{k: v.unflatten(0, targets.shape) for k, v in rows.items()}}
-    return shortlist_lm_loss(state, up, head, batch)
+    return shortlist_lm_loss(state, up, head, batch, chunk)
 
 
 def _grads(loss: torch.Tensor, up: torch.nn.Linear, state: torch.Tensor) -> list[torch.Tensor]:
@@ -45,7 +46,8 @@ def _grads(loss: torch.Tensor, up: torch.nn.Linear, state: torch.Tensor) -> list
 def test_a_shortlist_of_all_but_one_word_is_the_exact_loss():
     """With one word left in the tail, its log-sum-exp and mean row are exact: so is the loss."""
     head, base, state, labels, up = _problem()
-    exact, listed = _exact(head, base, state, labels, up), _shortlisted(head, base, state, labels, up, VOCAB - 1)
+    exact = _exact(head, base, state, labels, up)
+    listed = _shortlisted(head, base, state, labels, up, VOCAB - 1, chunk=3)  # the tokens in several chunks
     # fp16 base logits in the shortlist: agreement to their rounding
     torch.testing.assert_close(listed, exact, rtol=1e-3, atol=1e-3)
     for a, b in zip(_grads(listed, up, state), _grads(exact, up, state), strict=True):
@@ -83,3 +85,18 @@ def test_sizes_that_leave_no_choice_or_no_tail_are_refused(size):
     head, base, _, labels, _ = _problem()
     with pytest.raises(PacError, match="between 2 and"):
         shortlist_rows(base[0], labels[0].clamp_min(0), head, size)
+
+
+def test_the_default_shortlist_is_for_the_plain_lm_side_network():
+    lm = DataOptions(task="lm")
+    assert with_defaults(TrainOptions(data=lm)).shortlist == 256
+    assert with_defaults(TrainOptions(data=lm, readout_hidden=576)).shortlist == 0  # trains on every word
+    assert with_defaults(TrainOptions(data=DataOptions(task="classify"))).shortlist == 0
+    with pytest.raises(PacError, match="--shortlist trains the plain side network"):
+        with_defaults(TrainOptions(data=lm, readout_hidden=576, shortlist=256))
+
+
+def test_a_shortlist_as_large_as_the_vocabulary_trains_on_every_word():
+    source = object()
+    assert with_shortlists(source, 4, torch.nn.Identity(), torch.zeros(VOCAB, HIDDEN), VOCAB - 1) is source
+    assert with_shortlists(source, 4, torch.nn.Identity(), torch.zeros(VOCAB, HIDDEN), 0) is source

@@ -29,7 +29,7 @@ from pac.cache import CacheReader
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.loading import pac_home, resolve_model
-from pac.models.shortlist import Shortlisted
+from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
 from pac.runtime.cache_build import build_cache, model_fingerprint
@@ -249,7 +249,7 @@ def _phase_two(
     else:
         if opts.shortlist:  # each rank digests its own share of the training cache (pac.models.shortlist)
             head, norm = model.top.lm_head.weight, model.top.final_norm
-            local["train"] = Shortlisted(local["train"], model.taps[-1], norm, head, opts.shortlist)
+            local["train"] = with_shortlists(local["train"], model.taps[-1], norm, head, opts.shortlist)
         sources = {
             name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
             for name, data in splits.items()

@@ -116,12 +116,13 @@ class Coordinator:
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
         if options.shortlist and settings.mode == "side-pipeline":
-            # Its last stage alone computes the loss, from side states the other peers send it.
             raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
         if options.retrieval:
             # The memory would need every peer's share of the training cache in one place.
             raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
-        self.options = with_defaults(replace(options, retrieval=False))
+        # Its last stage alone computes the loss, from side states the other peers send it: no shortlists.
+        shortlist = 0 if settings.mode == "side-pipeline" else options.shortlist
+        self.options = with_defaults(replace(options, retrieval=False, shortlist=shortlist))
         self.settings, self.token, self.display = settings, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
