@@ -32,6 +32,11 @@ def test_report_relates_every_configuration_to_lora(quality, tmp_path):
         "side": {"0": _run([35, 33, 31]), "1": _run([35, 33, 33])},
         "lora-bf16": {"0": _run([30, 26, 25], seconds=200, rss=3000)},
         "side-bf16": {"0": _run([35, 33, 32], seconds=8, rss=1200)},
+        # the first seed builds the shortlists beside the cache, the next reuses them
+        "side-shortlist256": {
+            "0": {**_run([35, 33, 32], seconds=5), "shortlist": {"seconds": 40.0, "built_files": 13}},
+            "1": {**_run([35, 33, 32], seconds=5), "shortlist": {"seconds": 0.01, "built_files": 0}},
+        },
     }
     rows = quality.aggregate("lm", runs)
     assert rows["side"]["final_mean"] == 32 and rows["side"]["final_std"] == pytest.approx(2**0.5)
@@ -41,6 +46,7 @@ def test_report_relates_every_configuration_to_lora(quality, tmp_path):
     assert "side: epoch 40.0x faster than LoRA's, peak RSS 22% of LoRA's" in table
     # bf16 rows are compared with LoRA in bf16: like against like
     assert "side-bf16: epoch 25.0x faster than LoRA bf16's, peak RSS 40% of LoRA bf16's" in table
+    assert "side-shortlist256: epoch 80.0x faster than LoRA's, peak RSS 22% of LoRA's; shortlist adds 40 s once" in table
     compact = quality.compact("lm", runs)  # the README's table
     assert "| side | 32.000 ± 1.414 | 47% | 2 | 10 | 0.88 GB |" in compact and "zero-shot" not in compact
     quality.plot("lm", runs, tmp_path / "plot.png")
