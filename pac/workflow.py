@@ -318,11 +318,8 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     train_source, val_source, holdout_source = _cached_sources(built, data)
     model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
     shortlist: dict[str, Any] = {}
-    started, top = time.perf_counter(), model.top
-    training_source: Any = train_source
-    if opts.shortlist:
-        head, norm = top.lm_head.weight, top.final_norm
-        training_source = with_shortlists(train_source, model.taps[-1], norm, head, opts.shortlist)
+    started = time.perf_counter()
+    training_source = with_shortlists(train_source, model, opts.shortlist)
     if isinstance(training_source, Shortlisted):
         shortlist = {
             "size": opts.shortlist,

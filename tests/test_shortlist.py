@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,5 +100,7 @@ def test_the_default_shortlist_is_for_the_plain_lm_side_network():
 
 def test_a_shortlist_as_large_as_the_vocabulary_trains_on_every_word():
     source = object()
-    assert with_shortlists(source, 4, torch.nn.Identity(), torch.zeros(VOCAB, HIDDEN), VOCAB - 1) is source
-    assert with_shortlists(source, 4, torch.nn.Identity(), torch.zeros(VOCAB, HIDDEN), 0) is source
+    top = SimpleNamespace(final_norm=torch.nn.Identity(), lm_head=torch.nn.Linear(HIDDEN, VOCAB, bias=False))
+    model = SimpleNamespace(taps=[0, 4], top=top)
+    assert with_shortlists(source, model, VOCAB - 1) is source
+    assert with_shortlists(source, model, 0) is source

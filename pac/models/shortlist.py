@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -80,7 +81,7 @@ class Shortlisted:
     back (truncated, foreign) is rebuilt, never trained on."""
 
     def __init__(self, source: CachedTaps, last_tap: int, final_norm: torch.nn.Module, head: torch.Tensor, size: int):
-        self.source, self.size = source, size
+        self.source = source
         reader = source.reader
         self.directory = Path(reader.cache_dir) / f"shortlists-{size}"
         self.directory.mkdir(exist_ok=True)
@@ -142,17 +143,17 @@ class Shortlisted:
         return sum(path.stat().st_size for path in self.directory.glob("*.safetensors"))
 
 
-def with_shortlists(
-    source: CachedTaps, last_tap: int, final_norm: torch.nn.Module, head: torch.Tensor, size: int
-) -> CachedTaps | Shortlisted:
-    """`source` with shortlists of `size` words, or as it is where they would save nothing: size 0, or a
-    vocabulary no larger than the shortlist (a small model's; training then scores every word, exactly)."""
+def with_shortlists(source: CachedTaps, model: Any, size: int) -> CachedTaps | Shortlisted:
+    """`source` with shortlists of `size` words for a language-model ParallelAdapterModel (its last tap, final
+    norm and head), or as it is where they would save nothing: size 0, or a vocabulary no larger than the
+    shortlist (a small model's; training then scores every word, exactly)."""
     if not size:
         return source
+    head = model.top.lm_head.weight
     if size >= head.shape[0] - 1:
         log.info("a shortlist of %d words covers the %d-word vocabulary: training on all of it", size, head.shape[0])
         return source
-    return Shortlisted(source, last_tap, final_norm, head, size)
+    return Shortlisted(source, model.taps[-1], model.top.final_norm, head, size)
 
 
 def shortlist_lm_loss(

@@ -247,9 +247,8 @@ def _phase_two(
             rank=rank,
         )
     else:
-        if opts.shortlist:  # each rank digests its own share of the training cache (pac.models.shortlist)
-            head, norm = model.top.lm_head.weight, model.top.final_norm
-            local["train"] = with_shortlists(local["train"], model.taps[-1], norm, head, opts.shortlist)
+        # Each rank digests its own share of the training cache (pac.models.shortlist).
+        local["train"] = with_shortlists(local["train"], model, opts.shortlist)
         sources = {
             name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
             for name, data in splits.items()
