@@ -16,7 +16,7 @@ from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapter
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import Checkpoint
 from pac.models.retrieval import TokenMemory
-from pac.models.side import SideNetwork
+from pac.models.side import SideNetwork, TapDown
 
 
 def _inputs(vocab: int, batch: int = 2, length: int = 12):
@@ -123,6 +123,17 @@ def test_side_network_configuration(tiny_llama):
         SideNetwork(config, taps=[0, 4], reduction=5)
     cfg = ParallelAdapterConfig(task="lm", tap_every=3)
     assert cfg.resolved_taps(4) == [0, 3, 4]
+
+
+def test_tap_down_is_the_batched_down_projection_and_its_gradient():
+    """Tap by tap, reading the [B, n, T, d] batch in place: the einsum's values and gradients (gradcheck)."""
+    g = torch.Generator().manual_seed(0)
+    taps = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = torch.einsum("bntd,nkd->bntk", taps, weight) + bias[:, None, :]
+    torch.testing.assert_close(TapDown.apply(taps, weight, bias), expected)
+    assert torch.autograd.gradcheck(TapDown.apply, (taps, weight, bias))
 
 
 def test_generation_with_kv_cache_equals_recompute(tiny_llama):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pac.errors import PacError
-from pac.models.shortlist import shortlist_lm_loss, shortlist_rows, with_shortlists
+from pac.models.shortlist import ListedCorrection, shortlist_lm_loss, shortlist_rows, with_shortlists
 from pac.workflow import DataOptions, TrainOptions, with_defaults
 
 VOCAB, HIDDEN, WIDTH = 40, 12, 4
@@ -63,6 +63,18 @@ def test_at_zero_correction_value_and_gradient_are_exact_for_any_size():
     torch.testing.assert_close(listed, exact, rtol=1e-3, atol=1e-3)
     for a, b in zip(_grads(listed, up, state), _grads(exact, up, state), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_the_listed_correction_has_the_gradient_of_the_dense_product_it_gathers_from():
+    """Its backward rebuilds each chunk's gradient by a scatter instead of keeping the products (gradcheck)."""
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(7, WIDTH, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(9, WIDTH, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    slot = torch.randint(9, (7, 3), generator=g)
+    slot[0] = 4  # a word listed twice in a row: both slots' gradients add up
+    torch.testing.assert_close(ListedCorrection.apply(state, m, c, slot, 2), (state @ m.T + c).gather(1, slot))
+    assert torch.autograd.gradcheck(lambda s, w, b: ListedCorrection.apply(s, w, b, slot, 2), (state, m, c))
 
 
 @pytest.mark.parametrize("size", [2, 5, 20])

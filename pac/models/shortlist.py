@@ -156,6 +156,36 @@ def with_shortlists(source: CachedTaps, model: Any, size: int) -> CachedTaps | S
     return Shortlisted(source, model.taps[-1], model.top.final_norm, head, size)
 
 
+class ListedCorrection(torch.autograd.Function):
+    """(state @ m.T + c)[i, slot[i, j]]: the side's correction to each listed word's logit, from state [n, w],
+    the listed words' rows m [U, w] and c [U], and each token's slots [n, K] into them.
+
+    A dense product with the U words beats gathering [n, K, w] rows per token (memory-bound); `chunk` tokens
+    at a time, it never spans the whole batch ([1016, 49k] floats: 200 MB). Plain autograd would still keep
+    every chunk's product until backward (gather saves its input): here backward rebuilds each chunk's
+    gradient by a scatter instead. 256 tokens, not fewer: glibc keeps blocks under 32 MB on its heap,
+    where they stayed resident."""
+
+    @staticmethod
+    def forward(ctx, state, m, c, slot, chunk):  # noqa: D102 (autograd API)
+        ctx.save_for_backward(state, m, slot)
+        ctx.chunk = chunk
+        rows = [slice(i, i + chunk) for i in range(0, len(state), chunk)]
+        return torch.cat([torch.addmm(c, state[r], m.T).gather(1, slot[r]) for r in rows]) if rows else slot.float()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 (autograd API)
+        state, m, slot = ctx.saved_tensors
+        grad_state, grad_m, grad_c = torch.empty_like(state), torch.zeros_like(m), m.new_zeros(len(m))
+        for i in range(0, len(state), ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            dense = grad.new_zeros(len(slot[rows]), len(m)).scatter_add_(1, slot[rows], grad[rows])
+            grad_state[rows] = dense @ m
+            grad_m.addmm_(dense.T, state[rows])
+            grad_c += dense.sum(0)
+        return grad_state, grad_m, grad_c, None, None
+
+
 def shortlist_lm_loss(
     side_state: torch.Tensor, up: torch.nn.Linear, head: torch.Tensor, batch: dict[str, torch.Tensor], chunk: int = 256
 ) -> torch.Tensor:
@@ -165,14 +195,10 @@ def shortlist_lm_loss(
     state = side_state[:, :-1][keep]  # [n, w]
     index = batch["shortlist_index"][keep].long()
     # M = W U and c = W b over the vocabulary ([V, w] is small; a copy of the head's rows would be as large as
-    # the head, and kept for backward), then the rows of the words some shortlist names. A dense product with
-    # those beats gathering [n, K, w] rows per token (memory-bound); `chunk` tokens at a time, it and its
-    # gradient never span the whole batch ([1016, 49k] floats: 200 MB). 256 tokens, not fewer: glibc keeps
-    # blocks under 32 MB on its heap, where they stayed resident (measured peak: 123 MB at 256, 214 at 128).
+    # the head, and kept for backward), then the rows of the words some shortlist names.
     words, slot = index.unique(return_inverse=True)
     m, c = (head @ up.weight)[words], (head @ up.bias)[words]
-    delta = [(state[i : i + chunk] @ m.T + c).gather(1, slot[i : i + chunk]) for i in range(0, len(state), chunk)]
-    listed = batch["shortlist_logits"][keep].float() + torch.cat(delta)
+    listed = batch["shortlist_logits"][keep].float() + ListedCorrection.apply(state, m, c, slot, chunk)
     tail = batch["tail_lse"][keep] + (batch["tail_mean"][keep].float() * up(state)).sum(-1)
     everything = torch.cat([listed, tail[:, None]], dim=1)
     return (torch.logsumexp(everything, dim=1) - listed[:, 0]).mean()

@@ -53,6 +53,28 @@ def side_config(config: Any, reduction: int, num_blocks: int, heads: int | None 
     return sc
 
 
+class TapDown(torch.autograd.Function):
+    """Down_i(h_i) for every tap at once: taps [B, n, T, d], weight [n, k, d], bias [n, k] -> [B, n, T, k].
+
+    A single einsum would first copy the taps into [n, B*T, d] order and keep that copy for backward
+    (73 MB for SmolLM2's 31 taps of 8 x 128 tokens, the largest tensor of a language-model step); tap by
+    tap, the products read the batch where it lies and backward reuses it. Same values, and on CPU a
+    little faster than the einsum (40-48 ms against 54 ms for that batch, forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, taps, weight, bias):  # noqa: D102 (autograd API)
+        ctx.save_for_backward(taps, weight)
+        return torch.stack([taps[:, i] @ weight[i].T for i in range(taps.shape[1])], 1) + bias[:, None, :]
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 (autograd API)
+        taps, weight = ctx.saved_tensors
+        taps_range = range(taps.shape[1])
+        grad_taps = torch.stack([grad[:, i] @ weight[i] for i in taps_range], 1) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.stack([grad[:, i].flatten(0, 1).T @ taps[:, i].flatten(0, 1) for i in taps_range])
+        return grad_taps, grad_weight, grad.sum((0, 2))
+
+
 class SideNetwork(nn.Module):
     def __init__(
         self,
@@ -83,8 +105,7 @@ class SideNetwork(nn.Module):
         d, width = config.hidden_size, self.config.hidden_size
         classes = self.family.classes()
 
-        # All Down_i as one batched weight: a single einsum over the stacked taps is several times
-        # faster on CPU than len(taps) small Linear calls, and initialises like nn.Linear.
+        # All Down_i as one batched weight, applied by TapDown and initialised like nn.Linear.
         self.down_weight = nn.Parameter(torch.empty(len(taps), width, d))
         self.down_bias = nn.Parameter(torch.empty(len(taps), width))
         bound = 1 / math.sqrt(d)
@@ -116,7 +137,7 @@ class SideNetwork(nn.Module):
         weight, bias = self.down_weight, self.down_bias
         if rows is not None:
             weight, bias = weight[rows], bias[rows]
-        return self.dropout(torch.einsum("bntd,nkd->bntk", taps, weight) + bias[:, None, :])
+        return self.dropout(TapDown.apply(taps, weight, bias))
 
     def run_blocks(
         self,
