@@ -337,6 +337,8 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         holdout=holdout_source,
     )
     epochs = trainer.fit(resume=opts.resume)
+    # Before the memory of the training tokens is fit: the process's peak can come from that one-off step.
+    training_peak = peak_rss_mb()
     retrieval: dict[str, Any] = {}
     if opts.retrieval:
         started = time.perf_counter()
@@ -355,7 +357,12 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         }
     saved = save_parallel_adapter(out, adapter_config, model, epochs)
     extras = {"retrieval": retrieval, "shortlist": shortlist}
-    return {**saved, **_cache_summary(built), **{k: v for k, v in extras.items() if v}}
+    return {
+        **saved,
+        **_cache_summary(built),
+        **{k: v for k, v in extras.items() if v},
+        "training_peak_rss_mb": training_peak,
+    }
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:
