@@ -67,6 +67,7 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     retrieval = summary["retrieval"]
     assert retrieval["weight"] > 0 and retrieval["val_perplexity"] < ppl[-1]
     assert retrieval["tokens"] > 0 and (out / "retrieval.safetensors").stat().st_size > 0
+    assert 0 < summary["training_peak_rss_mb"] <= summary["peak_rss_mb"]  # the peak before the memory's fit
     assert "with retrieval from" in capsys.readouterr().out
     argv = ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
     # Through the live backbone, with and without the memory: what training measured from the cache.

@@ -86,24 +86,33 @@ class TokenMemory:
         self, queries: torch.Tensor, exclude_rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances and indices of each query's nearest keys, nearest first; a query never
-        meets keys of its own entry of `exclude_rows` (leave-article-out)."""
-        found_d, found_i = [], []
-        for q0 in range(0, len(queries), QUERY_CHUNK):
-            q = queries[q0 : q0 + QUERY_CHUNK].float()
-            best_d = q.new_empty(len(q), 0)
-            best_i = torch.empty(len(q), 0, dtype=torch.long)
-            for k0 in range(0, len(self.keys), KEY_BLOCK):
-                block = self.keys[k0 : k0 + KEY_BLOCK].float()
-                d = self._key_sq[k0 : k0 + KEY_BLOCK] - 2 * q @ block.T
+        meets keys of its own entry of `exclude_rows` (leave-article-out).
+
+        Key blocks are the outer loop, so each is widened to float32 once per search, not once per query
+        chunk; each [chunk, block] distance tensor gives up only its own top k before the running best
+        takes them. Few, equal-sized temporaries: scattered ones of 8-20 MB grew glibc's heap until the
+        memory's fit after training set the whole run's peak RSS (+320 MB on one seed)."""
+        chunks = [slice(q0, q0 + QUERY_CHUNK) for q0 in range(0, len(queries), QUERY_CHUNK)]
+        best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunks)
+        for k0 in range(0, len(self.keys), KEY_BLOCK):
+            block = self.keys[k0 : k0 + KEY_BLOCK].float()
+            key_sq = self._key_sq[k0 : k0 + KEY_BLOCK]
+            for c, rows in enumerate(chunks):
+                q = queries[rows].float()
+                d = torch.addmm(key_sq, q, block.T, alpha=-2)  # |k|^2 - 2 q.k: |q|^2 is added at the end
                 if exclude_rows is not None:
-                    same = self.rows[k0 : k0 + KEY_BLOCK][None] == exclude_rows[q0 : q0 + QUERY_CHUNK, None]
-                    d.masked_fill_(same, math.inf)
-                d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(k0, k0 + len(block)).expand_as(d)], 1)
-                best_d, pick = d.topk(min(self.neighbours, d.shape[1]), dim=1, largest=False)
-                best_i = i.gather(1, pick)
-            found_d.append(best_d + q.pow(2).sum(1, keepdim=True))
-            found_i.append(best_i)
-        return torch.cat(found_d), torch.cat(found_i)
+                    d.masked_fill_(self.rows[k0 : k0 + KEY_BLOCK][None] == exclude_rows[rows, None], math.inf)
+                found_d, found_i = d.topk(min(self.neighbours, d.shape[1]), dim=1, largest=False)
+                found_i += k0
+                if best[c] is not None:
+                    found_d, found_i = torch.cat([best[c][0], found_d], 1), torch.cat([best[c][1], found_i], 1)
+                    found_d, pick = found_d.topk(min(self.neighbours, found_d.shape[1]), dim=1, largest=False)
+                    found_i = found_i.gather(1, pick)
+                best[c] = found_d, found_i
+        if not chunks:
+            return queries.new_zeros(0, self.neighbours).float(), torch.zeros(0, self.neighbours, dtype=torch.long)
+        dist = torch.cat([b[0] for b in best]) + queries.float().pow(2).sum(1, keepdim=True)
+        return dist, torch.cat([b[1] for b in best])
 
     def _neighbour_weights(self, dist: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.softmax(-dist / temperature, dim=-1)  # excluded keys (inf) get weight 0
