@@ -68,7 +68,7 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # memory (27.38 +- 0.20, 62%): it fits the training text closer, so the weight fit on that text comes out
     # smaller. 3x LR 29.22 +- 0.08; width d/4 29.06 +- 0.06 at 1.4x the epoch and 36% of LoRA's memory.
     # Trained on shortlists of 256 words (pac.models.shortlist): 27.13 +- 0.14 with the memory (64%), at half the
-    # epoch time (26 s against 51 s: 10x faster than LoRA's epoch, where the whole-vocabulary products held it at
+    # epoch time (24 s against 51 s: 10.9x faster than LoRA's epoch, where the whole-vocabulary products held it at
     # 5x), once ~45 s per cache to build them; 1024 words matched the whole vocabulary (1 seed) at 34 s.
     "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True, "shortlist": 256},
 }

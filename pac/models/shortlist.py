@@ -18,7 +18,7 @@ The tail term is the first-order expansion of the tail's log-sum-exp in the side
 exact at the start (a zero-initialised Up), a lower bound later (Jensen). Only training uses the
 shortlists; evaluation always scores the whole vocabulary, so whatever the approximation costs in
 quality shows in every reported perplexity. Measured on SmolLM2 + 400 BBC articles
-(benchmarks/results/quality_lm.md): 256 words halve the cached epoch (26 s against 51 s) for 0.1
+(benchmarks/results/quality_lm.md): 256 words halve the cached epoch (24 s against 51 s) for 0.1
 perplexity (27.13 against 27.02 with retrieval, 3 seeds); 1024 words lose nothing (1 seed, 34 s);
 64 lose 0.8 (1 seed, 21 s).
 """
