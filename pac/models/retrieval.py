@@ -90,8 +90,8 @@ class TokenMemory:
 
         Key blocks are the outer loop, so each is widened to float32 once per search, not once per query
         chunk; each [chunk, block] distance tensor gives up only its own top k before the running best
-        takes them. Few, equal-sized temporaries: scattered ones of 8-20 MB grew glibc's heap until the
-        memory's fit after training set the whole run's peak RSS (+320 MB on one seed)."""
+        takes them: fewer scattered temporaries of 8-20 MB, which grow glibc's heap. The memory's fit
+        after training still adds 150-230 MB to a run's peak RSS (README, Quality)."""
         chunks = [slice(q0, q0 + QUERY_CHUNK) for q0 in range(0, len(queries), QUERY_CHUNK)]
         best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunks)
         for k0 in range(0, len(self.keys), KEY_BLOCK):
