@@ -171,7 +171,9 @@ class ListedCorrection(torch.autograd.Function):
         ctx.save_for_backward(state, m, slot)
         ctx.chunk = chunk
         rows = [slice(i, i + chunk) for i in range(0, len(state), chunk)]
-        return torch.cat([torch.addmm(c, state[r], m.T).gather(1, slot[r]) for r in rows]) if rows else slot.float()
+        if not rows:  # no next-token targets in the batch: no corrections
+            return state.new_zeros(slot.shape)
+        return torch.cat([torch.addmm(c, state[r], m.T).gather(1, slot[r]) for r in rows])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 (autograd API)
