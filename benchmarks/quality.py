@@ -118,8 +118,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     ),
     "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
 }
-# Every side-* lever is measured against the same naive side network, pinned here so that changing
-# pac's defaults never changes what a recorded configuration means.
+# Every parallel-adapters configuration but pac-default (the side-* levers, and the baselines probe, head+norm
+# and readout576) starts from the same naive side network, pinned here so that changing pac's defaults never
+# changes what a recorded configuration means: without it, an LM baseline would pick up the LM default's
+# memory of the training tokens and its shortlists.
 NAIVE_SIDE = [
     "--reduction",
     "8",
@@ -154,7 +156,7 @@ def configs_for(task: str) -> list[str]:
 
 def train_args(task: str, name: str, args: argparse.Namespace) -> list[str]:
     options = list(CONFIGS[name][1])
-    if name.startswith("side"):  # later flags override the pinned base
+    if name != "pac-default" and "--method" not in options:  # later flags override the pinned base
         scale = 1.0
         if "--lr-scale" in options:
             scale = float(options.pop(options.index("--lr-scale") + 1))

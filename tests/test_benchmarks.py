@@ -64,6 +64,20 @@ def test_every_configuration_is_known_to_the_cli(quality):
             assert args.task == task
 
 
+def test_baselines_start_from_the_naive_side_network_and_only_pac_default_takes_the_shipped_defaults(quality):
+    from pac.cli import build_parser
+
+    parser = build_parser()
+
+    def parsed(name):
+        return parser.parse_args(["train", "--out", "x", *quality.train_args("lm", name, _Args())])
+
+    head_norm = parsed("head+norm")  # head + final norm only: no memory, no shortlists, its own LR
+    assert (head_norm.retrieval, head_norm.shortlist, head_norm.lr) == (False, 0, 3e-3)
+    assert (parsed("pac-default").retrieval, parsed("pac-default").shortlist) == (None, None)
+    assert parsed("lora").method == "lora" and parsed("lora").retrieval is None
+
+
 class _Args:
     train_size, val_size, epochs = 400, 400, 3
 
