@@ -90,8 +90,8 @@ class TokenMemory:
 
         Key blocks are the outer loop, so each is widened to float32 once per search, not once per query
         chunk; each [chunk, block] distance tensor gives up only its own top k before the running best
-        takes them: fewer scattered temporaries of 8-20 MB, which grow glibc's heap. The memory's fit
-        after training still adds 150-230 MB to a run's peak RSS (README, Quality)."""
+        takes them: fewer scattered temporaries of 8-20 MB, which grow glibc's heap (pac train runs the
+        memory's fit in pac.runtime.heap.one_off_step for the same reason)."""
         chunks = [slice(q0, q0 + QUERY_CHUNK) for q0 in range(0, len(queries), QUERY_CHUNK)]
         best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunks)
         for k0 in range(0, len(self.keys), KEY_BLOCK):

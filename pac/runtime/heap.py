@@ -1,0 +1,48 @@
+"""Keeping a one-off step after training from raising the process's peak memory (glibc; a no-op elsewhere).
+
+By the end of phase 2, glibc's heap holds the freed pages of every step's temporaries, and its dynamic mmap
+threshold has risen to the size of the large blocks training freed, so later blocks of up to that size are
+carved from the heap too. The memory's fit after training (pac.models.retrieval) allocates blocks of other
+sizes (25 MB logit chunks, distance blocks), which then grew the heap by 150-230 MB past training's peak:
+measured on the LM default, 1209 MB up to the end of training and 1390 MB for the process. Handing the freed
+pages back (malloc_trim) and mapping large blocks straight from the kernel for the step (unmapped as soon as
+they are freed) kept the process at training's peak, with the same result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+ONE_OFF_THRESHOLD = 1 << 20  # blocks from 1 MiB up bypass the heap during the step
+# glibc's ceiling for its dynamic threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): setting the threshold
+# switches the dynamic adjustment off, so it is put back where a long run's adjustment tends to end.
+RESTORED_THRESHOLD = 32 << 20
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name)
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # musl, macOS: neither
+
+
+@contextmanager
+def one_off_step() -> Iterator[None]:
+    """Run a step after training without growing the heap past training's peak."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.malloc_trim(0)
+    libc.mallopt(M_MMAP_THRESHOLD, ONE_OFF_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, RESTORED_THRESHOLD)
