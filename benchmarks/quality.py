@@ -363,9 +363,13 @@ def compact(task: str, runs: dict[str, dict]) -> str:
     for name, r in rows.items():
         value = f"{r['final_mean']:.3f}" + (f" ± {r['final_std']:.3f}" if r["seeds"] > 1 else "")
         cells = [name, value]
-        if task == "lm":
-            gain = math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
-            cells.append(f"{gain:.0%}")
+        if task == "lm":  # a share of LoRA's gain needs both ends recorded (not so at every training-set size)
+            gain = (
+                math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
+                if zero and lora
+                else None
+            )
+            cells.append("—" if gain is None else f"{gain:.0%}")
         seconds = "—" if name == "zero-shot" else f"{r['epoch_seconds']:.0f}"
         cells += [str(r["seeds"]), seconds, f"{r['peak_rss_mb'] / 1024:.2f} GB"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -50,6 +50,8 @@ def test_report_relates_every_configuration_to_lora(quality, tmp_path):
     assert shortlisted in table
     compact = quality.compact("lm", runs)  # the README's table
     assert "| side | 32.000 ± 1.414 | 47% | 2 | 10 | 0.88 GB |" in compact and "zero-shot" not in compact
+    # a learning-curve size where only some configurations ran: no zero-shot, so no share of LoRA's gain
+    assert "| side | 32.000 ± 1.414 | — | 2 | 10 | 0.88 GB |" in quality.compact("lm", {"side": runs["side"]})
     quality.plot("lm", runs, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
