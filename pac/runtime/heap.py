@@ -3,8 +3,9 @@
 By the end of phase 2, glibc's heap holds the freed pages of every step's temporaries, and its dynamic mmap
 threshold has risen to the size of the large blocks training freed, so later blocks of up to that size are
 carved from the heap too. The memory's fit after training (pac.models.retrieval) allocates blocks of other
-sizes (25 MB logit chunks, distance blocks), which then grew the heap by 150-230 MB past training's peak:
-measured on the LM default, 1209 MB up to the end of training and 1390 MB for the process. Handing the freed
+sizes (25 MB logit chunks, distance blocks), which then grew the heap by 0-320 MB past training's peak,
+depending on the seed: on the LM default's seed 0, 1209 MB up to the end of training and 1390 MB for the
+process. Handing the freed
 pages back (malloc_trim) and mapping large blocks straight from the kernel for the step (unmapped as soon as
 they are freed) kept the process at training's peak, with the same result.
 """
@@ -20,7 +21,8 @@ from functools import cache
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 ONE_OFF_THRESHOLD = 1 << 20  # blocks from 1 MiB up bypass the heap during the step
 # glibc's ceiling for its dynamic threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): setting the threshold
-# switches the dynamic adjustment off, so it is put back where a long run's adjustment tends to end.
+# switches the dynamic adjustment off, so after the step it is put at that ceiling, which lets blocks under
+# 32 MiB come from the heap again, as the adjustment lets them at most.
 RESTORED_THRESHOLD = 32 << 20
 
 
