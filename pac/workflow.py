@@ -71,7 +71,7 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Trained on shortlists of 256 words (pac.models.shortlist): 27.13 +- 0.14 with the memory (64%), at half the
     # epoch time (24-26 s against 51 s: 10.1-10.9x faster than LoRA's epoch, where the whole-vocabulary products
     # held it at 5x), once ~45 s per cache to build them; 1024 words matched the whole vocabulary (1 seed) at 34 s.
-    # The whole run peaks at 23% of LoRA's memory (1.18 GB).
+    # The whole run peaks at 23% of LoRA's memory (1.16 GB).
     "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True, "shortlist": 256},
 }
 LORA_LR = 5e-4
