@@ -11,8 +11,9 @@ Both tasks use SmolLM2-135M-Instruct on BBC News at 128 tokens:
     python benchmarks/quality.py --task lm --report          # table and plot from what is recorded
     python benchmarks/quality.py --task classify --train-size 100 --configs side lora   # a learning-curve point
 
-Runs with other training-set sizes (same validation set) also make a learning curve,
-quality_<task>_learning_curve.{md,png}, for every configuration run at two sizes or more.
+Runs with other training-set sizes (same validation set) make a learning curve,
+quality_<task>_learning_curve.{md,png}, for every configuration run at two sizes or more; their own table
+is printed, and the files below keep the main setting's (400 / 400 / 3 epochs).
 
 Results accumulate in benchmarks/results/quality_<task>.json (a run already recorded is not run
 again), with a markdown table quality_<task>.md and a plot quality_<task>.png of quality against
@@ -463,10 +464,15 @@ def main() -> None:
                 runs.setdefault(name, {})[str(seed)] = run(args.task, name, seed, args)
                 path.write_text(json.dumps(store, indent=2) + "\n")  # keep every finished run
     table = report(args.task, runs)
-    (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
-    (RESULTS / f"quality_{args.task}_compact.md").write_text(compact(args.task, runs))
-    plot(args.task, runs, RESULTS / f"quality_{args.task}.png")
     print(table)
+    # The tables and plot are the main setting's; a run at another size (a learning-curve point) only prints its
+    # own table and joins the learning curve, so it never overwrites them.
+    if key == setting_key(
+        argparse.Namespace(**{k: parser.get_default(k) for k in ("train_size", "val_size", "epochs")})
+    ):
+        (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
+        (RESULTS / f"quality_{args.task}_compact.md").write_text(compact(args.task, runs))
+        plot(args.task, runs, RESULTS / f"quality_{args.task}.png")
     curves = learning_curve(args.task, store, args.val_size, args.epochs)
     if curves:
         write_learning_curve(args.task, curves, RESULTS / f"quality_{args.task}_learning_curve")

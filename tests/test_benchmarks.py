@@ -1,8 +1,10 @@
-"""The quality harness's bookkeeping (aggregation, table, plot) on synthetic runs."""
+"""The quality harness's bookkeeping (aggregation, table, plot, which files a report writes) on synthetic runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,23 @@ def test_baselines_start_from_the_naive_side_network_and_only_pac_default_takes_
     assert (head_norm.retrieval, head_norm.shortlist, head_norm.lr) == (False, 0, 3e-3)
     assert (parsed("pac-default").retrieval, parsed("pac-default").shortlist) == (None, None)
     assert parsed("lora").method == "lora" and parsed("lora").retrieval is None
+
+
+def test_a_learning_curve_point_leaves_the_main_tables_alone(quality, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    store = {
+        "train400-val400-epochs3": {"side": {"0": _run([35, 33, 31])}},
+        "train100-val400-epochs3": {"side": {"0": _run([40, 38, 37])}},
+    }
+    (tmp_path / "quality_lm.json").write_text(json.dumps(store))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--task", "lm", "--train-size", "100", "--report"])
+    quality.main()
+    assert not (tmp_path / "quality_lm.md").exists() and not (tmp_path / "quality_lm_compact.md").exists()
+    assert "| side | 100 | 37.0000" in (tmp_path / "quality_lm_learning_curve.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--task", "lm", "--report"])
+    quality.main()
+    assert (tmp_path / "quality_lm.md").read_text().startswith("Setting: train400-val400-epochs3")
+    assert "| side | 31.000 |" in (tmp_path / "quality_lm_compact.md").read_text()
 
 
 class _Args:
