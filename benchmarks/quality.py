@@ -303,20 +303,32 @@ def aggregate(task: str, runs: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
-def report(task: str, runs: dict[str, dict]) -> str:
+def _rows_in_config_order(task: str, runs: dict[str, dict]) -> dict[str, dict]:
+    order = list(CONFIGS)
     rows = aggregate(task, runs)
+    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _share_of_lora_gain(zero: dict | None, lora: dict | None, row: dict) -> float | None:
+    """LM: the row's share of LoRA's log-perplexity reduction from zero-shot; None unless both ends are recorded
+    (not so at every training-set size)."""
+    if not (zero and lora):
+        return None
+    return math.log(zero["final_mean"] / row["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
+
+
+def report(task: str, runs: dict[str, dict]) -> str:
+    rows = _rows_in_config_order(task, runs)
     metric = METRIC[task]
     lines = [
         f"| configuration | {metric} (final, mean ± sd) | per epoch | time per epoch (median) | peak RSS | trainable |",
         "|---|---|---|---|---|---|",
     ]
     zero, lora = rows.get("zero-shot"), rows.get("lora")
-    order = list(CONFIGS)
-    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     for name, r in rows.items():
         cell = f"{r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['seeds']} seeds)"
-        if task == "lm" and zero and lora and name not in ("zero-shot",):
-            gain = math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
+        gain = _share_of_lora_gain(zero, lora, r) if task == "lm" and name != "zero-shot" else None
+        if gain is not None:
             cell += f", {gain:.0%} of LoRA's log-ppl reduction"
         curve = " / ".join(f"{v:.3f}" for v in r["curve"])
         lines.append(
@@ -351,9 +363,7 @@ def report(task: str, runs: dict[str, dict]) -> str:
 
 def compact(task: str, runs: dict[str, dict]) -> str:
     """The README's table: one line per configuration, rounded (the full one is `report`)."""
-    rows = aggregate(task, runs)
-    order = list(CONFIGS)
-    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    rows = _rows_in_config_order(task, runs)
     zero, lora = rows.get("zero-shot"), rows.get("lora")
     if task == "lm":
         lines = ["| configuration | perplexity | of LoRA's log-ppl reduction | seeds | s/epoch | peak RSS |"]
@@ -364,12 +374,8 @@ def compact(task: str, runs: dict[str, dict]) -> str:
     for name, r in rows.items():
         value = f"{r['final_mean']:.3f}" + (f" ± {r['final_std']:.3f}" if r["seeds"] > 1 else "")
         cells = [name, value]
-        if task == "lm":  # a share of LoRA's gain needs both ends recorded (not so at every training-set size)
-            gain = (
-                math.log(zero["final_mean"] / r["final_mean"]) / math.log(zero["final_mean"] / lora["final_mean"])
-                if zero and lora
-                else None
-            )
+        if task == "lm":
+            gain = _share_of_lora_gain(zero, lora, r)
             cells.append("—" if gain is None else f"{gain:.0%}")
         seconds = "—" if name == "zero-shot" else f"{r['epoch_seconds']:.0f}"
         cells += [str(r["seeds"]), seconds, f"{r['peak_rss_mb'] / 1024:.2f} GB"]
@@ -467,9 +473,7 @@ def main() -> None:
     print(table)
     # The tables and plot are the main setting's; a run at another size (a learning-curve point) only prints its
     # own table and joins the learning curve, so it never overwrites them.
-    if key == setting_key(
-        argparse.Namespace(**{k: parser.get_default(k) for k in ("train_size", "val_size", "epochs")})
-    ):
+    if key == setting_key(parser.parse_args(["--task", args.task])):  # the defaults' setting
         (RESULTS / f"quality_{args.task}.md").write_text(f"Setting: {key}, split seed 0, 128 tokens.\n\n{table}")
         (RESULTS / f"quality_{args.task}_compact.md").write_text(compact(args.task, runs))
         plot(args.task, runs, RESULTS / f"quality_{args.task}.png")

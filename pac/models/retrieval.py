@@ -92,13 +92,14 @@ class TokenMemory:
         chunk; each [chunk, block] distance tensor gives up only its own top k before the running best
         takes them: fewer scattered temporaries of 8-20 MB, which grow glibc's heap (pac train runs the
         memory's fit in pac.runtime.heap.one_off_step for the same reason)."""
+        queries = queries.float()
         chunks = [slice(q0, q0 + QUERY_CHUNK) for q0 in range(0, len(queries), QUERY_CHUNK)]
         best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(chunks)
         for k0 in range(0, len(self.keys), KEY_BLOCK):
             block = self.keys[k0 : k0 + KEY_BLOCK].float()
             key_sq = self._key_sq[k0 : k0 + KEY_BLOCK]
             for c, rows in enumerate(chunks):
-                q = queries[rows].float()
+                q = queries[rows]
                 d = torch.addmm(key_sq, q, block.T, alpha=-2)  # |k|^2 - 2 q.k: |q|^2 is added at the end
                 if exclude_rows is not None:
                     d.masked_fill_(self.rows[k0 : k0 + KEY_BLOCK][None] == exclude_rows[rows, None], math.inf)
@@ -110,8 +111,8 @@ class TokenMemory:
                     found_i = found_i.gather(1, pick)
                 best[c] = found_d, found_i
         if not chunks:
-            return queries.new_zeros(0, self.neighbours).float(), torch.zeros(0, self.neighbours, dtype=torch.long)
-        dist = torch.cat([b[0] for b in best]) + queries.float().pow(2).sum(1, keepdim=True)
+            return queries.new_zeros(0, self.neighbours), torch.zeros(0, self.neighbours, dtype=torch.long)
+        dist = torch.cat([b[0] for b in best]) + queries.pow(2).sum(1, keepdim=True)
         return dist, torch.cat([b[1] for b in best])
 
     def _neighbour_weights(self, dist: torch.Tensor, temperature: float) -> torch.Tensor:

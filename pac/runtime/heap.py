@@ -5,9 +5,8 @@ threshold has risen to the size of the large blocks training freed, so later blo
 carved from the heap too. The memory's fit after training (pac.models.retrieval) allocates blocks of other
 sizes (25 MB logit chunks, distance blocks), which then grew the heap by 0-320 MB past training's peak,
 depending on the seed: on the LM default's seed 0, 1209 MB up to the end of training and 1390 MB for the
-process. Handing the freed
-pages back (malloc_trim) and mapping large blocks straight from the kernel for the step (unmapped as soon as
-they are freed) kept the process at training's peak, with the same result.
+process. Handing the freed pages back (malloc_trim) and mapping large blocks straight from the kernel for the
+step (unmapped as soon as they are freed) kept the process at training's peak, with the same result.
 """
 
 from __future__ import annotations
