@@ -196,7 +196,19 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     capsys.readouterr()
     assert (
         main(
-            ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+            [
+                "eval",
+                "--adapter",
+                str(out),
+                "--model",
+                str(tiny_llama),
+                "--data",
+                str(topic_jsonl),
+                "--val-size",
+                "12",
+                "--split",
+                "val",
+            ]
         )
         == 0
     )
@@ -288,7 +300,7 @@ def _train_boundary_lm(tiny_llama, topic_jsonl, tmp_path, capsys, options: list[
     assert main(train) == 0
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), *argv]) == 0
+    assert main(["eval", "--adapter", str(out), *argv, "--split", "val"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)
     return load_adapter(out)
 

@@ -8,6 +8,7 @@ the activations of every layer are kept for backward: that is the cost pac avoid
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +56,18 @@ class LoraModel(nn.Module):
             self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
         else:
             targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
-            self.peft = get_peft_model(
-                base,
-                LoraConfig(
-                    r=settings.r,
-                    lora_alpha=settings.alpha,
-                    lora_dropout=settings.dropout,
-                    target_modules=targets,
-                    use_dora=settings.use_dora,
-                ),
-            )
+            with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates; nothing to act on
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                self.peft = get_peft_model(
+                    base,
+                    LoraConfig(
+                        r=settings.r,
+                        lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout,
+                        target_modules=targets,
+                        use_dora=settings.use_dora,
+                    ),
+                )
         self.causal = family.causal
         self.head = (
             ClassificationHead(config.hidden_size, len(settings.label_names), settings.pooling)

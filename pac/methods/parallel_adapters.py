@@ -59,6 +59,10 @@ class ParallelAdapterConfig:
     base_model_name_or_path: str = ""
     base_model_fingerprint: str = ""
     max_length: int = 128
+    # How training wrote prompts and read its data, so evaluation and generation do the same by default.
+    prompt_format: dict[str, Any] | None = None
+    data_fields: dict[str, str] | None = None
+    training_data_sha256: str = ""
     peft_type: str = field(default=METHOD_TYPE)
 
     def __post_init__(self) -> None:
