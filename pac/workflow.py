@@ -7,9 +7,11 @@ train (lora / dora):        data -> peft training through the whole backbone -> 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -286,18 +288,47 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
     }
     cached = opts.method in ("parallel-adapters", "boundary")
     watch = Watch(report, RunClock(cache_samples=len(prepared.train) + len(prepared.val) if cached else 0))
-    if opts.method == "parallel-adapters":
-        summary.update(_train_parallel_adapters(opts, prepared, out, watch))
-    elif opts.method == "boundary":
-        summary.update(_train_boundary(opts, prepared, out, watch))
-    else:
-        summary.update(_train_lora(opts, prepared, out, watch))
+    phases = {"parallel-adapters": _train_parallel_adapters, "boundary": _train_boundary}
+    try:
+        summary.update(phases.get(opts.method, _train_lora)(opts, prepared, out, watch))
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise PacError(disk_full_message(exc, opts, prepared)) from exc
+        raise
     kept = [e["best_epoch"] for e in summary["epochs"] if "best_epoch" in e]
     if kept:  # the saved adapter holds this epoch's weights
         summary["best_epoch"] = kept[-1]
     summary["peak_rss_mb"] = peak_rss_mb()
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, from Python's own I/O or from a library that words it (safetensors, torch.save)."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+
+
+def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
+    """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    where = getattr(exc, "filename", None) or "the disk"
+    config = load_config(data.model_dir)
+    # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
+    per_value = 1 if opts.cache_dtype == "int8" else 2
+    taps = {"parallel-adapters": config.num_hidden_layers + 1, "boundary": 1}.get(opts.method, 0)
+    samples = len(data.train) + len(data.val)
+    cache_mb = samples * opts.data.max_length * config.hidden_size * taps * per_value / 1e6
+    free = {path: shutil.disk_usage(path).free / 1e6 for path in (cache_root, Path(opts.out)) if path.exists()}
+    room = ", ".join(f"{free_mb:,.0f} MB free on the disk of {path}" for path, free_mb in free.items())
+    parts = [f"the disk is full: writing {where} failed ({room})."]
+    if taps:
+        parts.append(f"The activation cache needs about {cache_mb:,.0f} MB in {cache_root}.")
+    parts.append(
+        "The adapter and its checkpoints need a few MB in --out. Free space, or pass --cache-dir / --out on a "
+        "larger disk, then run the same command again: finished cache shards and checkpoints are kept, so it "
+        "continues where it stopped."
+    )
+    return " ".join(parts)
 
 
 def train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
@@ -363,7 +394,7 @@ def save_parallel_adapter(
 def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
     adapter_config = parallel_adapter_config(opts, data)
     num_layers = load_config(data.model_dir).num_hidden_layers
-    built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers), watch.clock)
+    built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers), watch)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
     shortlist: dict[str, Any] = {}
@@ -417,17 +448,18 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, 
     }
 
 
-def _build_caches(
-    opts: TrainOptions, data: PreparedData, taps: list[int], clock: RunClock
-) -> dict[str, CacheBuildResult]:
+def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
     """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
     cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
-    return {
-        name: build_cache(
-            data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=clock
+    built = {}
+    for name, part in (("train", data.train), ("val", data.val)):
+        built[name] = build_cache(
+            data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
         )
-        for name, part in (("train", data.train), ("val", data.val))
-    }
+        done = built[name]
+        what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"
+        watch.report(f"phase 1 ({name}): {len(part)} samples {what}  {watch.clock.left()}".rstrip())
+    return built
 
 
 def _cached_sources(
@@ -476,7 +508,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path, watch: Wa
     side = (opts.reduction or 8) if opts.boundary_side else None
     below = (opts.reduction or 8) if opts.boundary_side_below else None
     model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r, side, below)
-    built = _build_caches(opts, data, model.taps, watch.clock)
+    built = _build_caches(opts, data, model.taps, watch)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     trainer = Trainer(
         model,

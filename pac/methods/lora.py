@@ -52,19 +52,18 @@ class LoraModel(nn.Module):
             raise PacError(f"{family.name} is an encoder without an LM head: use --task classify")
         loader = AutoModelForCausalLM if family.causal else AutoModel
         base = loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        if adapter_dir is not None:
-            self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-        else:
-            targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
-            with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates; nothing to act on
-                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates; nothing to act on
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if adapter_dir is not None:
+                self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+            else:
                 self.peft = get_peft_model(
                     base,
                     LoraConfig(
                         r=settings.r,
                         lora_alpha=settings.alpha,
                         lora_dropout=settings.dropout,
-                        target_modules=targets,
+                        target_modules=settings.target_modules or DEFAULT_TARGETS[family.causal],
                         use_dora=settings.use_dora,
                     ),
                 )

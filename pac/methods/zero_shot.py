@@ -27,7 +27,7 @@ def zero_shot_predict(model, tokenizer, texts: list[str], label_names: list[str]
     cont = torch.tensor([ids + [pad] * (width - len(ids)) for ids in label_ids])
     cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids])
     predictions = []
-    for text in tqdm(texts, desc="zero-shot", unit="sample", leave=False):
+    for text in tqdm(texts, desc="zero-shot", unit="sample", leave=False, disable=None):
         body = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         prefix = torch.tensor([body + suffix])
         cache = DynamicCache(config=model.config)

@@ -90,7 +90,7 @@ def build_cache(
     pending = writer.pending()
     computed = 0
     clock.cache_reused(len(data) - sum(len(g) for g in pending))
-    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True)
+    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True, disable=None)
     lap = Stopwatch()
     for group in pending:
         if backbone is None:

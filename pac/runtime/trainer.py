@@ -287,6 +287,7 @@ class Trainer:
                 unit="step",
                 leave=False,
                 dynamic_ncols=True,
+                disable=None,  # no bar where output goes to a file: the epoch lines say it there
             )
             lap = Stopwatch()
             for indices in self._batches(epoch, skip):
