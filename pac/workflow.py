@@ -33,9 +33,10 @@ from pac.methods.parallel_adapters import (
     attach_memory,
     initialize_pruned,
 )
+from pac.model_card import write_model_card
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
-from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
+from pac.models.loading import model_name, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
 from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
@@ -245,6 +246,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         summary["best_epoch"] = kept[-1]
     summary["peak_rss_mb"] = peak_rss_mb()
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(out, summary)
     return summary
 
 
@@ -281,7 +283,7 @@ def parallel_adapter_config(opts: TrainOptions, data: PreparedData) -> ParallelA
         readout_hidden=opts.readout_hidden,
         side_network=opts.side_network,
         label_names=data.label_names,
-        base_model_name_or_path=opts.model or BUNDLED_MODEL_ID,
+        base_model_name_or_path=model_name(opts.model),
         base_model_fingerprint=model_fingerprint(data.model_dir),
         max_length=opts.data.max_length,
     )
@@ -404,7 +406,7 @@ def _adapter_meta(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
         "label_names": data.label_names,
         "pooling": opts.pooling,
         "max_length": opts.data.max_length,
-        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_name_or_path": model_name(opts.model),
         "base_model_fingerprint": model_fingerprint(data.model_dir),
     }
 
@@ -462,7 +464,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
         holdout=holdout,
     )
     epochs = trainer.fit(resume=opts.resume)
-    model.save(out)
+    model.save(out, model_name(opts.model))
     pac_meta = {"peft_type_pac": opts.method, **_adapter_meta(opts, data)}
     (out / "pac_lora.json").write_text(json.dumps(pac_meta, indent=2) + "\n")
     return {
@@ -485,8 +487,7 @@ class LoadedAdapter:
 
 
 def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
-    base = model or meta.get("base_model_name_or_path")
-    model_dir = resolve_model(None if base in (None, BUNDLED_MODEL_ID) else base)
+    model_dir = resolve_model(model or meta.get("base_model_name_or_path"))
     expected = meta.get("base_model_fingerprint")
     if expected and model_fingerprint(model_dir) != expected:
         raise PacError(
