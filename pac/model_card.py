@@ -93,7 +93,7 @@ def model_card(summary: dict[str, Any]) -> str:
     sections = [
         "\n".join(front),
         MARK,
-        f"# {Path(out).name}: {name} for {TASK_NAMES.get(task, task)}",
+        f"# {Path(out).name or 'adapter'}: {name} for {TASK_NAMES.get(task, task)}",
         f"An adapter trained with pac: {name} ({what}).",
         "## Base model\n\n" + _base_model(base),
         "## Training\n\n" + _settings(method, task, opts, summary),

@@ -32,13 +32,16 @@ def _train(model, data: Path, out: Path, method: str, task: str = "classify", **
 
 @pytest.mark.parametrize("method", ["parallel-adapters", "boundary"])
 def test_peft_says_plainly_that_a_pac_adapter_is_not_its_own(method, tiny_llama, topic_jsonl, tmp_path):
-    from peft import PeftConfig
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / method
     _train(tiny_llama, topic_jsonl, out, method, reduction=4)
     assert (out / ADAPTER_CONFIG).exists() and not (out / LEGACY_ADAPTER_CONFIG).exists()
     with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
         PeftConfig.from_pretrained(str(out))
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == str(tiny_llama)  # as given, not resolved
 
