@@ -26,7 +26,7 @@ from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
 from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
 from pac.errors import PacError
-from pac.methods.base import load_adapter, save_adapter
+from pac.methods.base import load_adapter, read_adapter_config, save_adapter
 from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
 from pac.methods.boundary import BoundaryModel
 from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
@@ -37,9 +37,10 @@ from pac.methods.parallel_adapters import (
     attach_memory,
     initialize_pruned,
 )
+from pac.model_card import write_model_card
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
-from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
+from pac.models.loading import model_name, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
 from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
@@ -300,6 +301,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
         summary["best_epoch"] = kept[-1]
     summary["peak_rss_mb"] = peak_rss_mb()
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(out, summary)
     return summary
 
 
@@ -490,7 +492,7 @@ def _adapter_meta(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
         "label_names": data.label_names,
         "pooling": opts.pooling,
         "max_length": opts.data.max_length,
-        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_name_or_path": model_name(opts.model),
         "base_model_fingerprint": model_fingerprint(data.model_dir),
         "prompt_format": data.prompt_format,
         "data_fields": {"text_field": opts.data.text_field, "label_field": opts.data.label_field},
@@ -561,7 +563,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch)
         clock=watch.clock,
     )
     epochs = trainer.fit(resume=opts.resume)
-    model.save(out)
+    model.save(out, model_name(opts.model))
     pac_meta = {"peft_type_pac": opts.method, **_adapter_meta(opts, data)}
     (out / "pac_lora.json").write_text(json.dumps(pac_meta, indent=2) + "\n")
     return {
@@ -592,18 +594,13 @@ class LoadedAdapter:
         return self.prompt_format is None or self.prompt_format.get("format") == "chat"
 
 
-ADAPTER_META_FILES = ("pac_lora.json", "adapter_config.json")
-
-
 def adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     """An adapter's recorded settings (task, prompt format, data fields...), read without loading any model."""
-    for name in ADAPTER_META_FILES:
-        file = Path(adapter_dir) / name
-        if file.exists():
-            return json.loads(file.read_text())
-    raise PacError(
-        f"{adapter_dir} is not a pac adapter (no {' or '.join(ADAPTER_META_FILES)}): pass a `pac train --out`"
-    )
+    lora = Path(adapter_dir) / "pac_lora.json"
+    meta = json.loads(lora.read_text()) if lora.exists() else read_adapter_config(Path(adapter_dir))
+    if meta is None:
+        load_adapter(Path(adapter_dir))  # raises the message that says what an adapter directory holds
+    return meta
 
 
 def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
@@ -613,8 +610,7 @@ def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
-    base = model or meta.get("base_model_name_or_path")
-    model_dir = resolve_model(None if base in (None, BUNDLED_MODEL_ID) else base)
+    model_dir = resolve_model(model or meta.get("base_model_name_or_path"))
     expected = meta.get("base_model_fingerprint")
     if expected and model_fingerprint(model_dir) != expected:
         raise PacError(

@@ -19,7 +19,7 @@ def _train(model, data, out, cache, *extra):
 def test_train_eval_and_reuse_the_cache(tiny_model, topic_jsonl, tmp_path, capsys):
     out, cache = tmp_path / "adapter", tmp_path / "cache"
     assert _train(tiny_model, topic_jsonl, out, cache, "--lr", "1e-2") == 0
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / "pac_adapter_config.json").read_text())
     assert config["peft_type"] == "PARALLEL_ADAPTERS" and config["reduction"] == 4
     assert config["base_model_fingerprint"] and config["label_names"] == ["business", "sport", "tech"]
     assert (out / "adapter_model.safetensors").exists()
@@ -75,7 +75,7 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     ppl = [e["val_perplexity"] for e in summary["epochs"]]
     assert ppl[-1] < ppl[0]
     # The LM default mixes in a memory of the training tokens, fit on training text: this corpus repeats itself.
-    assert json.loads((out / "adapter_config.json").read_text())["retrieval"]["neighbours"] > 0
+    assert json.loads((out / "pac_adapter_config.json").read_text())["retrieval"]["neighbours"] > 0
     retrieval = summary["retrieval"]
     assert retrieval["weight"] > 0 and retrieval["val_perplexity"] < ppl[-1]
     assert retrieval["tokens"] > 0 and (out / "retrieval.safetensors").stat().st_size > 0
@@ -201,7 +201,7 @@ def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, 
     out = tmp_path / "last-half"
     argv = ["--taps", "3-4", "--gate-temperature", "0.5", "--epochs", "1"]
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / "pac_adapter_config.json").read_text())
     assert config["taps"] == [0, 3, 4] and config["gate_temperature"] == 0.5  # 0 and L always tapped
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--taps", "last-half") == 2
     assert "not a layer list" in capsys.readouterr().err

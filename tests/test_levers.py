@@ -177,7 +177,7 @@ def test_baselines_without_side_network(tiny_llama, topic_jsonl, tmp_path):
     norm = json.loads((tmp_path / "norm" / "summary.json").read_text())
     assert probe["trainable_params"] == 64 * 3 + 3  # the head only
     assert norm["trainable_params"] == probe["trainable_params"] + 64
-    assert json.loads((tmp_path / "probe" / "adapter_config.json").read_text())["side_network"] is False
+    assert json.loads((tmp_path / "probe" / "pac_adapter_config.json").read_text())["side_network"] is False
 
 
 def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, topic_jsonl, tmp_path, capsys):
@@ -191,7 +191,7 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     assert main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cache_bytes_per_sample"] < 2 * 128 * 64 * 2  # one tap (h_2) of 64 channels in fp16
-    saved = json.loads((out / "adapter_config.json").read_text())
+    saved = json.loads((out / "pac_adapter_config.json").read_text())
     assert saved["peft_type"] == "BOUNDARY_LORA" and saved["boundary_layer"] == 2
     capsys.readouterr()
     assert (

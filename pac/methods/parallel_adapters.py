@@ -36,7 +36,7 @@ METHOD_TYPE = "PARALLEL_ADAPTERS"
 
 @dataclass
 class ParallelAdapterConfig:
-    """Everything needed to rebuild the adapter next to its base model (saved as adapter_config.json)."""
+    """Everything needed to rebuild the adapter next to its base model (saved as pac_adapter_config.json)."""
 
     task: str
     reduction: int = 8
