@@ -402,10 +402,8 @@ def print_epochs(epochs: list[dict], metric: str) -> None:
         if ep["epoch"] == 0:
             print(f"before training: {metric} {ep[metric]:.4f}")
             continue
-        print(
-            f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
-            f"  ({ep['epoch_seconds']:.1f} s)"
-        )
+        scored = f"  {metric} {ep[metric]:.4f}" if metric in ep else ""  # none without validation rows
+        print(f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}{scored}  ({ep['epoch_seconds']:.1f} s)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -427,7 +425,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         r = summary["retrieval"]
         print(
             f"with retrieval from {r['tokens']:,} training tokens (weight {r['weight']}, temperature "
-            f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB): val_perplexity {r['val_perplexity']:.4f}"
+            f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB)"
+            + (f": val_perplexity {r['val_perplexity']:.4f}" if "val_perplexity" in r else "")
         )
     if "shortlist" in summary:
         s = summary["shortlist"]

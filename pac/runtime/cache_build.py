@@ -84,7 +84,8 @@ def build_cache(
     writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
     pending = writer.pending()
     computed = 0
-    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True)
+    total = sum(len(g) for g in pending)  # 0 for an empty split: no bar then
+    bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, disable=not total)
     for group in pending:
         if backbone is None:
             backbone = load_backbone(model_dir)
