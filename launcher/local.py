@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pac.errors import PacError
@@ -82,11 +83,13 @@ class LocalPeers:
         return hosts
 
     def stop(self, grace: float = 15.0) -> list[int]:
-        """Wait for the peers to exit after the coordinator's shutdown; kill what is left. Returns exit codes."""
+        """Wait up to `grace` seconds in all for the peers to exit after the coordinator's shutdown; kill what
+        is left. Returns exit codes."""
+        deadline = time.monotonic() + grace
         codes = []
         for proc in self.procs:
             try:
-                codes.append(proc.wait(timeout=grace))
+                codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())

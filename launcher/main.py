@@ -126,6 +126,7 @@ def _launch(args: argparse.Namespace) -> int:
         token = os.environ.get(TOKEN_ENV) or new_token()
         local = LocalPeers(count, token, Path(options.out) / "peers")
         hosts = local.start()
+    grace = 15.0  # for the peers to exit after the coordinator's shutdown
     try:
         summary = Coordinator(hosts, token, options, settings).run()
         print_epochs(summary["epochs"])
@@ -133,9 +134,14 @@ def _launch(args: argparse.Namespace) -> int:
     except RunFailed as exc:
         print(f"pac-launch: the run failed: {exc}", file=sys.stderr)
         return 1
+    except PacError:
+        # Refused before or while planning (bad data, model or --stages): peers that had not joined yet were
+        # told nothing and would wait on; stop them now rather than after the grace.
+        grace = 2.0
+        raise
     finally:
         if local is not None:
-            local.stop()
+            local.stop(grace)
         for proc in ssh_procs:
             proc.terminate()
 

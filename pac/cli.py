@@ -541,7 +541,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         r = summary["retrieval"]
         print(
             f"with retrieval from {r['tokens']:,} training tokens (weight {r['weight']}, temperature "
-            f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB): val_perplexity {r['val_perplexity']:.4f}"
+            f"{r['temperature']:.3g}, {r['file_mb']:.0f} MB)"
+            + (f": val_perplexity {r['val_perplexity']:.4f}" if "val_perplexity" in r else "")
         )
     if "shortlist" in summary:
         s = summary["shortlist"]

@@ -196,10 +196,23 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     records = read_records(opts)
     check_labels(records, opts.task)
     train, val = split_data(opts, records)
+    if not val:  # a few rows at 10%: train anyway, and say so (pac.runtime.trainer leaves val metrics out)
+        asked = "the default 10%" if opts.val_size is None else f"--val-size {opts.val_size:g}"
+        log.warning(
+            "nothing to validate on: %s of %d rows is 0 rows; training goes on without validation figures "
+            "(--val-size 1 or more keeps rows out to validate on, or pass --val-data)",
+            asked,
+            len(records),
+        )
     label_names = sorted({r.label for r in train if r.label is not None}) if opts.task == "classify" else None
     holdout: list[Record] = []
     if opts.holdout:  # carved from the training part (stratified), so validation stays untouched
         _, holdout = split_records(train, val_size=opts.holdout, seed=opts.seed, stratify=opts.task == "classify")
+        if not holdout:
+            raise PacError(
+                f"--holdout {opts.holdout:g} of {len(train)} training rows is 0 rows: nothing to pick the best "
+                "epoch on (--early-stopping holds out 0.1 unless told otherwise); give a larger --holdout or more data"
+            )
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
     chat = opts.chat if opts.chat is not None else getattr(tokenizer, "chat_template", None) is not None
@@ -376,7 +389,9 @@ def build_parallel_adapter_model(
     top = load_backbone(data.model_dir, num_layers, num_layers, with_head=True)
     torch.manual_seed(opts.seed)
     model = ParallelAdapterModel(top, adapter_config)
-    if opts.side_init == "pruned":  # channel statistics from a few cached samples
+    # Channel statistics from a few cached samples; a peer without training rows of its own takes rank 0's
+    # weights by broadcast (pac.runtime.collaborative).
+    if opts.side_init == "pruned" and len(train_source):
         initialize_pruned(model, data.model_dir, train_source.batch(list(range(min(16, len(train_source)))))["taps"])
     return model
 
@@ -436,8 +451,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, 
             "tokens": len(model.memory.keys),
             "file_mb": path.stat().st_size / 1e6,
             "fit_loss": fit_loss,
-            "val_loss": scored["loss"],
-            "val_perplexity": scored["perplexity"],
+            **{f"val_{k}": v for k, v in scored.items()},  # none without validation rows
             "seconds": time.perf_counter() - started,
         }
     saved = save_parallel_adapter(out, adapter_config, model, epochs)

@@ -111,6 +111,16 @@ def test_round_trip(tmp_path, dtype, tol, per_token):
     assert torch.equal(pickle.loads(pickle.dumps(r)).load(order)["taps"], got["taps"])
 
 
+def test_an_empty_share_is_a_complete_empty_cache(tmp_path):
+    """A peer's share of a split smaller than the cluster can be empty: its cache holds no samples."""
+    spec = make_spec()
+    w, d = build(tmp_path, spec, [])
+    assert w.pending() == [] and find_cache(tmp_path, spec) == d
+    r = CacheReader(d, spec)
+    assert len(r) == 0 and r.verify() == []
+    assert r.load([])["taps"].shape == (0, len(TAPS), T, D)
+
+
 def test_load_tap_subset_and_order(tmp_path):
     spec = make_spec()
     ids = sample_ids(6)

@@ -194,6 +194,48 @@ def test_bad_inputs_get_clear_errors(tiny_llama, topic_jsonl, tmp_path, capsys):
     assert "--shortlist trains the plain side network" in capsys.readouterr().err
 
 
+def _rows(path, count: int):
+    lines = [{"text": "market shares rose", "label": "business"}, {"text": "team won the cup", "label": "sport"}]
+    path.write_text("".join(json.dumps(lines[i % 2]) + "\n" for i in range(count)))
+    return path
+
+
+@pytest.mark.parametrize("method, task", [("parallel-adapters", "classify"), ("lora", "classify"), ("lora", "lm")])
+def test_three_rows_train_with_nothing_to_validate_on(method, task, tiny_llama, tmp_path, capsys, caplog):
+    """10% of 3 rows is 0 rows: the run trains on all 3, says so, and makes up no validation figures."""
+    out, data = tmp_path / "out", _rows(tmp_path / "three.jsonl", 3)
+    argv = ["train", "--model", str(tiny_llama), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--method", method, "--task", task, "--epochs", "1"]) == 0
+    assert "nothing to validate on: the default 10% of 3 rows is 0 rows" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["train_samples"], summary["val_samples"]) == (3, 0)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in summary["epochs"]] == [1] and "train_loss" in records[-1]
+    assert not [k for r in [*records, *summary["epochs"]] for k in r if k.startswith("val_")]
+    shown = capsys.readouterr().out
+    assert "epoch 1/1: train loss" in shown and "val_" not in shown
+
+
+def test_parallel_adapters_lm_on_three_rows_keep_the_memory_without_a_val_score(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_llama), "--data", str(_rows(tmp_path / "three.jsonl", 3)), "--out", str(out)]
+    assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--task", "lm", "--epochs", "1"]) == 0
+    retrieval = json.loads((out / "summary.json").read_text())["retrieval"]
+    assert retrieval["tokens"] > 0 and not [k for k in retrieval if k.startswith("val_")]
+    assert "with retrieval from" in capsys.readouterr().out and (out / "retrieval.safetensors").exists()
+
+
+def test_sizes_that_leave_nothing_to_train_on_are_refused_before_training(tiny_llama, tmp_path, capsys):
+    cache = tmp_path / "c"
+    assert _train(tiny_llama, _rows(tmp_path / "one.jsonl", 1), tmp_path / "o", cache, "--val-size", "1") == 2
+    assert "leaves none to train on" in capsys.readouterr().err
+    # --early-stopping holds out 10% of the training rows to pick the best epoch: of 3 rows, none
+    early = ["--val-size", "0.1", "--early-stopping", "1"]
+    assert _train(tiny_llama, _rows(tmp_path / "three.jsonl", 3), tmp_path / "o", cache, *early) == 2
+    assert "--holdout 0.1 of 3 training rows is 0 rows" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
 def test_tapped_layers_and_gate_temperature_from_flags(tiny_llama, topic_jsonl, tmp_path, capsys):
     from pac.cli import layer_list
 

@@ -24,8 +24,18 @@ from launcher.local import LocalPeers, ephemeral_port_floor, free_port
 from launcher.main import main as launch
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
+from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
-from pac.workflow import DataOptions, TrainOptions, train
+from pac.runtime.sources import CachedTaps
+from pac.workflow import (
+    DataOptions,
+    TrainOptions,
+    build_parallel_adapter_model,
+    parallel_adapter_config,
+    prepare_data,
+    train,
+    with_defaults,
+)
 
 COMMON = ["--epochs", "2", "--val-size", "12", "--reduction", "4", "--batch-size", "8"]
 
@@ -92,6 +102,80 @@ def test_three_peers_train_the_same_adapter_as_one_device(
     assert f"{single_summary['train_samples']} rows trained on, {single_summary['val_samples']} rows validated" in card
     for name in ("local-0", "local-1", "local-2"):
         assert (out / "peers" / name / "peer.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> dict[int, Path]:
+    """Files smaller than the cluster: 20 rows, 4 of each of 5 topics (10% validation: 2 rows for 3 peers),
+    and 3 of those rows (10% validation: none)."""
+    topics = ["market shares rose", "team won the cup", "new phone chip", "film star award", "minister vote party"]
+    rows = [json.dumps({"text": topics[i % 5] + " the" * (i // 5), "label": f"t{i % 5}"}) for i in range(20)]
+    root = tmp_path_factory.mktemp("small")
+    for count in (20, 3):
+        (root / f"{count}.jsonl").write_text("\n".join(rows[:count]) + "\n")
+    return {count: root / f"{count}.jsonl" for count in (20, 3)}
+
+
+@pytest.mark.parametrize(
+    "mode, rows, val_size",
+    [
+        *[(mode, 20, "0.1") for mode in ("shuffle", "side-pipeline", "replicated")],  # rank 2 validates on none
+        *[(mode, 3, "0.1") for mode in ("shuffle", "side-pipeline", "replicated")],  # nobody validates
+        ("shuffle", 3, "1"),  # 2 training rows: rank 2 trains on none, yet joins every all-reduce with zeros
+    ],
+)
+def test_splits_smaller_than_the_cluster_train_the_single_device_adapter(
+    mode, rows, val_size, small_data, tiny_llama, tmp_path, caplog
+):
+    """A peer whose share of a split is empty caches no samples of it and the run goes on; the adapter and
+    the metrics are those of one device on the same rows, and an empty validation split reports none."""
+    data, cache = small_data[rows], tmp_path / "cache"
+    options = _options(tiny_llama, data, tmp_path / "single", cache)
+    options.data.val_size = float(val_size) if "." in val_size else int(val_size)
+    single = train(options)
+    out = tmp_path / "out"
+    assert _launch(tiny_llama, data, out, cache, "--mode", mode, "--val-size", val_size) == 0
+    expected = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split_sizes"] == {"train": single["train_samples"], "val": single["val_samples"]}
+    cached = {s: [p["summary"]["cached_samples"][s] for p in summary["peers"].values()] for s in ("train", "val")}
+    if mode != "side-pipeline":  # shares of every split, round-robin: the last rank's share is the empty one
+        assert cached["val"][-1] == 0 and (cached["train"][-1] == 0) == (single["train_samples"] < 3)
+    for ours, theirs in zip(summary["epochs"], single["epochs"], strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ("val_accuracy" in ours) == ("val_accuracy" in theirs) == (single["val_samples"] > 0)
+        if single["val_samples"]:
+            assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
+    if not single["val_samples"]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records and not [k for r in records for k in r if k.startswith("val_")]
+        assert "nothing to validate on" in caplog.text
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused_before_any_peer_joins(
+    small_data, tiny_llama, tmp_path, capsys
+):
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(small_data[3].read_text().splitlines()[0] + "\n")
+    assert _launch(tiny_llama, one_row, tmp_path / "out", tmp_path / "cache", "--val-size", "1") == 2
+    shown = capsys.readouterr()
+    assert "leaves none to train on" in shown.err and "joined" not in shown.out
+
+
+def test_pruned_init_on_a_peer_without_training_rows(small_data, tiny_llama, tmp_path):
+    """Its own share of the training cache is empty: it builds the model anyway (rank 0's pruned weights
+    then reach it by broadcast) instead of failing on statistics of no samples."""
+    options = with_defaults(_options(tiny_llama, small_data[3], tmp_path / "out", tmp_path / "cache"))
+    options.side_init, options.data.val_size = "pruned", 0.1
+    prepared = prepare_data(options.model, options.data)
+    adapter_config = parallel_adapter_config(options, prepared)
+    taps = adapter_config.resolved_taps(4)
+    share = build_cache(prepared.model_dir, prepared.train.subset([]), tmp_path / "cache", taps).open()
+    model = build_parallel_adapter_model(options, prepared, adapter_config, CachedTaps(share))
+    assert model.side is not None and len(share) == 0
 
 
 def test_stages_by_hand_and_bad_stage_specs(tiny_llama, topic_jsonl, tmp_path, capsys):

@@ -96,9 +96,8 @@ class CacheWriter:
     """Writes one cache (``root/<spec key>/``); see the module docstring."""
 
     def __init__(self, root: Path, spec: CacheSpec, sample_ids: list[str], shard_size: int = 32):
+        # Zero samples is a valid (complete, empty) cache: a peer's share of a small split can be empty.
         ids = [str(s) for s in sample_ids]
-        if not ids:
-            raise CacheError("cannot build an activation cache of zero samples: the dataset is empty")
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             dup = next(i for i in ids if i in seen or seen.add(i))

@@ -89,8 +89,9 @@ def build_cache(
     writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
     pending = writer.pending()
     computed = 0
-    clock.cache_reused(len(data) - sum(len(g) for g in pending))
-    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True, disable=None)
+    total = sum(len(g) for g in pending)
+    clock.cache_reused(len(data) - total)
+    bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, disable=None if total else True)
     lap = Stopwatch()
     for group in pending:
         if backbone is None:

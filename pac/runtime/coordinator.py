@@ -363,8 +363,9 @@ class Coordinator:
             self._fail(f"lost the connection to {peer.host.name} while sending {kind}")
 
     def _send_data(self, peer: PeerState, split: str, data: TokenizedSet) -> None:
-        """The tokenised split in chunks: a few bytes per token, far below the activations it produces."""
-        for start in range(0, len(data), DATA_CHUNK_SAMPLES):
+        """The tokenised split in chunks: a few bytes per token, far below the activations it produces. An
+        empty split still goes as one empty chunk: the peer must know that it exists (and its shape)."""
+        for start in range(0, max(len(data), 1), DATA_CHUNK_SAMPLES):
             part = data.subset(slice(start, start + DATA_CHUNK_SAMPLES))
             self._must_send(
                 peer,

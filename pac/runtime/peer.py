@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 import zmq
@@ -76,7 +77,8 @@ def _data_from_chunks(chunks: list[dict[str, Any]]) -> TokenizedSet:
     length = chunks[0]["max_length"]
 
     def cat(key: str, shape_tail: list[int]) -> torch.Tensor:
-        parts = [torch.frombuffer(bytearray(c[key]), dtype=torch.int64) for c in chunks]
+        # numpy, not torch.frombuffer, which refuses the zero-length buffer of an empty split
+        parts = [torch.from_numpy(np.frombuffer(bytearray(c[key]), dtype=np.int64)) for c in chunks]
         return torch.cat(parts).reshape(len(ids), *shape_tail)
 
     return TokenizedSet(

@@ -87,7 +87,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
-    """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`."""
+    """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`; no figures for an empty
+    source (an accuracy of 0 or a perplexity of 1 would be made up)."""
+    if not len(source):
+        return {}
     return summarize(task, evaluation_totals(model, source, task, batch_size))
 
 
@@ -126,7 +129,10 @@ class Trainer:
         on_step: Callable[[int, int], None] | None = None,
         clock: RunClock | None = None,
     ):
-        self.model, self.task, self.train_source, self.val_source = model, task, train, val
+        self.model, self.task, self.train_source = model, task, train
+        # An empty validation split (a few rows at --val-size 10%) leaves nothing to validate on: the epochs
+        # then report the training loss only. Every rank of a collaborative run sees the whole split's size.
+        self.val_source = val if val is not None and len(val) else None
         # Part of the training data kept out of the gradient steps: it picks the epoch to keep
         # (the validation set never does, or its figures would be optimistic).
         self.holdout_source = holdout
