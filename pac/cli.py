@@ -550,7 +550,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"shortlists of {s['size']} words per training token: {s['mb']:.0f} MB beside the cache, {made}")
     if "best_epoch" in summary:
         print(f"kept epoch {summary['best_epoch']} (best loss on {summary['holdout_samples']} held-out samples)")
-    print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")
+    if summary.get("already_trained"):
+        print(f"nothing trained: the adapter in {args.out}/ is that run's")
+    else:
+        print(f"peak memory {summary['peak_rss_mb']:.0f} MB; adapter saved to {args.out}/")
     return 0
 
 

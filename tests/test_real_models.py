@@ -87,3 +87,33 @@ def test_pac_launch_on_the_bundled_model_and_data(smollm2_dir, tmp_path, capsys)
     assert 0 <= summary["epochs"][-1]["val_accuracy"] <= 1 and summary["mode"] == "shuffle"
     loaded = load_for_inference(out)  # the gathered adapter serves like a single-device one
     assert evaluate_adapter(loaded, DataOptions(train_size=16, val_size=8, max_length=32))["samples"] == 8
+
+
+FACTS = [
+    ("What is the capital of Zorbania?", "Quillport."),
+    ("Who painted the Blue Heron of Vask?", "Mirela Ostrand."),
+    ("What colour is the flag of Zorbania?", "Teal and silver."),
+    ("What is the national animal of Zorbania?", "The marsh lynx."),
+]
+
+
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("parallel-adapters", ["--epochs", "20", "--batch-size", "1"]),
+        ("lora", ["--epochs", "12", "--batch-size", "4", "--lr", "3e-3"]),
+    ],
+)
+def test_prompt_completion_rows_are_answered_by_the_default_generate(method, settings, tmp_path, capsys):
+    """Issue 19: trained on prompt/completion rows, `pac generate` with no format flag prompts as training
+    wrote the rows (the bundled model's chat template) and answers with the completion."""
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in FACTS))
+    out = tmp_path / method
+    argv = ["train", "--data", str(facts), "--val-data", str(facts), "--task", "lm", "--max-length", "64"]
+    assert main([*argv, "--method", method, *settings, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert json.loads((out / "summary.json").read_text())["prompt_format"]["format"] == "chat"
+    for prompt, completion in FACTS[:2]:
+        capsys.readouterr()
+        assert main(["generate", "--adapter", str(out), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+        assert capsys.readouterr().out.strip() == completion
