@@ -40,7 +40,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pac.cli import add_train_arguments
+    from pac.cli import add_train_arguments, number
 
     parser = argparse.ArgumentParser(
         prog="pac-launch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("peers")
     source = where.add_mutually_exclusive_group()
     source.add_argument("--peers", metavar="HOSTS", help="hosts file: one peer per line, host[:port] [key=value ...]")
-    source.add_argument("--local", type=int, metavar="N", help="start N peer processes on this machine")
+    source.add_argument(
+        "--local", type=number(int, minimum=1), metavar="N", help="start N peer processes on this machine"
+    )
     where.add_argument("--ssh", action="store_true", help="with --peers: start `pac peer` on every host over ssh")
     where.add_argument("--ssh-option", action="append", default=[], help="extra ssh option, e.g. -p2222 (repeatable)")
     where.add_argument("--dry-run", action="store_true", help="with --ssh: print the ssh commands and stop")
@@ -71,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="zmq",
         help="phase-1 transport: ZeroMQ (default) or torch.distributed send/recv",
     )
-    plan.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for peers (default 120)")
     plan.add_argument(
-        "--peer-timeout", type=float, default=60.0, help="seconds of silence before a peer counts as lost (default 60)"
+        "--join-timeout", type=number(float, above=0), default=120.0, help="seconds to wait for peers (default 120)"
+    )
+    plan.add_argument(
+        "--peer-timeout",
+        type=number(float, above=0),
+        default=60.0,
+        help="seconds of silence before a peer counts as lost (default 60)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the coordinator is doing")
     add_train_arguments(parser)

@@ -53,6 +53,12 @@ TOPICS = {
 }
 
 
+def eval_on_validation(adapter: Path, model: Path, data: Path) -> list[str]:
+    """`pac eval` argv scoring the validation split that `pac train --val-size 12` held out of `data`."""
+    where = ["--model", str(model), "--data", str(data), "--val-size", "12", "--split", "val"]
+    return ["eval", "--adapter", str(adapter), *where]
+
+
 def _tokenizer(vocab_corpus: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import eval_on_validation
 
 from pac.cli import main
 
@@ -35,19 +36,7 @@ def test_train_eval_and_reuse_the_cache(tiny_model, topic_jsonl, tmp_path, capsy
     assert json.loads((again / "summary.json").read_text())["cache_computed_samples"] == {"train": 0, "val": 0}
 
     capsys.readouterr()
-    argv = [
-        "eval",
-        "--adapter",
-        str(out),
-        "--model",
-        str(tiny_model),
-        "--data",
-        str(topic_jsonl),
-        "--val-size",
-        "12",
-        "--split",
-        "val",
-    ]
+    argv = eval_on_validation(out, tiny_model, topic_jsonl)
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 12
@@ -81,19 +70,7 @@ def test_language_modelling_and_generation(tiny_llama, topic_jsonl, tmp_path, ca
     assert retrieval["tokens"] > 0 and (out / "retrieval.safetensors").stat().st_size > 0
     assert 0 < summary["training_peak_rss_mb"] <= summary["peak_rss_mb"]  # the peak before the memory's fit
     assert "with retrieval from" in capsys.readouterr().out
-    argv = [
-        "eval",
-        "--adapter",
-        str(out),
-        "--model",
-        str(tiny_llama),
-        "--data",
-        str(topic_jsonl),
-        "--val-size",
-        "12",
-        "--split",
-        "val",
-    ]
+    argv = eval_on_validation(out, tiny_llama, topic_jsonl)
     # Through the live backbone, with and without the memory: what training measured from the cache.
     assert main([*argv, "--task", "lm"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(retrieval["val_perplexity"], rel=1e-3)
@@ -122,19 +99,7 @@ def test_language_modelling_on_shortlists(tiny_llama, topic_jsonl, tmp_path, cap
     assert summary["shortlist"]["size"] == 8 and summary["shortlist"]["mb"] > 0
     assert summary["shortlist"]["built_files"] > 0
     assert "shortlists of 8 words per training token" in capsys.readouterr().out
-    argv = [
-        "eval",
-        "--adapter",
-        str(out),
-        "--model",
-        str(tiny_llama),
-        "--data",
-        str(topic_jsonl),
-        "--val-size",
-        "12",
-        "--split",
-        "val",
-    ]
+    argv = eval_on_validation(out, tiny_llama, topic_jsonl)
     assert main([*argv, "--task", "lm"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(ppl[-1], rel=1e-4)
     # They live beside the cache: the next run reuses them, and one cut short is rebuilt, not trained on.
@@ -155,19 +120,7 @@ def test_lora_baseline_is_one_flag_away(tiny_llama, topic_jsonl, tmp_path, capsy
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", "lora", "--epochs", "1") == 0
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     capsys.readouterr()
-    argv = [
-        "eval",
-        "--adapter",
-        str(out),
-        "--model",
-        str(tiny_llama),
-        "--data",
-        str(topic_jsonl),
-        "--val-size",
-        "12",
-        "--split",
-        "val",
-    ]
+    argv = eval_on_validation(out, tiny_llama, topic_jsonl)
     assert main(argv) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
 

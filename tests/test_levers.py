@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import eval_on_validation
 
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel, initialize_pruned
 from pac.models.backbone import load_backbone, load_config
@@ -194,24 +195,7 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     saved = json.loads((out / "pac_adapter_config.json").read_text())
     assert saved["peft_type"] == "BOUNDARY_LORA" and saved["boundary_layer"] == 2
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--adapter",
-                str(out),
-                "--model",
-                str(tiny_llama),
-                "--data",
-                str(topic_jsonl),
-                "--val-size",
-                "12",
-                "--split",
-                "val",
-            ]
-        )
-        == 0
-    )
+    assert main(eval_on_validation(out, tiny_llama, topic_jsonl)) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])
 

@@ -199,6 +199,8 @@ def test_bad_numbers_are_refused_before_anything_runs(command, option, values, c
 def test_bad_options_from_the_shell(home):
     result = pac("train", "--epochs", "-1", home=home)
     assert result.returncode == 2 and "argument --epochs: must be a whole number >= 1, not -1" in result.stderr
+    launch = subprocess.run([f"{PAC}-launch", "--local", "0"], capture_output=True, text=True, timeout=60)
+    assert launch.returncode == 2 and "argument --local: must be a whole number >= 1, not 0" in launch.stderr
     assert "--val-size" in pac("train", "--help", home=home).stdout  # and --help shows each default
     assert "default: 10% of --data" in pac("train", "--help", home=home).stdout.replace("\n", " ")
 
