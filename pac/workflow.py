@@ -204,7 +204,9 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
             asked,
             len(records),
         )
-    label_names = sorted({r.label for r in train if r.label is not None}) if opts.task == "classify" else None
+    # Every class seen in either split has a head output, even one with no training row in a tiny split.
+    labels = {r.label for r in [*train, *val] if r.label is not None}
+    label_names = sorted(labels) if opts.task == "classify" else None
     holdout: list[Record] = []
     if opts.holdout:  # carved from the training part (stratified), so validation stays untouched
         _, holdout = split_records(train, val_size=opts.holdout, seed=opts.seed, stratify=opts.task == "classify")
@@ -260,8 +262,9 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
     return opts
 
 
-# Options that say where things go, not what is trained: they do not change a run's identity.
-_PLACEMENT_OPTIONS = ("out", "cache_dir", "checkpoint_every", "resume", "overwrite", "require_resume")
+# Options that say where things are, not what is trained: they do not change a run's identity (the model's
+# weights and the data's content stand in for the paths that name them).
+_PLACEMENT_OPTIONS = ("model", "out", "cache_dir", "checkpoint_every", "resume", "overwrite", "require_resume")
 
 
 def run_identity(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
