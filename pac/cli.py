@@ -508,6 +508,7 @@ def train_options(args: argparse.Namespace):
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
     named.update(
         data=replace(_data_options(args), holdout=holdout),
+        resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         require_resume=args.resume,
         side_network=not args.no_side_network,
     )
