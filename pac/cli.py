@@ -29,6 +29,8 @@ examples:
   pac train --method lora                     # the LoRA baseline on the same model and data
   pac eval --adapter runs/adapter             # accuracy / perplexity on the validation split
   pac generate --adapter runs/notes --prompt "Summarise my week"
+  pac generate --base --prompt "Summarise my week"          # the same prompt to the base model
+  pac eval --adapter runs/notes --retain      # how much the adapter changed the model off its data
 """
 
 NO_RETRIEVAL_HELP = "use a language-model adapter without its memory of the training text (retrieval.safetensors)"
@@ -286,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
     e.add_argument(
+        "--retain",
+        action="store_true",
+        help="instead of scoring data, measure how much the adapter changed the model off its training data: the "
+        "base model's greedy answers to 50 general prompts bundled with pac, read through the adapter; reports the "
+        "share of answer tokens where the adapter's top-1 token is the base model's (agreement), the mean "
+        "KL(base || adapter) per token, and the share of answers it still gives word for word (answers_kept)",
+    )
+    e.add_argument(
         "--split",
         choices=["val", "all"],
         default="val",
@@ -297,9 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text with a saved language-model adapter",
         description="Generate text with an adapter (KV caches for the model and the side network).",
     )
-    g.add_argument("--adapter", required=True, help="directory written by `pac train --task lm --out`")
+    g.add_argument("--adapter", help="directory written by `pac train --task lm --out` (without it: the base model)")
+    g.add_argument(
+        "--base",
+        action="store_true",
+        help="ask the base model without the adapter (--model, else the adapter's base model, else the bundled one)",
+    )
     g.add_argument("--prompt", required=True, help="what to say to the model")
-    g.add_argument("--model", help="base model, if not where the adapter was trained")
+    g.add_argument("--model", help="base model, if not where the adapter was trained (default: the bundled one)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -440,8 +455,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pac.workflow import evaluate_adapter, evaluate_zero_shot, load_for_inference
+    from pac.workflow import evaluate_adapter, evaluate_retain, evaluate_zero_shot, load_for_inference
 
+    if args.retain:
+        if args.zero_shot:
+            raise PacError("--retain compares an adapter with its base model: pass --adapter instead of --zero-shot")
+        loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
+        print(json.dumps(evaluate_retain(loaded), indent=2))
+        return 0
     if args.zero_shot:
         result = evaluate_zero_shot(args.model, _data_options(args), args.split)
     else:
@@ -453,34 +474,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pac.generate import encode_prompt, generate_ids
-    from pac.workflow import load_for_inference
+    from pac.generate import encode_prompt
+    from pac.workflow import generate_answer, load_base, load_for_inference
 
-    loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-    if loaded.task != "lm":
-        raise PacError(f"{args.adapter} is a {loaded.task} adapter; generation needs one trained with --task lm")
-    if loaded.kind == "boundary":
-        raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
-    if loaded.kind == "lora":
-        out = loaded.model.peft.generate(
-            input_ids=ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature or None,
-            top_p=args.top_p,
-        )[:, ids.shape[1] :]
+    if args.base or args.adapter is None:
+        loaded = load_base(args.model, args.adapter)
     else:
-        out = generate_ids(
-            loaded.backbone,
-            loaded.model,
-            ids,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-            args.seed,
-            loaded.tokenizer.eos_token_id,
-        )
+        loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
+    out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 

@@ -474,11 +474,11 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
 # ----------------------------------------------------------------------------- inference
 @dataclass
 class LoadedAdapter:
-    kind: str  # "parallel-adapters" | "lora" | "boundary"
+    kind: str  # "parallel-adapters" | "lora" | "boundary" | "base" (the base model alone, load_base)
     task: str
     model_dir: Path
-    model: Any  # ParallelAdapterModel or LoraModel
-    backbone: Any  # full Backbone for parallel adapters, None for LoRA
+    model: Any  # ParallelAdapterModel, LoraModel or BoundaryModel; None for the base model
+    backbone: Any  # full Backbone for parallel adapters and the base model, layers 0..k for boundary, None for LoRA
     tokenizer: Any
     max_length: int
     label_names: list[str] | None
@@ -494,6 +494,63 @@ def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
             "pass the base model it was trained on with --model"
         )
     return model_dir
+
+
+def load_base(model: str | Path | None = None, adapter_dir: str | Path | None = None) -> LoadedAdapter:
+    """The base model alone, served like an adapter (kind "base"; `pac generate --base`): `model`, else the
+    model `adapter_dir` was trained on, else the bundled one."""
+    if adapter_dir is not None:
+        lora_meta = Path(adapter_dir) / "pac_lora.json"
+        meta = json.loads(lora_meta.read_text()) if lora_meta.exists() else load_adapter(Path(adapter_dir))[0]
+        model_dir = _base_model_dir(meta, None if model is None else str(model))
+    else:
+        model_dir = resolve_model(model)
+    config = load_config(model_dir)
+    if not family_for(config).causal:
+        raise PacError(
+            f"{model_dir} is an encoder ({family_for(config).name}) without an LM head: it has no next-token output "
+            "to generate from or to compare with an adapter's"
+        )
+    context = getattr(config, "max_position_embeddings", 0)
+    return LoadedAdapter(
+        "base", "lm", model_dir, None, load_backbone(model_dir), load_tokenizer(model_dir), context, None
+    )
+
+
+def generate_answer(
+    loaded: LoadedAdapter,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The new token ids [1, N] after `input_ids` [1, T], decoded as `pac generate` does, for a language-model
+    adapter or the base model (load_base)."""
+    from pac.generate import generate_ids
+
+    if loaded.task != "lm":
+        raise PacError(f"a {loaded.task} adapter cannot generate: generation needs one trained with --task lm")
+    if loaded.kind == "boundary":
+        raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
+    if loaded.kind == "lora":
+        return loaded.model.peft.generate(
+            input_ids=input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
+            top_p=top_p,
+        )[:, input_ids.shape[1] :]
+    return generate_ids(
+        loaded.backbone,
+        loaded.model,
+        input_ids,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        loaded.tokenizer.eos_token_id,
+    )
 
 
 def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrieval: bool = True) -> LoadedAdapter:
@@ -628,3 +685,22 @@ def evaluate_adapter(loaded: LoadedAdapter, opts: DataOptions, split: str = "val
     started = time.perf_counter()
     metrics = evaluate(loaded.model, source, loaded.task)
     return {**metrics, "samples": len(data), "seconds": time.perf_counter() - started}
+
+
+def evaluate_retain(loaded: LoadedAdapter, chat: bool = True) -> dict[str, Any]:
+    """How much the adapter changed the model off its training data (`pac eval --retain`, pac.retain): the
+    base model's greedy answers to the bundled general prompts, teacher-forced through the adapter."""
+    from pac.generate import encode_prompt
+    from pac.retain import model_next_token_logits, retain_report
+
+    base = load_base(loaded.model_dir)
+    started = time.perf_counter()
+    report = retain_report(
+        model_next_token_logits("base", "lm", None, base.backbone),
+        model_next_token_logits(loaded.kind, loaded.task, loaded.model, loaded.backbone),
+        lambda ids, max_new_tokens: generate_answer(base, ids, max_new_tokens),
+        lambda prompt: encode_prompt(base.tokenizer, prompt, chat)[0].tolist(),
+        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+        model_fingerprint(base.model_dir),
+    )
+    return {**report, "seconds": time.perf_counter() - started}
