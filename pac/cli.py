@@ -243,6 +243,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         help="boundary: a side network (width d/--reduction) over the cached layers 0..k whose output is added to "
         "h_k, so the top layers carry it; with --lora-r 0 the top layers stay frozen",
     )
+    m.add_argument(
+        "--retain-mix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lm: also train on the base model's own answers to N general prompts bundled with pac (up to 64), so "
+        "the adapter keeps answering off-task as the base model does; `pac eval --retain` measures that on other "
+        "prompts (default 0: off)",
+    )
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(
@@ -404,7 +413,7 @@ def train_options(args: argparse.Namespace):
     named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
     named.update(
-        data=replace(_data_options(args), holdout=holdout),
+        data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
         resume=not args.no_resume,
         side_network=not args.no_side_network,
     )

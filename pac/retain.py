@@ -4,8 +4,8 @@ teacher-forced through the adapter.
 The prompts ship with pac (retain_prompts.json): "eval", 50 general-knowledge and instruction prompts that
 `pac eval --retain` scores, and "mix", a disjoint set whose base-model answers `pac train --retain-mix N` adds
 to the training data (so the measure never scores what was trained on). The base model answers each prompt
-greedily once; the answers are cached under $PAC_HOME/retain/, keyed by the model's fingerprint and the
-prompts' token ids (so the prompt format is part of the key). Then the base model and the adapter each read
+greedily once; the answers are cached under $PAC_HOME/retain/, keyed by the model's fingerprint and each
+prompt's token ids (so the prompt format is part of the key). Then the base model and the adapter each read
 prompt + answer in one pass, and at every answer position (the base's end-of-text token included, where it
 stopped) their next-token distributions are compared:
 
@@ -38,6 +38,7 @@ NextTokenLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Answer = Callable[[torch.Tensor, int], torch.Tensor]
 
 ANSWER_TOKENS = 48  # a short answer, or the start of a long one: enough to see what changed
+MIX_ANSWER_TOKENS = 128  # --retain-mix rows: whole answers
 PROMPT_SETS = ("eval", "mix")
 
 
@@ -56,21 +57,22 @@ def general_prompts(part: str) -> list[str]:
 def cached_answers(
     answer: Answer, prompt_ids: Sequence[list[int]], model_fingerprint: str, max_new_tokens: int = ANSWER_TOKENS
 ) -> list[list[int]]:
-    """The base model's answers (token ids) to `prompt_ids`, computed once per model, prompts and length and
-    then read from $PAC_HOME/retain/."""
-    key = hashlib.sha256(json.dumps([model_fingerprint, max_new_tokens, list(prompt_ids)]).encode()).hexdigest()
-    path = answers_dir() / f"{key[:24]}.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["answers"]
-    with torch.inference_mode():
-        answers = [answer(torch.tensor([ids]), max_new_tokens)[0].tolist() for ids in prompt_ids]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")  # renamed into place: a reader never sees half a file
-    partial.write_text(json.dumps({"key": key, "model_fingerprint": model_fingerprint, "answers": answers}))
-    partial.replace(path)
-    return answers
+    """The base model's answers (token ids) to `prompt_ids`: each prompt is answered once per model and answer
+    length, then read from $PAC_HOME/retain/ (one file per model and length, keyed by the prompt's token ids)."""
+    path = answers_dir() / f"{model_fingerprint[:32]}-{max_new_tokens}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    known = stored.get("answers", {}) if stored.get("model_fingerprint") == model_fingerprint else {}
+    keys = [hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32] for ids in prompt_ids]
+    missing = [i for i, key in enumerate(keys) if key not in known]
+    if missing:
+        with torch.inference_mode():
+            for i in missing:
+                known[keys[i]] = answer(torch.tensor([prompt_ids[i]]), max_new_tokens)[0].tolist()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # renamed into place: a reader never sees half a file
+        partial.write_text(json.dumps({"model_fingerprint": model_fingerprint, "answers": known}))
+        partial.replace(path)
+    return [known[key] for key in keys]
 
 
 @dataclass
@@ -167,6 +169,13 @@ def retain_report(
     return {**summarize(scores), "most_changed": most_changed}
 
 
+def check_retain_mix(n: int) -> None:
+    """`--retain-mix N` takes between 1 and all of the bundled "mix" prompts."""
+    available = len(general_prompts("mix"))
+    if not 0 < n <= available:
+        raise PacError(f"--retain-mix takes 1 to {available} general prompts (the ones pac ships), not {n}")
+
+
 def base_answer_records(
     answer: Answer,
     encode: Callable[[str], list[int]],
@@ -175,14 +184,14 @@ def base_answer_records(
     n: int,
 ) -> list[Record]:
     """The first `n` "mix" prompts with the base model's own answers, as prompt/completion rows
-    (`pac train --retain-mix N`): training on them holds the adapter to what the base model says off-task."""
-    prompts = general_prompts("mix")
-    if not 0 < n <= len(prompts):
-        raise PacError(f"--retain-mix takes 1 to {len(prompts)} general prompts (pac ships {len(prompts)}), not {n}")
-    answers = cached_answers(answer, [encode(p) for p in prompts[:n]], model_fingerprint)
+    (`pac train --retain-mix N`): training on them holds the adapter to what the base model says off-task.
+    The answers have room to run longer than the measure reads: a row teaches where its answer stops."""
+    check_retain_mix(n)
+    prompts = general_prompts("mix")[:n]
+    answers = cached_answers(answer, [encode(p) for p in prompts], model_fingerprint, MIX_ANSWER_TOKENS)
     return [
         Record(sample_id=f"retain-mix/{i}", prompt=p, completion=decode(a).strip())
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=False))
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
     ]
 
 

@@ -88,6 +88,7 @@ class DataOptions:
     holdout: float = 0.0  # fraction of the training data kept out of training to pick the best epoch
     text_field: str = "text"
     label_field: str = "label"
+    retain_mix: int = 0  # lm: add the base model's answers to this many general prompts to training (pac.retain)
 
 
 @dataclass
@@ -178,6 +179,8 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     check_labels(records, opts.task)
     train, val = split_data(opts, records)
     label_names = sorted({r.label for r in records if r.label is not None}) if opts.task == "classify" else None
+    if opts.retain_mix:  # training only: validation stays the user's data
+        train = train + retain_mix_records(model_dir, opts.retain_mix)
     holdout: list[Record] = []
     if opts.holdout:  # carved from the training part (stratified), so validation stays untouched
         _, holdout = split_records(train, val_size=opts.holdout, seed=opts.seed, stratify=opts.task == "classify")
@@ -189,6 +192,23 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
         tokenize_records(val, tokenizer, **kw),
         label_names,
         [r.sample_id for r in holdout],
+    )
+
+
+def retain_mix_records(model_dir: Path, n: int) -> list[Record]:
+    """`--retain-mix N`: the base model's own greedy answers to N general prompts bundled with pac, as
+    prompt/completion rows rendered as training renders them, so the adapter also learns to keep answering
+    off-task as the base model does."""
+    from pac.generate import encode_prompt
+    from pac.retain import base_answer_records
+
+    base = load_base(model_dir)
+    return base_answer_records(
+        lambda ids, max_new_tokens: generate_answer(base, ids, max_new_tokens),
+        lambda prompt: encode_prompt(base.tokenizer, prompt, chat=False)[0].tolist(),
+        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+        model_fingerprint(model_dir),
+        n,
     )
 
 
@@ -205,6 +225,12 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         raise PacError("--retrieval is for --method parallel-adapters --task lm: drop it")
     if opts.shortlist and (opts.method != "parallel-adapters" or opts.data.task != "lm"):
         raise PacError("--shortlist is for --method parallel-adapters --task lm: drop it")
+    if opts.data.retain_mix:
+        from pac.retain import check_retain_mix
+
+        if opts.data.task != "lm":
+            raise PacError("--retain-mix adds prompt/completion rows: it is for --task lm")
+        check_retain_mix(opts.data.retain_mix)
     if opts.method != "parallel-adapters":
         return opts
     unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}

@@ -104,14 +104,17 @@ def test_the_base_model_answers_once_per_model_and_prompts(tiny_llama, tmp_path)
         calls.append(ids)
         return generate_ids(backbone, None, ids, n)
 
-    first = cached_answers(answer, PROMPTS, "model-a", max_new_tokens=6)
-    assert len(calls) == len(PROMPTS) and all(0 < len(a) <= 6 for a in first)
-    assert cached_answers(answer, PROMPTS, "model-a", max_new_tokens=6) == first
-    assert len(calls) == len(PROMPTS)  # read back from $PAC_HOME/retain
+    first = cached_answers(answer, PROMPTS[:2], "model-a", max_new_tokens=6)
+    assert len(calls) == 2 and all(0 < len(a) <= 6 for a in first)
     assert list((tmp_path / "home" / "retain").glob("*.json"))
-    cached_answers(answer, PROMPTS, "model-b", max_new_tokens=6)  # another model: asked again
-    cached_answers(answer, PROMPTS[:2], "model-a", max_new_tokens=6)  # other prompts (or prompt format): again
-    assert len(calls) == 2 * len(PROMPTS) + 2
+    # Read back from $PAC_HOME/retain: only the prompts never answered are asked.
+    both = cached_answers(answer, PROMPTS, "model-a", max_new_tokens=6)
+    assert both[:2] == first and len(calls) == len(PROMPTS)
+    assert cached_answers(answer, PROMPTS, "model-a", max_new_tokens=6) == both and len(calls) == len(PROMPTS)
+    cached_answers(answer, PROMPTS[:1], "model-b", max_new_tokens=6)  # another model: asked again
+    cached_answers(answer, PROMPTS[:1], "model-a", max_new_tokens=9)  # another length: asked again
+    cached_answers(answer, [[*PROMPTS[0], 3]], "model-a", max_new_tokens=6)  # another prompt (or format): again
+    assert len(calls) == len(PROMPTS) + 3
 
 
 def test_the_bundled_prompt_sets_are_disjoint():
@@ -178,3 +181,22 @@ def test_pac_generate_asks_the_base_model(tiny_llama, topic_jsonl, tmp_path, cap
     prompt = tokenizer("the market", return_tensors="pt")["input_ids"]
     expected = generate_ids(load_backbone(tiny_llama), None, prompt, 6, eos_token_id=tokenizer.eos_token_id)
     assert alone.strip() == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+
+
+def test_retain_mix_trains_on_the_base_models_own_answers(tiny_llama, topic_jsonl, tmp_path, capsys):
+    from pac.workflow import load_base, retain_mix_records
+
+    out = tmp_path / "mixed"
+    assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--task", "lm", "--retain-mix", "3") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_samples"] == 48 + 3 and summary["val_samples"] == 12  # validation stays the user's data
+    rows = retain_mix_records(tiny_llama, 3)
+    assert [r.prompt for r in rows] == general_prompts("mix")[:3]
+    # The completions are the base model's greedy answers, rendered as training renders prompts (plain here).
+    base = load_base(tiny_llama)
+    prompt = base.tokenizer(rows[0].prompt, return_tensors="pt")["input_ids"]
+    own = generate_ids(base.backbone, None, prompt, 128, eos_token_id=base.tokenizer.eos_token_id)
+    assert rows[0].completion == base.tokenizer.decode(own[0], skip_special_tokens=True).strip()
+    for bad in (["--retain-mix", "65"], ["--retain-mix", "-1"], ["--retain-mix", "2", "--task", "classify"]):
+        assert _train(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", *bad) == 2
+        assert "--retain-mix" in capsys.readouterr().err
