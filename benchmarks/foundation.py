@@ -1,8 +1,9 @@
 """Foundation figures: parallel adapters vs LoRA vs zero-shot on SmolLM2-135M-Instruct / BBC News.
 
 Fixed stratified split (seed 0): 400 training / 200 validation articles, 128 tokens, 3 epochs.
-Every configuration runs in its own process so that its peak RSS is its own: phase 1 (cache build,
-`--epochs 0`) and phase 2 (training from the finished cache) are measured apart.
+Every configuration runs in its own process so that its peak RSS is its own: phase 1 (the cache build
+alone: `pac train`'s options with zero epochs, through pac.workflow) and phase 2 (training from the
+finished cache) are measured apart.
 
     python benchmarks/foundation.py                # everything (~30 min on 2 cores)
     python benchmarks/foundation.py --only pa      # one part: zero-shot | pa | int8 | lora
@@ -25,11 +26,13 @@ RESULTS = HERE / "results"
 WORK = HERE / ".work"  # caches and adapters of the runs (git-ignored)
 
 
-def run_pac(name: str, *args: str) -> dict:
-    """`pac train` in a fresh process; returns its summary.json (with its own peak RSS)."""
+def run_pac(name: str, *args: str, cache_only: bool = False) -> dict:
+    """`pac train` in a fresh process (or, cache_only, its phase 1 alone); returns its summary.json (with its
+    own peak RSS)."""
     out = WORK / name
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pac.cli", "train", "--out", str(out), *args]
+    entry = [__file__, "--cache-only"] if cache_only else ["-m", "pac.cli", "train"]
+    cmd = [sys.executable, *entry, "--out", str(out), *args]
     print("$", " ".join(cmd[2:]), flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -54,7 +57,7 @@ def parallel_adapters(dtype: str, seeds: list[int]) -> dict:
     cache = WORK / f"cache-{dtype}"
     shutil.rmtree(cache, ignore_errors=True)
     common = ["--cache-dir", str(cache), "--cache-dtype", dtype]  # the split is always seed 0
-    build = run_pac(f"pa-{dtype}-build", *common, "--epochs", "0")
+    build = run_pac(f"pa-{dtype}-build", *common, cache_only=True)
     runs = [run_pac(f"pa-{dtype}-seed{s}", *common, "--seed", str(s)) for s in seeds]
     return {"cache_build": build, "runs": runs}
 
@@ -133,7 +136,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_only(argv: list[str]) -> None:
+    """Phase 1 of `pac train ARGV` alone: the cache build and the untrained starting point (zero epochs, which
+    the command itself refuses)."""
+    from dataclasses import replace
+
+    from pac.cli import build_parser, train_options
+    from pac.workflow import train
+
+    train(replace(train_options(build_parser().parse_args(["train", *argv])), epochs=0))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--cache-only"]:
+        return cache_only(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["zero-shot", "pa", "int8", "lora"], action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the side-network runs")

@@ -128,7 +128,7 @@ def _launch(args: argparse.Namespace) -> int:
         hosts = local.start()
     try:
         summary = Coordinator(hosts, token, options, settings).run()
-        print_epochs(summary["epochs"], "val_accuracy" if options.data.task == "classify" else "val_perplexity")
+        print_epochs(summary["epochs"])
         return 0
     except RunFailed as exc:
         print(f"pac-launch: the run failed: {exc}", file=sys.stderr)

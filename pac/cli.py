@@ -11,6 +11,7 @@ import sys
 
 from pac import __version__
 from pac.errors import PacError
+from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
 
 DESCRIPTION = """\
 pac fine-tunes a language model on your own data, on your own devices.
@@ -38,47 +39,117 @@ DATA_HELP = """\
 data formats (--data):
   JSONL   one object per line: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}
   CSV/TSV with a header; columns named by --text-field / --label-field
-  folder  one sub-folder per class, holding .txt files (the folder name is the label)
+  .txt    plain text, one sample per paragraph (--task lm)
+  folder  one sub-folder per class, holding .txt files (the folder name is the label); for --task lm,
+          a folder of .txt files
   hf:FORMAT:PATH   a local file through the `datasets` library, e.g. hf:parquet:train.parquet
 """
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def number(
+    kind: type,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    maximum: float | None = None,
+):
+    """An argparse type: an int or float within bounds, refused with the bounds in the message (exit code 2)."""
+    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else ""]
+    bounds += [f"< {below:g}" if below is not None else "", f"<= {maximum:g}" if maximum is not None else ""]
+    wanted = f"{'a whole number' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}") from None
+        out_of_range = (
+            (minimum is not None and value < minimum)
+            or (above is not None and value <= above)
+            or (below is not None and value >= below)
+            or (maximum is not None and value > maximum)
+            or value != value  # nan
+        )
+        if out_of_range:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
+        return value
+
+    return parse
+
+
+def val_size(text: str) -> int | float:
+    """--val-size: a row count (a whole number >= 1, or 0) or a fraction in (0, 1)."""
+    value = number(float, minimum=0)(text)
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a row count (a whole number) or a fraction below 1, not {text}")
+    return int(value) if value >= 1 or value == 0 else value
+
+
+def _add_data_args(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--model", help="Hugging Face id, model directory or .gguf file (default: bundled SmolLM2)")
-    g.add_argument("--data", help="training data: JSONL, CSV, class folders or hf:FORMAT:PATH (default: BBC News)")
+    g.add_argument(
+        "--data",
+        help="JSONL, CSV, .txt, a folder or hf:FORMAT:PATH (default: the bundled BBC News corpus)"
+        + ("; every row is scored unless --split val" if evaluating else ""),
+    )
     g.add_argument(
         "--task",
         choices=["classify", "lm"],
         default="classify",
         help="classify: predict the label; lm: learn to write like the text (default: classify)",
     )
-    g.add_argument("--max-length", type=int, default=128, help="tokens per sample; longer text is cut (default 128)")
-    g.add_argument("--val-size", type=float, help="validation samples (count, or fraction if < 1)")
-    g.add_argument("--train-size", type=int, help="use only this many training samples (stratified)")
+    g.add_argument(
+        "--max-length",
+        type=number(int, minimum=2),
+        default=128,
+        help="tokens per sample; longer text is cut (default 128)",
+    )
+    if not evaluating:
+        g.add_argument(
+            "--val-data", metavar="FILE", help="a separate validation file (then nothing of --data is held out)"
+        )
+    g.add_argument(
+        "--val-size",
+        type=val_size,
+        help="rows held out of --data for validation: a count, or a fraction if < 1 (default: 10%% of --data; "
+        "200 rows of the bundled corpus; 0 with --val-data)",
+    )
+    g.add_argument("--train-size", type=number(int, minimum=1), help="use only this many training rows (stratified)")
     g.add_argument(
         "--split-seed",
         type=int,
         default=0,
         help="seed of the train/validation split; keep it fixed to compare runs (default 0)",
     )
-    g.add_argument("--text-field", default="text", help="text column/key (default: text)")
-    g.add_argument("--label-field", default="label", help="label column/key (default: label)")
+    recorded = " or what the adapter was trained with" if evaluating else ""
+    g.add_argument("--text-field", help=f"text column/key (default: text{recorded})")
+    g.add_argument("--label-field", help=f"label column/key (default: label{recorded})")
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="write prompt/completion rows as a user and an assistant turn of the model's chat template (--chat) "
+        "or as plain prompt + completion (--no-chat)"
+        + (" (default: as the adapter was trained)" if evaluating else " (default: --chat where the model has one)"),
+    )
 
 
-def _data_options(args: argparse.Namespace):
+def _data_options(args: argparse.Namespace, recorded: dict[str, str] | None = None):
+    """DataOptions from the data flags; field names not given come from `recorded` (an adapter's)."""
     from pac.workflow import DataOptions
 
-    val = args.val_size
+    fields = recorded or {}
     return DataOptions(
         data=args.data,
         task=args.task,
         max_length=args.max_length,
-        val_size=int(val) if val is not None and val >= 1 else val,
+        val_data=getattr(args, "val_data", None),
+        val_size=args.val_size,
         train_size=args.train_size,
         seed=args.split_seed,
-        text_field=args.text_field,
-        label_field=args.label_field,
+        text_field=args.text_field or fields.get("text_field", "text"),
+        label_field=args.label_field or fields.get("label_field", "label"),
+        chat=args.chat,
     )
 
 
@@ -108,15 +179,17 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "the peft baselines lora / dora (backward through the whole model), or boundary "
         "(cache one layer's output, LoRA on the layers above it)",
     )
-    m.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    m.add_argument("--epochs", type=number(int, minimum=1), default=3, help="training epochs (default 3)")
     m.add_argument("--seed", type=int, default=0, help="seed of initialisation and sample order (default 0)")
-    m.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
+    m.add_argument("--batch-size", type=number(int, minimum=1), default=8, help="samples per step (default 8)")
+    pa = PARALLEL_ADAPTER_DEFAULTS
     m.add_argument(
         "--lr",
-        type=float,
-        help="peak learning rate (default: 3e-3 for parallel adapters, 5e-4 for LoRA / DoRA / boundary)",
+        type=number(float, above=0),
+        help=f"peak learning rate (default: parallel adapters {pa['classify']['lr']:g} for classify, "
+        f"{pa['lm']['lr']:g} for lm; LoRA / DoRA / boundary {LORA_LR:g})",
     )
-    m.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    m.add_argument("--weight-decay", type=number(float, minimum=0), default=0.0, help="AdamW weight decay (default 0)")
     m.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
@@ -127,21 +200,26 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--holdout",
-        type=float,
+        type=number(float, above=0, below=1),
         help="fraction of the training data kept out of training; the adapter keeps the epoch with the best "
         "loss on it, so the validation set never picks (default 0.1 with --early-stopping, else 0)",
     )
     m.add_argument(
         "--early-stopping",
-        type=int,
+        type=number(int, minimum=0),
         default=0,
         metavar="PATIENCE",
         help="stop after PATIENCE epochs without a better holdout loss (default 0: train every epoch)",
     )
-    m.add_argument("--reduction", type=int, help="side network width = model width / r (default: per task, see README)")
+    reductions = sorted({d["reduction"] for d in pa.values()})
+    m.add_argument(
+        "--reduction",
+        type=number(int, minimum=1),
+        help=f"side network width = model width / r (default {', '.join(map(str, reductions))})",
+    )
     m.add_argument(
         "--tap-every",
-        type=int,
+        type=number(int, minimum=1),
         default=1,
         help="tap every k-th layer (always the first and last); fewer taps, smaller cache (default 1)",
     )
@@ -153,7 +231,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--gate-temperature",
-        type=float,
+        type=number(float, above=0),
         default=0.1,
         help="temperature of the side network's gates: lower moves them faster (default 0.1)",
     )
@@ -170,17 +248,24 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         help="classification: the head reads final_norm(h_L) + side output (sum, default) or the side output "
         "alone (side, as Ladder Side-Tuning)",
     )
+    inits = sorted({d["side_init"] for d in pa.values()})
     m.add_argument(
         "--side-init",
         choices=["random", "pruned"],
-        help="side blocks start random, or from the model's own weights pruned to width d/r (default: per task)",
+        help="side blocks start random, or from the model's own weights pruned to width d/r "
+        f"(default {'/'.join(inits)})",
     )
     m.add_argument(
         "--tap-norm",
         action="store_true",
         help="scale every cached layer output to unit RMS before the side network reads it",
     )
-    m.add_argument("--dropout", type=float, default=0.0, help="dropout on the side network's inputs (default 0)")
+    m.add_argument(
+        "--dropout",
+        type=number(float, minimum=0, below=1),
+        default=0.0,
+        help="dropout on the side network's inputs (default 0)",
+    )
     m.add_argument(
         "--train-final-norm",
         action="store_true",
@@ -189,14 +274,14 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
     m.add_argument(
         "--side-heads",
-        type=int,
+        type=number(int, minimum=1),
         metavar="N",
         help="attention heads of the side blocks (default: the model's; fewer heads are wider, e.g. 3 heads of "
         "24 dimensions instead of 9 of 8 on SmolLM2 at r=8)",
     )
     m.add_argument(
         "--readout-hidden",
-        type=int,
+        type=number(int, minimum=0),
         metavar="H",
         help="add a read-out MLP (H hidden units) that corrects final_norm(h_L) from it and the side state; its "
         "correction has full rank, where Up's is confined to d/r directions (default 0: off; on language modelling "
@@ -213,7 +298,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--shortlist",
-        type=int,
+        type=number(int, minimum=0),
         metavar="K",
         help="lm, plain side network: before the first epoch, keep for every training token the K words the "
         "frozen backbone finds likeliest (and the target), and train on those plus one term for the rest of the "
@@ -226,10 +311,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
     )
-    m.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA / boundary rank (default 8)")
+    m.add_argument(
+        "--lora-r",
+        type=number(int, minimum=0),
+        default=8,
+        help="LoRA / DoRA / boundary rank (default 8; 0 only for boundary: its top layers stay frozen)",
+    )
     m.add_argument(
         "--boundary-layer",
-        type=int,
+        type=number(int, minimum=1),
         help="boundary: cache only layer k's output and train LoRA on the layers above it (default 2L/3)",
     )
     m.add_argument(
@@ -261,8 +351,24 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         help="cache precision: fp16 (default), bf16 (huge activations), int8 (half the size)",
     )
     o.add_argument("--out", default="runs/adapter", help="output directory (default runs/adapter)")
-    o.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: per epoch)")
-    o.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    o.add_argument(
+        "--checkpoint-every",
+        type=number(int, minimum=0),
+        default=0,
+        help="also checkpoint every N steps (default 0: at the end of every epoch)",
+    )
+    again = o.add_mutually_exclusive_group()
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier run left in --out (without it, pac refuses to train a different run there)",
+    )
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="insist on continuing the interrupted run in --out (same model, data and options); an interrupted "
+        "run also continues without it when started again the same way",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pac {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--threads", type=number(int, minimum=1), help="CPU threads for torch (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer}")
 
     t = sub.add_parser(
@@ -294,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the untrained model: classify by label likelihood, lm by perplexity",
     )
-    _add_data_args(e)
+    _add_data_args(e, evaluating=True)
     e.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
     e.add_argument(
         "--retain",
@@ -307,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--split",
         choices=["val", "all"],
-        default="val",
-        help="val: the validation split made with the same seed; all: every sample (default val)",
+        help="all: every row of --data; val: only the validation split `pac train` held out of it (same "
+        "--split-seed and --val-size) (default: all for --data, val for the bundled corpus)",
     )
 
     g = sub.add_parser(
@@ -324,10 +430,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--prompt", required=True, help="what to say to the model")
     g.add_argument("--model", help="base model, if not where the adapter was trained (default: the bundled one)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--max-new-tokens", type=number(int, minimum=1), default=64, help="tokens to generate (default 64)")
+    g.add_argument(
+        "--temperature", type=number(float, minimum=0), default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    g.add_argument(
+        "--top-p",
+        type=number(float, above=0, maximum=1),
+        default=0.9,
+        help="with --temperature > 0: nucleus sampling mass, at most 1 (default 0.9)",
+    )
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap the prompt in the model's chat template (--chat) or not (--no-chat) (default: as the adapter's "
+        "prompt/completion rows were trained)",
+    )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
 
@@ -344,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="where this peer keeps its outputs and log (default: $PAC_HOME/peers/NAME)")
     p.add_argument(
         "--coordinator-timeout",
-        type=float,
+        type=number(float, above=0),
         default=60.0,
         help="stop after this many seconds without a word from the coordinator (default 60)",
     )
@@ -414,30 +532,27 @@ def train_options(args: argparse.Namespace):
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
     named.update(
         data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
-        resume=not args.no_resume,
+        require_resume=args.resume,
         side_network=not args.no_side_network,
     )
     return TrainOptions(**named)
 
 
-def print_epochs(epochs: list[dict], metric: str) -> None:
-    """One line per epoch of a training summary (`pac train` and `pac-launch`)."""
+def print_epochs(epochs: list[dict]) -> None:
+    """One line per epoch of a training summary (`pac-launch`; `pac train` prints each as it ends)."""
+    from pac.runtime.progress import epoch_line
+
     for ep in epochs:
-        if ep["epoch"] == 0:
-            print(f"before training: {metric} {ep[metric]:.4f}")
-            continue
-        print(
-            f"epoch {ep['epoch']}: train loss {ep['train_loss']:.4f}  {metric} {ep.get(metric, float('nan')):.4f}"
-            f"  ({ep['epoch_seconds']:.1f} s)"
-        )
+        print(epoch_line(ep, len([e for e in epochs if e["epoch"]])))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pac.workflow import train
 
     opts = train_options(args)
-    summary = train(opts)
-    metric = "val_accuracy" if opts.data.task == "classify" else "val_perplexity"
+    summary = train(opts, report=print)
+    if summary.get("already_trained"):
+        print_epochs(summary["epochs"])
     print(
         f"\n{opts.method} on {summary['train_samples']} samples, {summary['trainable_params']:,} trainable parameters"
     )
@@ -446,7 +561,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"cache build: {sum(summary['cache_build_seconds'].values()):.1f} s, "
             f"{summary['cache_bytes_per_sample'] / 1e6:.2f} MB/sample ({summary['cache_dtype']})"
         )
-    print_epochs(summary["epochs"], metric)
     if "retrieval" in summary:
         r = summary["retrieval"]
         print(
@@ -464,22 +578,57 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pac.workflow import evaluate_adapter, evaluate_retain, evaluate_zero_shot, load_for_inference
+    from pac.workflow import (
+        adapter_meta,
+        default_split,
+        evaluate_adapter,
+        evaluate_retain,
+        evaluate_zero_shot,
+        evaluation_records,
+        load_for_inference,
+    )
 
     if args.retain:
         if args.zero_shot:
             raise PacError("--retain compares an adapter with its base model: pass --adapter instead of --zero-shot")
         loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-        print(json.dumps(evaluate_retain(loaded), indent=2))
+        print(json.dumps(evaluate_retain(loaded, prompt_chat(args.chat, loaded)), indent=2))
         return 0
+    meta = {} if args.zero_shot else adapter_meta(args.adapter)
+    opts = _data_options(args, meta.get("data_fields"))
+    split = default_split(opts, args.split)
     if args.zero_shot:
-        result = evaluate_zero_shot(args.model, _data_options(args), args.split)
+        result = evaluate_zero_shot(args.model, opts, split)
     else:
-        result = evaluate_adapter(
-            load_for_inference(args.adapter, args.model, not args.no_retrieval), _data_options(args), args.split
-        )
+        opts.task = meta["task"]  # the adapter's own; --task is for --zero-shot
+        records = evaluation_records(opts, split)  # read and checked before the model loads
+        loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
+        result = evaluate_adapter(loaded, opts, split, records)
+    source = "the bundled corpus" if opts.data is None else opts.data
+    which = "every row" if split == "all" else "the validation split (--split val)"
+    print(f"scored {result['samples']} rows of {source}: {which}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def prompt_chat(asked: bool | None, loaded) -> bool:
+    """Whether the prompt goes through the chat template: as the adapter's prompts were trained, unless
+    --chat / --no-chat says otherwise (with a warning: the adapter learned the other form)."""
+    from pac.data.tokenize import prompt_format
+
+    has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
+    trained = loaded.chat and has_template
+    chat = trained if asked is None else asked and has_template
+    if asked is not None and loaded.prompt_format is not None and chat != trained:
+        logging.getLogger("pac").warning(
+            "the adapter was trained on %s prompts, and --%s asks for the other form: answers may be worse",
+            "chat-template" if trained else "plain",
+            "chat" if asked else "no-chat",
+        )
+    recorded = (loaded.prompt_format or {}).get("chat_template_sha256")
+    if chat and recorded and prompt_format(loaded.tokenizer, chat=True)["chat_template_sha256"] != recorded:
+        logging.getLogger("pac").warning("this tokenizer's chat template is not the one the adapter was trained with")
+    return chat
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -490,14 +639,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loaded = load_base(args.model, args.adapter)
     else:
         loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=not args.no_chat)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=prompt_chat(args.chat, loaded))
     out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Progress lines reach a log file as they are printed, not when a block buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad option (code 2, message printed) or --help / --version (0)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

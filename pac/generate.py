@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from pac.data.tokenize import render_prompt
 from pac.methods.parallel_adapters import ParallelAdapterModel
 from pac.models.backbone import Backbone
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    """Token ids of the prompt, wrapped in the tokenizer's chat template when it has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    """Token ids of the prompt exactly as training wrote a prompt/completion row's prompt
+    (pac.data.tokenize.render_prompt): a chat template's user turn, or the plain text."""
+    if chat:  # the template writes its own special tokens
+        return tokenizer(render_prompt(tokenizer, prompt, chat=True), add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 

@@ -7,10 +7,13 @@ train (lora / dora):        data -> peft training through the whole backbone -> 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import resource
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,14 @@ import torch
 
 from pac.cache import cache_bytes_per_sample
 from pac.data.records import Record
-from pac.data.sources import bundled_bbc_news_dir, load_records
+from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
-from pac.data.tokenize import TokenizedSet, tokenize_records
+from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
 from pac.errors import PacError
-from pac.methods.base import load_adapter, save_adapter
+from pac.methods.base import load_adapter, read_adapter_config, save_adapter
 from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
 from pac.methods.boundary import BoundaryModel
+from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
 from pac.methods.lora import LoraModel, LoraSettings
 from pac.methods.parallel_adapters import (
     ParallelAdapterConfig,
@@ -33,13 +37,16 @@ from pac.methods.parallel_adapters import (
     attach_memory,
     initialize_pruned,
 )
+from pac.model_card import write_model_card
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
-from pac.models.loading import BUNDLED_MODEL_ID, pac_home, resolve_model
+from pac.models.loading import model_name, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
 from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
 from pac.runtime.heap import one_off_step
+from pac.runtime.progress import RunClock, Watch
+from pac.runtime.run_dir import claim
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
 
@@ -47,34 +54,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("parallel-adapters", "lora", "dora", "boundary")
 SUMMARY = "summary.json"
-# Defaults of --method parallel-adapters per task, chosen by the quality harness (benchmarks/quality.py,
-# SmolLM2-135M on BBC News, 400 training / 400 validation articles, 3 seeds; tables in benchmarks/results/).
-# The side network is small and starts at zero output, so it takes a larger step than LoRA (5e-4).
-PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Classification: the plain side network (0.948 +- 0.001) already matches LoRA r=8 (0.950 +- 0.008), and no
-    # lever beat it by more than its noise: dropout + weight decay 0.950 +- 0.004, read-out MLP 0.949 +- 0.012,
-    # pruned init 0.943, 3x LR 0.945, last-token read-out 0.846, side-only read-out 0.941.
-    "classify": {
-        "lr": 3e-3,
-        "reduction": 8,
-        "side_init": "random",
-        "readout_hidden": 0,
-        "retrieval": False,
-        "shortlist": 0,
-    },
-    # Language modelling: the plain side network plus a memory of the training tokens (retrieval, a kNN-LM over
-    # the cache's last tap; pac.models.retrieval): perplexity 29.71 -> 27.02 +- 0.13, 65% of LoRA's
-    # log-perplexity reduction where no trained lever passed 50%, at the plain epoch time plus ~1 minute once.
-    # The best trained lever, a read-out MLP as wide as the model (29.07 +- 0.05, 49%), gains less with the
-    # memory (27.38 +- 0.20, 62%): it fits the training text closer, so the weight fit on that text comes out
-    # smaller. 3x LR 29.22 +- 0.08; width d/4 29.06 +- 0.06 at 1.4x the epoch and 36% of LoRA's memory.
-    # Trained on shortlists of 256 words (pac.models.shortlist): 27.13 +- 0.14 with the memory (64%), at half the
-    # epoch time (24-26 s against 51 s: 10.1-10.9x faster than LoRA's epoch, where the whole-vocabulary products
-    # held it at 5x), once ~45 s per cache to build them; 1024 words matched the whole vocabulary (1 seed) at 34 s.
-    # The whole run peaks at 23% of LoRA's memory (1.16 GB).
-    "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True, "shortlist": 256},
-}
-LORA_LR = 5e-4
 
 
 @dataclass
@@ -82,12 +61,16 @@ class DataOptions:
     data: str | None = None  # None: the bundled BBC News corpus
     task: str = "classify"
     max_length: int = 128
+    val_data: str | None = None  # a separate validation file; then nothing of `data` is held out
     val_size: float | None = None  # count or fraction; None: 200 for the bundled corpus, else 10%
     train_size: int | None = None  # None: 400 for the bundled corpus, else the rest
     seed: int = 0
     holdout: float = 0.0  # fraction of the training data kept out of training to pick the best epoch
     text_field: str = "text"
     label_field: str = "label"
+    # Prompt/completion rows as a chat template's user and assistant turns (True), or as plain text (False);
+    # None: the chat template where the tokenizer has one. The adapter records the format it was trained in.
+    chat: bool | None = None
     retain_mix: int = 0  # lm: add the base model's answers to this many general prompts to training (pac.retain)
 
 
@@ -104,7 +87,9 @@ class TrainOptions:
     precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.trainer.autocast)
     seed: int = 0
     checkpoint_every: int = 0
-    resume: bool = True
+    resume: bool = True  # continue this run from its checkpoints in `out` (they must be this run's)
+    overwrite: bool = False  # replace an earlier run's outputs in `out`
+    require_resume: bool = False  # refuse to start unless `out` holds this run to continue
     early_stopping: int = 0  # patience in epochs, judged on the holdout part of the training data
     # parallel adapters
     reduction: int | None = None  # None: the task's default (PARALLEL_ADAPTER_DEFAULTS)
@@ -140,6 +125,9 @@ class PreparedData:
     val: TokenizedSet
     label_names: list[str] | None
     holdout_ids: list[str] = field(default_factory=list)  # part of `train` that is never trained on
+    prompt_format: dict[str, Any] = field(default_factory=lambda: prompt_format(None, chat=False))
+    split_note: str = ""  # how the data was split, in the words of the options that choose it
+    data_sha256: str = ""  # of the training data's bytes (pac.data.sources.data_digest), where they were read
 
     def train_rows(self, holdout: bool) -> list[int]:
         """Rows of `train` in the holdout part (holdout=True) or in the part that trains."""
@@ -162,29 +150,64 @@ def read_records(opts: DataOptions) -> list[Record]:
     return load_records(opts.data, text_field=opts.text_field, label_field=opts.label_field)
 
 
+def default_val_size(opts: DataOptions) -> float:
+    """What --val-size means when it is not given: 200 rows of the bundled corpus, 10% of a file, 0 beside
+    --val-data."""
+    if opts.val_size is not None:
+        return opts.val_size
+    return 0 if opts.val_data else 200 if opts.data is None else 0.1
+
+
 def split_data(opts: DataOptions, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(train, validation): held out of `records` by --val-size, or all of --val-data."""
     bundled = opts.data is None
-    val_size = opts.val_size if opts.val_size is not None else (200 if bundled else 0.1)
     train_size = opts.train_size if opts.train_size is not None else (400 if bundled else None)
-    return split_records(
-        records, val_size=val_size, train_size=train_size, seed=opts.seed, stratify=opts.task == "classify"
+    if opts.val_data and opts.val_size:
+        raise PacError("--val-data is the validation set, so nothing is held out of --data: drop --val-size")
+    train, val = split_records(
+        records,
+        val_size=default_val_size(opts),
+        train_size=train_size,
+        seed=opts.seed,
+        stratify=opts.task == "classify",
     )
+    if opts.val_data:
+        val = load_records(opts.val_data, text_field=opts.text_field, label_field=opts.label_field)
+        check_labels(val, opts.task)
+    return train, val
+
+
+def describe_split(opts: DataOptions, train: int, val: int, holdout: int) -> str:
+    """'training on 360, validating on 40 (10% held out: --val-size)', in the words of the options."""
+    if opts.val_data:
+        where = f"{Path(opts.val_data).name} (--val-data)"
+    else:
+        size = default_val_size(opts)
+        share = f"{size:.0%}" if isinstance(size, float) else f"{size} rows"
+        where = f"{share} held out: --val-size" + (", the bundled corpus" if opts.data is None else "")
+    note = f"training on {train - holdout}, validating on {val} ({where})"
+    if holdout:
+        note += f"; {holdout} more training rows held out to pick the epoch (--holdout)"
+    return note
 
 
 def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
-    """Resolve the model, read and split the data, tokenise both parts to fixed length."""
-    model_dir = resolve_model(model)
-    tokenizer = load_tokenizer(model_dir)
+    """Read, check and split the data (before any model is loaded, so bad data fails in a second), then
+    resolve the model and tokenise both parts to fixed length."""
     records = read_records(opts)
     check_labels(records, opts.task)
     train, val = split_data(opts, records)
-    label_names = sorted({r.label for r in records if r.label is not None}) if opts.task == "classify" else None
-    if opts.retain_mix:  # training only: validation stays the user's data
-        train = train + retain_mix_records(model_dir, opts.retain_mix)
+    label_names = sorted({r.label for r in train if r.label is not None}) if opts.task == "classify" else None
     holdout: list[Record] = []
     if opts.holdout:  # carved from the training part (stratified), so validation stays untouched
         _, holdout = split_records(train, val_size=opts.holdout, seed=opts.seed, stratify=opts.task == "classify")
-    kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names}
+    model_dir = resolve_model(model)
+    tokenizer = load_tokenizer(model_dir)
+    chat = opts.chat if opts.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+    if opts.retain_mix:  # trained on, never held out or validated on: those stay the user's data
+        train = train + retain_mix_records(model_dir, opts.retain_mix, chat)
+    kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names, "chat": chat}
+    templated = any(r.text is None for r in train) and (chat or any(r.messages for r in train))
     return PreparedData(
         model_dir,
         tokenizer,
@@ -192,10 +215,13 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
         tokenize_records(val, tokenizer, **kw),
         label_names,
         [r.sample_id for r in holdout],
+        prompt_format(tokenizer, chat=templated),
+        describe_split(opts, len(train), len(val), len(holdout)),
+        data_digest(opts.data),
     )
 
 
-def retain_mix_records(model_dir: Path, n: int) -> list[Record]:
+def retain_mix_records(model_dir: Path, n: int, chat: bool) -> list[Record]:
     """`--retain-mix N`: the base model's own greedy answers to N general prompts bundled with pac, as
     prompt/completion rows rendered as training renders them, so the adapter also learns to keep answering
     off-task as the base model does."""
@@ -205,7 +231,7 @@ def retain_mix_records(model_dir: Path, n: int) -> list[Record]:
     base = load_base(model_dir)
     return base_answer_records(
         lambda ids, max_new_tokens: generate_answer(base, ids, max_new_tokens),
-        lambda prompt: encode_prompt(base.tokenizer, prompt, chat=False)[0].tolist(),
+        lambda prompt: encode_prompt(base.tokenizer, prompt, chat)[0].tolist(),
         lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
         model_fingerprint(model_dir),
         n,
@@ -231,6 +257,8 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         if opts.data.task != "lm":
             raise PacError("--retain-mix adds prompt/completion rows: it is for --task lm")
         check_retain_mix(opts.data.retain_mix)
+    if opts.lora_r == 0 and opts.method in ("lora", "dora"):
+        raise PacError("--lora-r 0 trains nothing: it is for --method boundary (frozen top layers); use --lora-r 8")
     if opts.method != "parallel-adapters":
         return opts
     unset = {k: v for k, v in PARALLEL_ADAPTER_DEFAULTS[opts.data.task].items() if getattr(opts, k) is None}
@@ -245,33 +273,90 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
     return opts
 
 
-def train(opts: TrainOptions) -> dict[str, Any]:
-    """Train, evaluate after every epoch, save the adapter; returns (and writes) a summary."""
+# Options that say where things go, not what is trained: they do not change a run's identity.
+_PLACEMENT_OPTIONS = ("out", "cache_dir", "checkpoint_every", "resume", "overwrite", "require_resume")
+
+
+def run_identity(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
+    """What makes a run's result: the model's weights, the data's content, the method and its options
+    (pac.runtime.run_dir keys --out by it, so a checkpoint resumes only the run that wrote it)."""
+    options = {k: v for k, v in asdict(opts).items() if k not in _PLACEMENT_OPTIONS}
+    options["data"] = {k: v for k, v in options["data"].items() if k not in ("data", "val_data")}
+    return {
+        "model": model_fingerprint(data.model_dir),
+        "data": {"train": data.train.fingerprint(), "validation": data.val.fingerprint()},
+        "options": options,
+    }
+
+
+def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Train, evaluate after every epoch, save the adapter; returns (and writes) a summary.
+    `report` receives the lines a user follows (the split, a resumed run, each epoch as it ends)."""
     opts = with_defaults(opts)
     torch.manual_seed(opts.seed)
     prepared = prepare_data(opts.model, opts.data)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run = claim(out, run_identity(opts, prepared), opts.overwrite, opts.require_resume)
+    if run.finished:
+        report(f"{out} already holds this finished run (same model, data and options); --overwrite trains it again")
+        return {**json.loads((out / SUMMARY).read_text()), "already_trained": True}
+    report(prepared.split_note)
+    if run.continuing:
+        report(f"continuing the interrupted run in {out} from its last checkpoint (--overwrite starts over)")
     summary: dict[str, Any] = {
         "method": opts.method,
         "task": opts.data.task,
         "options": asdict(opts),
+        "data_sha256": prepared.data_sha256,
         "train_samples": len(prepared.train) - len(prepared.holdout_ids),
         "holdout_samples": len(prepared.holdout_ids),
         "val_samples": len(prepared.val),
+        "prompt_format": prepared.prompt_format,
     }
-    if opts.method == "parallel-adapters":
-        summary.update(_train_parallel_adapters(opts, prepared, out))
-    elif opts.method == "boundary":
-        summary.update(_train_boundary(opts, prepared, out))
-    else:
-        summary.update(_train_lora(opts, prepared, out))
+    cached = opts.method in ("parallel-adapters", "boundary")
+    watch = Watch(report, RunClock(cache_samples=len(prepared.train) + len(prepared.val) if cached else 0))
+    phases = {"parallel-adapters": _train_parallel_adapters, "boundary": _train_boundary}
+    try:
+        summary.update(phases.get(opts.method, _train_lora)(opts, prepared, out, watch))
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise PacError(disk_full_message(exc, opts, prepared)) from exc
+        raise
     kept = [e["best_epoch"] for e in summary["epochs"] if "best_epoch" in e]
     if kept:  # the saved adapter holds this epoch's weights
         summary["best_epoch"] = kept[-1]
     summary["peak_rss_mb"] = peak_rss_mb()
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(out, summary)
     return summary
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, from Python's own I/O or from a library that words it (safetensors, torch.save)."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+
+
+def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
+    """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    where = getattr(exc, "filename", None) or "the disk"
+    config = load_config(data.model_dir)
+    # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
+    per_value = 1 if opts.cache_dtype == "int8" else 2
+    taps = {"parallel-adapters": config.num_hidden_layers + 1, "boundary": 1}.get(opts.method, 0)
+    samples = len(data.train) + len(data.val)
+    cache_mb = samples * opts.data.max_length * config.hidden_size * taps * per_value / 1e6
+    free = {path: shutil.disk_usage(path).free / 1e6 for path in (cache_root, Path(opts.out)) if path.exists()}
+    room = ", ".join(f"{free_mb:,.0f} MB free on the disk of {path}" for path, free_mb in free.items())
+    parts = [f"the disk is full: writing {where} failed ({room})."]
+    if taps:
+        parts.append(f"The activation cache needs about {cache_mb:,.0f} MB in {cache_root}.")
+    parts.append(
+        "The adapter and its checkpoints need a few MB in --out. Free space, or pass --cache-dir / --out on a "
+        "larger disk, then run the same command again: finished cache shards and checkpoints are kept, so it "
+        "continues where it stopped."
+    )
+    return " ".join(parts)
 
 
 def train_config(opts: TrainOptions, default_lr: float) -> TrainConfig:
@@ -291,12 +376,10 @@ def parallel_adapter_config(opts: TrainOptions, data: PreparedData) -> ParallelA
     """The adapter's config from the options (defaults already filled in): saved beside its weights."""
     config = load_config(data.model_dir)
     return ParallelAdapterConfig(
-        task=opts.data.task,
         reduction=opts.reduction,
         tap_every=opts.tap_every,
         taps=sorted({0, config.num_hidden_layers, *opts.taps}) if opts.taps else None,
         gate_temperature=opts.gate_temperature,
-        pooling=opts.pooling,
         readout=opts.readout,
         side_init=opts.side_init,
         tap_norm=opts.tap_norm,
@@ -306,10 +389,7 @@ def parallel_adapter_config(opts: TrainOptions, data: PreparedData) -> ParallelA
         side_heads=opts.side_heads,
         readout_hidden=opts.readout_hidden,
         side_network=opts.side_network,
-        label_names=data.label_names,
-        base_model_name_or_path=opts.model or BUNDLED_MODEL_ID,
-        base_model_fingerprint=model_fingerprint(data.model_dir),
-        max_length=opts.data.max_length,
+        **_adapter_meta(opts, data),
     )
 
 
@@ -339,10 +419,10 @@ def save_parallel_adapter(
     }
 
 
-def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
     adapter_config = parallel_adapter_config(opts, data)
     num_layers = load_config(data.model_dir).num_hidden_layers
-    built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers))
+    built = _build_caches(opts, data, adapter_config.resolved_taps(num_layers), watch)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     model = build_parallel_adapter_model(opts, data, adapter_config, train_source)
     shortlist: dict[str, Any] = {}
@@ -363,6 +443,8 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
         out,
         val=val_source,
         holdout=holdout_source,
+        on_epoch_end=watch.epoch_reporter(opts.epochs),
+        clock=watch.clock,
     )
     epochs = trainer.fit(resume=opts.resume)
     # Recorded apart from the process's peak, which would also count the memory's one-off fit below.
@@ -394,13 +476,18 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path) 
     }
 
 
-def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int]) -> dict[str, CacheBuildResult]:
+def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
     """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
     cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
-    return {
-        name: build_cache(data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})")
-        for name, part in (("train", data.train), ("val", data.val))
-    }
+    built = {}
+    for name, part in (("train", data.train), ("val", data.val)):
+        built[name] = build_cache(
+            data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
+        )
+        done = built[name]
+        what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"
+        watch.report(f"phase 1 ({name}): {len(part)} samples {what}  {watch.clock.left()}".rstrip())
+    return built
 
 
 def _cached_sources(
@@ -424,18 +511,22 @@ def _cache_summary(built: dict[str, CacheBuildResult]) -> dict[str, Any]:
 
 
 def _adapter_meta(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
-    """What every saved adapter records to be evaluated and served again next to its base model."""
+    """What every saved adapter records to be evaluated and served again next to its base model, prompting
+    and reading data as training did."""
     return {
         "task": opts.data.task,
         "label_names": data.label_names,
         "pooling": opts.pooling,
         "max_length": opts.data.max_length,
-        "base_model_name_or_path": opts.model or BUNDLED_MODEL_ID,
+        "base_model_name_or_path": model_name(opts.model),
         "base_model_fingerprint": model_fingerprint(data.model_dir),
+        "prompt_format": data.prompt_format,
+        "data_fields": {"text_field": opts.data.text_field, "label_field": opts.data.label_field},
+        "training_data_sha256": data.data_sha256,
     }
 
 
-def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
     """Cache h_k only; phase 2 trains LoRA on layers k..L from it (pac.methods.boundary)."""
     num_layers = load_config(data.model_dir).num_hidden_layers
     k = opts.boundary_layer if opts.boundary_layer is not None else 2 * num_layers // 3
@@ -445,10 +536,18 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     side = (opts.reduction or 8) if opts.boundary_side else None
     below = (opts.reduction or 8) if opts.boundary_side_below else None
     model = BoundaryModel(upper, opts.data.task, data.label_names, opts.pooling, opts.lora_r, side, below)
-    built = _build_caches(opts, data, model.taps)
+    built = _build_caches(opts, data, model.taps, watch)
     train_source, val_source, holdout_source = _cached_sources(built, data)
     trainer = Trainer(
-        model, opts.data.task, train_source, train_config(opts, LORA_LR), out, val=val_source, holdout=holdout_source
+        model,
+        opts.data.task,
+        train_source,
+        train_config(opts, LORA_LR),
+        out,
+        val=val_source,
+        holdout=holdout_source,
+        on_epoch_end=watch.epoch_reporter(opts.epochs),
+        clock=watch.clock,
     )
     epochs = trainer.fit(resume=opts.resume)
     meta = {
@@ -467,7 +566,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path) -> dict[s
     }
 
 
-def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, Any]:
+def _train_lora(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
     settings = LoraSettings(
         task=opts.data.task,
         r=opts.lora_r,
@@ -486,9 +585,11 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path) -> dict[str, 
         out,
         val=Tokens(data.val),
         holdout=holdout,
+        on_epoch_end=watch.epoch_reporter(opts.epochs),
+        clock=watch.clock,
     )
     epochs = trainer.fit(resume=opts.resume)
-    model.save(out)
+    model.save(out, model_name(opts.model))
     pac_meta = {"peft_type_pac": opts.method, **_adapter_meta(opts, data)}
     (out / "pac_lora.json").write_text(json.dumps(pac_meta, indent=2) + "\n")
     return {
@@ -508,11 +609,34 @@ class LoadedAdapter:
     tokenizer: Any
     max_length: int
     label_names: list[str] | None
+    # As training recorded them (adapters from before pac recorded them: None / ""; see `chat`).
+    prompt_format: dict[str, Any] | None = None
+    data_fields: dict[str, str] | None = None
+    training_data_sha256: str = ""
+
+    @property
+    def chat(self) -> bool:
+        """Whether prompts go through the chat template, as in training (older adapters: the chat template)."""
+        return self.prompt_format is None or self.prompt_format.get("format") == "chat"
+
+
+def adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """An adapter's recorded settings (task, prompt format, data fields...), read without loading any model."""
+    lora = Path(adapter_dir) / "pac_lora.json"
+    meta = json.loads(lora.read_text()) if lora.exists() else read_adapter_config(Path(adapter_dir))
+    if meta is None:
+        load_adapter(Path(adapter_dir))  # raises the message that says what an adapter directory holds
+    return meta
+
+
+def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in ("prompt_format", "data_fields")} | {
+        "training_data_sha256": meta.get("training_data_sha256", "")
+    }
 
 
 def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
-    base = model or meta.get("base_model_name_or_path")
-    model_dir = resolve_model(None if base in (None, BUNDLED_MODEL_ID) else base)
+    model_dir = resolve_model(model or meta.get("base_model_name_or_path"))
     expected = meta.get("base_model_fingerprint")
     if expected and model_fingerprint(model_dir) != expected:
         raise PacError(
@@ -524,13 +648,9 @@ def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
 
 def load_base(model: str | Path | None = None, adapter_dir: str | Path | None = None) -> LoadedAdapter:
     """The base model alone, served like an adapter (kind "base"; `pac generate --base`): `model`, else the
-    model `adapter_dir` was trained on, else the bundled one."""
-    if adapter_dir is not None:
-        lora_meta = Path(adapter_dir) / "pac_lora.json"
-        meta = json.loads(lora_meta.read_text()) if lora_meta.exists() else load_adapter(Path(adapter_dir))[0]
-        model_dir = _base_model_dir(meta, None if model is None else str(model))
-    else:
-        model_dir = resolve_model(model)
+    model `adapter_dir` was trained on (then with that adapter's recorded prompt format), else the bundled one."""
+    meta = adapter_meta(adapter_dir) if adapter_dir is not None else {}
+    model_dir = _base_model_dir(meta, None if model is None else str(model))
     config = load_config(model_dir)
     if not family_for(config).causal:
         raise PacError(
@@ -538,8 +658,9 @@ def load_base(model: str | Path | None = None, adapter_dir: str | Path | None = 
             "to generate from or to compare with an adapter's"
         )
     context = getattr(config, "max_position_embeddings", 0)
+    tokenizer = load_tokenizer(model_dir)  # prompted as the adapter's rows were trained, if one is named
     return LoadedAdapter(
-        "base", "lm", model_dir, None, load_backbone(model_dir), load_tokenizer(model_dir), context, None
+        "base", "lm", model_dir, None, load_backbone(model_dir), tokenizer, context, None, **_recorded(meta)
     )
 
 
@@ -560,12 +681,11 @@ def generate_answer(
     if loaded.kind == "boundary":
         raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
     if loaded.kind == "lora":
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
         return loaded.model.peft.generate(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature or None,
-            top_p=top_p,
+            **(sampling if temperature > 0 else {"do_sample": False}),
         )[:, input_ids.shape[1] :]
     return generate_ids(
         loaded.backbone,
@@ -598,6 +718,7 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
             load_tokenizer(model_dir),
             meta["max_length"],
             meta["label_names"],
+            **_recorded(meta),
         )
     raw_config, tensors = load_adapter(adapter_dir)
     if raw_config.get("peft_type") == BOUNDARY_TYPE:
@@ -626,6 +747,7 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
             load_tokenizer(model_dir),
             raw_config["max_length"],
             raw_config["label_names"],
+            **_recorded(raw_config),
         )
     config = ParallelAdapterConfig.from_dict(raw_config)
     model_dir = _base_model_dir(raw_config, model)
@@ -643,6 +765,7 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
         load_tokenizer(model_dir),
         config.max_length,
         config.label_names,
+        **_recorded(raw_config),
     )
 
 
@@ -663,18 +786,17 @@ class _BaseLM:
         return self
 
 
-def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str = "val") -> dict[str, Any]:
-    """The untrained model on the same split: perplexity (lm), or accuracy by label likelihood
+def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str | None = None) -> dict[str, Any]:
+    """The untrained model on the same rows: perplexity (lm), or accuracy by label likelihood
     (classify: each class name is scored after the text and a plain prompt, see methods.zero_shot)."""
+    split = default_split(opts, split)
+    records = evaluation_records(opts, split)
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    records = read_records(opts)
-    check_labels(records, opts.task)
-    if split == "val":
-        records = split_data(opts, records)[1]
     started = time.perf_counter()
     if opts.task == "lm":
-        data = tokenize_records(records, tokenizer, task="lm", max_length=opts.max_length)
+        chat = opts.chat if opts.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+        data = tokenize_records(records, tokenizer, task="lm", max_length=opts.max_length, chat=chat)
         metrics = evaluate(_BaseLM(load_backbone(model_dir)), Tokens(data), "lm")
     else:
         from transformers import AutoModelForCausalLM
@@ -688,34 +810,60 @@ def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str = "val")
         predicted = zero_shot_predict(lm, tokenizer, [r.text for r in records], names, opts.max_length)
         metrics = {"accuracy": sum(names[p] == r.label for p, r in zip(predicted, records, strict=True)) / len(records)}
     seconds = time.perf_counter() - started
-    return {**metrics, "samples": len(records), "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    return {**metrics, "samples": len(records), "split": split, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
-def evaluate_adapter(loaded: LoadedAdapter, opts: DataOptions, split: str = "val") -> dict[str, Any]:
-    """Metrics of a saved adapter on the validation split (same seed) or on all of the data,
-    computed from raw text through the live backbone (no cache)."""
-    opts = DataOptions(**{**asdict(opts), "task": loaded.task, "max_length": loaded.max_length})
+def default_split(opts: DataOptions, split: str | None) -> str:
+    """`pac eval` scores a file it is given whole, and the bundled corpus's validation split."""
+    return split or ("val" if opts.data is None else "all")
+
+
+def evaluation_records(opts: DataOptions, split: str) -> list[Record]:
+    """The rows `pac eval` scores: every row of --data (split "all"), or its validation split ("val"),
+    made as `pac train` made it with the same --split-seed and --val-size."""
     records = read_records(opts)
     check_labels(records, opts.task)
-    if split == "val":
-        records = split_data(opts, records)[1]
-    elif getattr(loaded.model, "memory", None) is not None:
+    return split_data(opts, records)[1] if split == "val" else records
+
+
+def evaluate_adapter(
+    loaded: LoadedAdapter, opts: DataOptions, split: str | None = None, records: list[Record] | None = None
+) -> dict[str, Any]:
+    """Metrics of a saved adapter on every row of the data, or on its validation split (the bundled corpus's
+    default), computed from raw text through the live backbone (no cache). `records`: the rows, if already
+    read (`pac eval` reads them before loading the model)."""
+    opts = DataOptions(**{**asdict(opts), "task": loaded.task, "max_length": loaded.max_length})
+    split = default_split(opts, split)
+    records = records if records is not None else evaluation_records(opts, split)
+    if split == "all" and loaded.training_data_sha256 in ("", data_digest(opts.data)):
+        trained = "may include" if not loaded.training_data_sha256 else "include"
+        memory = " and the adapter's memory holds their text" if getattr(loaded.model, "memory", None) else ""
         log.warning(
-            "the adapter's memory holds its training text, which --split all scores too: that perplexity says "
-            "little about new text (pass --no-retrieval, or use --split val)"
+            "these rows %s the ones the adapter was trained on%s, so the score is optimistic about new text "
+            "(pass --split val to score only the validation split%s)",
+            trained,
+            memory,
+            ", and --no-retrieval" if memory else "",
         )
+    chat = opts.chat if opts.chat is not None else loaded.chat
     data = tokenize_records(
-        records, loaded.tokenizer, task=opts.task, max_length=opts.max_length, label_names=loaded.label_names
+        records,
+        loaded.tokenizer,
+        task=opts.task,
+        max_length=opts.max_length,
+        label_names=loaded.label_names,
+        chat=chat and getattr(loaded.tokenizer, "chat_template", None) is not None,
     )
     source = Tokens(data) if loaded.kind == "lora" else LiveTaps(data, loaded.backbone, loaded.model.taps)
     started = time.perf_counter()
     metrics = evaluate(loaded.model, source, loaded.task)
-    return {**metrics, "samples": len(data), "seconds": time.perf_counter() - started}
+    return {**metrics, "samples": len(data), "split": split, "seconds": time.perf_counter() - started}
 
 
-def evaluate_retain(loaded: LoadedAdapter, chat: bool = True) -> dict[str, Any]:
+def evaluate_retain(loaded: LoadedAdapter, chat: bool) -> dict[str, Any]:
     """How much the adapter changed the model off its training data (`pac eval --retain`, pac.retain): the
-    base model's greedy answers to the bundled general prompts, teacher-forced through the adapter."""
+    base model's greedy answers to the bundled general prompts, teacher-forced through the adapter; prompts
+    through the chat template or not (`chat`) as `pac generate` would prompt the adapter."""
     from pac.generate import encode_prompt
     from pac.retain import model_next_token_logits, retain_report
 
@@ -729,4 +877,4 @@ def evaluate_retain(loaded: LoadedAdapter, chat: bool = True) -> dict[str, Any]:
         lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
         model_fingerprint(base.model_dir),
     )
-    return {**report, "seconds": time.perf_counter() - started}
+    return {**report, "chat": chat, "seconds": time.perf_counter() - started}

@@ -87,7 +87,9 @@ def test_three_peers_train_the_same_adapter_as_one_device(
     for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
         assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"])
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
-    assert (out / "metrics.jsonl").exists() and (out / "adapter_config.json").exists()
+    assert (out / "metrics.jsonl").exists() and (out / "pac_adapter_config.json").exists()
+    card = (out / "README.md").read_text()  # the model card, with the run's split sizes
+    assert f"{single_summary['train_samples']} rows trained on, {single_summary['val_samples']} rows validated" in card
     for name in ("local-0", "local-1", "local-2"):
         assert (out / "peers" / name / "peer.log").read_text()
 

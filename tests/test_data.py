@@ -22,7 +22,7 @@ from pac.data import (
     split_records,
     tokenize_records,
 )
-from pac.errors import DataError
+from pac.errors import DataError, ModelError
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
 
@@ -177,7 +177,7 @@ def test_csv_missing_text_column_in_header(tmp_path):
     path = tmp_path / "noheader.csv"
     path.write_text("great film,pos\nbad film,neg\n", encoding="utf-8")
     message = error_of(load_records, path)
-    assert "noheader.csv:1" in message and "header" in message and "text_field" in message
+    assert "noheader.csv:1" in message and "header" in message and "--text-field" in message
 
 
 def test_csv_row_without_text_value(tmp_path):
@@ -224,6 +224,11 @@ def test_folder_without_classes_or_txt_files(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "a.txt").write_text("x", encoding="utf-8")
+    # A flat folder of .txt files is language-modelling text: no labels, so classification says where they go.
+    assert load_records(flat) == [Record("a.txt:1", text="x")]
+    message = error_of(check_labels, load_records(flat), "classify")
+    assert "a.txt:1" in message and "class sub-directory" in message and "--task lm" in message
+    (flat / "a.txt").unlink()
     message = error_of(load_records, flat)
     assert "flat" in message and "one sub-directory per class" in message
     empty_classes = tmp_path / "empty_classes"
@@ -571,3 +576,36 @@ def test_lm_completion_ends_in_eos_so_answers_learn_to_stop(tokenizer):
         tokenizer.eos_token = original
     learned = tokenizer.convert_ids_to_tokens(ts.input_ids[0][ts.labels[0] != -100].tolist())
     assert "[MASK]" in learned and learned.index("[MASK]") > learned.index("yes")
+
+
+def test_plain_text_file_gives_one_sample_per_paragraph(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\ufeffMonday: gym.\nThen work.\n\n\nTuesday: piano.\n  \nWednesday\n", encoding="utf-8")
+    assert load_records(notes) == [
+        Record("notes.txt:1", text="Monday: gym.\nThen work."),
+        Record("notes.txt:5", text="Tuesday: piano."),
+        Record("notes.txt:7", text="Wednesday"),
+    ]
+    (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
+    assert "no text" in error_of(load_records, tmp_path / "blank.txt")
+
+
+def test_prompt_completion_in_the_chat_template(tokenizer):
+    """chat=True writes a row as the user turn + assistant turn that `pac generate` prompts with: the loss covers
+    the answer and the template's end of turn, never the prompt."""
+    from pac.data.tokenize import prompt_format, render_prompt
+
+    record = Record("pc:1", prompt="capital of Zorbania?", completion="Quillport")
+    with pytest.raises(ModelError, match="chat template.*--no-chat"):
+        tokenize_records([record], tokenizer, task="lm", max_length=32, chat=True)
+    tokenizer.chat_template = CHAT_TEMPLATE + "{% if add_generation_prompt %}<assistant>{% endif %}"
+    ts = tokenize_records([record], tokenizer, task="lm", max_length=32, chat=True)
+    real = ts.attention_mask[0].bool()
+    whole = "<user> capital of Zorbania?\n<assistant> Quillport\n"
+    assert ts.input_ids[0][real].tolist() == tokenizer(whole, add_special_tokens=False)["input_ids"]
+    learned = ts.input_ids[0][ts.labels[0] != -100]
+    assert tokenizer.decode(learned).strip() == "quillport"  # MiniLM's tokenizer lower-cases
+    prefix = tokenizer(render_prompt(tokenizer, record.prompt, chat=True), add_special_tokens=False)["input_ids"]
+    assert ts.input_ids[0][: len(prefix)].tolist() == prefix and (ts.labels[0][: len(prefix)] == -100).all()
+    assert prompt_format(tokenizer, chat=True)["format"] == "chat"
+    assert prompt_format(tokenizer, chat=False) == {"format": "plain", "chat_template_sha256": None}

@@ -177,7 +177,7 @@ def test_baselines_without_side_network(tiny_llama, topic_jsonl, tmp_path):
     norm = json.loads((tmp_path / "norm" / "summary.json").read_text())
     assert probe["trainable_params"] == 64 * 3 + 3  # the head only
     assert norm["trainable_params"] == probe["trainable_params"] + 64
-    assert json.loads((tmp_path / "probe" / "adapter_config.json").read_text())["side_network"] is False
+    assert json.loads((tmp_path / "probe" / "pac_adapter_config.json").read_text())["side_network"] is False
 
 
 def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, topic_jsonl, tmp_path, capsys):
@@ -191,12 +191,24 @@ def test_boundary_variant_caches_one_layer_and_trains_lora_above_it(tiny_llama, 
     assert main([*argv, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cache_bytes_per_sample"] < 2 * 128 * 64 * 2  # one tap (h_2) of 64 channels in fp16
-    saved = json.loads((out / "adapter_config.json").read_text())
+    saved = json.loads((out / "pac_adapter_config.json").read_text())
     assert saved["peft_type"] == "BOUNDARY_LORA" and saved["boundary_layer"] == 2
     capsys.readouterr()
     assert (
         main(
-            ["eval", "--adapter", str(out), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--val-size", "12"]
+            [
+                "eval",
+                "--adapter",
+                str(out),
+                "--model",
+                str(tiny_llama),
+                "--data",
+                str(topic_jsonl),
+                "--val-size",
+                "12",
+                "--split",
+                "val",
+            ]
         )
         == 0
     )
@@ -288,7 +300,7 @@ def _train_boundary_lm(tiny_llama, topic_jsonl, tmp_path, capsys, options: list[
     assert main(train) == 0
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), *argv]) == 0
+    assert main(["eval", "--adapter", str(out), *argv, "--split", "val"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-4)
     return load_adapter(out)
 

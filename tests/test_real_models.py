@@ -39,7 +39,7 @@ def test_smollm2_parallel_adapters_on_bbc_news(smollm2_dir, tmp_path):
     # 31 taps x 48 tokens x 576 channels in fp16, plus mask and labels
     assert summary["cache_bytes_per_sample"] == pytest.approx(31 * 48 * 576 * 2, rel=0.02)
     assert len(summary["epochs"]) == 2 and summary["trainable_params"] > 2_000_000
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "adapter" / "pac_adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config["taps"] == list(range(31)) and config["r"] == config["reduction"] == 8
 

@@ -190,7 +190,7 @@ def test_retain_mix_trains_on_the_base_models_own_answers(tiny_llama, topic_json
     assert _train(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--task", "lm", "--retain-mix", "3") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_samples"] == 48 + 3 and summary["val_samples"] == 12  # validation stays the user's data
-    rows = retain_mix_records(tiny_llama, 3)
+    rows = retain_mix_records(tiny_llama, 3, chat=False)
     assert [r.prompt for r in rows] == general_prompts("mix")[:3]
     # The completions are the base model's greedy answers, rendered as training renders prompts (plain here).
     base = load_base(tiny_llama)

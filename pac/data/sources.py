@@ -7,6 +7,7 @@ through `datasets`), so the user can open the file and fix it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -17,13 +18,14 @@ from typing import Any
 from pac.data.records import Record
 from pac.errors import DataError
 
-FORMATS = ("jsonl", "csv", "tsv", "folder", "datasets")
+FORMATS = ("jsonl", "csv", "tsv", "text", "folder", "datasets")
 SUPPORTED = (
     "JSON Lines (.jsonl, or .json with one object per line), CSV (.csv) or TSV (.tsv) with a header row, "
-    "a folder-per-class directory of .txt files, or a local csv/json/parquet file read through Hugging Face "
-    "datasets (format='datasets', or a path like 'hf:parquet:/path/train.parquet')"
+    "plain text (.txt, one sample per paragraph; language modelling), a folder with one sub-folder of .txt "
+    "files per class (or just .txt files, for language modelling), or a local csv/json/parquet file read "
+    "through Hugging Face datasets as hf:FORMAT:PATH (e.g. hf:parquet:/path/train.parquet)"
 )
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "text"}
 _HF_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -60,6 +62,8 @@ def load_records(
         raise DataError(f"{p} is a directory but format {format!r} needs a file; pass the file itself.")
     if format == "jsonl":
         return _load_jsonl(p, text_field, label_field)
+    if format == "text":
+        return _load_text(p)
     return _load_csv(p, "\t" if format == "tsv" else ",", text_field, label_field)
 
 
@@ -147,7 +151,7 @@ def _load_jsonl(path: Path, text_field: str, label_field: str) -> list[Record]:
             raise DataError(
                 f"{where}: not valid JSON ({e.msg}, column {e.colno}). Each line must be one JSON object "
                 f"shaped like {_shapes(text_field, label_field)}; if the file is a single JSON array, "
-                "convert it to JSON Lines or load it with format='datasets'."
+                "convert it to JSON Lines or read it through datasets as hf:json:PATH."
             ) from e
         if not isinstance(obj, dict):
             raise DataError(
@@ -181,7 +185,7 @@ def _load_csv(path: Path, delimiter: str, text_field: str, label_field: str) -> 
         raise DataError(
             f"{path}:1: the header row has no {text_field!r} column (found: {', '.join(header)}). The first "
             f"line must be a header naming the columns, e.g. '{text_field}{delimiter}{label_field}'; or pass "
-            "text_field= (and label_field=) with your column names."
+            "--text-field (and --label-field) with your column names."
         )
     text_col = header.index(text_field)
     label_col = header.index(label_field) if label_field in header else None
@@ -212,25 +216,53 @@ def _load_csv(path: Path, delimiter: str, text_field: str, label_field: str) -> 
     return records
 
 
+def _read_text(file: Path) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # older corpora (BBC News among them) are latin-1
+
+
+def _paragraphs(file: Path, sample_prefix: str) -> list[Record]:
+    """Unlabelled text records, one per paragraph (blank-line separated), named by their first line."""
+    records, lines, first = [], [], 0
+    for lineno, line in enumerate([*_read_text(file).splitlines(), ""], start=1):
+        if line.strip():
+            first = first or lineno
+            lines.append(line)
+        elif lines:
+            records.append(Record(sample_id=f"{sample_prefix}:{first}", text="\n".join(lines)))
+            lines, first = [], 0
+    return records
+
+
+def _load_text(path: Path) -> list[Record]:
+    records = _paragraphs(path, path.name)
+    if not records:
+        raise DataError(f"{path}: the file holds no text; a .txt file gives one sample per paragraph.")
+    return records
+
+
 def _load_folder(path: Path) -> list[Record]:
     layout = (
         f"expected a folder-per-class directory: one sub-directory per class holding .txt files, "
-        f"e.g. {path / 'sports' / '001.txt'}"
+        f"e.g. {path / 'sports' / '001.txt'} (or, for language modelling, a folder of .txt files)"
     )
     class_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
     if not class_dirs:
-        raise DataError(f"{path}: no class sub-directories found; {layout}.")
+        texts = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".txt")
+        records = [r for f in texts for r in _paragraphs(f, f.name)]
+        if not records:
+            raise DataError(f"{path}: no class sub-directories and no .txt files found; {layout}.")
+        return records
     records = []
     for class_dir in class_dirs:
         files = sorted(
             (f for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() == ".txt"), key=lambda f: f.name
         )
         for file in files:
-            raw = file.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")  # older corpora (BBC News among them) are latin-1
+            text = _read_text(file)
             if not text.strip():
                 raise DataError(f"{file}: the file is empty; delete it or add the article text.")
             records.append(Record(sample_id=f"{class_dir.name}/{file.name}", text=text, label=class_dir.name))
@@ -300,3 +332,17 @@ def _load_datasets(path: Path, builder: str | None, text_field: str, label_field
     if not records:
         raise DataError(f"{path}: the dataset has no rows.")
     return records
+
+
+def data_digest(path: str | Path | None) -> str:
+    """sha256 of a data source's bytes (a file, every file of a folder, or the file behind 'hf:'): tells whether
+    two runs read the same data. None (the bundled corpus) digests the bundled folder."""
+    spec = str(path) if path is not None else None
+    p = bundled_bbc_news_dir() if spec is None else _parse_hf_spec(spec)[1] if spec.startswith("hf:") else Path(spec)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for file in files:
+        if p.is_dir():  # a single file is its content alone, whatever it is called
+            h.update(f"{file.relative_to(p)}\0".encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()

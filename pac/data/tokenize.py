@@ -63,10 +63,13 @@ def tokenize_records(
     task: str,
     max_length: int,
     label_names: list[str] | None = None,
+    chat: bool = False,
 ) -> TokenizedSet:
     """Tokenize `records` for task "classify" (text -> class index) or "lm" (next-token loss).
 
     lm: text and chat messages get loss on every real token; prompt/completion only on the completion.
+    chat=True renders prompt/completion rows as a user turn and an assistant turn of the chat template
+    (the form `pac generate` prompts in), else as `prompt + completion + eos`; see `prompt_format`.
     Sets `tokenizer.pad_token` to its eos token when it has no pad token.
     """
     check_labels(records, task)
@@ -95,19 +98,24 @@ def tokenize_records(
     attention_mask = torch.zeros((n, max_length), dtype=torch.long)
     prompt_mask = torch.zeros((n, max_length), dtype=torch.bool)  # True where a prompt token gets no loss
     plain = [i for i, r in enumerate(records) if r.text is not None]
-    chat = [i for i, r in enumerate(records) if r.text is None and r.messages is not None]
+    turns = [i for i, r in enumerate(records) if r.text is None and r.messages is not None]
     paired = [i for i, r in enumerate(records) if r.text is None and r.messages is None]
     if plain:
         enc = _encode(tokenizer, [records[i].text for i in plain], max_length, add_special_tokens=True)
         input_ids[plain], attention_mask[plain] = enc["input_ids"], enc["attention_mask"]
-    if chat:
-        rendered = [_render_chat(tokenizer, records[i]) for i in chat]
+    if turns:
+        rendered = [_render_chat(tokenizer, records[i]) for i in turns]
         # The template already writes the special tokens it wants; adding them again would double BOS.
         enc = _encode(tokenizer, rendered, max_length, add_special_tokens=False)
-        input_ids[chat], attention_mask[chat] = enc["input_ids"], enc["attention_mask"]
+        input_ids[turns], attention_mask[turns] = enc["input_ids"], enc["attention_mask"]
     if paired:
+        if chat and getattr(tokenizer, "chat_template", None) is None:
+            raise ModelError(
+                "chat formatting of prompt/completion rows needs a tokenizer with a chat template; "
+                "use --no-chat (plain prompt + completion) or a model that ships a template (an Instruct model)."
+            )
         prompt_mask[paired] = _encode_paired(
-            tokenizer, [records[i] for i in paired], max_length, input_ids, attention_mask, paired
+            tokenizer, [records[i] for i in paired], max_length, input_ids, attention_mask, paired, chat
         )
     labels = input_ids.masked_fill((attention_mask == 0) | prompt_mask, IGNORE_INDEX)
     return TokenizedSet(sample_ids, input_ids, attention_mask, labels, None)
@@ -156,6 +164,36 @@ def _render_chat(tokenizer: Any, record: Record) -> str:
         ) from e
 
 
+def prompt_format(tokenizer: Any, chat: bool) -> dict[str, str | None]:
+    """How prompts are written, as an adapter records it so generation and evaluation prompt as training did:
+    {"format": "chat", "chat_template_sha256": ...} or {"format": "plain", "chat_template_sha256": None}."""
+    template = getattr(tokenizer, "chat_template", None) if chat else None
+    if not isinstance(template, str):
+        return {"format": "plain", "chat_template_sha256": None}
+    return {"format": "chat", "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()}
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
+    """The prompt as the model reads it before its answer: a user turn plus the assistant's header, or as is."""
+    if not chat:
+        return prompt
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _render_paired(tokenizer: Any, record: Record, chat: bool) -> tuple[str, str]:
+    """(prefix, whole text) of a prompt/completion row; the loss covers whole[len(prefix):]."""
+    prefix = render_prompt(tokenizer, record.prompt, chat)
+    if chat:
+        turns = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
+        whole = tokenizer.apply_chat_template(turns, tokenize=False)
+        if whole.startswith(prefix):  # the template's own end-of-turn marks where the answer stops
+            return prefix, whole
+    # The completion ends in eos so a fine-tuned assistant learns where its answer stops.
+    return prefix, prefix + record.completion + (tokenizer.eos_token or "")
+
+
 def _encode_paired(
     tokenizer: Any,
     records: list[Record],
@@ -163,6 +201,7 @@ def _encode_paired(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     rows: list[int],
+    chat: bool,
 ) -> torch.Tensor:
     """Tokenize prompt+completion into `rows` of the output tensors; returns the prompt-token mask.
 
@@ -174,13 +213,11 @@ def _encode_paired(
             "prompt/completion data needs a fast tokenizer (one with tokenizer.json) to find where the "
             "completion starts; use the model's fast tokenizer."
         )
-    # The completion ends in eos so a fine-tuned assistant learns where its answer stops.
-    eos = tokenizer.eos_token or ""
-    enc = _encode(
-        tokenizer, [r.prompt + r.completion + eos for r in records], max_length, add_special_tokens=True, offsets=True
-    )
+    rendered = [_render_paired(tokenizer, r, chat) for r in records]
+    # A chat template writes its own special tokens; adding them again would double BOS.
+    enc = _encode(tokenizer, [whole for _, whole in rendered], max_length, add_special_tokens=not chat, offsets=True)
     input_ids[rows], attention_mask[rows] = enc["input_ids"], enc["attention_mask"]
-    prompt_chars = torch.tensor([len(r.prompt) for r in records]).unsqueeze(1)
+    prompt_chars = torch.tensor([len(prefix) for prefix, _ in rendered]).unsqueeze(1)
     # A token ending past the prompt belongs to the completion (including one that straddles the boundary).
     completion = (
         (enc["special_tokens_mask"] == 0)

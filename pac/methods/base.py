@@ -19,7 +19,12 @@ from pac.errors import PacError
 
 TASKS = ("classify", "lm")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# pac's own methods keep their config under a name of pac's own: peft's loaders read adapter_config.json and
+# fail with a KeyError on a peft_type they do not know, where without the file they say plainly it is missing.
+ADAPTER_CONFIG = "pac_adapter_config.json"
+# Where pac wrote those configs before (with these peft_types); such adapters still load.
+LEGACY_ADAPTER_CONFIG = "adapter_config.json"
+LEGACY_PEFT_TYPES = ("PARALLEL_ADAPTERS", "BOUNDARY_LORA")
 
 
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -51,14 +56,32 @@ def save_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out_dir / ADAPTER_WEIGHTS)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    legacy = out_dir / LEGACY_ADAPTER_CONFIG
+    if _legacy_config(out_dir) is not None:  # an older pac run's config there would still trip peft up
+        legacy.unlink()
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any] | None:
+    """The pac config of a parallel-adapter or boundary directory (under its current or its old name), if any."""
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    return json.loads(config_file.read_text()) if config_file.exists() else _legacy_config(Path(adapter_dir))
 
 
 def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     adapter_dir = Path(adapter_dir)
-    config_file, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    if not config_file.exists() or not weights.exists():
+    config, weights = read_adapter_config(adapter_dir), adapter_dir / ADAPTER_WEIGHTS
+    if config is None or not weights.exists():
         raise PacError(
             f"{adapter_dir} is not a pac adapter: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
             "(the --out directory of `pac train`)"
         )
-    return json.loads(config_file.read_text()), load_file(weights)
+    return config, load_file(weights)
+
+
+def _legacy_config(adapter_dir: Path) -> dict[str, Any] | None:
+    """The config an older pac saved as adapter_config.json, or None (no such file, or peft's own)."""
+    file = Path(adapter_dir) / LEGACY_ADAPTER_CONFIG
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    return config if config.get("peft_type") in LEGACY_PEFT_TYPES else None

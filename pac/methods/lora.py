@@ -8,6 +8,7 @@ the activations of every layer are kept for backward: that is the cost pac avoid
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,20 +52,23 @@ class LoraModel(nn.Module):
             raise PacError(f"{family.name} is an encoder without an LM head: use --task classify")
         loader = AutoModelForCausalLM if family.causal else AutoModel
         base = loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        if adapter_dir is not None:
-            self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-        else:
-            targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
-            self.peft = get_peft_model(
-                base,
-                LoraConfig(
-                    r=settings.r,
-                    lora_alpha=settings.alpha,
-                    lora_dropout=settings.dropout,
-                    target_modules=targets,
-                    use_dora=settings.use_dora,
-                ),
-            )
+        with warnings.catch_warnings():
+            # peft asks the model `is_gradient_checkpointing`, an alias transformers deprecates: nothing to act on.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if adapter_dir is not None:
+                self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+            else:
+                targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
+                self.peft = get_peft_model(
+                    base,
+                    LoraConfig(
+                        r=settings.r,
+                        lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout,
+                        target_modules=targets,
+                        use_dora=settings.use_dora,
+                    ),
+                )
         self.causal = family.causal
         self.head = (
             ClassificationHead(config.hidden_size, len(settings.label_names), settings.pooling)
@@ -82,10 +86,14 @@ class LoraModel(nn.Module):
         hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.head(hidden, mask)
 
-    def save(self, out_dir: Path) -> None:
+    def save(self, out_dir: Path, base_model_name: str) -> None:
+        """peft's files, with `base_model_name` (a hub id or the user's own path) as the base model
+        in adapter_config.json: peft would record the directory loaded, pac's cache for a GGUF."""
         from safetensors.torch import save_file
 
-        self.peft.save_pretrained(out_dir)
+        self.peft.peft_config["default"].base_model_name_or_path = base_model_name
+        # Embeddings never train here; "auto" would ask the hub about base_model_name's vocabulary to find out.
+        self.peft.save_pretrained(out_dir, save_embedding_layers=False)
         if self.head is not None:
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE)
 

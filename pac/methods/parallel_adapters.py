@@ -36,7 +36,7 @@ METHOD_TYPE = "PARALLEL_ADAPTERS"
 
 @dataclass
 class ParallelAdapterConfig:
-    """Everything needed to rebuild the adapter next to its base model (saved as adapter_config.json)."""
+    """Everything needed to rebuild the adapter next to its base model (saved as pac_adapter_config.json)."""
 
     task: str
     reduction: int = 8
@@ -59,6 +59,10 @@ class ParallelAdapterConfig:
     base_model_name_or_path: str = ""
     base_model_fingerprint: str = ""
     max_length: int = 128
+    # How training wrote prompts and read its data, so evaluation and generation do the same by default.
+    prompt_format: dict[str, Any] | None = None
+    data_fields: dict[str, str] | None = None
+    training_data_sha256: str = ""
     peft_type: str = field(default=METHOD_TYPE)
 
     def __post_init__(self) -> None:

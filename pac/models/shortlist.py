@@ -91,7 +91,9 @@ class Shortlisted:
         h_last = CachedTaps(reader, reader.sample_ids, [last_tap])
         starts = range(0, len(reader.sample_ids), SHARD_SAMPLES)
         with torch.inference_mode():
-            for start in tqdm(starts, desc=f"shortlists ({size} words)", unit="file", leave=False, dynamic_ncols=True):
+            for start in tqdm(
+                starts, desc=f"shortlists ({size} words)", unit="file", leave=False, dynamic_ncols=True, disable=None
+            ):
                 path = self._path(start)
                 if self._readable(path, min(SHARD_SAMPLES, len(reader.sample_ids) - start)):
                     continue

@@ -20,6 +20,7 @@ from pac.cache import CacheReader, CacheSpec, CacheWriter, choose_dtype, find_ca
 from pac.cache.fingerprint import fingerprint_files
 from pac.data.tokenize import TokenizedSet
 from pac.models.backbone import load_backbone, load_config
+from pac.runtime.progress import RunClock, Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,11 @@ def build_cache(
     batch_size: int = 8,
     shard_size: int = 32,
     desc: str = "cache build",
+    clock: RunClock | None = None,
 ) -> CacheBuildResult:
-    """Make sure a complete, verified cache of `data` exists; compute only what is missing."""
+    """Make sure a complete, verified cache of `data` exists; compute only what is missing.
+    `clock` (the whole run's estimate) learns phase 1's rate and shows what is left of the run."""
+    clock = clock or RunClock()
     started = time.perf_counter()
     spec = cache_spec(model_dir, data, taps, dtype)
     if (found := find_cache(cache_root, spec)) is not None:
@@ -77,6 +81,7 @@ def build_cache(
         # which deletes and rebuilds them.
         reader = CacheReader(found, spec)
         if not reader.verify():
+            clock.cache_reused(len(data))
             return CacheBuildResult(found, spec, 0, time.perf_counter() - started, reader)
 
     position = {sid: i for i, sid in enumerate(data.sample_ids)}
@@ -84,10 +89,13 @@ def build_cache(
     writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
     pending = writer.pending()
     computed = 0
-    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True)
+    clock.cache_reused(len(data) - sum(len(g) for g in pending))
+    bar = tqdm(total=sum(len(g) for g in pending), desc=desc, unit="sample", dynamic_ncols=True, disable=None)
+    lap = Stopwatch()
     for group in pending:
         if backbone is None:
             backbone = load_backbone(model_dir)
+            lap.lap()  # loading the model is not part of the per-sample rate
         rows = torch.tensor([position[s] for s in group])
         # One buffer per shard, filled micro-batch by micro-batch (no list of parts + concatenated copy).
         stacked = torch.empty(len(group), len(taps), data.input_ids.shape[1], backbone.hidden_size)
@@ -95,6 +103,8 @@ def build_cache(
             for offset, chunk in zip(range(0, len(group), batch_size), rows.split(batch_size), strict=True):
                 out = backbone(data.input_ids[chunk], data.attention_mask[chunk], taps=taps)
                 torch.stack([out.taps[t] for t in taps], 1, out=stacked[offset : offset + len(chunk)])
+                clock.cache_progress(len(chunk), lap.lap())
+                bar.set_postfix_str(clock.left(), refresh=False)
                 bar.update(len(chunk))
         if computed == 0 and (safe := choose_dtype(float(stacked.abs().max()), spec.dtype)) != spec.dtype:
             # Before anything is written: switch (e.g. fp16 -> bf16) when values exceed the range.

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,6 +29,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
+from pac.methods.base import ADAPTER_WEIGHTS
+from pac.model_card import write_model_card
 from pac.models.backbone import load_config
 from pac.net import auth, protocol
 from pac.net.addresses import local_address_towards
@@ -425,18 +427,20 @@ class Coordinator:
                 target = self.out / name if shared else self.out / "peers" / peer.host.name / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(bytes(content))
-        if not (self.out / "adapter_model.safetensors").exists():
+        if not (self.out / ADAPTER_WEIGHTS).exists():
             self._fail("rank 0 finished without sending the adapter")
         lead = members[0].summary or {}
         summary = {
             **lead,
             "method": self.options.method,
             "task": self.options.data.task,
+            "options": asdict(self.options),
             "mode": plan.mode,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
         }
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_model_card(self.out, summary)
         self._print(f"[pac-launch] adapter, metrics and logs in {self.out}")
         return summary
 

@@ -32,6 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pac import __version__
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
+from pac.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pac.net import auth, protocol
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.runtime.collaborative import Assignment, run_assignment
@@ -39,7 +40,7 @@ from pac.runtime.collaborative import Assignment, run_assignment
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
-RESULT_FILES = ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl")
+RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "metrics.jsonl")
 
 
 @dataclass

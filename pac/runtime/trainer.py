@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pac.methods.base import batch_metrics, summarize, task_loss
+from pac.runtime.progress import RunClock, Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Trainer:
         holdout: BatchSource | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        clock: RunClock | None = None,
     ):
         self.model, self.task, self.train_source, self.val_source = model, task, train, val
         # Part of the training data kept out of the gradient steps: it picks the epoch to keep
@@ -146,6 +148,7 @@ class Trainer:
         )
         self.step = 0
         self.metrics_file = self.out_dir / "metrics.jsonl"
+        self.clock = clock or RunClock()  # the whole run's estimate, shown beside the epoch bar
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -268,6 +271,10 @@ class Trainer:
             return [record]
         self.model.train()
         first_epoch = self.step // self.steps_per_epoch
+        self.clock.steps = self.total_steps - self.step
+        self.clock.evaluations = (self.config.epochs - first_epoch) * (self.val_source is not None)
+        self.clock.batch_size = self.config.batch_size
+        self.clock.eval_steps = math.ceil(len(self.val_source) / 8) if self.val_source is not None else 0
         for epoch in range(first_epoch, self.config.epochs):
             if self._patience_exhausted(epoch):
                 break
@@ -280,7 +287,9 @@ class Trainer:
                 unit="step",
                 leave=False,
                 dynamic_ncols=True,
+                disable=None,  # no bar where output goes to a file: the epoch lines say it there
             )
+            lap = Stopwatch()
             for indices in self._batches(epoch, skip):
                 loss, grad_norm = self._train_step(indices)
                 self.optimizer.step()
@@ -288,7 +297,8 @@ class Trainer:
                 self.step += 1
                 seen += len(indices)
                 loss_sum += loss * len(indices)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                self.clock.step_done(lap.lap())
+                bar.set_postfix_str(f"loss {loss:.4f}  {self.clock.left()}", refresh=False)
                 bar.update()
                 if self.on_step is not None:
                     self.on_step(self.step, self.total_steps)
@@ -319,6 +329,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 record.update({f"val_{k}": v for k, v in self._evaluate(self.val_source).items()})
                 record["eval_seconds"] = time.perf_counter() - t0
+                self.clock.evaluation_done(record["eval_seconds"])
             if self.holdout_source is not None:
                 self._track_best(epoch + 1, record)
             self._log(record)
