@@ -30,6 +30,8 @@ examples:
   pac train --method lora                     # the LoRA baseline on the same model and data
   pac eval --adapter runs/adapter             # accuracy / perplexity on the validation split
   pac generate --adapter runs/notes --prompt "Summarise my week"
+  pac generate --base --prompt "Summarise my week"          # the same prompt to the base model
+  pac eval --adapter runs/notes --retain      # how much the adapter changed the model off its data
 """
 
 NO_RETRIEVAL_HELP = "use a language-model adapter without its memory of the training text (retrieval.safetensors)"
@@ -331,6 +333,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         help="boundary: a side network (width d/--reduction) over the cached layers 0..k whose output is added to "
         "h_k, so the top layers carry it; with --lora-r 0 the top layers stay frozen",
     )
+    m.add_argument(
+        "--retain-mix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lm: also train on the base model's own answers to N general prompts bundled with pac (up to 64), so "
+        "the adapter keeps answering off-task as the base model does; `pac eval --retain` measures that on other "
+        "prompts (default 0: off)",
+    )
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(
@@ -392,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e, evaluating=True)
     e.add_argument("--no-retrieval", action="store_true", help=NO_RETRIEVAL_HELP)
     e.add_argument(
+        "--retain",
+        action="store_true",
+        help="instead of scoring data, measure how much the adapter changed the model off its training data: the "
+        "base model's greedy answers to 50 general prompts bundled with pac, read through the adapter; reports the "
+        "share of answer tokens where the adapter's top-1 token is the base model's (agreement), the mean "
+        "KL(base || adapter) per token, and the share of answers it still gives word for word (answers_kept)",
+    )
+    e.add_argument(
         "--split",
         choices=["val", "all"],
         help="all: every row of --data; val: only the validation split `pac train` held out of it (same "
@@ -403,9 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text with a saved language-model adapter",
         description="Generate text with an adapter (KV caches for the model and the side network).",
     )
-    g.add_argument("--adapter", required=True, help="directory written by `pac train --task lm --out`")
+    g.add_argument("--adapter", help="directory written by `pac train --task lm --out` (without it: the base model)")
+    g.add_argument(
+        "--base",
+        action="store_true",
+        help="ask the base model without the adapter (--model, else the adapter's base model, else the bundled one)",
+    )
     g.add_argument("--prompt", required=True, help="what to say to the model")
-    g.add_argument("--model", help="base model, if not where the adapter was trained")
+    g.add_argument("--model", help="base model, if not where the adapter was trained (default: the bundled one)")
     g.add_argument("--max-new-tokens", type=number(int, minimum=1), default=64, help="tokens to generate (default 64)")
     g.add_argument(
         "--temperature", type=number(float, minimum=0), default=0.0, help="0 = greedy (default); > 0 samples"
@@ -507,7 +531,7 @@ def train_options(args: argparse.Namespace):
     named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
     named.update(
-        data=replace(_data_options(args), holdout=holdout),
+        data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         require_resume=args.resume,
         side_network=not args.no_side_network,
@@ -563,11 +587,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         adapter_meta,
         default_split,
         evaluate_adapter,
+        evaluate_retain,
         evaluate_zero_shot,
         evaluation_records,
         load_for_inference,
     )
 
+    if args.retain:
+        if args.zero_shot:
+            raise PacError("--retain compares an adapter with its base model: pass --adapter instead of --zero-shot")
+        loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
+        print(json.dumps(evaluate_retain(loaded, prompt_chat(args.chat, loaded)), indent=2))
+        return 0
     meta = {} if args.zero_shot else adapter_meta(args.adapter)
     opts = _data_options(args, meta.get("data_fields"))
     split = default_split(opts, args.split)
@@ -606,33 +637,15 @@ def prompt_chat(asked: bool | None, loaded) -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pac.generate import encode_prompt, generate_ids
-    from pac.workflow import load_for_inference
+    from pac.generate import encode_prompt
+    from pac.workflow import generate_answer, load_base, load_for_inference
 
-    loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-    if loaded.task != "lm":
-        raise PacError(f"{args.adapter} is a {loaded.task} adapter; generation needs one trained with --task lm")
-    if loaded.kind == "boundary":
-        raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=prompt_chat(args.chat, loaded))
-    if loaded.kind == "lora":
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-        out = loaded.model.peft.generate(
-            input_ids=ids,
-            max_new_tokens=args.max_new_tokens,
-            **(sampling if args.temperature > 0 else {"do_sample": False}),
-        )[:, ids.shape[1] :]
+    if args.base or args.adapter is None:
+        loaded = load_base(args.model, args.adapter)
     else:
-        out = generate_ids(
-            loaded.backbone,
-            loaded.model,
-            ids,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-            args.seed,
-            loaded.tokenizer.eos_token_id,
-        )
+        loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=prompt_chat(args.chat, loaded))
+    out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 

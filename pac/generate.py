@@ -3,6 +3,7 @@
 Each new token runs one position through the backbone (its DynamicCache holds the prefix) and
 one position through the side network (a DynamicCache of its own, built from the side config,
 since side blocks are the backbone's layer class at width d/r). Nothing is recomputed per token.
+Without an adapter the backbone alone answers (`pac generate --base`), with the same decoding.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 @torch.inference_mode()
 def generate_ids(
     backbone: Backbone,
-    adapter: ParallelAdapterModel,
+    adapter: ParallelAdapterModel | None,
     input_ids: torch.Tensor,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -51,16 +52,22 @@ def generate_ids(
 ) -> torch.Tensor:
     """Continue `input_ids` [1, T]; returns only the new token ids [1, N].
 
-    use_cache=False recomputes the whole sequence per token (for tests: both must agree)."""
+    adapter=None: the base model's own answer. use_cache=False recomputes the whole sequence per token
+    (for tests: both must agree)."""
     generator = torch.Generator().manual_seed(seed)
     backbone_cache = DynamicCache(config=backbone.config) if use_cache else None
-    side_cache = DynamicCache(config=adapter.side.config) if use_cache and adapter.side is not None else None
+    side = adapter.side if adapter is not None else None
+    taps = adapter.taps if adapter is not None else ()
+    side_cache = DynamicCache(config=side.config) if use_cache and side is not None else None
     sequence, step_input, new = input_ids, input_ids, []
     for _ in range(max_new_tokens):
         mask = torch.ones_like(sequence)
-        out = backbone(step_input, mask, taps=adapter.taps, past_key_values=backbone_cache)
-        taps = torch.stack([out.taps[t] for t in adapter.taps], 1)
-        logits = adapter(taps, mask, past_key_values=side_cache, last_only=True)[:, -1]
+        out = backbone(step_input, mask, taps=taps, past_key_values=backbone_cache)
+        if adapter is None:
+            logits = backbone.logits(backbone.final_norm(out.hidden[:, -1]))
+        else:
+            stacked = torch.stack([out.taps[t] for t in taps], 1)
+            logits = adapter(stacked, mask, past_key_values=side_cache, last_only=True)[:, -1]
         token = next_token(logits, temperature, top_p, generator)
         new.append(token)
         sequence = torch.cat([sequence, token], 1)

@@ -71,6 +71,7 @@ class DataOptions:
     # Prompt/completion rows as a chat template's user and assistant turns (True), or as plain text (False);
     # None: the chat template where the tokenizer has one. The adapter records the format it was trained in.
     chat: bool | None = None
+    retain_mix: int = 0  # lm: add the base model's answers to this many general prompts to training (pac.retain)
 
 
 @dataclass
@@ -218,6 +219,8 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
     chat = opts.chat if opts.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+    if opts.retain_mix:  # trained on, never held out or validated on: those stay the user's data
+        train = train + retain_mix_records(model_dir, opts.retain_mix, chat)
     kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names, "chat": chat}
     templated = any(r.text is None for r in train) and (chat or any(r.messages for r in train))
     return PreparedData(
@@ -230,6 +233,23 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
         prompt_format(tokenizer, chat=templated),
         describe_split(opts, len(train), len(val), len(holdout)),
         data_digest(opts.data),
+    )
+
+
+def retain_mix_records(model_dir: Path, n: int, chat: bool) -> list[Record]:
+    """`--retain-mix N`: the base model's own greedy answers to N general prompts bundled with pac, as
+    prompt/completion rows rendered as training renders them, so the adapter also learns to keep answering
+    off-task as the base model does."""
+    from pac.generate import encode_prompt
+    from pac.retain import base_answer_records
+
+    base = load_base(model_dir)
+    return base_answer_records(
+        lambda ids, max_new_tokens: generate_answer(base, ids, max_new_tokens),
+        lambda prompt: encode_prompt(base.tokenizer, prompt, chat)[0].tolist(),
+        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+        model_fingerprint(model_dir),
+        n,
     )
 
 
@@ -246,6 +266,12 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         raise PacError("--retrieval is for --method parallel-adapters --task lm: drop it")
     if opts.shortlist and (opts.method != "parallel-adapters" or opts.data.task != "lm"):
         raise PacError("--shortlist is for --method parallel-adapters --task lm: drop it")
+    if opts.data.retain_mix:
+        from pac.retain import check_retain_mix
+
+        if opts.data.task != "lm":
+            raise PacError("--retain-mix adds prompt/completion rows: it is for --task lm")
+        check_retain_mix(opts.data.retain_mix)
     if opts.lora_r == 0 and opts.method in ("lora", "dora"):
         raise PacError("--lora-r 0 trains nothing: it is for --method boundary (frozen top layers); use --lora-r 8")
     if opts.method != "parallel-adapters":
@@ -592,11 +618,11 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch)
 # ----------------------------------------------------------------------------- inference
 @dataclass
 class LoadedAdapter:
-    kind: str  # "parallel-adapters" | "lora" | "boundary"
+    kind: str  # "parallel-adapters" | "lora" | "boundary" | "base" (the base model alone, load_base)
     task: str
     model_dir: Path
-    model: Any  # ParallelAdapterModel or LoraModel
-    backbone: Any  # full Backbone for parallel adapters, None for LoRA
+    model: Any  # ParallelAdapterModel, LoraModel or BoundaryModel; None for the base model
+    backbone: Any  # full Backbone for parallel adapters and the base model, layers 0..k for boundary, None for LoRA
     tokenizer: Any
     max_length: int
     label_names: list[str] | None
@@ -635,6 +661,59 @@ def _base_model_dir(meta: dict[str, Any], model: str | None) -> Path:
             "pass the base model it was trained on with --model"
         )
     return model_dir
+
+
+def load_base(model: str | Path | None = None, adapter_dir: str | Path | None = None) -> LoadedAdapter:
+    """The base model alone, served like an adapter (kind "base"; `pac generate --base`): `model`, else the
+    model `adapter_dir` was trained on (then with that adapter's recorded prompt format), else the bundled one."""
+    meta = adapter_meta(adapter_dir) if adapter_dir is not None else {}
+    model_dir = _base_model_dir(meta, None if model is None else str(model))
+    config = load_config(model_dir)
+    if not family_for(config).causal:
+        raise PacError(
+            f"{model_dir} is an encoder ({family_for(config).name}) without an LM head: it has no next-token output "
+            "to generate from or to compare with an adapter's"
+        )
+    context = getattr(config, "max_position_embeddings", 0)
+    tokenizer = load_tokenizer(model_dir)  # prompted as the adapter's rows were trained, if one is named
+    return LoadedAdapter(
+        "base", "lm", model_dir, None, load_backbone(model_dir), tokenizer, context, None, **_recorded(meta)
+    )
+
+
+def generate_answer(
+    loaded: LoadedAdapter,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The new token ids [1, N] after `input_ids` [1, T], decoded as `pac generate` does, for a language-model
+    adapter or the base model (load_base)."""
+    from pac.generate import generate_ids
+
+    if loaded.task != "lm":
+        raise PacError(f"a {loaded.task} adapter cannot generate: generation needs one trained with --task lm")
+    if loaded.kind == "boundary":
+        raise PacError("generation with boundary adapters is not supported; train with parallel-adapters or lora")
+    if loaded.kind == "lora":
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        return loaded.model.peft.generate(
+            input_ids=input_ids,
+            max_new_tokens=max_new_tokens,
+            **(sampling if temperature > 0 else {"do_sample": False}),
+        )[:, input_ids.shape[1] :]
+    return generate_ids(
+        loaded.backbone,
+        loaded.model,
+        input_ids,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        loaded.tokenizer.eos_token_id,
+    )
 
 
 def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrieval: bool = True) -> LoadedAdapter:
@@ -796,3 +875,23 @@ def evaluate_adapter(
     started = time.perf_counter()
     metrics = evaluate(loaded.model, source, loaded.task)
     return {**metrics, "samples": len(data), "split": split, "seconds": time.perf_counter() - started}
+
+
+def evaluate_retain(loaded: LoadedAdapter, chat: bool) -> dict[str, Any]:
+    """How much the adapter changed the model off its training data (`pac eval --retain`, pac.retain): the
+    base model's greedy answers to the bundled general prompts, teacher-forced through the adapter; prompts
+    through the chat template or not (`chat`) as `pac generate` would prompt the adapter."""
+    from pac.generate import encode_prompt
+    from pac.retain import model_next_token_logits, retain_report
+
+    base = load_base(loaded.model_dir)
+    started = time.perf_counter()
+    report = retain_report(
+        model_next_token_logits("base", "lm", None, base.backbone),
+        model_next_token_logits(loaded.kind, loaded.task, loaded.model, loaded.backbone),
+        lambda ids, max_new_tokens: generate_answer(base, ids, max_new_tokens),
+        lambda prompt: encode_prompt(base.tokenizer, prompt, chat)[0].tolist(),
+        lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True),
+        model_fingerprint(base.model_dir),
+    )
+    return {**report, "chat": chat, "seconds": time.perf_counter() - started}

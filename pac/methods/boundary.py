@@ -78,16 +78,28 @@ class BoundaryModel(nn.Module):
         self.side = _side_network(upper.config, upper.end - upper.start, side_reduction) if side_reduction else None
         self.below = _side_network(upper.config, upper.start, below_reduction) if below_reduction else None
 
+    def _boundary_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """h_k as the top layers read it: the cached state, plus the side network below it if there is one."""
+        h_k = batch["taps"][:, -1]
+        return h_k if self.below is None else h_k + self.below(batch["taps"], batch["attention_mask"])
+
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask, h_k = batch["attention_mask"], batch["taps"][:, -1]
-        if self.below is not None:
-            h_k = h_k + self.below(batch["taps"], mask)
+        mask, h_k = batch["attention_mask"], self._boundary_state(batch)
         out = self.upper(h_k, mask, taps=None if self.side is not None else ())
         hidden = self.upper.final_norm(out.hidden)
         if self.side is not None:
             taps = torch.stack([h_k, *(out.taps[i] for i in range(self.upper.start + 1, self.upper.end + 1))], 1)
             hidden = hidden + self.side(taps, mask)
         return self.head(hidden, mask) if self.head is not None else self.upper.logits(hidden)
+
+    def lm_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own next-token logits with this adapter: a language-model adapter's output; for a
+        classifier, the LM head over the adapted top layers (LoRA and a side network below the boundary change
+        them; a side network beside them feeds only the classification head)."""
+        if self.head is None:
+            return self.forward_batch(batch)
+        out = self.upper(self._boundary_state(batch), batch["attention_mask"], taps=())
+        return self.upper.logits(self.upper.final_norm(out.hidden))
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups: LoRA and the head at `lr`, the side networks at SIDE_LR_RATIO x `lr`."""
