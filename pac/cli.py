@@ -335,7 +335,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--retain-mix",
-        type=int,
+        type=number(int, minimum=0),
         default=0,
         metavar="N",
         help="lm: also train on the base model's own answers to N general prompts bundled with pac (up to 64), so "
@@ -543,8 +543,9 @@ def print_epochs(epochs: list[dict]) -> None:
     """One line per epoch of a training summary (`pac-launch`; `pac train` prints each as it ends)."""
     from pac.runtime.progress import epoch_line
 
+    trained = len([e for e in epochs if e["epoch"]])
     for ep in epochs:
-        print(epoch_line(ep, len([e for e in epochs if e["epoch"]])))
+        print(epoch_line(ep, trained))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -591,6 +592,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate_zero_shot,
         evaluation_records,
         load_for_inference,
+        prompt_chat,
     )
 
     if args.retain:
@@ -616,29 +618,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def prompt_chat(asked: bool | None, loaded) -> bool:
-    """Whether the prompt goes through the chat template: as the adapter's prompts were trained, unless
-    --chat / --no-chat says otherwise (with a warning: the adapter learned the other form)."""
-    from pac.data.tokenize import prompt_format
-
-    has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
-    trained = loaded.chat and has_template
-    chat = trained if asked is None else asked and has_template
-    if asked is not None and loaded.prompt_format is not None and chat != trained:
-        logging.getLogger("pac").warning(
-            "the adapter was trained on %s prompts, and --%s asks for the other form: answers may be worse",
-            "chat-template" if trained else "plain",
-            "chat" if asked else "no-chat",
-        )
-    recorded = (loaded.prompt_format or {}).get("chat_template_sha256")
-    if chat and recorded and prompt_format(loaded.tokenizer, chat=True)["chat_template_sha256"] != recorded:
-        logging.getLogger("pac").warning("this tokenizer's chat template is not the one the adapter was trained with")
-    return chat
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from pac.generate import encode_prompt
-    from pac.workflow import generate_answer, load_base, load_for_inference
+    from pac.workflow import generate_answer, load_base, load_for_inference, prompt_chat
 
     if args.base or args.adapter is None:
         loaded = load_base(args.model, args.adapter)

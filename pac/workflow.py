@@ -461,8 +461,7 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, 
         out,
         val=val_source,
         holdout=holdout_source,
-        on_epoch_end=watch.epoch_reporter(opts.epochs),
-        clock=watch.clock,
+        **watch.trainer_hooks(opts.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
     # Recorded apart from the process's peak, which would also count the memory's one-off fit below.
@@ -563,8 +562,7 @@ def _train_boundary(opts: TrainOptions, data: PreparedData, out: Path, watch: Wa
         out,
         val=val_source,
         holdout=holdout_source,
-        on_epoch_end=watch.epoch_reporter(opts.epochs),
-        clock=watch.clock,
+        **watch.trainer_hooks(opts.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
     meta = {
@@ -602,8 +600,7 @@ def _train_lora(opts: TrainOptions, data: PreparedData, out: Path, watch: Watch)
         out,
         val=Tokens(data.val),
         holdout=holdout,
-        on_epoch_end=watch.epoch_reporter(opts.epochs),
-        clock=watch.clock,
+        **watch.trainer_hooks(opts.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
     model.save(out, model_name(opts.model))
@@ -644,6 +641,24 @@ def adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     if meta is None:
         load_adapter(Path(adapter_dir))  # raises the message that says what an adapter directory holds
     return meta
+
+
+def prompt_chat(asked: bool | None, loaded: LoadedAdapter) -> bool:
+    """Whether the prompt goes through the chat template: as the adapter's prompts were trained, unless
+    --chat / --no-chat says otherwise (with a warning: the adapter learned the other form)."""
+    has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
+    trained = loaded.chat and has_template
+    chat = trained if asked is None else asked and has_template
+    if asked is not None and loaded.prompt_format is not None and chat != trained:
+        log.warning(
+            "the adapter was trained on %s prompts, and --%s asks for the other form: answers may be worse",
+            "chat-template" if trained else "plain",
+            "chat" if asked else "no-chat",
+        )
+    recorded = (loaded.prompt_format or {}).get("chat_template_sha256")
+    if chat and recorded and prompt_format(loaded.tokenizer, chat=True)["chat_template_sha256"] != recorded:
+        log.warning("this tokenizer's chat template is not the one the adapter was trained with")
+    return chat
 
 
 def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
@@ -862,14 +877,13 @@ def evaluate_adapter(
             memory,
             ", and --no-retrieval" if memory else "",
         )
-    chat = opts.chat if opts.chat is not None else loaded.chat
     data = tokenize_records(
         records,
         loaded.tokenizer,
         task=opts.task,
         max_length=opts.max_length,
         label_names=loaded.label_names,
-        chat=chat and getattr(loaded.tokenizer, "chat_template", None) is not None,
+        chat=prompt_chat(opts.chat, loaded),
     )
     source = Tokens(data) if loaded.kind == "lora" else LiveTaps(data, loaded.backbone, loaded.model.taps)
     started = time.perf_counter()

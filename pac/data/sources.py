@@ -340,9 +340,9 @@ def data_digest(path: str | Path | None) -> str:
     spec = str(path) if path is not None else None
     p = bundled_bbc_news_dir() if spec is None else _parse_hf_spec(spec)[1] if spec.startswith("hf:") else Path(spec)
     h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for file in files:
-        if p.is_dir():  # a single file is its content alone, whatever it is called
+    folder = p.is_dir()
+    for file in sorted(f for f in p.rglob("*") if f.is_file()) if folder else [p]:
+        if folder:  # a single file is its content alone, whatever it is called
             h.update(f"{file.relative_to(p)}\0".encode())
         h.update(file.read_bytes())
     return h.hexdigest()

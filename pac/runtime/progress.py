@@ -35,17 +35,21 @@ class RunClock:
     evaluations: int = 0  # validation passes still to run
     batch_size: int = 8
     eval_steps: int = 0  # batches of one validation pass
-    sample_seconds: float | None = None  # measured phase-1 seconds per sample
     step_seconds: float | None = None  # measured seconds per training step
     eval_seconds: float | None = None  # measured seconds per validation pass
-    _phase1: list[float] = field(default_factory=lambda: [0.0, 0.0])  # samples, seconds measured
+    cached_samples: int = 0  # phase-1 samples computed so far ...
+    cache_seconds: float = 0.0  # ... and the seconds they took
+
+    @property
+    def sample_seconds(self) -> float | None:
+        """Measured phase-1 seconds per sample (None before the first batch)."""
+        return self.cache_seconds / self.cached_samples if self.cached_samples else None
 
     def cache_progress(self, samples: int, seconds: float) -> None:
         """`samples` more phase-1 samples took `seconds`."""
         self.cache_samples = max(0, self.cache_samples - samples)
-        self._phase1[0] += samples
-        self._phase1[1] += seconds
-        self.sample_seconds = self._phase1[1] / self._phase1[0]
+        self.cached_samples += samples
+        self.cache_seconds += seconds
 
     def cache_reused(self, samples: int) -> None:
         self.cache_samples = max(0, self.cache_samples - samples)
@@ -108,11 +112,12 @@ class Watch:
     report: Callable[[str], None]
     clock: RunClock = field(default_factory=RunClock)
 
-    def epoch_reporter(self, epochs: int) -> Callable[[int, dict[str, Any]], None]:
-        """A Trainer's on_epoch_end: each epoch's line as it ends, with what is left of the run."""
+    def trainer_hooks(self, epochs: int) -> dict[str, Any]:
+        """A Trainer's keyword arguments: the clock, and an on_epoch_end that reports each epoch's line as it
+        ends, with what is left of the run."""
 
         def epoch_end(epoch: int, record: dict[str, Any]) -> None:
             left = self.clock.left()
             self.report(epoch_line(record, epochs) + (f"  {left}" if left and epoch < epochs else ""))
 
-        return epoch_end
+        return {"on_epoch_end": epoch_end, "clock": self.clock}

@@ -58,6 +58,7 @@ class TrainConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+EVAL_BATCH = 8  # samples per batch of an evaluation pass
 
 
 def autocast(precision: str) -> torch.autocast:
@@ -86,7 +87,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, linear or constant")
 
 
-def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
+def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`; no figures for an empty
     source (an accuracy of 0 or a perplexity of 1 would be made up)."""
     if not len(source):
@@ -94,7 +95,9 @@ def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int =
     return summarize(task, evaluation_totals(model, source, task, batch_size))
 
 
-def evaluation_totals(model: nn.Module, source: BatchSource, task: str, batch_size: int = 8) -> dict[str, float]:
+def evaluation_totals(
+    model: nn.Module, source: BatchSource, task: str, batch_size: int = EVAL_BATCH
+) -> dict[str, float]:
     """Sums over `source` (loss_sum, count, correct): totals of several shards add up to the whole."""
     was_training = model.training
     model.eval()
@@ -280,7 +283,7 @@ class Trainer:
         self.clock.steps = self.total_steps - self.step
         self.clock.evaluations = (self.config.epochs - first_epoch) * (self.val_source is not None)
         self.clock.batch_size = self.config.batch_size
-        self.clock.eval_steps = math.ceil(len(self.val_source) / 8) if self.val_source is not None else 0
+        self.clock.eval_steps = math.ceil(len(self.val_source) / EVAL_BATCH) if self.val_source is not None else 0
         for epoch in range(first_epoch, self.config.epochs):
             if self._patience_exhausted(epoch):
                 break
