@@ -65,6 +65,9 @@ RUNS: dict[str, Run] = {
         "bbc", "parallel adapters, memory off", retrieval=False, adapter_of="bbc/parallel-adapters"
     ),
     "bbc/lora": Run("bbc", "LoRA r=8", ["--method", "lora"]),
+    "facts/parallel-adapters-mix32": Run("facts", "parallel adapters + mix 32", ["--retain-mix", "32"]),
+    "bbc/parallel-adapters-mix32": Run("bbc", "parallel adapters + mix 32", ["--retain-mix", "32"]),
+    "facts/lora-mix32": Run("facts", "LoRA r=8 + mix 32", ["--method", "lora", "--retain-mix", "32"]),
 }
 
 
