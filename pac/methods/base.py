@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from pac.errors import PacError
 
-TASKS = ("classify", "lm")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # pac's own methods keep their config under a name of pac's own: peft's loaders read adapter_config.json and
 # fail with a KeyError on a peft_type they do not know, where without the file they say plainly it is missing.

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from pac.errors import PacError
-from pac.methods.base import TASKS, task_loss
+from pac.methods.base import task_loss
+from pac.methods.defaults import TASKS
+from pac.methods.parallel_adapters import tapped_layers
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
@@ -87,11 +89,7 @@ class ParallelAdapterConfig:
             raise PacError("pruned initialisation keeps the backbone's attention heads: leave side_heads unset")
 
     def resolved_taps(self, num_layers: int) -> list[int]:
-        if not self.side_network:
-            return [num_layers]
-        if self.taps is not None:
-            return sorted(set(self.taps))
-        return sorted(set(range(0, num_layers + 1, max(1, self.tap_every))) | {0, num_layers})
+        return tapped_layers(self.side_network, self.taps, self.tap_every, num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         # "r" as peft names a reduced width; "reduction" is what from_dict reads back.
