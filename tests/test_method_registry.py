@@ -195,3 +195,20 @@ def test_adapters_saved_before_the_registry_still_load(tiny_llama, topic_jsonl, 
 def test_a_method_name_registers_once(toy_method):
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method(**{**toy_method.__dict__, "summary": "another"}))
+
+
+def test_the_run_configuration_travels_field_by_field_and_refuses_what_it_does_not_know():
+    from pac.methods.parallel_adapters import ParallelAdapterOptions
+    from pac.runconfig import DataOptions, TrainOptions, run_config_from_wire, run_config_to_wire
+
+    opts = TrainOptions(data=DataOptions(task="lm"), method_options=ParallelAdapterOptions(reduction=4, taps=[3]))
+    wire = run_config_to_wire(opts)
+    assert run_config_from_wire(wire) == opts
+    extra = {**wire, "train": {**wire["train"], "new_flag": 1}}
+    with pytest.raises(PacError, match=r"unknown fields \['new_flag'\], missing fields \[\]"):
+        run_config_from_wire(extra)
+    gone = {**wire, "method_options": {k: v for k, v in wire["method_options"].items() if k != "reduction"}}
+    with pytest.raises(PacError, match=r"--method parallel-adapters options: unknown fields \[\], missing .*reduction"):
+        run_config_from_wire(gone)
+    with pytest.raises(PacError, match="run configuration of version 99"):
+        run_config_from_wire({**wire, "version": 99})
