@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pac.cache import cache_bytes_per_sample
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.records import Record
 from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
@@ -42,12 +43,11 @@ from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import model_name, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
-from pac.models.shortlist import Shortlisted, with_shortlists
-from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
+from pac.runtime.cache_build import CacheBuildResult, build_cache
 from pac.runtime.heap import one_off_step
 from pac.runtime.progress import RunClock, Watch
 from pac.runtime.run_dir import claim
-from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
+from pac.runtime.sources import CachedTaps, LiveTaps, Shortlisted, Tokens, with_shortlists
 from pac.runtime.trainer import TrainConfig, Trainer, evaluate
 
 log = logging.getLogger(__name__)

@@ -26,17 +26,17 @@ import torch
 import torch.distributed as dist
 
 from pac.cache import CacheReader
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.loading import pac_home, resolve_model
-from pac.models.shortlist import Shortlisted, with_shortlists
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
-from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.pipeline import run_pipeline_stage
 from pac.runtime.side_pipeline import SidePipelineTrainer
-from pac.runtime.sources import CachedTaps
+from pac.runtime.sources import CachedTaps, Shortlisted, with_shortlists
 from pac.workflow import (
     PARALLEL_ADAPTER_DEFAULTS,
     DataOptions,
