@@ -12,6 +12,7 @@ import sys
 from pac import __version__
 from pac.errors import PacError
 from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
+from pac.plan.placement import PlanError, layer_ranges
 
 DESCRIPTION = """\
 pac fine-tunes a language model on your own data, on your own devices.
@@ -155,16 +156,12 @@ def _data_options(args: argparse.Namespace, recorded: dict[str, str] | None = No
 
 def layer_list(spec: str) -> list[int]:
     """'0,15-30' -> [0, 15, 16, ..., 30]: layer numbers and inclusive ranges, comma-separated."""
-    layers: list[int] = []
     try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            layers += range(int(first), int(last or first) + 1)
-    except ValueError:
+        return [layer for first, end in layer_ranges(spec) for layer in range(first, end)]
+    except PlanError:
         raise argparse.ArgumentTypeError(
             f"{spec!r} is not a layer list; write numbers and ranges such as 0,15-30"
         ) from None
-    return layers
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:

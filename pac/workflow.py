@@ -25,7 +25,7 @@ from pac.cache.fingerprint import model_fingerprint
 from pac.data.records import Record
 from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
-from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
+from pac.data.tokenize import TokenizedSet, pad_with_eos, prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import load_adapter, read_adapter_config, save_adapter
 from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
@@ -41,7 +41,7 @@ from pac.methods.parallel_adapters import (
 from pac.model_card import write_model_card
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
-from pac.models.loading import model_name, pac_home, resolve_model
+from pac.models.loading import cache_root, model_name, resolve_model
 from pac.models.retrieval import TokenMemory
 from pac.runtime.cache_build import CacheBuildResult, build_cache
 from pac.runtime.heap import one_off_step
@@ -139,8 +139,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     return tokenizer
 
 
@@ -354,7 +353,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
     """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
-    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    root = cache_root(opts.cache_dir)
     where = getattr(exc, "filename", None) or "the disk"
     config = load_config(data.model_dir)
     # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
@@ -362,11 +361,11 @@ def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData
     taps = {"parallel-adapters": config.num_hidden_layers + 1, "boundary": 1}.get(opts.method, 0)
     samples = len(data.train) + len(data.val)
     cache_mb = samples * opts.data.max_length * config.hidden_size * taps * per_value / 1e6
-    free = {path: shutil.disk_usage(path).free / 1e6 for path in (cache_root, Path(opts.out)) if path.exists()}
+    free = {path: shutil.disk_usage(path).free / 1e6 for path in (root, Path(opts.out)) if path.exists()}
     room = ", ".join(f"{free_mb:,.0f} MB free on the disk of {path}" for path, free_mb in free.items())
     parts = [f"the disk is full: writing {where} failed ({room})."]
     if taps:
-        parts.append(f"The activation cache needs about {cache_mb:,.0f} MB in {cache_root}.")
+        parts.append(f"The activation cache needs about {cache_mb:,.0f} MB in {root}.")
     parts.append(
         "The adapter and its checkpoints need a few MB in --out. Free space, or pass --cache-dir / --out on a "
         "larger disk, then run the same command again: finished cache shards and checkpoints are kept, so it "
@@ -494,11 +493,11 @@ def _train_parallel_adapters(opts: TrainOptions, data: PreparedData, out: Path, 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
     """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
-    cache_root = Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
+    root = cache_root(opts.cache_dir)
     built = {}
     for name, part in (("train", data.train), ("val", data.val)):
         built[name] = build_cache(
-            data.model_dir, part, cache_root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
+            data.model_dir, part, root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
         )
         done = built[name]
         what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"
