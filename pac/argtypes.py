@@ -44,13 +44,11 @@ def number(
 
 def layer_list(spec: str) -> list[int]:
     """'0,15-30' -> [0, 15, 16, ..., 30]: layer numbers and inclusive ranges, comma-separated."""
-    layers: list[int] = []
+    from pac.plan.placement import PlanError, layer_ranges
+
     try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            layers += range(int(first), int(last or first) + 1)
-    except ValueError:
+        return [layer for first, end in layer_ranges(spec) for layer in range(first, end)]
+    except PlanError:
         raise argparse.ArgumentTypeError(
             f"{spec!r} is not a layer list; write numbers and ranges such as 0,15-30"
         ) from None
-    return layers

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from pac.cache import cache_bytes_per_sample
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.records import Record
 from pac.data.sources import data_digest
 from pac.data.split import check_labels
@@ -32,15 +33,14 @@ from pac.methods.registry import BuildContext, Method, adapter_config, get_metho
 from pac.model_card import write_model_card
 from pac.models.backbone import load_backbone, load_config
 from pac.models.families import family_for
-from pac.models.loading import resolve_model
+from pac.models.loading import cache_root, resolve_model
 from pac.runconfig import DataOptions, TrainOptions, summary_options, with_defaults
-from pac.runtime.cache_build import CacheBuildResult, build_cache, model_fingerprint
+from pac.runtime.cache_build import CacheBuildResult, build_cache
 from pac.runtime.heap import one_off_step
 from pac.runtime.prepare import (
     SUMMARY,
     PreparedData,
     adapter_meta_of,
-    cache_root,
     load_tokenizer,
     prepare_data,
     read_records,
@@ -166,7 +166,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
     """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
-    root = cache_root(opts)
+    root = cache_root(opts.cache_dir)
     where = getattr(exc, "filename", None) or "the disk"
     config = load_config(data.model_dir)
     # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
@@ -190,16 +190,11 @@ def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
     """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
+    root = cache_root(opts.cache_dir)
     built = {}
     for name, part in (("train", data.train), ("val", data.val)):
         built[name] = build_cache(
-            data.model_dir,
-            part,
-            cache_root(opts),
-            taps,
-            opts.cache_dtype,
-            desc=f"cache build ({name})",
-            clock=watch.clock,
+            data.model_dir, part, root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
         )
         done = built[name]
         what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"

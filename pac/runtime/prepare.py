@@ -9,16 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.records import Record
 from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
-from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
+from pac.data.tokenize import TokenizedSet, pad_with_eos, prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.registry import get_method
 from pac.models.backbone import load_backbone
-from pac.models.loading import model_name, pac_home, resolve_model
+from pac.models.loading import model_name, resolve_model
 from pac.runconfig import PLACEMENT_OPTIONS, DataOptions, TrainOptions
-from pac.runtime.cache_build import model_fingerprint
 from pac.runtime.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     return tokenizer
 
 
@@ -162,11 +161,6 @@ def retain_mix_records(model_dir: Path, n: int, chat: bool) -> list[Record]:
         model_fingerprint(model_dir),
         n,
     )
-
-
-def cache_root(opts: TrainOptions) -> Path:
-    """Where activation caches go: --cache-dir, else $PAC_HOME/cache."""
-    return Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
 
 
 def train_config(opts: TrainOptions) -> TrainConfig:

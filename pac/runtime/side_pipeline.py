@@ -23,11 +23,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from pac.methods.base import batch_metrics, summarize
+from pac.methods.base import batch_metrics, loss_count, summarize
 from pac.methods.parallel_adapters import ParallelAdapterModel
 from pac.net.dataplane import DataPlane
 from pac.plan.placement import Plan, stage_taps
-from pac.runtime.distributed import loss_count
 from pac.runtime.trainer import BatchSource, Trainer
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from pac.methods.base import batch_metrics, summarize, task_loss
+from pac.methods.base import batch_metrics, loss_count, summarize, task_loss
 from pac.runtime.progress import RunClock, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def evaluation_totals(
             if task == "lm" and hasattr(model, "loss_batch"):
                 # The model's lean LM loss never holds the full logits (1/3 of the side network's peak
                 # memory went to evaluating with them); its mean times the token count is the exact sum.
-                count = int((batch["labels"][:, 1:] != -100).sum())
+                count = loss_count(task, batch["labels"])
                 metrics = {"loss_sum": model.loss_batch(batch).item() * count, "count": count}
             else:
                 metrics = batch_metrics(task, model.forward_batch(batch), batch["labels"])

@@ -218,7 +218,7 @@ class ParallelAdapterModel(nn.Module):
         # blocks in fp32 and the products with the vocabulary-sized head in bf16). GPU autocast is untouched.
         with torch.autocast("cpu", enabled=False):
             side_state = self.side.state(taps, mask)
-            if "shortlist_index" in batch:  # a training batch of pac.models.shortlist.Shortlisted: no big products
+            if "shortlist_index" in batch:  # a training batch of pac.runtime.sources.Shortlisted: no big products
                 if self.readout_mlp is not None or self.vocab_bias is not None or self.final_norm is not None:
                     raise PacError(
                         "--shortlist trains the plain side network: drop the read-out MLP, the vocab bias "

@@ -22,7 +22,7 @@ from pac.methods.parallel_adapters.model import (
 from pac.methods.registry import METHOD_KEY, BuildContext, Loaded
 from pac.models.backbone import load_backbone, load_config
 from pac.models.retrieval import TokenMemory
-from pac.models.shortlist import Shortlisted, with_shortlists
+from pac.runtime.sources import Shortlisted, with_shortlists
 
 NAME = "parallel-adapters"
 
