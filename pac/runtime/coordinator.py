@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 import torch.distributed as dist
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -34,7 +33,7 @@ from pac.methods.base import ADAPTER_WEIGHTS
 from pac.methods.registry import get_method
 from pac.model_card import write_model_card
 from pac.models.backbone import load_config
-from pac.net import auth, protocol
+from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
@@ -373,16 +372,15 @@ class Coordinator:
         empty split still goes as one empty chunk: the peer must know that it exists (and its shape)."""
         for start in range(0, max(len(data), 1), DATA_CHUNK_SAMPLES):
             part = data.subset(slice(start, start + DATA_CHUNK_SAMPLES))
+            tensors = {name: getattr(part, name) for name in protocol.DATA_TENSORS}
+            entries, frames = codec.encode(tensors)
             self._must_send(
                 peer,
                 "data",
                 split=split,
                 sample_ids=part.sample_ids,
-                input_ids=part.input_ids.to(torch.int64).numpy().tobytes(),
-                attention_mask=part.attention_mask.to(torch.int64).numpy().tobytes(),
-                labels=part.labels.to(torch.int64).numpy().tobytes(),
-                label_shape=list(part.labels.shape[1:]),
-                max_length=int(part.input_ids.shape[1]),
+                tensors=entries,
+                frames=[codec.buffer(f) for f in frames],
                 label_names=part.label_names,
                 task=self.options.data.task,
             )
