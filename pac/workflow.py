@@ -26,7 +26,7 @@ from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
 from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
 from pac.errors import PacError
-from pac.methods.base import load_adapter, read_adapter_config, save_adapter
+from pac.methods.base import MethodModel, load_adapter, read_adapter_config, save_adapter
 from pac.methods.boundary import METHOD_TYPE as BOUNDARY_TYPE
 from pac.methods.boundary import BoundaryModel
 from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
@@ -38,7 +38,7 @@ from pac.methods.parallel_adapters import (
     initialize_pruned,
 )
 from pac.model_card import write_model_card
-from pac.models.backbone import load_backbone, load_config
+from pac.models.backbone import Backbone, load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import model_name, pac_home, resolve_model
 from pac.models.retrieval import TokenMemory
@@ -84,7 +84,7 @@ class TrainOptions:
     batch_size: int = 8
     lr: float | None = None
     weight_decay: float = 0.0
-    precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.trainer.autocast)
+    precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.step.autocast)
     seed: int = 0
     checkpoint_every: int = 0
     resume: bool = True  # continue this run from its checkpoints in `out` (they must be this run's)
@@ -801,21 +801,19 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
     )
 
 
-class _BaseLM:
+class _BaseLM(MethodModel):
     """The untrained model as a method: next-token logits of the full backbone."""
 
-    def __init__(self, backbone: Any):
-        self.backbone, self.training = backbone, False
+    task = "lm"
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.eval()
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.backbone(batch["input_ids"], batch["attention_mask"], taps=())
         return self.backbone.logits(self.backbone.final_norm(out.hidden))
-
-    def eval(self) -> _BaseLM:
-        return self
-
-    def train(self, mode: bool = True) -> _BaseLM:
-        return self
 
 
 def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str | None = None) -> dict[str, Any]:
