@@ -43,7 +43,7 @@ class TrainOptions:
     batch_size: int = 8
     lr: float | None = None  # None: the method's default for the task
     weight_decay: float = 0.0
-    precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.trainer.autocast)
+    precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.step.autocast)
     seed: int = 0
     checkpoint_every: int = 0
     resume: bool = True  # continue this run from its checkpoints in `out` (they must be this run's)

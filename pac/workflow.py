@@ -29,9 +29,10 @@ from pac.data.sources import data_digest
 from pac.data.split import check_labels
 from pac.data.tokenize import prompt_format, tokenize_records
 from pac.errors import PacError
+from pac.methods.base import MethodModel
 from pac.methods.registry import BuildContext, Method, adapter_config, get_method
 from pac.model_card import write_model_card
-from pac.models.backbone import load_backbone, load_config
+from pac.models.backbone import Backbone, load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import cache_root, resolve_model
 from pac.runconfig import DataOptions, TrainOptions, summary_options, with_defaults
@@ -137,7 +138,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         training_source, built_extras = method.training_source(options, model, train_source)
         extras.update(built_extras)
     config = train_config(opts)
-    step = method.step(model, config) if method.step is not None else None
+    step = method.step(model, task, training_source, config) if method.step is not None else None
     trainer = Trainer(
         model,
         task,
@@ -146,7 +147,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         out,
         val=val_source,
         holdout=holdout_source,
-        **({"step": step} if step is not None else {}),
+        train_step=step,
         **watch.trainer_hooks(opts.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
@@ -357,21 +358,19 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
     )
 
 
-class _BaseLM:
+class _BaseLM(MethodModel):
     """The untrained model as a method: next-token logits of the full backbone."""
 
-    def __init__(self, backbone: Any):
-        self.backbone, self.training = backbone, False
+    task = "lm"
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.eval()
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.backbone(batch["input_ids"], batch["attention_mask"], taps=())
         return self.backbone.logits(self.backbone.final_norm(out.hidden))
-
-    def eval(self) -> _BaseLM:
-        return self
-
-    def train(self, mode: bool = True) -> _BaseLM:
-        return self
 
 
 def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str | None = None) -> dict[str, Any]:
