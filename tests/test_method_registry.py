@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from launcher.main import main as launch
 from pac.argtypes import number
 from pac.cli import build_parser, main
 from pac.errors import PacError
-from pac.methods.base import load_adapter, save_adapter, task_loss
+from pac.methods.base import MethodModel, load_adapter, save_adapter
 from pac.methods.registry import (
     METHOD_KEY,
     BuildContext,
@@ -47,7 +46,7 @@ class HeadNormOptions:
     pooling: str = method_option("mean", "classification read-out (default mean)", choices=["mean", "last"])
 
 
-class HeadNorm(nn.Module):
+class HeadNorm(MethodModel):
     """A trainable copy of the final norm and a head, over the frozen last layer's output (cached)."""
 
     def __init__(self, top: Any, num_layers: int, task: str, label_names: list[str] | None, options: HeadNormOptions):
@@ -61,9 +60,6 @@ class HeadNorm(nn.Module):
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.norm(batch["taps"][:, -1])
         return self.head(hidden, batch["attention_mask"]) if self.head is not None else self.top.logits(hidden)
-
-    def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return task_loss(self.task, self.forward_batch(batch), batch["labels"])
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
