@@ -514,9 +514,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loaded = load_base(args.model, args.adapter)
     else:
         loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=prompt_chat(args.chat, loaded))
+    chat = prompt_chat(args.chat, loaded)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=chat)
     out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
+    text = loaded.tokenizer.decode(out[0], skip_special_tokens=True)
+    print(text)
+    if not text.strip():  # an instruct model given a bare question often ends at once: say why, not just ""
+        hint = (
+            "the prompt went in as plain text, which the model continues (as the adapter was trained): start the "
+            "text you want continued, or pass --chat to ask in the chat template"
+            if not chat
+            else "try another prompt, --temperature 0.7, or --no-chat"
+        )
+        print(f"pac: the model generated nothing (it ended at once); {hint}", file=sys.stderr)
     return 0
 
 
