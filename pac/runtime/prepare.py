@@ -127,10 +127,11 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
     chat = opts.chat if opts.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+    # The user's rows decide the prompt format the adapter records: retain-mix rows follow it, never change it.
+    templated = any(r.text is None for r in train) and (chat or any(r.messages for r in train))
     if opts.retain_mix:  # trained on, never held out or validated on: those stay the user's data
         train = train + retain_mix_records(model_dir, opts.retain_mix, chat)
     kw = {"task": opts.task, "max_length": opts.max_length, "label_names": label_names, "chat": chat}
-    templated = any(r.text is None for r in train) and (chat or any(r.messages for r in train))
     return PreparedData(
         model_dir,
         tokenizer,
