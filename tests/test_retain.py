@@ -200,4 +200,3 @@ def test_retain_mix_trains_on_the_base_models_own_answers(tiny_llama, topic_json
     for bad in (["--retain-mix", "65"], ["--retain-mix", "-1"], ["--retain-mix", "2", "--task", "classify"]):
         assert _train(tiny_llama, topic_jsonl, tmp_path / "bad", tmp_path / "cache", *bad) == 2
         assert "--retain-mix" in capsys.readouterr().err
-
