@@ -8,10 +8,15 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import fields
+from typing import Any
 
 from pac import __version__
+from pac.argtypes import layer_list, number  # noqa: F401  (layer_list: the CLI's, for tests and callers)
 from pac.errors import PacError
-from pac.methods.defaults import LORA_LR, PARALLEL_ADAPTER_DEFAULTS
+from pac.methods.defaults import TASKS
+from pac.methods.registry import get_method, methods, option_flag, option_key
+from pac.runconfig import DEFAULT_METHOD
 
 DESCRIPTION = """\
 pac fine-tunes a language model on your own data, on your own devices.
@@ -44,37 +49,6 @@ data formats (--data):
           a folder of .txt files
   hf:FORMAT:PATH   a local file through the `datasets` library, e.g. hf:parquet:train.parquet
 """
-
-
-def number(
-    kind: type,
-    minimum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    maximum: float | None = None,
-):
-    """An argparse type: an int or float within bounds, refused with the bounds in the message (exit code 2)."""
-    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else ""]
-    bounds += [f"< {below:g}" if below is not None else "", f"<= {maximum:g}" if maximum is not None else ""]
-    wanted = f"{'a whole number' if kind is int else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}") from None
-        out_of_range = (
-            (minimum is not None and value < minimum)
-            or (above is not None and value <= above)
-            or (below is not None and value >= below)
-            or (maximum is not None and value > maximum)
-            or value != value  # nan
-        )
-        if out_of_range:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
-        return value
-
-    return parse
 
 
 def val_size(text: str) -> int | float:
@@ -136,9 +110,9 @@ def _add_data_args(p: argparse.ArgumentParser, evaluating: bool = False) -> None
 
 def _data_options(args: argparse.Namespace, recorded: dict[str, str] | None = None):
     """DataOptions from the data flags; field names not given come from `recorded` (an adapter's)."""
-    from pac.workflow import DataOptions
+    from pac.runconfig import DataOptions
 
-    fields = recorded or {}
+    recorded_fields = recorded or {}
     return DataOptions(
         data=args.data,
         task=args.task,
@@ -147,48 +121,71 @@ def _data_options(args: argparse.Namespace, recorded: dict[str, str] | None = No
         val_size=args.val_size,
         train_size=args.train_size,
         seed=args.split_seed,
-        text_field=args.text_field or fields.get("text_field", "text"),
-        label_field=args.label_field or fields.get("label_field", "label"),
+        text_field=args.text_field or recorded_fields.get("text_field", "text"),
+        label_field=args.label_field or recorded_fields.get("label_field", "label"),
         chat=args.chat,
     )
 
 
-def layer_list(spec: str) -> list[int]:
-    """'0,15-30' -> [0, 15, 16, ..., 30]: layer numbers and inclusive ranges, comma-separated."""
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            layers += range(int(first), int(last or first) + 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{spec!r} is not a layer list; write numbers and ranges such as 0,15-30"
-        ) from None
-    return layers
+def _default_lrs() -> str:
+    """Each method's default learning rate, per task where it differs: '1e-3 for lm' style, for --lr's help."""
+    parts = []
+    for name, method in methods().items():
+        rates = {task: method.default_lr(task) for task in TASKS}
+        same = len(set(rates.values())) == 1
+        parts.append(
+            f"{name} {rates['lm']:g}" if same else f"{name} " + ", ".join(f"{r:g} for {t}" for t, r in rates.items())
+        )
+    return "; ".join(parts)
+
+
+def _add_method_options(t: argparse.ArgumentParser) -> None:
+    """Every registered method's options, generated from its options dataclass, in a group per method. A flag
+    several methods share (--lora-r, --pooling) is listed once, under the first, and says which take it."""
+    owners: dict[str, list[str]] = {}
+    for name, method in methods().items():
+        for option in fields(method.options):
+            owners.setdefault(option_flag(option), []).append(name)
+    listed: set[str] = set()
+    for name, method in methods().items():
+        group = t.add_argument_group(f"--method {name} options")
+        for option in fields(method.options):
+            flag = option_flag(option)
+            if flag in listed:
+                continue
+            listed.add(flag)
+            others = owners[flag][1:]
+            note = f" [also --method {', '.join(others)}]" if others else ""
+            group.add_argument(flag, dest=option_key(option), default=argparse.SUPPRESS, **_argument(option, note))
+
+
+def _argument(option: Any, note: str) -> dict[str, Any]:
+    """argparse keywords for a method option from its field metadata (registry.method_option)."""
+    meta = option.metadata
+    kw: dict[str, Any] = {"help": meta["help"].replace("%", "%%") + note}
+    if meta.get("negate"):
+        return {**kw, "action": "store_false"}
+    if meta.get("parse") is None and meta.get("choices") is None:
+        return {**kw, "action": "store_true" if option.default is False else argparse.BooleanOptionalAction}
+    kw.update(type=meta.get("parse"), choices=meta.get("choices"))
+    return {**kw, "metavar": meta["metavar"]} if meta.get("metavar") else kw
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
     """The options of `pac train`; `pac-launch` takes the same ones for a collaborative run."""
     _add_data_args(t)
-    m = t.add_argument_group("method")
+    m = t.add_argument_group("training")
     m.add_argument(
         "--method",
-        choices=["parallel-adapters", "lora", "dora", "boundary"],
-        default="parallel-adapters",
-        help="parallel-adapters (side network from the activation cache; default), "
-        "the peft baselines lora / dora (backward through the whole model), or boundary "
-        "(cache one layer's output, LoRA on the layers above it)",
+        choices=list(methods()),
+        default=DEFAULT_METHOD,
+        help="; ".join(f"{name}: {method.summary}" for name, method in methods().items())
+        + " (each method's own options are listed under it below)",
     )
     m.add_argument("--epochs", type=number(int, minimum=1), default=3, help="training epochs (default 3)")
     m.add_argument("--seed", type=int, default=0, help="seed of initialisation and sample order (default 0)")
     m.add_argument("--batch-size", type=number(int, minimum=1), default=8, help="samples per step (default 8)")
-    pa = PARALLEL_ADAPTER_DEFAULTS
-    m.add_argument(
-        "--lr",
-        type=number(float, above=0),
-        help=f"peak learning rate (default: parallel adapters {pa['classify']['lr']:g} for classify, "
-        f"{pa['lm']['lr']:g} for lm; LoRA / DoRA / boundary {LORA_LR:g})",
-    )
+    m.add_argument("--lr", type=number(float, above=0), help=f"peak learning rate (default: {_default_lrs()})")
     m.add_argument("--weight-decay", type=number(float, minimum=0), default=0.0, help="AdamW weight decay (default 0)")
     m.add_argument(
         "--precision",
@@ -211,128 +208,6 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         metavar="PATIENCE",
         help="stop after PATIENCE epochs without a better holdout loss (default 0: train every epoch)",
     )
-    reductions = sorted({d["reduction"] for d in pa.values()})
-    m.add_argument(
-        "--reduction",
-        type=number(int, minimum=1),
-        help=f"side network width = model width / r (default {', '.join(map(str, reductions))})",
-    )
-    m.add_argument(
-        "--tap-every",
-        type=number(int, minimum=1),
-        default=1,
-        help="tap every k-th layer (always the first and last); fewer taps, smaller cache (default 1)",
-    )
-    m.add_argument(
-        "--taps",
-        type=layer_list,
-        help="tap exactly these layers, e.g. 15-30 for the last half (0 = embeddings and the last layer are "
-        "always tapped); overrides --tap-every",
-    )
-    m.add_argument(
-        "--gate-temperature",
-        type=number(float, above=0),
-        default=0.1,
-        help="temperature of the side network's gates: lower moves them faster (default 0.1)",
-    )
-    m.add_argument(
-        "--pooling",
-        choices=["mean", "last"],
-        default="mean",
-        help="classification read-out over real tokens (default mean)",
-    )
-    m.add_argument(
-        "--readout",
-        choices=["sum", "side"],
-        default="sum",
-        help="classification: the head reads final_norm(h_L) + side output (sum, default) or the side output "
-        "alone (side, as Ladder Side-Tuning)",
-    )
-    inits = sorted({d["side_init"] for d in pa.values()})
-    m.add_argument(
-        "--side-init",
-        choices=["random", "pruned"],
-        help="side blocks start random, or from the model's own weights pruned to width d/r "
-        f"(default {'/'.join(inits)})",
-    )
-    m.add_argument(
-        "--tap-norm",
-        action="store_true",
-        help="scale every cached layer output to unit RMS before the side network reads it",
-    )
-    m.add_argument(
-        "--dropout",
-        type=number(float, minimum=0, below=1),
-        default=0.0,
-        help="dropout on the side network's inputs (default 0)",
-    )
-    m.add_argument(
-        "--train-final-norm",
-        action="store_true",
-        help="also train the model's final norm (cheap; no backward into the layers)",
-    )
-    m.add_argument("--vocab-bias", action="store_true", help="lm: also learn a per-token logit bias")
-    m.add_argument(
-        "--side-heads",
-        type=number(int, minimum=1),
-        metavar="N",
-        help="attention heads of the side blocks (default: the model's; fewer heads are wider, e.g. 3 heads of "
-        "24 dimensions instead of 9 of 8 on SmolLM2 at r=8)",
-    )
-    m.add_argument(
-        "--readout-hidden",
-        type=number(int, minimum=0),
-        metavar="H",
-        help="add a read-out MLP (H hidden units) that corrects final_norm(h_L) from it and the side state; its "
-        "correction has full rank, where Up's is confined to d/r directions (default 0: off; on language modelling "
-        "it lifted the side network alone from 45%% to 49%% of LoRA's gain, but not with --retrieval)",
-    )
-    m.add_argument(
-        "--retrieval",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="lm: after training, mix the adapter's next-token distribution with that of the nearest training "
-        "tokens in the activation cache (a kNN-LM; its weight is fit on training text, 0 if it does not help). "
-        "The adapter then carries retrieval.safetensors, the cached states and token ids of the training text: "
-        "share that file only where the text may go (default: on for --task lm)",
-    )
-    m.add_argument(
-        "--shortlist",
-        type=number(int, minimum=0),
-        metavar="K",
-        help="lm, plain side network: before the first epoch, keep for every training token the K words the "
-        "frozen backbone finds likeliest (and the target), and train on those plus one term for the rest of the "
-        "vocabulary, instead of the whole vocabulary (49k words on SmolLM2) at every step; evaluation always "
-        "scores the whole vocabulary. The shortlists are stored beside the activation cache and reused "
-        "(default: 256 for --task lm with the plain side network; 0: train on every word)",
-    )
-    m.add_argument(
-        "--no-side-network",
-        action="store_true",
-        help="baselines: train only the head (a linear probe) and, with --train-final-norm, the final norm",
-    )
-    m.add_argument(
-        "--lora-r",
-        type=number(int, minimum=0),
-        default=8,
-        help="LoRA / DoRA / boundary rank (default 8; 0 only for boundary: its top layers stay frozen)",
-    )
-    m.add_argument(
-        "--boundary-layer",
-        type=number(int, minimum=1),
-        help="boundary: cache only layer k's output and train LoRA on the layers above it (default 2L/3)",
-    )
-    m.add_argument(
-        "--boundary-side",
-        action="store_true",
-        help="boundary: also run a side network (width d/--reduction) beside layers k..L, fed by their outputs",
-    )
-    m.add_argument(
-        "--boundary-side-below",
-        action="store_true",
-        help="boundary: a side network (width d/--reduction) over the cached layers 0..k whose output is added to "
-        "h_k, so the top layers carry it; with --lora-r 0 the top layers stay frozen",
-    )
     m.add_argument(
         "--retain-mix",
         type=number(int, minimum=0),
@@ -342,6 +217,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "the adapter keeps answering off-task as the base model does; `pac eval --retain` measures that on other "
         "prompts (default 0: off)",
     )
+    _add_method_options(t)
     o = t.add_argument_group("cache and output")
     o.add_argument("--cache-dir", help="activation cache root (default: $PAC_HOME/cache, ~/.cache/pac/cache)")
     o.add_argument(
@@ -522,21 +398,33 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def train_options(args: argparse.Namespace):
-    """TrainOptions from the flags of `add_train_arguments`."""
-    from dataclasses import fields, replace
+    """TrainOptions from the flags of `add_train_arguments`; a method option given for another method is refused,
+    naming the methods it belongs to."""
+    from dataclasses import replace
 
-    from pac.workflow import TrainOptions
+    from pac.runconfig import TrainOptions
 
-    # Every TrainOptions field with a flag of the same name comes from that flag.
-    named = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
+    method = get_method(args.method)
+    keys = method.option_keys()
+    for other in methods().values():
+        for key in other.option_keys():
+            if key not in keys and hasattr(args, key):
+                owners = [n for n, m in methods().items() if key in m.option_keys()]
+                flag = next(option_flag(f) for f in fields(other.options) if option_key(f) == key)
+                raise PacError(
+                    f"{flag} is an option of --method {' / '.join(owners)}, not of {args.method}: drop it, or "
+                    f"pass --method {owners[0]}"
+                )
+    given = {field: getattr(args, key) for key, field in keys.items() if hasattr(args, key)}
+    generic = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
-    named.update(
+    generic.update(
         data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
+        method_options=method.options(**given),
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         require_resume=args.resume,
-        side_network=not args.no_side_network,
     )
-    return TrainOptions(**named)
+    return TrainOptions(**generic)
 
 
 def print_epochs(epochs: list[dict]) -> None:
@@ -626,9 +514,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loaded = load_base(args.model, args.adapter)
     else:
         loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
-    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=prompt_chat(args.chat, loaded))
+    chat = prompt_chat(args.chat, loaded)
+    ids = encode_prompt(loaded.tokenizer, args.prompt, chat=chat)
     out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
+    text = loaded.tokenizer.decode(out[0], skip_special_tokens=True)
+    print(text)
+    if not text.strip():  # an instruct model given a bare question often ends at once: say why, not just ""
+        hint = (
+            "the prompt went in as plain text, which the model continues (as the adapter was trained): start the "
+            "text you want continued, or pass --chat to ask in the chat template"
+            if not chat
+            else "try another prompt, --temperature 0.7, or --no-chat"
+        )
+        print(f"pac: the model generated nothing (it ended at once); {hint}", file=sys.stderr)
     return 0
 
 

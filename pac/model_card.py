@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pac.methods.registry import methods
 from pac.models.loading import BUNDLED_GGUF, BUNDLED_MODEL_ID
 
 log = logging.getLogger(__name__)
@@ -22,39 +23,6 @@ MARK = (
 )
 TASK_NAMES = {"classify": "text classification", "lm": "language modelling"}
 PIPELINE_TAGS = {"classify": "text-classification", "lm": "text-generation"}
-METHODS = {  # name, what it trains
-    "parallel-adapters": (
-        "parallel adapters",
-        "a side network beside the frozen model, trained from an activation cache",
-    ),
-    "lora": ("LoRA", "low-rank updates of every linear map through peft, backward through the whole model"),
-    "dora": ("DoRA", "LoRA with a learned magnitude per output channel, through peft"),
-    "boundary": ("boundary adapters", "one layer's output cached, LoRA on the layers above it"),
-}
-# The options each method reads, in `pac train --flag` spelling; the shared ones follow.
-METHOD_OPTIONS = {
-    "parallel-adapters": (
-        "reduction",
-        "taps",
-        "tap_every",
-        "side_init",
-        "side_heads",
-        "readout",
-        "readout_hidden",
-        "dropout",
-        "gate_temperature",
-        "tap_norm",
-        "train_final_norm",
-        "vocab_bias",
-        "side_network",
-        "retrieval",
-        "shortlist",
-        "cache_dtype",
-    ),
-    "lora": ("lora_r",),
-    "dora": ("lora_r",),
-    "boundary": ("lora_r", "boundary_layer", "boundary_side", "boundary_side_below", "reduction", "cache_dtype"),
-}
 SHARED_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "precision", "seed", "early_stopping")
 DATA_OPTIONS = ("max_length", "val_size", "train_size", "holdout", "seed")
 DATA_FLAGS = {"seed": "split_seed"}
@@ -78,7 +46,8 @@ def model_card(summary: dict[str, Any]) -> str:
     method, task = summary.get("method", opts.get("method", "")), summary.get("task", "")
     base = opts.get("model") or BUNDLED_MODEL_ID
     out = opts.get("out", ".")
-    name, what = METHODS.get(method, (method, "a pac method"))
+    known = methods().get(method)
+    name, what = (known.title, known.summary) if known else (method, "a pac method")
     front = ["---"]
     if _is_hub_id(base):
         front.append(f"base_model: {_bundled_or(base)}")
@@ -133,9 +102,11 @@ def _base_model(base: str) -> str:
 
 
 def _settings(method: str, task: str, opts: dict[str, Any], summary: dict[str, Any]) -> str:
-    names = [n for n in METHOD_OPTIONS.get(method, ()) if n != "readout" or task == "classify"]
-    if task == "classify":
-        names.append("pooling")
+    # The method's own options (the classification read-out's only for a classifier), and the cache's precision
+    # where it trains from the activation cache.
+    known = methods().get(method)
+    own = list(known.option_keys()) + (["cache_dtype"] if known.cached else []) if known else []
+    names = [n for n in own if n not in ("readout", "pooling") or task == "classify"]
     data = opts.get("data", {})
     rows = [(_flag(n), opts.get(n)) for n in (*names, *SHARED_OPTIONS)]
     rows += [(_flag(DATA_FLAGS.get(n, n)), data.get(n)) for n in DATA_OPTIONS]

@@ -198,24 +198,22 @@ def base_answer_records(
 def model_next_token_logits(kind: str, task: str, model: Any, backbone: Any) -> NextTokenLogits:
     """The next-token output of a loaded model (the parts of pac.workflow.LoadedAdapter) as a NextTokenLogits.
 
-    kind "base": the backbone alone. Language-model adapters: what `pac generate` samples from (for parallel
-    adapters with their memory, when it is loaded). Classifiers: the model's own LM head over its layers as the
-    adapter leaves them. LoRA (and boundary LoRA) changes those layers; a parallel-adapter classifier only reads
-    the frozen backbone beside it, so its next-token output is the backbone's, measured here through the
-    adapter's own loaded backbone."""
+    kind "base": the backbone alone. Else the method's own next-token output (registry.Method.lm_logits):
+    for language-model adapters what `pac generate` samples from; for classifiers the model's LM head over its
+    layers as the adapter leaves them (LoRA changes them; a parallel-adapter classifier only reads the frozen
+    backbone beside it)."""
+    from pac.methods.registry import Loaded, get_method
+
+    if kind != "base":
+        method = get_method(kind)
+        if method.lm_logits is None:
+            raise PacError(f"--method {kind} has no next-token output to compare with the base model's")
+        loaded = Loaded(model, backbone, task, 0, None)
 
     @torch.inference_mode()
     def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if kind == "base" or (kind == "parallel-adapters" and task == "classify"):
+        if kind == "base":
             return backbone.logits(backbone.final_norm(backbone(ids, mask, taps=()).hidden))
-        if kind == "lora":
-            return model.peft(input_ids=ids, attention_mask=mask).logits
-        out = backbone(ids, mask, taps=model.taps)
-        taps = torch.stack([out.taps[t] for t in model.taps], 1)
-        if kind == "parallel-adapters":
-            return model(taps, mask)
-        if kind == "boundary":
-            return model.lm_logits({"taps": taps, "attention_mask": mask})
-        raise PacError(f"no next-token output for a model of kind {kind!r}")
+        return method.lm_logits(loaded, ids, mask)
 
     return run

@@ -53,6 +53,15 @@ TOPICS = {
 }
 
 
+def train_argv(model: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """`pac train` argv on a tiny model: 2 epochs, 12 validation rows, and width d/4 for the methods that have a
+    side network (LoRA refuses --reduction); `extra` comes last, so it overrides."""
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "parallel-adapters"
+    width = ["--reduction", "4"] if method in ("parallel-adapters", "boundary") else []
+    where = ["--model", str(model), "--data", str(data), "--out", str(out), "--cache-dir", str(cache)]
+    return ["train", *where, *width, "--epochs", "2", "--val-size", "12", *extra]
+
+
 def eval_on_validation(adapter: Path, model: Path, data: Path) -> list[str]:
     """`pac eval` argv scoring the validation split that `pac train --val-size 12` held out of `data`."""
     where = ["--model", str(model), "--data", str(data), "--val-size", "12", "--split", "val"]

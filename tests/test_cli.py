@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import eval_on_validation
+from conftest import eval_on_validation, train_argv
 
 from pac.cli import main
 
 
 def _train(model, data, out, cache, *extra):
-    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--cache-dir", str(cache)]
-    return main([*argv, "--reduction", "4", "--epochs", "2", "--val-size", "12", *extra])
+    return main(train_argv(model, data, out, cache, *extra))
 
 
 def test_train_eval_and_reuse_the_cache(tiny_model, topic_jsonl, tmp_path, capsys):

@@ -22,20 +22,14 @@ from safetensors.torch import load_file
 
 from launcher.local import LocalPeers, ephemeral_port_floor, free_port
 from launcher.main import main as launch
+from pac.methods.parallel_adapters import ParallelAdapterOptions
+from pac.methods.registry import BuildContext, get_method
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
 from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
 from pac.runtime.sources import CachedTaps
-from pac.workflow import (
-    DataOptions,
-    TrainOptions,
-    build_parallel_adapter_model,
-    parallel_adapter_config,
-    prepare_data,
-    train,
-    with_defaults,
-)
+from pac.workflow import DataOptions, TrainOptions, prepare_data, train, with_defaults
 
 COMMON = ["--epochs", "2", "--val-size", "12", "--reduction", "4", "--batch-size", "8"]
 
@@ -46,7 +40,7 @@ def _options(model, data, out, cache) -> TrainOptions:
         data=DataOptions(data=str(data), val_size=12),
         out=str(out),
         epochs=2,
-        reduction=4,
+        method_options=ParallelAdapterOptions(reduction=4),
         cache_dir=str(cache),
     )
 
@@ -169,12 +163,13 @@ def test_pruned_init_on_a_peer_without_training_rows(small_data, tiny_llama, tmp
     """Its own share of the training cache is empty: it builds the model anyway (rank 0's pruned weights
     then reach it by broadcast) instead of failing on statistics of no samples."""
     options = with_defaults(_options(tiny_llama, small_data[3], tmp_path / "out", tmp_path / "cache"))
-    options.side_init, options.data.val_size = "pruned", 0.1
+    options.method_options.side_init, options.data.val_size = "pruned", 0.1
     prepared = prepare_data(options.model, options.data)
-    adapter_config = parallel_adapter_config(options, prepared)
-    taps = adapter_config.resolved_taps(4)
+    method = get_method(options.method)
+    taps = method.taps(options.method_options, "classify", 4)
     share = build_cache(prepared.model_dir, prepared.train.subset([]), tmp_path / "cache", taps).open()
-    model = build_parallel_adapter_model(options, prepared, adapter_config, CachedTaps(share))
+    context = BuildContext(prepared.model_dir, "classify", prepared.label_names, 0, 128, CachedTaps(share))
+    model = method.build(options.method_options, context)
     assert model.side is not None and len(share) == 0
 
 
@@ -373,7 +368,7 @@ def test_language_modelling_across_peers_equals_one_device(mode, shortlist, tiny
     """Token-weighted losses: ranks' shares of a batch differ in token count, the mean must not. With
     shortlists each peer digests its own share of the cache: the same adapter again."""
     options = _options(tiny_llama, topic_jsonl, tmp_path / "single", tmp_path / "cache")
-    options.data.task, options.shortlist = "lm", shortlist
+    options.data.task, options.method_options.shortlist = "lm", shortlist
     single = train(options)
     out = tmp_path / "out"
     argv = ["--task", "lm", "--mode", mode, "--shortlist", str(shortlist)]

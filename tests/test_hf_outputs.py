@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pac.methods.base import ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, save_adapter
+from pac.methods.registry import get_method
 from pac.model_card import MARK, model_card, write_model_card
 from pac.models.loading import BUNDLED_MODEL_ID, model_name, resolve_model
 from pac.workflow import DataOptions, TrainOptions, evaluate_adapter, load_for_inference, train
@@ -25,7 +26,7 @@ def _train(model, data: Path, out: Path, method: str, task: str = "classify", **
         out=str(out),
         epochs=1,
         cache_dir=str(out.parent / "cache"),
-        **extra,
+        method_options=get_method(method).options(**extra),
     )
     return train(opts)
 

@@ -239,7 +239,8 @@ def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(tiny_llama, tra
 def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp_path):
     """--precision bf16: the lean LM loss under autocast is the plain loss's bf16 twin (close to fp32),
     and a real training step leaves weights, gradients and optimizer state in float32."""
-    from pac.runtime.trainer import TrainConfig, Trainer, autocast
+    from pac.runtime.step import autocast
+    from pac.runtime.trainer import TrainConfig, Trainer
 
     backbone = load_backbone(tiny_llama)
     model = ParallelAdapterModel(backbone, ParallelAdapterConfig(task="lm", reduction=4))
@@ -264,7 +265,8 @@ def test_bf16_training_steps_match_fp32_and_keep_float32_weights(tiny_llama, tmp
     epochs = trainer.fit()
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values() for v in st.values() if v.dim())
+    optimizer = trainer.train_step.optimizer  # the default step's, pac.runtime.step.BackpropStep
+    assert all(v.dtype == torch.float32 for st in optimizer.state.values() for v in st.values() if v.dim())
     with pytest.raises(ValueError, match="unknown precision"):
         autocast("fp8")
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_argv
 
 from pac.cli import main
 from pac.generate import generate_ids
@@ -125,8 +126,7 @@ def test_the_bundled_prompt_sets_are_disjoint():
 
 
 def _train(model, data, out, cache, *extra):
-    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--cache-dir", str(cache)]
-    return main([*argv, "--reduction", "4", "--epochs", "2", "--val-size", "12", "--lr", "1e-2", *extra])
+    return main(train_argv(model, data, out, cache, "--lr", "1e-2", *extra))
 
 
 def _retain(adapter, model, capsys, *extra) -> dict:

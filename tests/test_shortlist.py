@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pac.errors import PacError
-from pac.models.shortlist import ListedCorrection, shortlist_lm_loss, shortlist_rows, with_shortlists
+from pac.methods.parallel_adapters import ParallelAdapterOptions
+from pac.models.shortlist import ListedCorrection, shortlist_lm_loss, shortlist_rows
+from pac.runtime.sources import with_shortlists
 from pac.workflow import DataOptions, TrainOptions, with_defaults
 
 VOCAB, HIDDEN, WIDTH = 40, 12, 4
@@ -103,11 +105,12 @@ def test_sizes_that_leave_no_choice_or_no_tail_are_refused(size):
 
 def test_the_default_shortlist_is_for_the_plain_lm_side_network():
     lm = DataOptions(task="lm")
-    assert with_defaults(TrainOptions(data=lm)).shortlist == 256
-    assert with_defaults(TrainOptions(data=lm, readout_hidden=576)).shortlist == 0  # trains on every word
-    assert with_defaults(TrainOptions(data=DataOptions(task="classify"))).shortlist == 0
+    wide = ParallelAdapterOptions(readout_hidden=576)
+    assert with_defaults(TrainOptions(data=lm)).options.shortlist == 256
+    assert with_defaults(TrainOptions(data=lm, method_options=wide)).options.shortlist == 0  # trains on every word
+    assert with_defaults(TrainOptions(data=DataOptions(task="classify"))).options.shortlist == 0
     with pytest.raises(PacError, match="--shortlist trains the plain side network"):
-        with_defaults(TrainOptions(data=lm, readout_hidden=576, shortlist=256))
+        with_defaults(TrainOptions(data=lm, method_options=ParallelAdapterOptions(readout_hidden=576, shortlist=256)))
 
 
 def test_a_shortlist_as_large_as_the_vocabulary_trains_on_every_word():

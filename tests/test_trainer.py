@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
 from pac.models.backbone import load_backbone
-from pac.runtime.trainer import TrainConfig, Trainer, epoch_order, lr_factor
+from pac.runtime.step import lr_factor
+from pac.runtime.trainer import TrainConfig, Trainer, epoch_order
 
 
 class RandomTaps:

@@ -101,6 +101,17 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], sidecar: Path | None =
     return h.hexdigest()
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """The backbone's weights and config: what its activations, and so a cache, depend on."""
+    return fingerprint_files(sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"])
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    """The tokenizer's files: what a cache's token ids depend on."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
+    return fingerprint_files(files)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, os.PathLike):
         return os.fspath(o)

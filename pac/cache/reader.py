@@ -94,9 +94,10 @@ _DTYPES = {
 }
 
 
-class _ShardFile:
+class ShardFile:
     """The part of ``safe_open``'s interface the reader uses, over positional reads of the safetensors layout
-    (8-byte header length, JSON header with dtype/shape/offsets, raw little-endian data)."""
+    (8-byte header length, JSON header with dtype/shape/offsets, raw little-endian data). Public for the other
+    files kept beside a cache (pac.cache.shortlist_store), so that they too are read without a mapping."""
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDONLY)
@@ -115,6 +116,11 @@ class _ShardFile:
     def get_slice(self, name: str) -> _TensorSlice:
         return _TensorSlice(self, self.tensors[name])
 
+    def complete(self) -> bool:
+        """Whether the file ends where its last tensor does: a truncated or appended-to file does not."""
+        ends = [info["data_offsets"][1] for info in self.tensors.values()]
+        return self.base + max(ends, default=0) == os.fstat(self.fd).st_size
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -127,7 +133,7 @@ class _ShardFile:
 class _TensorSlice:
     """``handle.get_slice(name)``: reads only the rows of the first index, then applies the rest."""
 
-    def __init__(self, shard: _ShardFile, info: dict):
+    def __init__(self, shard: ShardFile, info: dict):
         self.shard, self.info = shard, info
         self.dtype = _DTYPES[info["dtype"]]
 
@@ -256,7 +262,7 @@ class CacheReader:
             if why:
                 raise _corrupt(path, why)
         try:
-            handle = _ShardFile(path)
+            handle = ShardFile(path)
             names = set(handle.keys())
         except Exception as e:  # safetensors raises its own error types
             raise _corrupt(path, f"unreadable: {e}") from None

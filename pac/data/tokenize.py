@@ -75,7 +75,12 @@ def tokenize_records(
     check_labels(records, task)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise DataError(f"max_length={max_length!r} must be a whole number of tokens, at least 2.")
-    _ensure_pad_token(tokenizer)
+    pad_with_eos(tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ModelError(
+            "the tokenizer has neither a pad nor an eos token, so sequences cannot be padded; "
+            "set tokenizer.pad_token before tokenizing."
+        )
     sample_ids = [r.sample_id for r in records]
     n = len(records)
     if task == "classify":
@@ -121,13 +126,9 @@ def tokenize_records(
     return TokenizedSet(sample_ids, input_ids, attention_mask, labels, None)
 
 
-def _ensure_pad_token(tokenizer: Any) -> None:
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(
-                "the tokenizer has neither a pad nor an eos token, so sequences cannot be padded; "
-                "set tokenizer.pad_token before tokenizing."
-            )
+def pad_with_eos(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its eos token as one (where it has one)."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         # Padding is told apart by the attention mask, not the id, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
 

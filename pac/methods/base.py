@@ -1,23 +1,28 @@
-"""What every fine-tuning method shares: task losses and metrics, and the adapter files on disk.
+"""What every fine-tuning method shares: its model's contract, task losses and metrics, and the adapter files.
 
-A method's model maps a batch (a dict of tensors) to logits with `forward_batch`; the trainer,
-evaluation and benchmarks then treat parallel adapters, LoRA and the others alike.
+A method's model (`MethodModel`) maps a batch (a dict of tensors) to logits with `forward_batch`; the
+training step asks it for `loss_batch` and `param_groups`, evaluation for `metrics_batch`. Each has a
+default built on `forward_batch`, which a method overrides where it knows better (a memory-lean LM loss, a
+learning rate per part), so the trainer, evaluation and benchmarks treat parallel adapters, LoRA and the
+others alike.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from pac.data.tokenize import IGNORE_INDEX
 from pac.errors import PacError
 
-TASKS = ("classify", "lm")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # pac's own methods keep their config under a name of pac's own: peft's loaders read adapter_config.json and
 # fail with a KeyError on a peft_type they do not know, where without the file they say plainly it is missing.
@@ -32,16 +37,20 @@ def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: 
     if task == "classify":
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def loss_count(task: str, labels: torch.Tensor) -> int:
+    """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
+    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums, so batches of any size add up exactly: loss_sum / count is the mean."""
-    loss_sum = task_loss(task, logits, labels, reduction="sum").item()
+    metrics = {"loss_sum": task_loss(task, logits, labels, reduction="sum").item(), "count": loss_count(task, labels)}
     if task == "classify":
-        correct = (logits.argmax(-1) == labels).sum().item()
-        return {"loss_sum": loss_sum, "count": labels.numel(), "correct": correct}
-    return {"loss_sum": loss_sum, "count": int((labels[:, 1:] != -100).sum())}
+        metrics["correct"] = (logits.argmax(-1) == labels).sum().item()
+    return metrics
 
 
 def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:
@@ -50,6 +59,28 @@ def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:
     if task == "classify":
         return {"loss": loss, "accuracy": totals["correct"] / max(totals["count"], 1)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+class MethodModel(nn.Module, ABC):
+    """The model of a fine-tuning method, as the training step and evaluation see it."""
+
+    task: str  # "classify" or "lm"
+
+    @abstractmethod
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a batch: [B, classes] (classify) or [B, T, vocab] (lm)."""
+
+    def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training loss: the mean over samples (classify) or next-token targets (lm)."""
+        return task_loss(self.task, self.forward_batch(batch), batch["labels"])
+
+    def metrics_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Evaluation sums of a batch (see `batch_metrics`)."""
+        return batch_metrics(self.task, self.forward_batch(batch), batch["labels"])
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups: every trainable parameter at `lr`, unless a method's parts want other rates."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
 
 def save_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

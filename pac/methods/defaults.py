@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+TASKS = ("classify", "lm")  # what an adapter can be trained for
+
 # Defaults of --method parallel-adapters per task, chosen by the quality harness (benchmarks/quality.py,
 # SmolLM2-135M on BBC News, 400 training / 400 validation articles, 3 seeds; tables in benchmarks/results/).
 # The side network is small and starts at zero output, so it takes a larger step than LoRA (5e-4).

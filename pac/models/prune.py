@@ -1,7 +1,7 @@
 """Initialise side blocks from the backbone's own weights, structurally pruned to width d/r.
 
 Ladder Side-Tuning initialises its side network from the pruned backbone and reports that it
-matters. For Llama-like layers (DESIGN.md, measured first try):
+matters. For Llama-like layers (docs/architecture.md, "Pruned initialisation"):
 - hidden channels: the d/r channels with the largest mean |h| over cached taps, skipping the few
   massive-outlier channels (their values reach ~29,000 and would dominate a small side state);
 - attention: every head is kept, each at head_dim/r dimensions {0, r, 2r, ...}: with rotate-half

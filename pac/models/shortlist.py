@@ -17,30 +17,19 @@ Training then minimises a (K+1)-way cross-entropy:
 The tail term is the first-order expansion of the tail's log-sum-exp in the side's correction:
 exact at the start (a zero-initialised Up), a lower bound later (Jensen). Only training uses the
 shortlists; evaluation always scores the whole vocabulary, so whatever the approximation costs in
-quality shows in every reported perplexity. Measured on SmolLM2 + 400 BBC articles
-(benchmarks/results/quality_lm.md): 256 words halve the cached epoch (24 s against 51 s) for 0.1
-perplexity (27.13 against 27.02 with retrieval, 3 seeds); 1024 words lose nothing (1 seed, 34 s);
-64 lose 0.8 (1 seed, 21 s).
+quality shows in every reported perplexity. The shortlists are stored beside the cache
+(pac.cache.shortlist_store) and joined to training batches by pac.runtime.sources.Shortlisted.
+Measured on SmolLM2 + 400 BBC articles (benchmarks/results/quality_lm.md): 256 words halve the cached
+epoch (24 s against 51 s) for 0.1 perplexity (27.13 against 27.02 with retrieval, 3 seeds); 1024 words
+lose nothing (1 seed, 34 s); 64 lose 0.8 (1 seed, 21 s).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors.torch import save
-from tqdm.auto import tqdm
 
-from pac.cache.format import atomic_write_bytes
-from pac.cache.reader import _ShardFile
+from pac.cache.shortlist_store import SHORTLIST_KEYS
 from pac.errors import PacError
-from pac.runtime.sources import CachedTaps
-
-log = logging.getLogger(__name__)
-
-SHORTLIST_KEYS = ("shortlist_index", "shortlist_logits", "tail_lse", "tail_mean")
 
 
 def shortlist_rows(
@@ -65,97 +54,6 @@ def shortlist_rows(
         parts["tail_lse"].append(torch.logsumexp(logits, dim=1))
         parts["tail_mean"].append((tail @ head_f).half())
     return {key: torch.cat(value) for key, value in parts.items()}
-
-
-SHARD_SAMPLES = 32  # samples per shortlist file: a build holds one file's worth, an interrupted one resumes
-
-
-class Shortlisted:
-    """A cached training source whose batches also carry each next-token position's shortlist.
-
-    Shortlists are a function of the frozen backbone and the data, like the taps, so they live beside them:
-    `<cache dir>/shortlists-K/`, a safetensors file per SHARD_SAMPLES samples of the cache, built the first
-    time a run asks for that K and reused by every later run on the cache (other seeds, other options).
-    Batches read their rows with positional reads (pac.cache.reader), so the process never holds them all:
-    at K=1024 they take 0.9 MB per 128-token sample, a fifth of the taps'. A file that cannot be read
-    back (truncated, foreign) is rebuilt, never trained on."""
-
-    def __init__(self, source: CachedTaps, last_tap: int, final_norm: torch.nn.Module, head: torch.Tensor, size: int):
-        self.source = source
-        reader = source.reader
-        self.directory = Path(reader.cache_dir) / f"shortlists-{size}"
-        self.directory.mkdir(exist_ok=True)
-        self.row_of = {sample: row for row, sample in enumerate(reader.sample_ids)}
-        self.files: dict[int, _ShardFile] = {}
-        self.built = 0  # files this run computed (0: all were there)
-        h_last = CachedTaps(reader, reader.sample_ids, [last_tap])
-        starts = range(0, len(reader.sample_ids), SHARD_SAMPLES)
-        with torch.inference_mode():
-            for start in tqdm(
-                starts, desc=f"shortlists ({size} words)", unit="file", leave=False, dynamic_ncols=True, disable=None
-            ):
-                path = self._path(start)
-                if self._readable(path, min(SHARD_SAMPLES, len(reader.sample_ids) - start)):
-                    continue
-                batch = h_last.batch(list(range(start, min(start + SHARD_SAMPLES, len(reader.sample_ids)))))
-                base = final_norm(batch["taps"][:, -1, :-1])  # position t predicts token t+1
-                targets = batch["labels"][:, 1:].clamp_min(0)  # padding gets a shortlist too, never used
-                rows = shortlist_rows(base.flatten(0, 1), targets.flatten(), head, size)
-                tensors = {key: value.unflatten(0, targets.shape).contiguous() for key, value in rows.items()}
-                atomic_write_bytes(path, save(tensors))
-                self.built += 1
-
-    def _path(self, start: int) -> Path:
-        return self.directory / f"{start:07d}.safetensors"
-
-    def _readable(self, path: Path, samples: int) -> bool:
-        if not path.exists():
-            return False
-        try:
-            file = _ShardFile(path)
-            try:
-                ends = [info["data_offsets"][1] for info in file.tensors.values()]
-                whole = set(file.keys()) == set(SHORTLIST_KEYS) and file.base + max(ends) == path.stat().st_size
-                whole = whole and all(file.get_slice(key).get_shape()[0] == samples for key in SHORTLIST_KEYS)
-            finally:
-                file.close()
-        except (OSError, ValueError, KeyError, TypeError):
-            whole = False
-        if not whole:
-            log.warning("rebuilding %s: it cannot be read back (truncated or not a shortlist file)", path)
-        return whole
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self.row_of[self.source.sample_ids[i]] for i in indices]
-        parts = {key: [] for key in SHORTLIST_KEYS}
-        for row in rows:
-            start = row - row % SHARD_SAMPLES
-            if start not in self.files:
-                self.files[start] = _ShardFile(self._path(start))
-            offset = row - start
-            for key in SHORTLIST_KEYS:
-                parts[key].append(self.files[start].get_slice(key)[offset : offset + 1])
-        return {**self.source.batch(indices), **{key: torch.cat(value) for key, value in parts.items()}}
-
-    def nbytes(self) -> int:
-        """Bytes of this source's shortlists on disk (the files of every sample of the cache)."""
-        return sum(path.stat().st_size for path in self.directory.glob("*.safetensors"))
-
-
-def with_shortlists(source: CachedTaps, model: Any, size: int) -> CachedTaps | Shortlisted:
-    """`source` with shortlists of `size` words for a language-model ParallelAdapterModel (its last tap, final
-    norm and head), or as it is where they would save nothing: size 0, or a vocabulary no larger than the
-    shortlist (a small model's; training then scores every word, exactly)."""
-    if not size:
-        return source
-    head = model.top.lm_head.weight
-    if size >= head.shape[0] - 1:
-        log.info("a shortlist of %d words covers the %d-word vocabulary: training on all of it", size, head.shape[0])
-        return source
-    return Shortlisted(source, model.taps[-1], model.top.final_norm, head, size)
 
 
 class ListedCorrection(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""The Parallel Adapter side network (DESIGN.md, "The side network").
+"""The Parallel Adapter side network (docs/architecture.md, "The side network").
 
     s_0 = Down_0(h_0)
     for each tapped layer i:  g_i = sigmoid(alpha_i / T)

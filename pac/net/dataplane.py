@@ -8,17 +8,16 @@ One interface (:class:`DataPlane`), two implementations:
   (gloo on CPU, NCCL between GPUs).
 
 Both put the same msgpack header on the wire, ``{"v": 1, "src": rank, "h": caller header, "t": [[name, dtype,
-shape, nbytes, crc32], ...]}``, followed by one frame per tensor holding the raw bytes of ``t.contiguous()``.
-The receiver checks the header, the frame count, the sizes, the dtypes and (ZeroMQ) the CRC32 of every frame
-before it builds a tensor, so garbage on the wire is a :class:`DataPlaneError`, never a crash inside torch.
+shape, nbytes, crc32], ...]}``, followed by one frame per tensor holding the raw bytes of ``t.contiguous()``: the
+tensor entries and frames of :mod:`pac.net.codec`. The receiver checks the header, the frame count, the sizes,
+the dtypes and (ZeroMQ) the CRC32 of every frame before it builds a tensor, so garbage on the wire is a
+:class:`DataPlaneError`, never a crash inside torch.
 Messages from one sender to one receiver arrive in the order they were sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,29 +28,12 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from pac.errors import PacError
+from pac.net import codec
+from pac.net.codec import CodecError, TensorSpec
 
 WIRE_VERSION = 1
 # Headers carry sample ids and a few numbers; a bigger one is garbage or a bug.
 MAX_HEADER_BYTES = 1 << 20
-# Dtypes the data plane carries; anything else in a received header is treated as garbage.
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    )
-}
-_DTYPE_NAMES = {d: name for name, d in DTYPES.items()}
 # Distinct tags keep any-source receives of the torch plane off data frames and off other users' sends.
 _TAG_HEAD = 0x7AC0
 _TAG_DATA = 0x7AC1
@@ -84,33 +66,11 @@ class DataPlane(Protocol):
 # ---------------------------------------------------------------- wire format, shared by both planes
 
 
-@dataclass(frozen=True)
-class _TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    crc: int | None
-
-
 def _garbage(sender: str, what: str) -> DataPlaneError:
     return DataPlaneError(
         f"garbage or truncated data-plane message from {sender}: {what}. The message was dropped; if this repeats, "
         "check that every device runs the same pac version and that nothing else sends to this port"
     )
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as a flat uint8 tensor; a view (no copy) when it is already contiguous."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _restore(raw: torch.Tensor, spec: _TensorSpec) -> torch.Tensor:
-    return raw.view(spec.dtype).reshape(spec.shape)
 
 
 def encode_message(
@@ -119,22 +79,12 @@ def encode_message(
     """The header frame and one flat uint8 frame per tensor (moved to ``device``), in ``tensors`` order."""
     if not isinstance(header, dict):
         raise DataPlaneError(f"a data-plane header must be a dict, got {type(header).__name__}")
-    specs: list[list[Any]] = []
-    frames: list[torch.Tensor] = []
-    for name, t in tensors.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise DataPlaneError(f"data-plane tensors must be a dict of str -> torch.Tensor, got {name!r}: {type(t)}")
-        dtype = _DTYPE_NAMES.get(t.dtype)
-        if dtype is None or t.layout != torch.strided:
-            raise DataPlaneError(
-                f"tensor {name!r} is {t.dtype} ({t.layout}), which the data plane does not carry: "
-                f"convert it to a dense tensor of one of {', '.join(DTYPES)}"
-            )
-        raw = _flat_bytes(t).to(device)
-        specs.append([name, dtype, list(t.shape), raw.numel(), zlib.crc32(raw.numpy()) if crc else None])
-        frames.append(raw)
     try:
-        head = msgpack.packb({"v": WIRE_VERSION, "src": src, "h": header, "t": specs})
+        entries, frames = codec.encode(tensors, crc=crc, device=device)
+    except CodecError as e:
+        raise DataPlaneError(str(e)) from None
+    try:
+        head = msgpack.packb({"v": WIRE_VERSION, "src": src, "h": header, "t": entries})
     except (TypeError, ValueError, OverflowError) as e:
         raise DataPlaneError(
             f"the data-plane header cannot be packed ({e}): use only str, int, float, bool, None, lists and "
@@ -147,7 +97,7 @@ def encode_message(
     return head, frames
 
 
-def decode_header(data: Any, sender: str) -> tuple[int, dict[str, Any], list[_TensorSpec]]:
+def decode_header(data: Any, sender: str) -> tuple[int, dict[str, Any], list[TensorSpec]]:
     """(claimed sender rank, caller header, tensor specs) from a header frame, or DataPlaneError."""
     if len(data) > MAX_HEADER_BYTES:
         raise _garbage(sender, f"header of {len(data)} bytes, above {MAX_HEADER_BYTES}")
@@ -160,30 +110,14 @@ def decode_header(data: Any, sender: str) -> tuple[int, dict[str, Any], list[_Te
     if msg.get("v") != WIRE_VERSION:
         raise _garbage(sender, f"wire version {msg.get('v')!r}, this device speaks {WIRE_VERSION}")
     src, header, entries = msg.get("src"), msg.get("h"), msg.get("t")
-    if not _is_int(src) or src < 0:
+    if type(src) is not int or src < 0:  # type(), not isinstance(): True is no rank
         raise _garbage(sender, f"sender rank {src!r} is not a rank")
     if not isinstance(header, dict) or not isinstance(entries, list):
         raise _garbage(sender, "header lacks the caller header or the tensor list")
-    specs: list[_TensorSpec] = []
-    names: set[str] = set()
-    for entry in entries:
-        if not isinstance(entry, list) or len(entry) != 5:
-            raise _garbage(sender, f"tensor entry {entry!r} is not [name, dtype, shape, nbytes, crc32]")
-        name, dtype_name, shape, nbytes, crc = entry
-        if not isinstance(name, str) or name in names:
-            raise _garbage(sender, f"tensor name {name!r} is not a string or repeats")
-        names.add(name)
-        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
-            raise _garbage(sender, f"tensor {name!r} has dtype {dtype_name!r}, not one of {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _garbage(sender, f"tensor {name!r} has shape {shape!r}")
-        if not _is_int(nbytes) or nbytes != math.prod(shape) * dtype.itemsize:
-            raise _garbage(sender, f"tensor {name!r} declares {nbytes!r} bytes for {dtype_name}{shape}")
-        if crc is not None and not _is_int(crc):
-            raise _garbage(sender, f"tensor {name!r} has checksum {crc!r}")
-        specs.append(_TensorSpec(name, dtype, tuple(shape), nbytes, crc))
-    return src, header, specs
+    try:
+        return src, header, codec.parse_header(entries)
+    except CodecError as e:
+        raise _garbage(sender, str(e)) from None
 
 
 # ---------------------------------------------------------------- ZeroMQ
@@ -326,7 +260,7 @@ class ZmqDataPlane:
                 )
         if len(head) > self.max_message_bytes:
             raise DataPlaneError(f"the header is {len(head)} bytes, above max_message_bytes={self.max_message_bytes}")
-        self._socket_for(dest).send_multipart([head, *(f.numpy() for f in frames)], copy=False)
+        self._socket_for(dest).send_multipart([head, *map(codec.buffer, frames)], copy=False)
         self.bytes_sent += len(head) + sum(f.numel() for f in frames)
 
     def recv(self, timeout: float | None = None) -> Message:
@@ -398,24 +332,10 @@ class ZmqDataPlane:
             expected = self._curve.public_key if src == self.rank else self._curve.peer_public_keys.get(src)
             if user != expected:
                 raise _garbage(sender, "it was sent with another rank's CURVE key")
-        if len(frames) - 1 != len(specs):
-            raise _garbage(sender, f"{len(frames) - 1} tensor frames for {len(specs)} tensors")
-        tensors: dict[str, torch.Tensor] = {}
-        for spec, frame in zip(specs, frames[1:], strict=True):
-            buf = frame.buffer
-            if len(buf) != spec.nbytes:
-                raise _garbage(sender, f"tensor {spec.name!r} has {len(buf)} bytes, its header says {spec.nbytes}")
-            if spec.crc is None or zlib.crc32(buf) != spec.crc:
-                raise _garbage(sender, f"tensor {spec.name!r} fails its CRC32 check")
-            if spec.nbytes == 0:
-                raw = torch.empty(0, dtype=torch.uint8)
-            else:
-                # The tensor keeps the frame alive; zmq may hand out unaligned buffers, which torch kernels
-                # must not see as wider dtypes, so those are copied.
-                raw = torch.frombuffer(buf, dtype=torch.uint8)
-                if raw.data_ptr() % spec.dtype.itemsize:
-                    raw = raw.clone()
-            tensors[spec.name] = _restore(raw, spec)
+        try:
+            tensors = codec.decode(specs, [f.buffer for f in frames[1:]], require_crc=True)
+        except CodecError as e:
+            raise _garbage(sender, str(e)) from None
         return {**header, "src": src}, tensors
 
 
@@ -485,7 +405,9 @@ class TorchDataPlane:
                 raw = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
                 if spec.nbytes:
                     dist.recv(raw, src=sender, group=self.group, tag=_TAG_DATA)
-                tensors[spec.name] = _restore(raw, spec)
+                tensors[spec.name] = codec.decode_frame(spec, raw)
+        except CodecError as e:
+            raise _garbage(f"rank {sender}", str(e)) from None
         except RuntimeError as e:
             raise DataPlaneError(f"rank {self.rank} failed to receive ({e}): did a peer stop or time out?") from e
         return {**header, "src": sender}, tensors

@@ -12,7 +12,8 @@ The conversation of one run (C = coordinator, P = peer)::
     P -> C  join       {name, profile, nonce, proof,   proof = HMAC(token, "peer" | C's nonce)
                         data_endpoint, data_key}
     C -> P  welcome    {proof, rank}  or  refused       proof = HMAC(token, "coordinator" | P's nonce)
-    C -> P  data       {split, part, ...}               the tokenised data (a few bytes per token)
+    C -> P  data       {split, sample_ids, tensors,     the tokenised data (a few bytes per token) as the
+                        frames, label_names, task}       header entries and frames of pac.net.codec
     C -> P  assign     {assignment}                     role, layers, peers' data endpoints, rendezvous
     P -> C  progress   {phase, done, total}             while phase 1 and phase 2 run
     P <-> C heartbeat  {}                               both ways; silence means the other side is gone
@@ -30,10 +31,13 @@ import msgpack
 
 from pac.errors import PacError
 
-PROTOCOL_VERSION = 1
+# 2: `data` carries its tensors as pac.net.codec entries and frames (1: bare int64 bytes and shapes).
+PROTOCOL_VERSION = 2
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket
+# The TokenizedSet tensors a `data` message carries, each with one row per sample id.
+DATA_TENSORS = ("input_ids", "attention_mask", "labels")
 
 
 class ProtocolError(PacError):
@@ -57,11 +61,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "data": {
         "split": (str,),
         "sample_ids": (list,),
-        "input_ids": (bytes,),
-        "attention_mask": (bytes,),
-        "labels": (bytes,),
-        "label_shape": (list,),
-        "max_length": (int,),
+        "tensors": (list,),  # input_ids, attention_mask, labels; pac.net.codec validates these two fields
+        "frames": (list,),
         "label_names": (list, type(None)),
         "task": (str,),
     },

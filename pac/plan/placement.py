@@ -33,16 +33,25 @@ class Plan:
         return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
 
 
-def parse_stages(spec: str, num_layers: int, world: int) -> list[Stage]:
-    """`"0-9,10-19,20-29"` (inclusive layer numbers, one range per peer in rank order) -> [(0,10), ...]."""
-    stages: list[Stage] = []
+def layer_ranges(spec: str) -> list[Stage]:
+    """`"0,15-30"` (comma-separated layer numbers and inclusive ranges) -> [(0, 1), (15, 31)]; the one parser
+    of layer lists (--stages, --taps)."""
+    ranges: list[Stage] = []
     for part in spec.split(","):
         first, sep, last = part.strip().partition("-")
         try:
-            a, b = int(first), int(last if sep else first) + 1
+            ranges.append((int(first), int(last if sep else first) + 1))
         except ValueError:
-            raise PlanError(f"--stages: {part.strip()!r} is not a layer range like 0-9") from None
-        stages.append((a, b))
+            raise PlanError(f"{part.strip()!r} is not a layer range like 0-9") from None
+    return ranges
+
+
+def parse_stages(spec: str, num_layers: int, world: int) -> list[Stage]:
+    """`"0-9,10-19,20-29"` (inclusive layer numbers, one range per peer in rank order) -> [(0,10), ...]."""
+    try:
+        stages = layer_ranges(spec)
+    except PlanError as e:
+        raise PlanError(f"--stages: {e}") from None
     if len(stages) != world:
         raise PlanError(f"--stages gives {len(stages)} ranges for {world} peers: give one range per peer")
     expected = 0

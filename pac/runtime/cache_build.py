@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pac.cache import CacheReader, CacheSpec, CacheWriter, choose_dtype, find_cache
-from pac.cache.fingerprint import fingerprint_files
+from pac.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.models.backbone import load_backbone, load_config
 from pac.runtime.progress import RunClock, Stopwatch
@@ -35,15 +35,6 @@ class CacheBuildResult:
 
     def open(self) -> CacheReader:
         return self.reader if self.reader is not None else CacheReader(self.cache_dir, self.spec)
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    return fingerprint_files(sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"])
-
-
-def tokenizer_fingerprint(model_dir: Path) -> str:
-    files = sorted(p for p in Path(model_dir).iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
-    return fingerprint_files(files)
 
 
 def cache_spec(model_dir: Path, data: TokenizedSet, taps: list[int], dtype: str) -> CacheSpec:

@@ -2,7 +2,7 @@
 every global batch), then, on rank 0, the adapter. The agent (`pac.runtime.peer`) runs this on a worker
 thread and relays its progress; the coordinator (`pac.runtime.coordinator`) hands out assignments.
 
-Placement modes (DESIGN.md, "The placement problem"):
+Placement modes (docs/architecture.md, "Placement modes"):
   shuffle     phase 1 is a pipeline over the peers' layer ranges; each stage streams a sample's taps
               to the peer that trains that sample (pac.runtime.pipeline).
   replicated  every peer holds the whole backbone and caches its own samples; no phase-1 traffic.
@@ -26,27 +26,20 @@ import torch
 import torch.distributed as dist
 
 from pac.cache import CacheReader
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
-from pac.models.loading import pac_home, resolve_model
-from pac.models.shortlist import Shortlisted, with_shortlists
+from pac.methods.registry import BuildContext, get_method
+from pac.models.loading import cache_root, resolve_model
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.placement import Plan, owned_positions
-from pac.runtime.cache_build import build_cache, model_fingerprint
+from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
+from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.pipeline import run_pipeline_stage
+from pac.runtime.prepare import PreparedData, adapter_meta_of, train_config
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps
-from pac.workflow import (
-    PARALLEL_ADAPTER_DEFAULTS,
-    DataOptions,
-    PreparedData,
-    TrainOptions,
-    build_parallel_adapter_model,
-    parallel_adapter_config,
-    save_parallel_adapter,
-    train_config,
-)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +61,12 @@ class Assignment:
     threads: int | None = None  # the hosts file's threads= for this peer
 
     def to_wire(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {
             "rank": self.rank,
             "mode": self.plan.mode,
             "stages": [list(s) for s in self.plan.stages],
             "taps": self.taps,
-            "options": asdict(self.options),
+            "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
             "store": list(self.store),
             "backend": self.backend,
@@ -88,13 +79,11 @@ class Assignment:
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Assignment:
         try:
-            options = dict(raw["options"])
-            options["data"] = DataOptions(**options["data"])
             return cls(
                 rank=int(raw["rank"]),
                 plan=Plan(str(raw["mode"]), tuple((int(a), int(b)) for a, b in raw["stages"])),
                 taps=[int(t) for t in raw["taps"]],
-                options=TrainOptions(**options),
+                options=run_config_from_wire(raw["run"]),
                 model_fingerprint=str(raw["model_fingerprint"]),
                 store=(str(raw["store"][0]), int(raw["store"][1])),
                 backend=str(raw["backend"]),
@@ -154,10 +143,6 @@ def _sent(plane: DataPlane | None) -> int:
     return plane.bytes_sent if plane is not None else 0
 
 
-def _cache_root(opts: TrainOptions) -> Path:
-    return Path(opts.cache_dir) if opts.cache_dir else pac_home() / "cache"
-
-
 def _data_plane(job: Assignment, zmq_plane: DataPlane | None) -> DataPlane | None:
     """The plane between the stages: the peer's ZeroMQ sockets or the process group's send/recv."""
     if job.plan.mode == "replicated":
@@ -182,12 +167,13 @@ def _phase_one(
     stop: threading.Event | None,
 ) -> dict[str, Path]:
     opts, plan, rank = job.options, job.plan, job.rank
+    root = cache_root(opts.cache_dir)
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
         caches, done, total = {}, 0, sum(len(d) for d in splits.values())
         for name, data in splits.items():
             mine = data.subset(owned_positions(len(data), rank, plan.world))
-            built = build_cache(model_dir, mine, _cache_root(opts), job.taps, opts.cache_dtype, desc=f"cache ({name})")
+            built = build_cache(model_dir, mine, root, job.taps, opts.cache_dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
             done += len(data)
             if report:
@@ -202,7 +188,7 @@ def _phase_one(
         model_dir,
         splits,
         job.taps,
-        _cache_root(opts),
+        root,
         opts.cache_dtype,
         micro_batch=opts.batch_size,
         progress=report,
@@ -221,17 +207,17 @@ def _phase_two(
     progress: Progress | None,
 ) -> dict[str, Any]:
     opts, plan, rank = job.options, job.plan, job.rank
-    local: dict[str, CachedTaps | Shortlisted] = {}
+    method = get_method(opts.method)
+    local: dict[str, Any] = {}
     for name in splits:  # each cache was built (and verified) by this run's phase 1; its manifest has the spec
         local[name] = CachedTaps(CacheReader(caches[name]))
-    prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
-    adapter_config = parallel_adapter_config(opts, prepared)
-    model = build_parallel_adapter_model(opts, prepared, adapter_config, local["train"])
+    ctx = BuildContext(model_dir, opts.data.task, label_names, opts.seed, opts.data.max_length, local["train"])
+    model = method.build(opts.method_options, ctx)
     with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p, src=0)
-    config = train_config(opts, PARALLEL_ADAPTER_DEFAULTS[opts.data.task]["lr"])
+    config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
     if plan.mode == "side-pipeline":
         trainer: DataParallelTrainer | SidePipelineTrainer = SidePipelineTrainer(
@@ -247,8 +233,8 @@ def _phase_two(
             rank=rank,
         )
     else:
-        # Each rank digests its own share of the training cache (pac.models.shortlist).
-        local["train"] = with_shortlists(local["train"], model, opts.shortlist)
+        if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
+            local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
         sources = {
             name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
             for name, data in splits.items()
@@ -265,5 +251,6 @@ def _phase_two(
         "split_sizes": {k: len(d) for k, d in splits.items()},
     }
     if rank == 0:
-        summary.update(save_parallel_adapter(out, adapter_config, model, epochs))
+        prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
+        summary.update(epochs=epochs, **method.save(opts.method_options, model, out, adapter_meta_of(opts, prepared)))
     return summary

@@ -18,27 +18,28 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 import torch.distributed as dist
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.base import ADAPTER_WEIGHTS
+from pac.methods.registry import get_method
 from pac.model_card import write_model_card
 from pac.models.backbone import load_config
-from pac.net import auth, protocol
+from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
-from pac.runtime.cache_build import model_fingerprint
+from pac.runconfig import TrainOptions, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
-from pac.workflow import SUMMARY, TrainOptions, parallel_adapter_config, prepare_data, with_defaults
+from pac.runtime.prepare import SUMMARY, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +111,24 @@ class Coordinator:
         settings: LaunchSettings,
         display: TextIO | None = None,
     ):
-        if options.method != "parallel-adapters":
-            raise PacError("collaborative runs train parallel adapters: drop --method or use `pac train` for LoRA")
+        if not get_method(options.method).collaborative:
+            raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
+        # Only parallel adapters run collaboratively so far: the checks below read their options.
+        pa = options.options
         if options.data.holdout or options.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
         if options.precision != "fp32" and settings.mode == "side-pipeline":
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        if options.shortlist and settings.mode == "side-pipeline":
+        if pa.shortlist and settings.mode == "side-pipeline":
             raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        if options.retrieval:
+        if pa.retrieval:
             # The memory would need every peer's share of the training cache in one place.
             raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
         # Its last stage alone computes the loss, from side states the other peers send it: no shortlists.
-        shortlist = 0 if settings.mode == "side-pipeline" else options.shortlist
-        self.options = with_defaults(replace(options, retrieval=False, shortlist=shortlist))
+        shortlist = 0 if settings.mode == "side-pipeline" else pa.shortlist
+        pa = replace(pa, retrieval=False, shortlist=shortlist)
+        self.options = with_defaults(replace(options, method_options=pa))
         self.settings, self.token, self.display = settings, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
@@ -296,7 +300,8 @@ class Coordinator:
         memories = [float(p.host.max_mem or p.profile.get("max_mem", 1)) for p in members]
         plan = make_plan(self.settings.mode, num_layers, memories, self.settings.stages)
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
-        taps = parallel_adapter_config(self.options, prepared).resolved_taps(num_layers)
+        method, task = get_method(self.options.method), self.options.data.task
+        taps = method.taps(self.options.method_options, task, num_layers)
         idle = [r for r, stage in enumerate(plan.stages) if not stage_taps(stage, taps)]
         if plan.mode == "side-pipeline" and idle:
             self._fail(
@@ -367,16 +372,15 @@ class Coordinator:
         empty split still goes as one empty chunk: the peer must know that it exists (and its shape)."""
         for start in range(0, max(len(data), 1), DATA_CHUNK_SAMPLES):
             part = data.subset(slice(start, start + DATA_CHUNK_SAMPLES))
+            tensors = {name: getattr(part, name) for name in protocol.DATA_TENSORS}
+            entries, frames = codec.encode(tensors)
             self._must_send(
                 peer,
                 "data",
                 split=split,
                 sample_ids=part.sample_ids,
-                input_ids=part.input_ids.to(torch.int64).numpy().tobytes(),
-                attention_mask=part.attention_mask.to(torch.int64).numpy().tobytes(),
-                labels=part.labels.to(torch.int64).numpy().tobytes(),
-                label_shape=list(part.labels.shape[1:]),
-                max_length=int(part.input_ids.shape[1]),
+                tensors=entries,
+                frames=[codec.buffer(f) for f in frames],
                 label_names=part.label_names,
                 task=self.options.data.task,
             )
@@ -435,7 +439,7 @@ class Coordinator:
             **lead,
             "method": self.options.method,
             "task": self.options.data.task,
-            "options": asdict(self.options),
+            "options": summary_options(self.options),
             "mode": plan.mode,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},

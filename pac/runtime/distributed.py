@@ -6,6 +6,9 @@ the loss of the samples of that batch it owns (their taps are in its local cache
 all-reduce sums the gradients of the loss *sums* and the sample/token counts. Dividing by the global
 count gives exactly the gradient of the global batch's mean loss, so, up to float summation order,
 N peers take the same steps as one device with the same global batch and seed.
+
+The synchronisation is part of the training step (`DataParallelStep`, a pac.runtime.step.BackpropStep whose
+gradients are summed over the ranks): the loop is the plain Trainer's; only its evaluation sums over ranks too.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import datetime
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pac.methods.base import summarize
+from pac.methods.base import MethodModel, loss_count, summarize
 from pac.net.addresses import interface_of, local_address_towards
-from pac.runtime.trainer import BatchSource, Trainer, evaluation_totals
+from pac.runtime.step import BackpropStep
+from pac.runtime.trainer import BatchSource, TrainConfig, Trainer, evaluation_totals
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +48,32 @@ class ShardedSource:
         return [self.local_index[i] for i in indices if i in self.local_index]
 
 
-def loss_count(task: str, labels: torch.Tensor) -> int:
-    """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
-    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != -100).sum())
+class DataParallelStep(BackpropStep):
+    """The default update, on gradients summed over the ranks of a process group."""
 
+    source: ShardedSource
 
-class DataParallelTrainer(Trainer):
-    """A Trainer whose steps and evaluations are sums over the ranks of a process group."""
-
-    train_source: ShardedSource
-
-    def __init__(self, *args, group: dist.ProcessGroup | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: MethodModel,
+        task: str,
+        source: ShardedSource,
+        config: TrainConfig,
+        group: dist.ProcessGroup | None = None,
+    ):
+        super().__init__(model, task, source, config)
         self.group = group
 
-    def _train_step(self, indices: list[int]) -> tuple[float, float]:
-        self.optimizer.zero_grad(set_to_none=False)
+    def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
         for p in self.params:  # ranks without a sample in this batch still join the all-reduce with zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        mine = self.train_source.owned(indices)
+        mine = self.source.owned(indices)
         loss_sum, count = 0.0, 0
         if mine:
-            batch = self.train_source.local.batch(mine)
+            batch = self.source.local.batch(mine)
             count = loss_count(self.task, batch["labels"])
-            loss = self._loss(batch) * count  # the sum, so ranks' parts add up to the global batch
+            loss = self.loss(batch) * count  # the sum, so ranks' parts add up to the global batch
             loss.backward()
             loss_sum = loss.item()
         flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [torch.tensor([loss_sum, float(count)])])
@@ -76,12 +83,32 @@ class DataParallelTrainer(Trainer):
         for p in self.params:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p)).div_(total)
             offset += p.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        return flat[-2].item() / total, float(grad_norm)
+        return flat[-2].item() / total, self.clip()
+
+
+class DataParallelTrainer(Trainer):
+    """A Trainer whose steps (`DataParallelStep`) and evaluations are sums over the ranks of a process group."""
+
+    train_source: ShardedSource
+
+    def __init__(
+        self,
+        model: MethodModel,
+        task: str,
+        train: ShardedSource,
+        config: TrainConfig,
+        out_dir: Path,
+        *,
+        group: dist.ProcessGroup | None = None,
+        **kwargs: Any,
+    ):
+        step = DataParallelStep(model, task, train, config, group)
+        super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
+        self.group = group
 
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         local = source.local if isinstance(source, ShardedSource) else source
-        totals = evaluation_totals(self.model, local, self.task) if len(local) else {}
+        totals = evaluation_totals(self.model, local) if len(local) else {}
         keys = ("loss_sum", "count", "correct") if self.task == "classify" else ("loss_sum", "count")
         summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
         dist.all_reduce(summed, group=self.group)

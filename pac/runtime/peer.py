@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import torch
 import zmq
@@ -34,7 +33,8 @@ from pac import __version__
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from pac.net import auth, protocol
+from pac.net import auth, codec, protocol
+from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.runtime.collaborative import Assignment, run_assignment
 
@@ -71,23 +71,36 @@ def device_profile(settings: PeerSettings) -> dict[str, Any]:
     }
 
 
-def _data_from_chunks(chunks: list[dict[str, Any]]) -> TokenizedSet:
-    """Rebuild a TokenizedSet from its `data` messages (the coordinator's tokenisation, sent once)."""
-    ids = [sid for c in chunks for sid in c["sample_ids"]]
-    length = chunks[0]["max_length"]
-
-    def cat(key: str, shape_tail: list[int]) -> torch.Tensor:
-        # numpy, not torch.frombuffer, which refuses the zero-length buffer of an empty split
-        parts = [torch.from_numpy(np.frombuffer(bytearray(c[key]), dtype=np.int64)) for c in chunks]
-        return torch.cat(parts).reshape(len(ids), *shape_tail)
-
+def _data_from_chunks(split: str, chunks: list[dict[str, Any]]) -> TokenizedSet:
+    """Rebuild a TokenizedSet from its `data` messages (the coordinator's tokenisation, sent once); data that
+    does not make one is a PacError saying what is wrong, not an error from inside torch."""
+    parts = [_data_chunk(f"data chunk {i} of split {split!r}", c) for i, c in enumerate(chunks)]
+    rows = [{name: list(t.shape[1:]) for name, t in part.items()} for part in parts]
+    odd = next((r for r in rows if r != rows[0]), None)
+    if odd is not None:
+        raise PacError(f"the data chunks of split {split!r} disagree on the shape of a row: {rows[0]} and {odd}")
     return TokenizedSet(
-        sample_ids=ids,
-        input_ids=cat("input_ids", [length]),
-        attention_mask=cat("attention_mask", [length]),
-        labels=cat("labels", list(chunks[0]["label_shape"])),
+        sample_ids=[sid for c in chunks for sid in c["sample_ids"]],
+        **{name: torch.cat([part[name] for part in parts]) for name in protocol.DATA_TENSORS},
         label_names=chunks[0]["label_names"],
     )
+
+
+def _data_chunk(where: str, message: dict[str, Any]) -> dict[str, torch.Tensor]:
+    try:
+        tensors = codec.decode(codec.parse_header(message["tensors"]), message["frames"])
+    except CodecError as exc:
+        raise PacError(f"{where} is garbage or truncated: {exc}") from None
+    n = len(message["sample_ids"])
+    if set(tensors) != set(protocol.DATA_TENSORS) or any(
+        t.dtype != torch.int64 or t.dim() == 0 or len(t) != n for t in tensors.values()
+    ):
+        got = ", ".join(f"{name} {t.dtype} {list(t.shape)}" for name, t in tensors.items()) or "no tensors"
+        raise PacError(
+            f"{where} holds {got} for {n} samples; expected int64 {', '.join(protocol.DATA_TENSORS)} "
+            "with one row per sample"
+        )
+    return tensors
 
 
 class PeerAgent:
@@ -248,7 +261,7 @@ class PeerAgent:
                 return
             try:
                 job = Assignment.from_wire(message["assignment"])
-                splits = {name: _data_from_chunks(chunks) for name, chunks in self.chunks.items()}
+                splits = {name: _data_from_chunks(name, chunks) for name, chunks in self.chunks.items()}
             except (PacError, KeyError, ValueError, RuntimeError) as exc:
                 self._send(self.coordinator, "failed", reason=f"bad assignment or data: {exc}")
                 self.exit_code = 1

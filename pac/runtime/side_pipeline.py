@@ -13,22 +13,27 @@ so stages overlap. Every rank keeps a full copy of the side network but computes
 only its own part; gradients are clipped by the global norm (one all-reduce of squared norms) and
 the parts are summed into one adapter at the end. Up to float summation order this takes the same
 steps as one device with the same batch and seed.
+
+The pipelined forward/backward is the gradient hook of the trainer's step (a pac.runtime.step.BackpropStep,
+which keeps the optimizer and schedule); the loop is the plain Trainer's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pac.methods.base import batch_metrics, summarize
+from pac.methods.base import batch_metrics, loss_count, summarize
 from pac.methods.parallel_adapters import ParallelAdapterModel
 from pac.net.dataplane import DataPlane
 from pac.plan.placement import Plan, stage_taps
-from pac.runtime.distributed import loss_count
-from pac.runtime.trainer import BatchSource, Trainer
+from pac.runtime.step import BackpropStep
+from pac.runtime.trainer import BatchSource, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +69,21 @@ class SidePipelineTrainer(Trainer):
 
     def __init__(
         self,
-        *args,
+        model: ParallelAdapterModel,
+        task: str,
+        train: BatchSource,
+        config: TrainConfig,
+        out_dir: Path,
+        *,
         plane: DataPlane,
         plan: Plan,
         rank: int,
         micro_batches: int = 2,
         group: dist.ProcessGroup | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        step = BackpropStep(model, task, train, config, gradients=self._train_step)
+        super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
         self.plane, self.plan, self.rank, self.group = plane, plan, rank, group
         self.part = StagePart(self.model, plan, rank)
         self.micro_batches = micro_batches
@@ -95,8 +106,8 @@ class SidePipelineTrainer(Trainer):
             self.plane.send(self.rank + 1, {"kind": "state", **tag}, {"state": state.detach()})
         return state_in, state
 
-    def _train_step(self, indices: list[int]) -> tuple[float, float]:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _train_step(self, indices: list[int], step: int) -> tuple[float, float]:
+        """The step's gradients (`step` is self.step): this stage's part of the batch's, clipped by the global norm."""
         parts = [list(p) for p in _chunks(indices, self.micro_batches)]
         batches = [self.train_source.batch(p) for p in parts]
         total = sum(loss_count(self.task, b["labels"]) for b in batches)

@@ -1,11 +1,20 @@
-"""Batch sources for the trainer: cached taps (parallel adapters) or token ids (LoRA, live eval)."""
+"""Batch sources for the trainer: cached taps (parallel adapters), with or without shortlists, or token ids (LoRA,
+live eval)."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
+from tqdm.auto import tqdm
 
 from pac.cache import CacheReader
+from pac.cache.shortlist_store import ShortlistStore
 from pac.data.tokenize import TokenizedSet
+from pac.models.shortlist import shortlist_rows
+
+log = logging.getLogger(__name__)
 
 
 class CachedTaps:
@@ -25,6 +34,59 @@ class CachedTaps:
     def with_taps(self, taps: list[int]) -> CachedTaps:
         """The same samples, reading only `taps` (in that order) from the cache."""
         return CachedTaps(self.reader, self.sample_ids, taps)
+
+
+class Shortlisted:
+    """A cached training source whose batches also carry each next-token position's shortlist
+    (pac.models.shortlist), from the files beside the cache (pac.cache.shortlist_store); the files a cache
+    lacks are computed here, before the first epoch, from its last tap."""
+
+    def __init__(self, source: CachedTaps, last_tap: int, final_norm: torch.nn.Module, head: torch.Tensor, size: int):
+        self.source = source
+        reader = source.reader
+        self.store = ShortlistStore(reader.cache_dir, reader.sample_ids, size)
+        self.built = 0  # files this run computed (0: all were there)
+        h_last = CachedTaps(reader, reader.sample_ids, [last_tap])
+        with torch.inference_mode():
+            for rows in tqdm(
+                self.store.missing(),
+                desc=f"shortlists ({size} words)",
+                unit="file",
+                leave=False,
+                dynamic_ncols=True,
+                disable=None,
+            ):
+                batch = h_last.batch(list(rows))
+                base = final_norm(batch["taps"][:, -1, :-1])  # position t predicts token t+1
+                targets = batch["labels"][:, 1:].clamp_min(0)  # padding gets a shortlist too, never used
+                listed = shortlist_rows(base.flatten(0, 1), targets.flatten(), head, size)
+                self.store.write(
+                    rows, {key: value.unflatten(0, targets.shape).contiguous() for key, value in listed.items()}
+                )
+                self.built += 1
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {**self.source.batch(indices), **self.store.rows([self.source.sample_ids[i] for i in indices])}
+
+    def nbytes(self) -> int:
+        """Bytes of this source's shortlists on disk (the files of every sample of the cache)."""
+        return self.store.nbytes()
+
+
+def with_shortlists(source: CachedTaps, model: Any, size: int) -> CachedTaps | Shortlisted:
+    """`source` with shortlists of `size` words for a language-model ParallelAdapterModel (its last tap, final
+    norm and head), or as it is where they would save nothing: size 0, or a vocabulary no larger than the
+    shortlist (a small model's; training then scores every word, exactly)."""
+    if not size:
+        return source
+    head = model.top.lm_head.weight
+    if size >= head.shape[0] - 1:
+        log.info("a shortlist of %d words covers the %d-word vocabulary: training on all of it", size, head.shape[0])
+        return source
+    return Shortlisted(source, model.taps[-1], model.top.final_norm, head, size)
 
 
 class Tokens:

@@ -1,9 +1,17 @@
 """Phase 2: train a method's model for E epochs, with checkpoints that resume exactly.
 
-The trainer knows nothing about caches or backbones: it draws batches from a `BatchSource`
-(cached taps for parallel adapters, token ids for LoRA) and calls `model.forward_batch`. The
-sample order of epoch e is a pure function of (seed, e), so a run resumed from a checkpoint
-at step k sees exactly the batches an uninterrupted run would have seen after step k.
+This is the loop; the update it makes on each batch is a `TrainStep` (pac.runtime.step), by default
+`BackpropStep`. The loop owns the order and the bookkeeping: which samples form each step's batch,
+when to evaluate, checkpoint, log and stop; the step owns the loss and how the weights change (gradients or
+not, the optimizer, the schedule), and hands its state to the loop's checkpoints. So the loop never
+mentions backward or an optimizer, and a zeroth-order or masked step trains under the same epochs,
+checkpoints and early stopping.
+
+The trainer knows nothing about caches or backbones: it draws sample positions of a `BatchSource`
+(cached taps for parallel adapters, token ids for LoRA), and evaluation asks the model (a
+pac.methods.base.MethodModel) for `metrics_batch`. The sample order of epoch e is a pure function of
+(seed, e), so a run resumed from a checkpoint at step k sees exactly the batches an uninterrupted run
+would have seen after step k.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
-from pac.methods.base import batch_metrics, summarize, task_loss
+from pac.methods.base import MethodModel, summarize
 from pac.runtime.progress import RunClock, Stopwatch
+from pac.runtime.step import BackpropStep, TrainStep, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +65,7 @@ class TrainConfig:
     precision: str = "fp32"
 
 
-PRECISIONS = ("fp32", "bf16")
 EVAL_BATCH = 8  # samples per batch of an evaluation pass
-
-
-def autocast(precision: str) -> torch.autocast:
-    """The mixed-precision context of a training step (a no-op for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -74,30 +74,15 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=gen).tolist()
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, linear or constant")
-
-
-def evaluate(model: nn.Module, source: BatchSource, task: str, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+def evaluate(model: MethodModel, source: BatchSource, task: str, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Accuracy (classify) or loss/perplexity (lm) over every sample of `source`; no figures for an empty
     source (an accuracy of 0 or a perplexity of 1 would be made up)."""
     if not len(source):
         return {}
-    return summarize(task, evaluation_totals(model, source, task, batch_size))
+    return summarize(task, evaluation_totals(model, source, batch_size))
 
 
-def evaluation_totals(
-    model: nn.Module, source: BatchSource, task: str, batch_size: int = EVAL_BATCH
-) -> dict[str, float]:
+def evaluation_totals(model: MethodModel, source: BatchSource, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Sums over `source` (loss_sum, count, correct): totals of several shards add up to the whole."""
     was_training = model.training
     model.eval()
@@ -105,23 +90,18 @@ def evaluation_totals(
     with torch.inference_mode():
         for start in range(0, len(source), batch_size):
             batch = source.batch(list(range(start, min(start + batch_size, len(source)))))
-            if task == "lm" and hasattr(model, "loss_batch"):
-                # The model's lean LM loss never holds the full logits (1/3 of the side network's peak
-                # memory went to evaluating with them); its mean times the token count is the exact sum.
-                count = int((batch["labels"][:, 1:] != -100).sum())
-                metrics = {"loss_sum": model.loss_batch(batch).item() * count, "count": count}
-            else:
-                metrics = batch_metrics(task, model.forward_batch(batch), batch["labels"])
-            for k, v in metrics.items():
+            for k, v in model.metrics_batch(batch).items():
                 totals[k] = totals.get(k, 0) + v
     model.train(was_training)
     return totals
 
 
 class Trainer:
+    """The loop: epochs of batches through `train_step` (default: `BackpropStep` over `train`)."""
+
     def __init__(
         self,
-        model: nn.Module,
+        model: MethodModel,
         task: str,
         train: BatchSource,
         config: TrainConfig,
@@ -131,6 +111,7 @@ class Trainer:
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
         clock: RunClock | None = None,
+        train_step: TrainStep | None = None,
     ):
         self.model, self.task, self.train_source = model, task, train
         # An empty validation split (a few rows at --val-size 10%) leaves nothing to validate on: the epochs
@@ -144,18 +125,13 @@ class Trainer:
         self.best: dict[str, float] | None = None  # {"epoch", "loss"} of the best holdout loss so far
         self.config, self.out_dir = config, Path(out_dir)
         self.on_epoch_end, self.on_step = on_epoch_end, on_step  # progress for whoever watches (a coordinator)
+        # The weights a checkpoint holds (whatever the step changes, it changes among these).
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        # A model whose parts want different learning rates says so (pac.methods.boundary).
-        groups = model.param_groups(config.lr) if hasattr(model, "param_groups") else self.params
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.train_step = train_step if train_step is not None else BackpropStep(model, task, train, config)
+        self.steps_per_epoch = steps_per_epoch(len(train), config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.warmup = int(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup, config.schedule)
-        )
-        self.step = 0
+        self.step = 0  # updates done
         self.metrics_file = self.out_dir / "metrics.jsonl"
         self.clock = clock or RunClock()  # the whole run's estimate, shown beside the epoch bar
 
@@ -165,21 +141,14 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Trainable weights, optimizer, scheduler and RNG at this step; written then renamed."""
+        """Trainable weights and the step's state (optimizer, schedule, RNG...) at this step; written then renamed."""
         target = self.checkpoint_dir / f"step-{self.step:07d}"
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(self._weights(), tmp / "trainable.safetensors")
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            },
-            tmp / "state.pt",
-        )
-        state = {"step": self.step, "config": asdict(self.config), "best": self.best}
+        torch.save(self.train_step.state_dict(), tmp / "state.pt")
+        state = {"step": self.step, "config": asdict(self.config), "best": self.best, "step_kind": self._step_kind}
         (tmp / "trainer.json").write_text(json.dumps(state))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -191,19 +160,26 @@ class Trainer:
         done = sorted(p for p in self.checkpoint_dir.glob("step-???????") if (p / "trainer.json").exists())
         return done[-1] if done else None
 
+    @property
+    def _step_kind(self) -> str:
+        return type(self.train_step).__name__
+
     def load_checkpoint(self, path: Path) -> None:
-        saved = json.loads((path / "trainer.json").read_text())["config"]
-        if saved != asdict(self.config):
+        state = json.loads((path / "trainer.json").read_text())
+        if state["config"] != asdict(self.config):
             raise ValueError(
-                f"checkpoint {path} was written with other training settings ({saved}); "
+                f"checkpoint {path} was written with other training settings ({state['config']}); "
                 "resume with the same settings, or start over in a fresh --out directory"
             )
+        # Checkpoints from before steps were pluggable name no kind: every trainer then saved BackpropStep's state.
+        kind = state.get("step_kind")
+        if kind is not None and kind != self._step_kind:
+            raise ValueError(
+                f"checkpoint {path} was written by a {kind} training step, not {self._step_kind}: "
+                "resume with the same method, or start over in a fresh --out directory"
+            )
         self._load_weights(path / "trainable.safetensors")
-        state = torch.load(path / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        state = json.loads((path / "trainer.json").read_text())
+        self.train_step.load_state_dict(torch.load(path / "state.pt", weights_only=False))
         self.step, self.best = state["step"], state.get("best")
 
     @property
@@ -238,21 +214,6 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model's own training loss when it has one (a memory-lean LM loss), else the task loss."""
-        with autocast(self.config.precision):
-            if hasattr(self.model, "loss_batch"):
-                return self.model.loss_batch(batch)
-            return task_loss(self.task, self.model.forward_batch(batch), batch["labels"])
-
-    def _train_step(self, indices: list[int]) -> tuple[float, float]:
-        """Gradients of one batch, clipped, ready for the optimizer step: (loss, grad norm before clipping)."""
-        loss = self._loss(self.train_source.batch(indices))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        return loss.item(), float(grad_norm)
 
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         return evaluate(self.model, source, self.task)
@@ -300,9 +261,8 @@ class Trainer:
             )
             lap = Stopwatch()
             for indices in self._batches(epoch, skip):
-                loss, grad_norm = self._train_step(indices)
-                self.optimizer.step()
-                self.scheduler.step()
+                result = self.train_step(indices, self.step)
+                loss = result.loss
                 self.step += 1
                 seen += len(indices)
                 loss_sum += loss * len(indices)
@@ -312,13 +272,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step, self.total_steps)
                 self._log(
-                    {
-                        "step": self.step,
-                        "epoch": epoch + 1,
-                        "loss": loss,
-                        "grad_norm": grad_norm,
-                        "lr": self.scheduler.get_last_lr()[0],
-                    }
+                    {"step": self.step, "epoch": epoch + 1, "loss": loss, **result.metrics, "lr": self.train_step.lr}
                 )
                 every = self.config.checkpoint_every
                 if every and self.step % every == 0 and self.step % self.steps_per_epoch:

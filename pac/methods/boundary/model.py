@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from torch import nn
 
 from pac.errors import PacError
-from pac.methods.lora import DEFAULT_TARGETS
+from pac.methods.base import MethodModel
+from pac.methods.lora.model import DEFAULT_TARGETS
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead
 from pac.models.side import SideNetwork
@@ -44,7 +44,7 @@ def _side_network(config: Any, num_layers: int, reduction: int) -> SideNetwork:
     return SideNetwork(stack, list(range(num_layers + 1)), reduction)
 
 
-class BoundaryModel(nn.Module):
+class BoundaryModel(MethodModel):
     """LoRA on backbone layers [k, L) fed by cached h_k, with the model's own final norm and LM head
     (or a classification head on the pooled final-normed state), and optionally a side network."""
 
@@ -101,7 +101,7 @@ class BoundaryModel(nn.Module):
         out = self.upper(self._boundary_state(batch), batch["attention_mask"], taps=())
         return self.upper.logits(self.upper.final_norm(out.hidden))
 
-    def param_groups(self, lr: float) -> list[dict]:
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer groups: LoRA and the head at `lr`, the side networks at SIDE_LR_RATIO x `lr`."""
         side = {id(p) for net in (self.side, self.below) if net is not None for p in net.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from pac.errors import PacError
+from pac.methods.base import MethodModel
 from pac.models.backbone import load_config
 from pac.models.families import family_for
 from pac.models.heads import ClassificationHead
@@ -42,7 +42,7 @@ class LoraSettings:
     target_modules: list[str] | None = None
 
 
-class LoraModel(nn.Module):
+class LoraModel(MethodModel):
     def __init__(self, model_dir: Path, settings: LoraSettings, adapter_dir: Path | None = None):
         super().__init__()
         self.settings, self.task = settings, settings.task

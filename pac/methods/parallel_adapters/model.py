@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from pac.errors import PacError
-from pac.methods.base import TASKS, task_loss
+from pac.methods.base import MethodModel, loss_count, task_loss
+from pac.methods.defaults import TASKS
+from pac.methods.parallel_adapters import tapped_layers
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead, ReadoutMLP
 from pac.models.lm_loss import chunked_lm_loss
@@ -87,11 +89,7 @@ class ParallelAdapterConfig:
             raise PacError("pruned initialisation keeps the backbone's attention heads: leave side_heads unset")
 
     def resolved_taps(self, num_layers: int) -> list[int]:
-        if not self.side_network:
-            return [num_layers]
-        if self.taps is not None:
-            return sorted(set(self.taps))
-        return sorted(set(range(0, num_layers + 1, max(1, self.tap_every))) | {0, num_layers})
+        return tapped_layers(self.side_network, self.taps, self.tap_every, num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         # "r" as peft names a reduced width; "reduction" is what from_dict reads back.
@@ -103,7 +101,7 @@ class ParallelAdapterConfig:
         return cls(**known)
 
 
-class ParallelAdapterModel(nn.Module):
+class ParallelAdapterModel(MethodModel):
     """Side network + head, on top of a frozen backbone slice that holds at least the final norm
     (and the LM head for language modelling)."""
 
@@ -205,6 +203,14 @@ class ParallelAdapterModel(nn.Module):
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["taps"], batch["attention_mask"])
 
+    def metrics_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.task != "lm":
+            return super().metrics_batch(batch)
+        # The lean LM loss never holds the full logits (1/3 of the side network's peak memory went to
+        # evaluating with them); its mean times the token count is the exact sum.
+        count = loss_count("lm", batch["labels"])
+        return {"loss_sum": self.loss_batch(batch).item() * count, "count": count}
+
     def loss_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss (mean over samples, or over next-token targets)."""
         if self.memory is not None and not self.training:  # evaluation of the mixture with the memory
@@ -212,7 +218,7 @@ class ParallelAdapterModel(nn.Module):
             hidden, queries = self.lm_hidden(taps, mask), self.top.final_norm(taps[:, -1])
             return self.memory.lm_loss(hidden, queries, self.top.lm_head.weight, self.vocab_bias, batch["labels"])
         if self.side is None:
-            return task_loss(self.task, self.forward_batch(batch), batch["labels"])
+            return super().loss_batch(batch)
         taps, mask = batch["taps"], batch["attention_mask"]
         # Under --precision bf16, CPU autocast stops at the side blocks: at width d/r their products are
         # too small to gain, while bf16 attention backward and the casts cost more than they save
@@ -220,7 +226,7 @@ class ParallelAdapterModel(nn.Module):
         # blocks in fp32 and the products with the vocabulary-sized head in bf16). GPU autocast is untouched.
         with torch.autocast("cpu", enabled=False):
             side_state = self.side.state(taps, mask)
-            if "shortlist_index" in batch:  # a training batch of pac.models.shortlist.Shortlisted: no big products
+            if "shortlist_index" in batch:  # a training batch of pac.runtime.sources.Shortlisted: no big products
                 if self.readout_mlp is not None or self.vocab_bias is not None or self.final_norm is not None:
                     raise PacError(
                         "--shortlist trains the plain side network: drop the read-out MLP, the vocab bias "

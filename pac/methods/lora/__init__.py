@@ -1,0 +1,57 @@
+"""LoRA and DoRA, the peft baselines: low-rank updates of every linear map, backward through the whole
+model, every epoch through the whole backbone (the cost parallel adapters avoid). One flag apart from
+parallel adapters on the same model, data and head (`--method lora`).
+
+This module is the registration (light: no torch); the model is in `.model`, what a run does with it in `.run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pac.argtypes import number
+from pac.errors import PacError
+from pac.methods.defaults import LORA_LR
+from pac.methods.parallel_adapters import POOLING_HELP
+from pac.methods.registry import Method, lazy, lazy_attributes, method_option, register_method
+
+RANK_HELP = "LoRA / DoRA / boundary rank (default 8; 0 only for boundary: its top layers stay frozen)"
+
+
+@dataclass
+class LoraOptions:
+    """`--method lora` / `--method dora` options."""
+
+    r: int = method_option(8, RANK_HELP, flag="--lora-r", parse=number(int, minimum=0))
+    pooling: str = method_option("mean", POOLING_HELP, choices=["mean", "last"])
+
+
+def resolve(options: LoraOptions, task: str) -> LoraOptions:
+    if options.r == 0:
+        raise PacError("--lora-r 0 trains nothing: it is for --method boundary (frozen top layers); use --lora-r 8")
+    return options
+
+
+RUN = f"{__name__}.run"
+for _name, _title, _summary in (
+    ("lora", "LoRA", "low-rank updates of every linear map through peft, backward through the whole model"),
+    ("dora", "DoRA", "LoRA with a learned magnitude per output channel, through peft"),
+):
+    register_method(
+        Method(
+            name=_name,
+            title=_title,
+            summary=_summary,
+            options=LoraOptions,
+            resolve=resolve,
+            default_lr=lambda task: LORA_LR,
+            build=lazy(f"{RUN}:build_{_name}"),
+            save=lazy(f"{RUN}:save"),
+            load=lazy(f"{RUN}:load"),
+            lm_logits=lazy(f"{RUN}:lm_logits"),
+            generate=lazy(f"{RUN}:generate"),
+        )
+    )
+
+# The model's names, imported on first use (they need torch; the registration does not).
+__getattr__ = lazy_attributes(f"{__name__}.model", ("DEFAULT_TARGETS", "HEAD_FILE", "LoraModel", "LoraSettings"))

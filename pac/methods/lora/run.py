@@ -1,0 +1,63 @@
+"""What a run does with LoRA / DoRA: the peft model on the whole backbone, saved as peft saves it (plus pac's
+config and the classification head), loaded back through peft, decoded by peft's `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pac.methods.base import ADAPTER_CONFIG
+from pac.methods.lora import LoraOptions
+from pac.methods.lora.model import LoraModel, LoraSettings
+from pac.methods.registry import METHOD_KEY, BuildContext, Loaded
+
+
+def _settings(options: LoraOptions, task: str, label_names: list[str] | None, use_dora: bool) -> LoraSettings:
+    return LoraSettings(
+        task=task, r=options.r, alpha=2 * options.r, use_dora=use_dora, pooling=options.pooling, label_names=label_names
+    )
+
+
+def build_lora(options: LoraOptions, ctx: BuildContext) -> LoraModel:
+    return LoraModel(ctx.model_dir, _settings(options, ctx.task, ctx.label_names, use_dora=False))
+
+
+def build_dora(options: LoraOptions, ctx: BuildContext) -> LoraModel:
+    return LoraModel(ctx.model_dir, _settings(options, ctx.task, ctx.label_names, use_dora=True))
+
+
+def save(options: LoraOptions, model: LoraModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """peft's own files (adapter_config.json names the base model as the user gave it), the head, and pac's
+    config beside them."""
+    model.save(out, meta["base_model_name_or_path"])
+    method = "dora" if model.settings.use_dora else "lora"
+    config = {**meta, "pooling": options.pooling, "r": options.r, METHOD_KEY: method}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def load(adapter_dir: Path, raw: dict[str, Any], model_dir: Path, retrieval: bool) -> Loaded:
+    settings = LoraSettings(task=raw["task"], pooling=raw["pooling"], label_names=raw["label_names"])
+    lora = LoraModel(model_dir, settings, adapter_dir=adapter_dir)
+    lora.load_head(adapter_dir)
+    return Loaded(lora.eval(), None, raw["task"], raw["max_length"], raw["label_names"])
+
+
+def lm_logits(loaded: Loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return loaded.model.peft(input_ids=ids, attention_mask=mask).logits
+
+
+def generate(
+    loaded: Loaded, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, seed: int
+) -> torch.Tensor:
+    """peft's decoding: greedy at temperature 0 (no sampling flags, so no warning about them), else sampled."""
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return loaded.model.peft.generate(
+        input_ids=input_ids,
+        max_new_tokens=max_new_tokens,
+        **(sampling if temperature > 0 else {"do_sample": False}),
+    )[:, input_ids.shape[1] :]

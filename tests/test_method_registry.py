@@ -1,0 +1,210 @@
+"""A method is one module and a registration: a toy method ("train only the head and a copy of the final norm",
+from the activation cache of the last layer) is defined and registered here, in the test module alone, then
+trained, saved, loaded and evaluated through the `pac` command's own entry point, without a line of pac changed.
+The registry's own promises — options generated from the method's dataclass, foreign options refused, adapters
+from before the registry still loading — are checked beside it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from launcher.main import main as launch
+from pac.argtypes import number
+from pac.cli import build_parser, main
+from pac.errors import PacError
+from pac.methods.base import MethodModel, load_adapter, save_adapter
+from pac.methods.registry import (
+    METHOD_KEY,
+    BuildContext,
+    Loaded,
+    Method,
+    adapter_config,
+    get_method,
+    method_option,
+    register_method,
+    unregister_method,
+)
+from pac.models.backbone import load_backbone, load_config
+from pac.models.heads import ClassificationHead
+from pac.workflow import load_for_inference
+
+TOY = "toy-head-norm"
+
+
+@dataclass
+class HeadNormOptions:
+    norm_scale: float = method_option(
+        1.0, "scale the trainable final norm starts at (default 1)", parse=number(float, above=0)
+    )
+    pooling: str = method_option("mean", "classification read-out (default mean)", choices=["mean", "last"])
+
+
+class HeadNorm(MethodModel):
+    """A trainable copy of the final norm and a head, over the frozen last layer's output (cached)."""
+
+    def __init__(self, top: Any, num_layers: int, task: str, label_names: list[str] | None, options: HeadNormOptions):
+        super().__init__()
+        self.top, self.task, self.taps = top, task, [num_layers]
+        self.norm = copy.deepcopy(top.norm).requires_grad_(True)
+        with torch.no_grad():
+            self.norm.weight.mul_(options.norm_scale)
+        self.head = ClassificationHead(top.hidden_size, len(label_names), options.pooling) if label_names else None
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.norm(batch["taps"][:, -1])
+        return self.head(hidden, batch["attention_mask"]) if self.head is not None else self.top.logits(hidden)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _model(model_dir: Path, task: str, labels: list[str] | None, options: HeadNormOptions, full: bool) -> HeadNorm:
+    num_layers = load_config(model_dir).num_hidden_layers
+    # Training reads cached taps, so it needs only the top; loaded for evaluation, the whole backbone feeds it.
+    backbone = load_backbone(model_dir) if full else load_backbone(model_dir, num_layers, num_layers, with_head=True)
+    return HeadNorm(backbone, num_layers, task, labels if task == "classify" else None, options)
+
+
+def build(options: HeadNormOptions, ctx: BuildContext) -> HeadNorm:
+    torch.manual_seed(ctx.seed)
+    return _model(ctx.model_dir, ctx.task, ctx.label_names, options, full=False)
+
+
+def save(options: HeadNormOptions, model: HeadNorm, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    save_adapter(
+        out, {**meta, "norm_scale": options.norm_scale, "pooling": options.pooling, METHOD_KEY: TOY}, model.trainable()
+    )
+    return {"trainable_params": sum(t.numel() for t in model.trainable().values())}
+
+
+def load(adapter_dir: Path, config: dict[str, Any], model_dir: Path, retrieval: bool) -> Loaded:
+    options = HeadNormOptions(norm_scale=config["norm_scale"], pooling=config["pooling"])
+    model = _model(model_dir, config["task"], config["label_names"], options, full=True)
+    model.load_state_dict(load_adapter(adapter_dir)[1], strict=False)
+    return Loaded(model.eval(), model.top, config["task"], config["max_length"], config["label_names"])
+
+
+@pytest.fixture
+def toy_method():
+    method = register_method(
+        Method(
+            name=TOY,
+            title="head and norm",
+            summary="only a head and a copy of the final norm, from the cached last layer",
+            options=HeadNormOptions,
+            build=build,
+            save=save,
+            load=load,
+            default_lr=lambda task: 1e-2,
+            taps=lambda options, task, num_layers: [num_layers],
+            generates=False,
+        )
+    )
+    yield method
+    unregister_method(TOY)
+
+
+def _train_argv(model: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
+            "--epochs", "2", "--val-size", "12", *extra]  # fmt: skip
+
+
+def test_a_method_defined_in_a_test_module_trains_saves_loads_and_evaluates(
+    toy_method, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    out = tmp_path / "toy"
+    argv = _train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", TOY, "--norm-scale", "0.5")
+    assert main(argv) == 0
+    assert f"{TOY} on 48 samples" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == TOY and summary["options"]["norm_scale"] == 0.5 and len(summary["epochs"]) == 2
+    assert summary["cache_computed_samples"] == {"train": 48, "val": 12}  # phase 1 cached the one tap it asked for
+    method, config = adapter_config(out)
+    assert method is toy_method and config[METHOD_KEY] == TOY and config["norm_scale"] == 0.5
+
+    loaded = load_for_inference(out)
+    assert loaded.kind == TOY and isinstance(loaded.model, HeadNorm)
+    assert main(["eval", "--adapter", str(out), "--data", str(topic_jsonl), "--split", "val", "--val-size", "12"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["samples"] == 12 and scored["accuracy"] == pytest.approx(summary["epochs"][-1]["val_accuracy"])
+    # As a language model too; it declared that it cannot generate, so pac says so instead of failing inside it.
+    lm = tmp_path / "toy-lm"
+    assert main(_train_argv(tiny_llama, topic_jsonl, lm, tmp_path / "cache", "--method", TOY, "--task", "lm")) == 0
+    assert json.loads((lm / "summary.json").read_text())["epochs"][-1]["val_perplexity"] > 1
+    assert main(["generate", "--adapter", str(lm), "--prompt", "hi"]) == 2
+    assert f"generation with {TOY} adapters is not supported" in capsys.readouterr().err
+    # Nor did it declare collaborative support: pac-launch refuses it before starting any peer.
+    assert launch(["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--method", TOY]) == 2
+    assert f"--method {TOY} does not run across devices yet" in capsys.readouterr().err
+
+
+def test_method_options_are_generated_grouped_and_refused_for_other_methods(toy_method, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert f"--method {TOY} options:" in shown and "--norm-scale NORM_SCALE" in shown
+    assert "--method parallel-adapters options:" in shown and "--method boundary options:" in shown
+    # --pooling, listed once (argparse may break the line inside a hyphenated name)
+    assert "[also--methodlora,dora,boundary,toy-head-norm]" in "".join(shown.split())
+    # An option of one method given to another is refused before anything loads, naming its owner.
+    assert main(["train", "--method", "lora", "--norm-scale", "2"]) == 2
+    assert "--norm-scale is an option of --method toy-head-norm, not of lora" in capsys.readouterr().err
+    assert main(["train", "--method", TOY, "--norm-scale", "-1"]) == 2  # bounds from the field's metadata
+    assert "--norm-scale: must be a number > 0" in capsys.readouterr().err
+
+
+def test_an_unknown_method_name_in_an_adapter_is_a_clear_error(tiny_llama, topic_jsonl, tmp_path):
+    out = tmp_path / "a"
+    save_adapter(out, {METHOD_KEY: "no-such-method", "task": "classify"}, {"w": torch.zeros(1)})
+    with pytest.raises(PacError, match="saved by method 'no-such-method', which this pac does not have"):
+        adapter_config(out)
+    with pytest.raises(PacError, match="is not a pac adapter"):
+        adapter_config(tmp_path / "empty")
+
+
+def test_adapters_saved_before_the_registry_still_load(tiny_llama, topic_jsonl, tmp_path):
+    """Before the registry, parallel-adapter and boundary configs named the method by peft_type only, and LoRA's
+    pac settings were in pac_lora.json: such directories load as the same method."""
+    for method in ("parallel-adapters", "boundary", "lora"):
+        out = tmp_path / method
+        argv = _train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", method, "--epochs", "1")
+        assert main(argv) == 0
+        config_file = out / "pac_adapter_config.json"
+        config = json.loads(config_file.read_text())
+        del config[METHOD_KEY]
+        if method == "lora":  # as pac wrote it then
+            config_file.unlink()
+            (out / "pac_lora.json").write_text(json.dumps({**config, "peft_type_pac": "lora"}))
+        else:
+            config_file.write_text(json.dumps(config))
+        before = load_for_inference(out)
+        assert before.kind == method == get_method(method).name
+
+
+def test_a_method_name_registers_once(toy_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method(**{**toy_method.__dict__, "summary": "another"}))
+
+
+def test_the_run_configuration_travels_field_by_field_and_refuses_what_it_does_not_know():
+    from pac.methods.parallel_adapters import ParallelAdapterOptions
+    from pac.runconfig import DataOptions, TrainOptions, run_config_from_wire, run_config_to_wire
+
+    opts = TrainOptions(data=DataOptions(task="lm"), method_options=ParallelAdapterOptions(reduction=4, taps=[3]))
+    wire = run_config_to_wire(opts)
+    assert run_config_from_wire(wire) == opts
+    extra = {**wire, "train": {**wire["train"], "new_flag": 1}}
+    with pytest.raises(PacError, match=r"unknown fields \['new_flag'\], missing fields \[\]"):
+        run_config_from_wire(extra)
+    gone = {**wire, "method_options": {k: v for k, v in wire["method_options"].items() if k != "reduction"}}
+    with pytest.raises(PacError, match=r"--method parallel-adapters options: unknown fields \[\], missing .*reduction"):
+        run_config_from_wire(gone)
+    with pytest.raises(PacError, match="run configuration of version 99"):
+        run_config_from_wire({**wire, "version": 99})
