@@ -139,6 +139,30 @@ def _default_lrs() -> str:
     return "; ".join(parts)
 
 
+GIVEN = "method_options_given"  # the namespace attribute naming the method options given on the command line
+
+
+def _note_given(namespace: argparse.Namespace, dest: str) -> None:
+    setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), dest})
+
+
+class _GivenOption(argparse.Action):
+    """Stores the value (a switch: its const) and notes that the option was given, so that an option of
+    another method can be refused even where its value equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102 (argparse API)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        _note_given(namespace, self.dest)
+
+
+class _GivenSwitch(argparse.BooleanOptionalAction):
+    """--x / --no-x, noting that it was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102 (argparse API)
+        super().__call__(parser, namespace, values, option_string)
+        _note_given(namespace, self.dest)
+
+
 def _add_method_options(t: argparse.ArgumentParser) -> None:
     """Every registered method's options, generated from its options dataclass, in a group per method. A flag
     several methods share (--lora-r, --pooling) is listed once, under the first, and says which take it."""
@@ -156,7 +180,7 @@ def _add_method_options(t: argparse.ArgumentParser) -> None:
             listed.add(flag)
             others = owners[flag][1:]
             note = f" [also --method {', '.join(others)}]" if others else ""
-            group.add_argument(flag, dest=option_key(option), default=argparse.SUPPRESS, **_argument(option, note))
+            group.add_argument(flag, dest=option_key(option), default=option.default, **_argument(option, note))
 
 
 def _argument(option: Any, note: str) -> dict[str, Any]:
@@ -164,10 +188,11 @@ def _argument(option: Any, note: str) -> dict[str, Any]:
     meta = option.metadata
     kw: dict[str, Any] = {"help": meta["help"].replace("%", "%%") + note}
     if meta.get("negate"):
-        return {**kw, "action": "store_false"}
+        return {**kw, "action": _GivenOption, "nargs": 0, "const": False}
     if meta.get("parse") is None and meta.get("choices") is None:
-        return {**kw, "action": "store_true" if option.default is False else argparse.BooleanOptionalAction}
-    kw.update(type=meta.get("parse"), choices=meta.get("choices"))
+        switch = {"action": _GivenOption, "nargs": 0, "const": True} if option.default is False else {}
+        return {**kw, **(switch or {"action": _GivenSwitch})}
+    kw.update(action=_GivenOption, type=meta.get("parse"), choices=meta.get("choices"))
     return {**kw, "metavar": meta["metavar"]} if meta.get("metavar") else kw
 
 
@@ -405,22 +430,22 @@ def train_options(args: argparse.Namespace):
     from pac.runconfig import TrainOptions
 
     method = get_method(args.method)
-    keys = method.option_keys()
+    keys, given = method.option_keys(), getattr(args, GIVEN, set())
     for other in methods().values():
         for key in other.option_keys():
-            if key not in keys and hasattr(args, key):
+            if key not in keys and key in given:
                 owners = [n for n, m in methods().items() if key in m.option_keys()]
                 flag = next(option_flag(f) for f in fields(other.options) if option_key(f) == key)
                 raise PacError(
                     f"{flag} is an option of --method {' / '.join(owners)}, not of {args.method}: drop it, or "
                     f"pass --method {owners[0]}"
                 )
-    given = {field: getattr(args, key) for key, field in keys.items() if hasattr(args, key)}
+    chosen = {field: getattr(args, key) for key, field in keys.items() if key in given}
     generic = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
     generic.update(
         data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
-        method_options=method.options(**given),
+        method_options=method.options(**chosen),
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         require_resume=args.resume,
     )
@@ -519,14 +544,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate_answer(loaded, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     text = loaded.tokenizer.decode(out[0], skip_special_tokens=True)
     print(text)
-    if not text.strip():  # an instruct model given a bare question often ends at once: say why, not just ""
-        hint = (
-            "the prompt went in as plain text, which the model continues (as the adapter was trained): start the "
-            "text you want continued, or pass --chat to ask in the chat template"
-            if not chat
-            else "try another prompt, --temperature 0.7, or --no-chat"
+    if not text.strip() and not chat:  # an instruct model given a bare question in plain text often ends at once
+        print(
+            "pac: the model generated nothing (it ended at once): the prompt went in as plain text, which the "
+            "model continues (as the adapter was trained); start the text you want continued, or pass --chat to "
+            "ask in the chat template",
+            file=sys.stderr,
         )
-        print(f"pac: the model generated nothing (it ended at once); {hint}", file=sys.stderr)
     return 0
 
 

@@ -63,13 +63,17 @@ def test_expected_messages_count_what_the_senders_send():
 def test_protocol_validates_every_field():
     raw = protocol.encode("progress", phase="cache", done=3, total=10, rate=1.5)
     assert protocol.decode(raw)["done"] == 3
+    version = protocol.PROTOCOL_VERSION  # the messages below are of this side's version, but for the one marked
     cases = [
         (b"\xc1", "not a msgpack"),
         (msgpack.packb([1, 2]), "must be a map"),
-        (msgpack.packb({"type": "launch_missiles", "version": 1}), "unknown message type"),
+        (msgpack.packb({"type": "launch_missiles", "version": version}), "unknown message type"),
         (msgpack.packb({"type": "heartbeat", "version": 99}), "protocol version 99"),
-        (msgpack.packb({"type": "progress", "version": 1, "phase": "x", "done": 1, "total": 2}), "'rate'"),
-        (msgpack.packb({"type": "progress", "version": 1, "phase": "x", "done": True, "total": 2, "rate": 1}), "int"),
+        (msgpack.packb({"type": "progress", "version": version, "phase": "x", "done": 1, "total": 2}), "'rate'"),
+        (
+            msgpack.packb({"type": "progress", "version": version, "phase": "x", "done": True, "total": 2, "rate": 1}),
+            "int",
+        ),
     ]
     for message, complaint in cases:
         with pytest.raises(protocol.ProtocolError, match=complaint):
