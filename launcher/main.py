@@ -68,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: in proportion to memory)"
     )
     plan.add_argument(
+        "--schedule",
+        choices=["gpipe", "1f1b"],
+        default="gpipe",
+        help="side-pipeline's phase 2: gpipe runs every micro-batch's forward, then the backwards; 1f1b starts "
+        "each micro-batch's backward as early as it can, so a stage holds fewer micro-batches' activations "
+        "(default gpipe)",
+    )
+    plan.add_argument(
+        "--micro-batches",
+        type=number(int, minimum=1),
+        default=2,
+        metavar="N",
+        help="side-pipeline: micro-batches each batch is cut into, so that stages work at once (default 2)",
+    )
+    plan.add_argument(
         "--data-plane",
         choices=["zmq", "torch"],
         default="zmq",
@@ -113,6 +128,8 @@ def _launch(args: argparse.Namespace) -> int:
         mode=args.mode,
         stages=args.stages,
         data_plane=args.data_plane,
+        schedule=args.schedule,
+        micro_batches=args.micro_batches,
         join_timeout=args.join_timeout,
         peer_timeout=args.peer_timeout,
     )

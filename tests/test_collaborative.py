@@ -58,21 +58,26 @@ def _launch(tiny_llama, topic_jsonl, out, cache, *extra) -> int:
 
 
 @pytest.mark.parametrize(
-    "mode, plane",
+    "mode, plane, schedule",
     [
-        ("shuffle", "zmq"),
-        ("shuffle", "torch"),
-        ("side-pipeline", "zmq"),
-        ("side-pipeline", "torch"),
-        ("replicated", "zmq"),
+        ("shuffle", "zmq", []),
+        ("shuffle", "torch", []),
+        ("side-pipeline", "zmq", []),
+        ("side-pipeline", "torch", []),
+        # 1F1B sends while its neighbour sends too: over gloo that needs the stage's queued sends.
+        ("side-pipeline", "torch", ["--schedule", "1f1b", "--micro-batches", "3"]),
+        ("replicated", "zmq", []),
     ],
 )
 def test_three_peers_train_the_same_adapter_as_one_device(
-    mode, plane, single_device, tiny_llama, topic_jsonl, tmp_path, capsys
+    mode, plane, schedule, single_device, tiny_llama, topic_jsonl, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--mode", mode, "--data-plane", plane) == 0
+    extra = ["--mode", mode, "--data-plane", plane, *schedule]
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *extra) == 0
     shown = capsys.readouterr().out
+    if schedule:
+        assert "side network pipelined 1f1b, 3 micro-batches per batch" in shown
     for state in ("joining", "planning", "cache build", "training", "export", "done"):
         assert f"[pac-launch] {state}" in shown
     expected, single_summary = single_device

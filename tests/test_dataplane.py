@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from pac.net.dataplane import CurveConfig, DataPlaneError, TorchDataPlane, ZmqDataPlane
+from pac.net.dataplane import CurveConfig, DataPlaneError, QueuedSends, TorchDataPlane, ZmqDataPlane
 
 LOOPBACK = "tcp://127.0.0.1:0"
 
@@ -128,6 +128,26 @@ def test_zmq_sender_blocks_while_receiver_lags(planes):
         assert header["i"] == i and got["x"][-1] == i % 256
     sender.join(timeout=10)
     assert not sender.is_alive() and len(sent) == n
+
+
+def test_queued_sends_return_at_once_keep_order_and_report_a_failed_send(planes):
+    a, b = planes(2, hwm=1)
+    with QueuedSends(a) as sends:
+        started = time.monotonic()
+        for i in range(6):  # 6 MiB with a high-water mark of 1: a plain send would wait for the receiver
+            sends.send(b.rank, {"i": i}, {"x": torch.full((1 << 20,), i, dtype=torch.uint8)})
+        assert time.monotonic() - started < 0.5
+        for i in range(6):
+            header, got = b.recv(timeout=10)
+            assert header["i"] == i and got["x"][0] == i
+    with pytest.raises(DataPlaneError, match="knows no data-plane endpoint for rank 9"), QueuedSends(a) as sends:
+        sends.send(9, {}, {})
+    with pytest.raises(DataPlaneError, match="rank 9"), QueuedSends(a) as sends:
+        sends.send(9, {}, {})
+        time.sleep(0.2)  # the thread has failed by now: the next send says so, and nothing more is sent
+        sends.send(b.rank, {"late": True}, {})
+    with pytest.raises(TimeoutError):
+        b.recv(timeout=0.3)
 
 
 def _junk_header(**changes) -> dict:

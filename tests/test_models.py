@@ -125,6 +125,24 @@ def test_side_network_configuration(tiny_llama):
     assert cfg.resolved_taps(4) == [0, 3, 4]
 
 
+def test_pipeline_stages_own_every_side_block_element_exactly_once(tiny_llama):
+    """Stages (taps 0-1 / 2-3 / 4 of [0..4]) split the pipelined weights by structure, not by name."""
+    side = SideNetwork(load_config(tiny_llama), taps=[0, 1, 2, 3, 4], reduction=4)
+    parts = [(slice(0, 2), range(0, 1)), (slice(2, 4), range(1, 3)), (slice(4, 5), range(3, 4))]
+    counts = {id(p): torch.zeros(p.shape[0]) for p in side.parameters()}
+    for rows, blocks in parts:
+        for param, mask in side.stage_parameters(rows, blocks):
+            counts[id(param)] += 1 if mask is None else mask.float()
+    pipelined = [side.down_weight, side.down_bias, side.gate_logits, *side.blocks.parameters()]
+    for param in pipelined:
+        assert counts[id(param)].eq(1).all()
+    rest = [p for p in side.parameters() if all(p is not q for q in pipelined)]
+    assert rest and all(counts[id(p)].eq(0).all() for p in rest)  # Norm and Up: the last stage's, by default
+    owned = dict((id(p), m) for p, m in side.stage_parameters(slice(2, 4), range(1, 3)))
+    assert owned[id(side.down_weight)].tolist() == [False, False, True, True, False]
+    assert owned[id(side.gate_logits)].tolist() == [False, True, True, False]
+
+
 def test_tap_down_is_the_batched_down_projection_and_its_gradient():
     """Tap by tap, reading the [B, n, T, d] batch in place: the einsum's values and gradients (gradcheck)."""
     g = torch.Generator().manual_seed(0)

@@ -155,6 +155,21 @@ class SideNetwork(nn.Module):
             state = self.blocks[j](gates[j] * state + (1 - gates[j]) * downs[:, i], **kwargs)
         return state
 
+    def stage_parameters(self, rows: slice, blocks: range) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+        """What a pipeline stage holding taps `rows` of self.taps and side blocks `blocks` computes: its rows of
+        the Down weights, its blocks' gates and every weight of its blocks. Each parameter comes with a boolean
+        mask over its first dimension, or None when the stage computes all of it."""
+        tap_rows = torch.zeros(len(self.taps), dtype=torch.bool)
+        tap_rows[rows] = True
+        block_rows = torch.zeros(len(self.blocks), dtype=torch.bool)
+        block_rows[list(blocks)] = True
+        owned: list[tuple[nn.Parameter, torch.Tensor | None]] = [
+            (self.down_weight, tap_rows),
+            (self.down_bias, tap_rows),
+            (self.gate_logits, block_rows),
+        ]
+        return owned + [(p, None) for j in blocks for p in self.blocks[j].parameters()]
+
     def forward(
         self, taps: torch.Tensor, attention_mask: torch.Tensor | None = None, past_key_values: Any = None
     ) -> torch.Tensor:

@@ -18,6 +18,8 @@ Messages from one sender to one receiver arrive in the order they were sent.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -414,3 +416,42 @@ class TorchDataPlane:
 
     def close(self) -> None:
         """Nothing to release: the process group belongs to the caller."""
+
+
+class QueuedSends:
+    """Sends that return at once: a thread hands them to ``plane`` in order, so a stage that sends and then
+    receives never waits on a receiver that is itself sending (gloo's send waits for the matching receive;
+    a 1F1B pipeline schedule needs sends that do not). Use it as a context manager around one exchange:
+    leaving it waits until every queued message is sent and raises the first send's error, if any."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+        self._queue: queue.Queue = queue.Queue()
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._drain, name="pac-sends", daemon=True)
+        self._thread.start()
+
+    def send(self, dest: int, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self._raise()
+        self._queue.put((dest, header, tensors))
+
+    def __enter__(self) -> QueuedSends:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._queue.put(None)
+        if exc_type is None:  # on an error the queue may wait on a peer that is gone: leave the daemon thread
+            self._thread.join()
+            self._raise()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if not self._failure:
+                try:
+                    self.plane.send(*item)
+                except BaseException as exc:  # raised on the stage's thread by the next send or at the end
+                    self._failure.append(exc)
+
+    def _raise(self) -> None:
+        if self._failure:
+            raise self._failure[0]

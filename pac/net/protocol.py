@@ -32,7 +32,8 @@ import msgpack
 from pac.errors import PacError
 
 # 2: `data` carries its tensors as pac.net.codec entries and frames (1: bare int64 bytes and shapes).
-PROTOCOL_VERSION = 2
+# 3: `assign` carries the side pipeline's schedule and micro-batch count.
+PROTOCOL_VERSION = 3
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket

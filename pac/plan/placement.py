@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pac.errors import PacError
+from pac.plan.schedule import TRAINING_SCHEDULES
 
 MODES = ("shuffle", "replicated", "side-pipeline")
 Stage = tuple[int, int]
@@ -24,13 +25,19 @@ class PlanError(PacError):
 class Plan:
     mode: str
     stages: tuple[Stage, ...]  # per rank; in `replicated` mode every rank holds (0, L)
+    # side-pipeline's phase 2: the pac.plan.schedule training schedule and micro-batches per batch
+    schedule: str = "gpipe"
+    micro_batches: int = 2
 
     @property
     def world(self) -> int:
         return len(self.stages)
 
     def describe(self) -> str:
-        return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
+        ranks = ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
+        if self.mode == "side-pipeline":
+            ranks += f"; side network pipelined {self.schedule}, {self.micro_batches} micro-batches per batch"
+        return ranks
 
 
 def layer_ranges(spec: str) -> list[Stage]:
@@ -93,16 +100,34 @@ def split_proportional(num_layers: int, weights: Sequence[float]) -> list[Stage]
     return stages
 
 
-def make_plan(mode: str, num_layers: int, memories: Sequence[float], stages_spec: str | None = None) -> Plan:
+def check_schedule(mode: str, schedule: str, micro_batches: int) -> None:
+    """The side pipeline's settings, checked before any peer is waited for."""
+    if mode != "side-pipeline" and (schedule, micro_batches) != ("gpipe", 2):
+        raise PlanError("--schedule and --micro-batches apply to --mode side-pipeline (its phase 2 is a pipeline)")
+    if schedule not in TRAINING_SCHEDULES:
+        raise PlanError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(TRAINING_SCHEDULES)}")
+    if micro_batches < 1:
+        raise PlanError(f"--micro-batches {micro_batches}: a batch splits into at least one micro-batch")
+
+
+def make_plan(
+    mode: str,
+    num_layers: int,
+    memories: Sequence[float],
+    stages_spec: str | None = None,
+    schedule: str = "gpipe",
+    micro_batches: int = 2,
+) -> Plan:
     if mode not in MODES:
         raise PlanError(f"unknown placement mode {mode!r}: use one of {', '.join(MODES)}")
+    check_schedule(mode, schedule, micro_batches)
     world = len(memories)
     if mode == "replicated":
         if stages_spec:
             raise PlanError("--stages applies to the pipelined modes (shuffle, side-pipeline), not replicated")
         return Plan(mode, tuple((0, num_layers) for _ in range(world)))
     stages = parse_stages(stages_spec, num_layers, world) if stages_spec else split_proportional(num_layers, memories)
-    return Plan(mode, tuple(stages))
+    return Plan(mode, tuple(stages), schedule, micro_batches)
 
 
 def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:

@@ -65,6 +65,8 @@ class Assignment:
             "rank": self.rank,
             "mode": self.plan.mode,
             "stages": [list(s) for s in self.plan.stages],
+            "schedule": self.plan.schedule,
+            "micro_batches": self.plan.micro_batches,
             "taps": self.taps,
             "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
@@ -81,7 +83,12 @@ class Assignment:
         try:
             return cls(
                 rank=int(raw["rank"]),
-                plan=Plan(str(raw["mode"]), tuple((int(a), int(b)) for a, b in raw["stages"])),
+                plan=Plan(
+                    str(raw["mode"]),
+                    tuple((int(a), int(b)) for a, b in raw["stages"]),
+                    str(raw["schedule"]),
+                    int(raw["micro_batches"]),
+                ),
                 taps=[int(t) for t in raw["taps"]],
                 options=run_config_from_wire(raw["run"]),
                 model_fingerprint=str(raw["model_fingerprint"]),

@@ -36,7 +36,7 @@ from pac.models.backbone import load_config
 from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
-from pac.plan.placement import Plan, make_plan, parse_stages, stage_taps
+from pac.plan.placement import Plan, check_schedule, make_plan, parse_stages, stage_taps
 from pac.runconfig import TrainOptions, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
 from pac.runtime.prepare import SUMMARY, prepare_data
@@ -97,6 +97,8 @@ class LaunchSettings:
     mode: str = "shuffle"
     stages: str | None = None
     data_plane: str = "zmq"
+    schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
+    micro_batches: int = 2
     join_timeout: float = 120.0
     peer_timeout: float = 60.0
     store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)
@@ -113,6 +115,7 @@ class Coordinator:
     ):
         if not get_method(options.method).collaborative:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
+        check_schedule(settings.mode, settings.schedule, settings.micro_batches)
         # Only parallel adapters run collaboratively so far: the checks below read their options.
         pa = options.options
         if options.data.holdout or options.early_stopping:
@@ -298,7 +301,10 @@ class Coordinator:
         self._advance(RunState.PLANNING)
         # The hosts file's max_mem= wins over what a peer reports (a cap the user chose for that device).
         memories = [float(p.host.max_mem or p.profile.get("max_mem", 1)) for p in members]
-        plan = make_plan(self.settings.mode, num_layers, memories, self.settings.stages)
+        settings = self.settings
+        plan = make_plan(
+            settings.mode, num_layers, memories, settings.stages, settings.schedule, settings.micro_batches
+        )
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         method, task = get_method(self.options.method), self.options.data.task
         taps = method.taps(self.options.method_options, task, num_layers)

@@ -7,7 +7,8 @@ activation cache, one shard per (group of samples, stage's tap block): the cache
 blocks separately, so an owner never holds more than a shard of one stage's taps. The owner's
 cache is the same one `pac train` would build for its samples, so phase 2 reads it unchanged.
 
-Threads: the stage computes on the calling thread; a receiver thread drains the data plane,
+The stage (`_BackboneStage`) runs its micro-batches in the order of pac.plan.schedule's forward-only
+schedule. Threads: the stage computes on the calling thread; a receiver thread drains the data plane,
 hands hidden states to the compute loop and writes taps into the cache. Draining never waits on
 another peer, so the cycle "stage A sends taps to B while B sends taps to A" cannot deadlock;
 the planes' high-water marks still bound how far a stage can run ahead of a slow receiver.
@@ -31,6 +32,7 @@ from pac.errors import PacError
 from pac.models.backbone import load_backbone
 from pac.net.dataplane import DataPlane
 from pac.plan.placement import Plan, owned_positions, owner, stage_taps
+from pac.plan.schedule import forward_only, run
 from pac.runtime.cache_build import cache_spec
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,15 @@ def owned_cache(
     return mine, cache_spec(model_dir, mine, taps, dtype)
 
 
+@dataclass(frozen=True)
+class _Micro:
+    """One micro-batch of phase 1: a run of consecutive rows of one split."""
+
+    split: str
+    number: int  # within its split
+    positions: list[int]
+
+
 def run_pipeline_stage(
     plane: DataPlane,
     plan: Plan,
@@ -103,8 +114,7 @@ def run_pipeline_stage(
     stop: threading.Event | None = None,
 ) -> dict[str, Path]:
     """Run this rank's stage over every split and build this rank's caches; returns split -> cache dir."""
-    world, stage = plan.world, plan.stages[rank]
-    my_taps = stage_taps(stage, taps)
+    my_taps = stage_taps(plan.stages[rank], taps)
     local = plan.mode == "side-pipeline"  # taps stay where they were computed
     blocks = [tuple(my_taps)] if local else [tuple(stage_taps(s, taps)) for s in plan.stages]
     owned: dict[str, _OwnedSplit] = {}
@@ -114,20 +124,45 @@ def run_pipeline_stage(
         complete = find_cache(cache_root, spec) is not None
         pending = {b: ([] if complete else writer.pending(b)) for b in blocks if b}
         owned[name] = _OwnedSplit(writer, mine, pending)
-
-    hidden_inbox: queue.Queue = queue.Queue()
-    failure: list[BaseException] = []
     expected = expected_messages(plan, rank, {name: len(d) for name, d in splits.items()}, taps, micro_batch)
+    receiver = _Receiver(plane, owned, expected, stop)
+    micros = [
+        _Micro(name, number, list(range(start, min(start + micro_batch, len(data)))))
+        for name, data in splits.items()
+        for number, start in enumerate(range(0, len(data), micro_batch))
+    ]
+    stage = _BackboneStage(
+        plane, plan, rank, model_dir, splits, micros, my_taps, dtype, owned, receiver, progress, stop
+    )
+    with torch.inference_mode():
+        run(forward_only(plan.world, len(micros))[rank], stage)
+    del stage
+    receiver.finish()
+    return {name: o.writer.finalize() for name, o in owned.items()}
 
-    def receive() -> None:
-        """Exactly the expected messages, so that no sender is left waiting (torch send/recv pair up)."""
+
+class _Receiver:
+    """A thread that drains the data plane: hidden states to the compute loop, taps into the owner's caches.
+
+    It takes exactly the expected messages, so that no sender is left waiting (torch send/recv pair up)."""
+
+    def __init__(
+        self, plane: DataPlane, owned: dict[str, _OwnedSplit], expected: dict[str, int], stop: threading.Event | None
+    ):
+        self.plane, self.owned, self.expected, self.stop = plane, owned, expected, stop
+        self.hidden: queue.Queue = queue.Queue()
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._receive, name="pac-data-plane", daemon=True)
+        self.thread.start()
+
+    def _receive(self) -> None:
         counts = {"hidden": 0, "taps": 0}
         try:
-            while counts != expected:
-                if stop is not None and stop.is_set():
+            while counts != self.expected:
+                if self.stop is not None and self.stop.is_set():
                     return
                 try:
-                    header, tensors = plane.recv(timeout=0.2)
+                    header, tensors = self.plane.recv(timeout=0.2)
                 except TimeoutError:
                     continue
                 kind = header.get("kind")
@@ -135,60 +170,119 @@ def run_pipeline_stage(
                     raise PacError(f"unexpected data-plane message {kind!r} from rank {header.get('src')}")
                 counts[kind] += 1
                 if kind == "hidden":
-                    hidden_inbox.put((header, tensors["hidden"]))
+                    self.hidden.put((header, tensors["hidden"]))
                 else:
-                    owned[header["split"]].receive(tuple(header["block"]), header["sample_ids"], tensors["taps"])
+                    self.owned[header["split"]].receive(tuple(header["block"]), header["sample_ids"], tensors["taps"])
         except BaseException as exc:  # surfaced on the compute thread
-            failure.append(exc)
-            hidden_inbox.put(None)
+            self.failure.append(exc)
+            self.hidden.put(None)
 
-    receiver = threading.Thread(target=receive, name="pac-data-plane", daemon=True)
-    receiver.start()
+    def next_hidden(self) -> tuple[dict, torch.Tensor]:
+        while True:
+            try:
+                item = self.hidden.get(timeout=0.2)
+            except queue.Empty:
+                _check_stop(self.stop)
+                continue
+            if item is None:
+                raise self.failure[0]
+            return item
 
-    backbone = load_backbone(model_dir, *stage, with_head=False)
-    total = sum(len(d) for d in splits.values())
-    done = 0
-    wire = WIRE_DTYPES[dtype]
-    last_stage = stage[1] == plan.stages[-1][1]
-    with torch.inference_mode():
-        for name, data in splits.items():
-            for batch_no, start in enumerate(range(0, len(data), micro_batch)):
-                if stop is not None and stop.is_set():
-                    raise PacError("phase 1 stopped: the run was cancelled")
-                positions = list(range(start, min(start + micro_batch, len(data))))
-                if stage[0] == 0:
-                    inputs = data.input_ids[positions]
-                else:
-                    item = _next_hidden(hidden_inbox, failure, stop)
-                    header, inputs = item
-                    if (header["split"], header["batch"]) != (name, batch_no):
-                        raise PacError(
-                            f"stage {rank} expected micro-batch {name}/{batch_no} but got "
-                            f"{header['split']}/{header['batch']} from rank {header['src']}"
-                        )
-                out = backbone(inputs, data.attention_mask[positions], taps=my_taps)
-                if not last_stage:
-                    plane.send(rank + 1, {"kind": "hidden", "split": name, "batch": batch_no}, {"hidden": out.hidden})
-                if my_taps:
-                    stacked = torch.stack([out.taps[t] for t in my_taps], 1)
-                    if wire is torch.float16 and (peak := float(stacked.abs().max())) > FP16_MAX:
-                        raise PacError(
-                            f"activations of layers {my_taps[0]}-{my_taps[-1]} reach {peak:.0f}, beyond fp16: "
-                            "run again with --cache-dtype bf16"
-                        )
-                    owners = [rank] * len(positions) if local else [owner(p, world) for p in positions]
-                    _send_taps(plane, rank, owners, name, data, positions, tuple(my_taps), stacked.to(wire), owned)
-                done += len(positions)
-                if progress is not None:
-                    progress(done, total)
-    del backbone
-    while receiver.is_alive():
-        receiver.join(timeout=0.2)
-        if stop is not None and stop.is_set():
-            raise PacError("phase 1 stopped: the run was cancelled")
-    if failure:
-        raise failure[0]
-    return {name: o.writer.finalize() for name, o in owned.items()}
+    def finish(self) -> None:
+        """Wait until every expected message has arrived (the taps other stages send this rank's samples)."""
+        while self.thread.is_alive():
+            self.thread.join(timeout=0.2)
+            _check_stop(self.stop)
+        if self.failure:
+            raise self.failure[0]
+
+
+class _BackboneStage:
+    """This rank's layers of the frozen backbone, run micro-batch by micro-batch (a pac.plan.schedule.ForwardStage):
+    hidden states come from the previous stage and go to the next, taps go to their samples' owners."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        plan: Plan,
+        rank: int,
+        model_dir: Path,
+        splits: dict[str, TokenizedSet],
+        micros: list[_Micro],
+        my_taps: list[int],
+        dtype: str,
+        owned: dict[str, _OwnedSplit],
+        receiver: _Receiver,
+        progress: Progress | None,
+        stop: threading.Event | None,
+    ):
+        self.plane, self.plan, self.rank, self.splits, self.my_taps = plane, plan, rank, splits, my_taps
+        self.micros = micros
+        self.owned, self.receiver, self.progress, self.stop = owned, receiver, progress, stop
+        self.stage = plan.stages[rank]
+        self.wire = WIRE_DTYPES[dtype]
+        self.backbone = load_backbone(model_dir, *self.stage, with_head=False)
+        self.total, self.done = sum(len(d) for d in splits.values()), 0
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def recv_forward(self, m: int) -> None:
+        micro = self.micros[m]
+        header, hidden = self.receiver.next_hidden()
+        if (header["split"], header["batch"]) != (micro.split, micro.number):
+            raise PacError(
+                f"stage {self.rank} expected micro-batch {micro.split}/{micro.number} but got "
+                f"{header['split']}/{header['batch']} from rank {header['src']}"
+            )
+        self.inputs[m] = hidden
+
+    def forward(self, m: int) -> None:
+        _check_stop(self.stop)
+        micro = self.micros[m]
+        data = self.splits[micro.split]
+        inputs = data.input_ids[micro.positions] if self.stage[0] == 0 else self.inputs.pop(m)
+        out = self.backbone(inputs, data.attention_mask[micro.positions], taps=self.my_taps)
+        if self.stage[1] != self.plan.stages[-1][1]:
+            self.outputs[m] = out.hidden
+        if self.my_taps:
+            stacked = _on_the_wire(torch.stack([out.taps[t] for t in self.my_taps], 1), self.wire, self.my_taps)
+            world = self.plan.world
+            local = self.plan.mode == "side-pipeline"
+            owners = [self.rank] * len(micro.positions) if local else [owner(p, world) for p in micro.positions]
+            _send_taps(
+                self.plane,
+                self.rank,
+                owners,
+                micro.split,
+                data,
+                micro.positions,
+                tuple(self.my_taps),
+                stacked,
+                self.owned,
+            )
+        self.done += len(micro.positions)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def send_forward(self, m: int) -> None:
+        micro = self.micros[m]
+        header = {"kind": "hidden", "split": micro.split, "batch": micro.number}
+        self.plane.send(self.rank + 1, header, {"hidden": self.outputs.pop(m)})
+
+
+def _on_the_wire(taps: torch.Tensor, wire: torch.dtype, layers: list[int]) -> torch.Tensor:
+    """The taps in the wire's dtype; fp16 cannot carry what some models' activations reach."""
+    if wire is torch.float16 and (peak := float(taps.abs().max())) > FP16_MAX:
+        raise PacError(
+            f"activations of layers {layers[0]}-{layers[-1]} reach {peak:.0f}, beyond fp16: "
+            "run again with --cache-dtype bf16"
+        )
+    return taps.to(wire)
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise PacError("phase 1 stopped: the run was cancelled")
 
 
 def expected_messages(
@@ -205,19 +299,6 @@ def expected_messages(
             if any(owner(p, world) == rank for p in range(start, min(start + micro_batch, size))):
                 taps_msgs += len(producers)
     return {"hidden": hidden, "taps": taps_msgs}
-
-
-def _next_hidden(inbox: queue.Queue, failure: list[BaseException], stop: threading.Event | None):
-    while True:
-        try:
-            item = inbox.get(timeout=0.2)
-        except queue.Empty:
-            if stop is not None and stop.is_set():
-                raise PacError("phase 1 stopped: the run was cancelled") from None
-            continue
-        if item is None:
-            raise failure[0]
-        return item
 
 
 def _send_taps(

@@ -8,20 +8,21 @@ Stage k holds the taps of its layers for *all* samples, so it runs the side bloc
     last stage: receives s, runs its blocks, Norm, Up, head and loss
     backward:   the gradient of s flows back stage by stage
 
-Each global batch is cut into micro-batches that flow GPipe-style (all forwards, then all backwards),
-so stages overlap. Every rank keeps a full copy of the side network but computes, and so updates,
-only its own part; gradients are clipped by the global norm (one all-reduce of squared norms) and
-the parts are summed into one adapter at the end. Up to float summation order this takes the same
-steps as one device with the same batch and seed.
+Each global batch is cut into micro-batches. A `SideStage` knows how to run, send and receive one
+micro-batch; a schedule of pac.plan.schedule (GPipe or 1F1B, evaluation forward-only) says in which
+order, so stages overlap. Every rank keeps a full copy of the side network but computes, and so
+updates, only its own part (`SideNetwork.stage_parameters`); gradients are clipped by the global norm
+(one all-reduce of squared norms) and the parts are summed into one adapter at the end. Up to float
+summation order this takes the same steps as one device with the same batch and seed.
 
 The pipelined forward/backward is the gradient hook of the trainer's step (a pac.runtime.step.BackpropStep,
-which keeps the optimizer and schedule); the loop is the plain Trainer's.
+which keeps the optimizer and learning-rate schedule); the loop is the plain Trainer's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +31,135 @@ import torch.distributed as dist
 
 from pac.methods.base import batch_metrics, loss_count, summarize
 from pac.methods.parallel_adapters import ParallelAdapterModel
-from pac.net.dataplane import DataPlane
+from pac.net.dataplane import DataPlane, QueuedSends
 from pac.plan.placement import Plan, stage_taps
+from pac.plan.schedule import forward_only, run, training_schedule
 from pac.runtime.step import BackpropStep
-from pac.runtime.trainer import BatchSource, TrainConfig, Trainer
+from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
 
 class StagePart:
-    """Which taps, side blocks and parameters one stage owns."""
+    """Which taps, side blocks and parameters one stage owns, from the side network's structure."""
 
     def __init__(self, model: ParallelAdapterModel, plan: Plan, rank: int):
-        taps = model.taps
+        taps, side = model.taps, model.side
         mine = stage_taps(plan.stages[rank], taps)
         first, last = taps.index(mine[0]), taps.index(mine[-1]) + 1
         self.rows = slice(first, last)  # rows of the stacked taps / Down weights
         self.blocks = range(max(first - 1, 0), last - 1)  # block j reads tap taps[j + 1]
         self.first, self.last = rank == 0, rank == plan.world - 1
+        self._owned = {
+            id(p): True if mask is None else mask for p, mask in side.stage_parameters(self.rows, self.blocks)
+        }
+        every_stage = side.stage_parameters(slice(None), range(len(side.blocks)))
+        self._pipelined = {id(p) for p, _ in every_stage}
 
-    def owns(self, name: str, shape: torch.Size) -> torch.Tensor | bool:
-        """True, False, or a boolean mask over the first dimension of parameter `name`."""
-        if name.startswith("side.down_"):
-            mask = torch.zeros(shape[0], dtype=torch.bool)
-            mask[self.rows] = True
-            return mask
-        if name == "side.gate_logits":
-            mask = torch.zeros(shape[0], dtype=torch.bool)
-            mask[list(self.blocks)] = True
-            return mask
-        if name.startswith("side.blocks."):
-            return int(name.split(".")[2]) in self.blocks
-        return self.last  # Norm, Up, head, final norm, vocab bias
+    def owns(self, param: torch.nn.Parameter) -> torch.Tensor | bool:
+        """True, False, or a boolean mask over the first dimension of `param`. What no stage's side blocks
+        hold (Norm, Up, the head, the final norm, the vocabulary bias) belongs to the last stage."""
+        if id(param) in self._pipelined:
+            return self._owned.get(id(param), False)
+        return self.last
+
+
+class SideStage:
+    """One stage's side network on the micro-batches of one pass: run, send and receive them by number.
+
+    A pass is started with `begin`; a schedule then calls forward/backward/send_*/recv_* (pac.plan.schedule.run).
+    Messages carry (kind, pass, micro-batch); one that arrives ahead of the one awaited (under 1F1B a gradient
+    from the next stage can overtake a state from the previous one) waits in a stash."""
+
+    def __init__(self, model: ParallelAdapterModel, task: str, part: StagePart, plane: DataPlane, rank: int):
+        self.model, self.task, self.part, self.plane, self.rank = model, task, part, plane, rank
+        self._stash: dict[tuple, tuple[dict, dict[str, torch.Tensor]]] = {}
+
+    def begin(
+        self,
+        tag: list,
+        batch: Callable[[int], dict[str, torch.Tensor]],
+        sends: QueuedSends,
+        *,
+        train: bool,
+        total: int = 0,
+    ) -> None:
+        """A new pass: `tag` names it on the wire, `batch(m)` gives micro-batch m, `total` is the loss count
+        of the whole training batch (each micro-batch's loss is scaled to its share)."""
+        self.tag, self.batch, self.sends, self.train, self.total = tag, batch, sends, train, total
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.loss_sum = 0.0
+        self.metrics = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+
+    def forward(self, micro: int) -> None:
+        side, part = self.model.side, self.part
+        batch = self.batch(micro)
+        downs = side.downs(batch["taps"], part.rows)
+        if part.first:
+            state, rest = downs[:, 0], downs[:, 1:]
+        else:
+            state, rest = self.inputs[micro], downs
+        state = side.run_blocks(state, rest, part.blocks, batch["attention_mask"])
+        if not part.last:
+            self.outputs[micro] = state
+            return
+        side_state = side.norm(state)
+        h_last, mask, labels = batch["taps"][:, -1], batch["attention_mask"], batch["labels"]
+        if self.train:
+            loss = self.model.loss_from_state(h_last, side_state, mask, labels)
+            scaled = loss * (loss_count(self.task, labels) / max(self.total, 1))
+            self.loss_sum += scaled.item()
+            self.outputs[micro] = scaled
+        elif self.task == "lm":
+            count = loss_count("lm", labels)
+            self._add(
+                {
+                    "loss_sum": self.model.loss_from_state(h_last, side_state, mask, labels).item() * count,
+                    "count": count,
+                }
+            )
+        else:
+            self._add(batch_metrics(self.task, self.model.logits_from_state(h_last, side_state, mask), labels))
+
+    def backward(self, micro: int) -> None:
+        self.outputs.pop(micro).backward(self.grads.pop(micro, None))
+
+    def send_forward(self, micro: int) -> None:
+        state = self.outputs[micro] if self.train else self.outputs.pop(micro)
+        self.sends.send(self.rank + 1, self._header("state", micro), {"state": state.detach()})
+
+    def recv_forward(self, micro: int) -> None:
+        self.inputs[micro] = self._recv("state", micro, self.rank - 1)["state"].requires_grad_(self.train)
+
+    def send_backward(self, micro: int) -> None:
+        self.sends.send(self.rank - 1, self._header("grad", micro), {"grad": self.inputs.pop(micro).grad})
+
+    def recv_backward(self, micro: int) -> None:
+        self.grads[micro] = self._recv("grad", micro, self.rank + 1)["grad"]
+
+    def _add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.metrics[k] += v
+
+    def _header(self, kind: str, micro: int) -> dict[str, Any]:
+        return {"kind": kind, "pass": self.tag, "micro": micro}
+
+    def _recv(self, kind: str, micro: int, src: int) -> dict[str, torch.Tensor]:
+        wanted = self._header(kind, micro)
+        key = (kind, tuple(self.tag), micro)
+        while key not in self._stash:
+            header, tensors = self.plane.recv()
+            try:
+                got = (header["kind"], tuple(header["pass"]), header["micro"])
+            except (KeyError, TypeError):
+                raise RuntimeError(f"side pipeline: a message that is not a stage's: {header}") from None
+            expected_src = {"state": self.rank - 1, "grad": self.rank + 1}.get(got[0])
+            if header.get("src") != expected_src or got in self._stash:
+                raise RuntimeError(f"side pipeline out of step: expected {wanted} from rank {src}, got {header}")
+            self._stash[got] = (header, tensors)
+        return self._stash.pop(key)[1]
 
 
 class SidePipelineTrainer(Trainer):
@@ -78,65 +176,27 @@ class SidePipelineTrainer(Trainer):
         plane: DataPlane,
         plan: Plan,
         rank: int,
-        micro_batches: int = 2,
         group: dist.ProcessGroup | None = None,
         **kwargs: Any,
     ):
         step = BackpropStep(model, task, train, config, gradients=self._train_step)
         super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
-        self.plane, self.plan, self.rank, self.group = plane, plan, rank, group
+        self.plan, self.rank, self.group = plan, rank, group
         self.part = StagePart(self.model, plan, rank)
-        self.micro_batches = micro_batches
-
-    # ------------------------------------------------------------------ one stage's pass
-    def _stage_forward(self, batch: dict[str, torch.Tensor], tag: dict, grad: bool) -> tuple[torch.Tensor, ...]:
-        """Run this stage on a (micro-)batch; returns (state entering, state leaving or side state)."""
-        side = self.model.side
-        downs = side.downs(batch["taps"], self.part.rows)
-        if self.part.first:
-            state_in, rest = None, downs[:, 1:]
-            state = downs[:, 0]
-        else:
-            header, tensors = self.plane.recv()
-            _expect(header, {"kind": "state", **tag}, self.rank - 1)
-            state_in = tensors["state"].requires_grad_(grad)
-            state, rest = state_in, downs
-        state = side.run_blocks(state, rest, self.part.blocks, batch["attention_mask"])
-        if not self.part.last:
-            self.plane.send(self.rank + 1, {"kind": "state", **tag}, {"state": state.detach()})
-        return state_in, state
+        self.stage = SideStage(self.model, task, self.part, plane, rank)
+        self._evaluations = 0
 
     def _train_step(self, indices: list[int], step: int) -> tuple[float, float]:
         """The step's gradients (`step` is self.step): this stage's part of the batch's, clipped by the global norm."""
-        parts = [list(p) for p in _chunks(indices, self.micro_batches)]
-        batches = [self.train_source.batch(p) for p in parts]
+        batches = [self.train_source.batch(list(p)) for p in _chunks(indices, self.plan.micro_batches)]
         total = sum(loss_count(self.task, b["labels"]) for b in batches)
-        graphs, loss_sum = [], 0.0
-        for m, batch in enumerate(batches):  # all forwards, in order ...
-            state_in, state = self._stage_forward(batch, {"micro": m, "step": self.step}, grad=True)
-            if self.part.last:
-                side_state = self.model.side.norm(state)
-                loss = self.model.loss_from_state(
-                    batch["taps"][:, -1], side_state, batch["attention_mask"], batch["labels"]
-                )
-                scaled = loss * (loss_count(self.task, batch["labels"]) / max(total, 1))
-                loss_sum += scaled.item()
-                graphs.append((state_in, scaled))
-            else:
-                graphs.append((state_in, state))
-        for m in reversed(range(len(batches))):  # ... then all backwards, in reverse
-            state_in, out = graphs[m]
-            if self.part.last:
-                out.backward()
-            else:
-                header, tensors = self.plane.recv()
-                _expect(header, {"kind": "grad", "micro": m, "step": self.step}, self.rank + 1)
-                out.backward(tensors["grad"])
-            if state_in is not None:
-                self.plane.send(self.rank - 1, {"kind": "grad", "micro": m, "step": self.step}, {"grad": state_in.grad})
+        actions = training_schedule(self.plan.schedule, self.plan.world, len(batches))[self.rank]
+        with QueuedSends(self.stage.plane) as sends:
+            self.stage.begin(["train", self.step], batches.__getitem__, sends, train=True, total=total)
+            run(actions, self.stage)
         # Global gradient norm: each parameter element is computed by exactly one stage.
         squares = sum(float(p.grad.pow(2).sum()) for p in self.params if p.grad is not None)
-        totals = torch.tensor([squares, loss_sum], dtype=torch.float64)
+        totals = torch.tensor([squares, self.stage.loss_sum], dtype=torch.float64)
         dist.all_reduce(totals, group=self.group)
         norm = float(totals[0].sqrt())
         coef = min(1.0, self.config.max_grad_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
@@ -148,24 +208,18 @@ class SidePipelineTrainer(Trainer):
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-        with torch.no_grad():
-            for b, start in enumerate(range(0, len(source), 8)):
-                batch = source.batch(list(range(start, min(start + 8, len(source)))))
-                _, state = self._stage_forward(batch, {"micro": -1, "step": b}, grad=False)
-                if not self.part.last:
-                    continue
-                side_state = self.model.side.norm(state)
-                h_last, mask, labels = batch["taps"][:, -1], batch["attention_mask"], batch["labels"]
-                if self.task == "lm":
-                    count = loss_count("lm", labels)
-                    loss = self.model.loss_from_state(h_last, side_state, mask, labels)
-                    metrics = {"loss_sum": loss.item() * count, "count": count}
-                else:
-                    metrics = batch_metrics(self.task, self.model.logits_from_state(h_last, side_state, mask), labels)
-                for k, v in metrics.items():
-                    totals[k] += v
+        starts = range(0, len(source), EVAL_BATCH)
+        self._evaluations += 1
+
+        def batch(m: int) -> dict[str, torch.Tensor]:
+            return source.batch(list(range(starts[m], min(starts[m] + EVAL_BATCH, len(source)))))
+
+        with torch.no_grad(), QueuedSends(self.stage.plane) as sends:
+            self.stage.begin(["eval", self._evaluations], batch, sends, train=False)
+            if starts:
+                run(forward_only(self.plan.world, len(starts))[self.rank], self.stage)
         self.model.train(was_training)
+        totals = self.stage.metrics
         summed = torch.tensor(list(totals.values()), dtype=torch.float64)
         dist.all_reduce(summed, group=self.group)  # only the last stage has non-zero totals
         return summarize(self.task, dict(zip(totals, summed.tolist(), strict=True)))
@@ -173,8 +227,8 @@ class SidePipelineTrainer(Trainer):
     def gather_adapter(self) -> None:
         """Sum every stage's own part into one full set of weights, on every rank."""
         with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                owned = self.part.owns(name, p.shape)
+            for p in self.params:
+                owned = self.part.owns(p)
                 mine = p.clone() if owned is True else torch.zeros_like(p)
                 if isinstance(owned, torch.Tensor):
                     mine[owned] = p[owned]
@@ -192,9 +246,3 @@ def _chunks(indices: Sequence[int], count: int) -> list[Sequence[int]]:
         parts.append(indices[start:end])
         start = end
     return parts
-
-
-def _expect(header: dict, wanted: dict, src: int) -> None:
-    got = {k: header.get(k) for k in wanted}
-    if got != wanted or header.get("src") != src:
-        raise RuntimeError(f"side pipeline out of step: expected {wanted} from rank {src}, got {header}")
