@@ -77,7 +77,7 @@ def test_three_peers_train_the_same_adapter_as_one_device(
     assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *extra) == 0
     shown = capsys.readouterr().out
     if schedule:
-        assert "side network pipelined 1f1b, 3 micro-batches per batch" in shown
+        assert "[pac-launch] phase 2 pipelined 1f1b, 3 micro-batches per batch" in shown
     for state in ("joining", "planning", "cache build", "training", "export", "done"):
         assert f"[pac-launch] {state}" in shown
     expected, single_summary = single_device

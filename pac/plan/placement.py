@@ -34,10 +34,7 @@ class Plan:
         return len(self.stages)
 
     def describe(self) -> str:
-        ranks = ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
-        if self.mode == "side-pipeline":
-            ranks += f"; side network pipelined {self.schedule}, {self.micro_batches} micro-batches per batch"
-        return ranks
+        return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
 
 
 def layer_ranges(spec: str) -> list[Stage]:

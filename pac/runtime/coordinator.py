@@ -37,6 +37,7 @@ from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, check_schedule, make_plan, parse_stages, stage_taps
+from pac.plan.schedule import format_schedule, training_schedule
 from pac.runconfig import TrainOptions, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
 from pac.runtime.prepare import SUMMARY, prepare_data
@@ -306,6 +307,10 @@ class Coordinator:
             settings.mode, num_layers, memories, settings.stages, settings.schedule, settings.micro_batches
         )
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
+        if plan.mode == "side-pipeline":
+            self._print(f"[pac-launch] phase 2 pipelined {plan.schedule}, {plan.micro_batches} micro-batches per batch")
+            schedule = training_schedule(plan.schedule, plan.world, plan.micro_batches)
+            log.info("phase 2 schedule per full batch:\n%s", format_schedule(schedule))
         method, task = get_method(self.options.method), self.options.data.task
         taps = method.taps(self.options.method_options, task, num_layers)
         idle = [r for r, stage in enumerate(plan.stages) if not stage_taps(stage, taps)]
