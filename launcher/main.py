@@ -120,11 +120,12 @@ def _launch(args: argparse.Namespace) -> int:
     from pac.cli import print_epochs, train_options
     from pac.net.auth import TOKEN_ENV, new_token, token_from_env
     from pac.net.hosts import read_hosts
-    from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
+    from pac.runconfig import ClusterOptions
+    from pac.runtime.coordinator import Coordinator, RunFailed
 
     if args.ssh and not args.peers:
         raise PacError("--ssh starts the peers listed in a hosts file: add --peers hosts.txt")
-    settings = LaunchSettings(
+    settings = ClusterOptions(
         mode=args.mode,
         stages=args.stages,
         data_plane=args.data_plane,

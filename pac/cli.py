@@ -427,7 +427,7 @@ def train_options(args: argparse.Namespace):
     naming the methods it belongs to."""
     from dataclasses import replace
 
-    from pac.runconfig import TrainOptions
+    from pac.runconfig import CacheOptions, OptimOptions, TrainOptions
 
     method = get_method(args.method)
     keys, given = method.option_keys(), getattr(args, GIVEN, set())
@@ -441,15 +441,20 @@ def train_options(args: argparse.Namespace):
                     f"pass --method {owners[0]}"
                 )
     chosen = {field: getattr(args, key) for key, field in keys.items() if key in given}
-    generic = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if hasattr(args, f.name)}
     holdout = args.holdout if args.holdout is not None else (0.1 if args.early_stopping else 0.0)
-    generic.update(
+    return TrainOptions(
+        model=args.model,
         data=replace(_data_options(args), holdout=holdout, retain_mix=args.retain_mix),
+        method=args.method,
         method_options=method.options(**chosen),
+        optim=OptimOptions(**{f.name: getattr(args, f.name) for f in fields(OptimOptions)}),
+        cache=CacheOptions(dir=args.cache_dir, dtype=args.cache_dtype),
+        out=args.out,
+        checkpoint_every=args.checkpoint_every,
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
+        overwrite=args.overwrite,
         require_resume=args.resume,
     )
-    return TrainOptions(**generic)
 
 
 def print_epochs(epochs: list[dict]) -> None:

@@ -33,25 +33,41 @@ class DataOptions:
 
 
 @dataclass
-class TrainOptions:
-    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
-    data: DataOptions = field(default_factory=DataOptions)
-    method: str = DEFAULT_METHOD
-    method_options: Any = None  # the method's options dataclass (registry.Method.options); None: its defaults
-    out: str = "runs/adapter"
+class OptimOptions:
+    """The training loop: how long, how large a step, and how it is taken."""
+
     epochs: int = 3
     batch_size: int = 8
     lr: float | None = None  # None: the method's default for the task
     weight_decay: float = 0.0
     precision: str = "fp32"  # or "bf16": training steps' products in bfloat16 (pac.runtime.step.autocast)
-    seed: int = 0
+    seed: int = 0  # initialisation and sample order
+    early_stopping: int = 0  # patience in epochs, judged on the holdout part of the training data
+
+
+@dataclass
+class CacheOptions:
+    """The activation cache (pac.cache): where it lives and the precision it stores."""
+
+    dir: str | None = None  # None: $PAC_HOME/cache (pac.models.loading.cache_root)
+    dtype: str = "fp16"  # fp16 | bf16 | int8
+
+
+@dataclass
+class TrainOptions:
+    """One run: the model, its data, the method with its options, the loop, the cache, and where results go."""
+
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    data: DataOptions = field(default_factory=DataOptions)
+    method: str = DEFAULT_METHOD
+    method_options: Any = None  # the method's options dataclass (registry.Method.options); None: its defaults
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    out: str = "runs/adapter"
     checkpoint_every: int = 0
     resume: bool = True  # continue this run from its checkpoints in `out` (they must be this run's)
     overwrite: bool = False  # replace an earlier run's outputs in `out`
     require_resume: bool = False  # refuse to start unless `out` holds this run to continue
-    early_stopping: int = 0  # patience in epochs, judged on the holdout part of the training data
-    cache_dir: str | None = None
-    cache_dtype: str = "fp16"
 
     @property
     def options(self) -> Any:
@@ -59,9 +75,37 @@ class TrainOptions:
         return self.method_options if self.method_options is not None else get_method(self.method).default_options()
 
 
+@dataclass
+class ClusterOptions:
+    """How `pac-launch` places a run on the peers (pac.plan.placement) and waits for them."""
+
+    mode: str = "shuffle"  # shuffle | side-pipeline | replicated
+    stages: str | None = None  # layers per peer, e.g. "0-9,10-19,20-29"; None: in proportion to memory
+    data_plane: str = "zmq"  # zmq | torch
+    schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
+    micro_batches: int = 2
+    join_timeout: float = 120.0
+    peer_timeout: float = 60.0
+    store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)
+
+
 # Options that say where things are, not what is trained: they do not change a run's identity (the model's
 # weights and the data's content stand in for the paths that name them).
 PLACEMENT_OPTIONS = ("model", "out", "cache_dir", "checkpoint_every", "resume", "overwrite", "require_resume")
+
+
+def flat_options(opts: TrainOptions) -> dict[str, Any]:
+    """The run as one record, each loop and cache option under its `pac train` name (lr, cache_dir, ...), the
+    data options under "data" and the method's under "method_options": what run identities and summaries hold."""
+    top = {f.name: getattr(opts, f.name) for f in fields(TrainOptions) if f.name not in ("optim", "cache")}
+    return {
+        **{k: v for k, v in top.items() if k not in ("data", "method_options")},
+        **asdict(opts.optim),
+        "cache_dir": opts.cache.dir,
+        "cache_dtype": opts.cache.dtype,
+        "data": asdict(opts.data),
+        "method_options": asdict(opts.options),
+    }
 
 
 def with_defaults(opts: TrainOptions) -> TrainOptions:
@@ -74,29 +118,30 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         if opts.data.task != "lm":
             raise PacError("--retain-mix adds prompt/completion rows: it is for --task lm")
         check_retain_mix(opts.data.retain_mix)
-    lr = opts.lr or method.default_lr(opts.data.task)
-    return replace(opts, lr=lr, method_options=method.resolved(opts.method_options, opts.data.task))
+    optim = replace(opts.optim, lr=opts.optim.lr or method.default_lr(opts.data.task))
+    return replace(opts, optim=optim, method_options=method.resolved(opts.method_options, opts.data.task))
 
 
 def summary_options(opts: TrainOptions) -> dict[str, Any]:
     """Every option as `pac train` spells it (the method's under their flag names), for summary.json and the
     model card: one flat, readable record."""
-    generic = {k: v for k, v in asdict(opts).items() if k != "method_options"}
+    generic = {k: v for k, v in flat_options(opts).items() if k != "method_options"}
     return {**generic, **get_method(opts.method).flat_options(opts.options)}
 
 
 # ----------------------------------------------------------------------------- on the wire
 # A collaborative run's configuration travels to the peers explicitly, field by field, under its own version:
 # a new option changes this schema on purpose (and RUN_CONFIG_VERSION), never by accident.
-RUN_CONFIG_VERSION = 1
-_GENERIC = tuple(f.name for f in fields(TrainOptions) if f.name not in ("data", "method_options"))
+RUN_CONFIG_VERSION = 2  # 2: the loop's and the cache's options in their own sections
+_SECTIONS = {"data": DataOptions, "optim": OptimOptions, "cache": CacheOptions}
+_GENERIC = tuple(f.name for f in fields(TrainOptions) if f.name not in (*_SECTIONS, "method_options"))
 
 
 def run_config_to_wire(opts: TrainOptions) -> dict[str, Any]:
     return {
         "version": RUN_CONFIG_VERSION,
         "train": {name: getattr(opts, name) for name in _GENERIC},
-        "data": asdict(opts.data),
+        **{name: asdict(getattr(opts, name)) for name in _SECTIONS},
         "method_options": asdict(opts.options),
     }
 
@@ -106,13 +151,16 @@ def run_config_from_wire(raw: Any) -> TrainOptions:
     if not isinstance(raw, dict) or raw.get("version") != RUN_CONFIG_VERSION:
         version = raw.get("version") if isinstance(raw, dict) else None
         raise PacError(f"run configuration of version {version!r}, this side reads {RUN_CONFIG_VERSION}: run one pac")
-    _exact_keys(raw, ("version", "train", "data", "method_options"), "run configuration")
+    _exact_keys(raw, ("version", "train", *_SECTIONS, "method_options"), "run configuration")
     train = _exact_keys(raw["train"], _GENERIC, "run configuration's training options")
-    data = DataOptions(**_exact_keys(raw["data"], [f.name for f in fields(DataOptions)], "data options"))
+    sections = {
+        name: kind(**_exact_keys(raw[name], [f.name for f in fields(kind)], f"run configuration's {name} options"))
+        for name, kind in _SECTIONS.items()
+    }
     method = get_method(train["method"])
     names = [f.name for f in fields(method.options)]
     options = method.options(**_exact_keys(raw["method_options"], names, f"--method {method.name} options"))
-    return TrainOptions(**train, data=data, method_options=options)
+    return TrainOptions(**train, **sections, method_options=options)
 
 
 def _exact_keys(raw: Any, names: Any, what: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pac.model_card import write_model_card
 from pac.models.backbone import Backbone, load_backbone, load_config
 from pac.models.families import family_for
 from pac.models.loading import cache_root, resolve_model
-from pac.runconfig import DataOptions, TrainOptions, summary_options, with_defaults
+from pac.runconfig import CacheOptions, DataOptions, OptimOptions, TrainOptions, summary_options, with_defaults
 from pac.runtime.cache_build import CacheBuildResult, build_cache
 from pac.runtime.heap import one_off_step
 from pac.runtime.prepare import (
@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 
 # The run's configuration and data preparation, re-exported: the API's callers build runs from them.
 __all__ = [
+    "CacheOptions",
     "DataOptions",
+    "OptimOptions",
     "TrainOptions",
     "load_tokenizer",
     "prepare_data",
@@ -80,7 +82,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
     `report` receives the lines a user follows (the split, a resumed run, each epoch as it ends)."""
     opts = with_defaults(opts)
     method = get_method(opts.method)
-    torch.manual_seed(opts.seed)
+    torch.manual_seed(opts.optim.seed)
     prepared = prepare_data(opts.model, opts.data)
     out = Path(opts.out)
     run = claim(out, run_identity(opts, prepared), opts.overwrite, opts.require_resume)
@@ -120,7 +122,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
 def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
     """Phase 1 where the method trains from cached taps, then the loop on its model and step, then its save."""
     options, task = opts.method_options, opts.data.task
-    ctx = BuildContext(data.model_dir, task, data.label_names, opts.seed, opts.data.max_length)
+    ctx = BuildContext(data.model_dir, task, data.label_names, opts.optim.seed, opts.data.max_length)
     extras: dict[str, Any] = {}
     if method.cached:
         num_layers = load_config(data.model_dir).num_hidden_layers
@@ -148,7 +150,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         val=val_source,
         holdout=holdout_source,
         train_step=step,
-        **watch.trainer_hooks(opts.epochs),
+        **watch.trainer_hooks(opts.optim.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
     # Recorded apart from the process's peak, which would also count a one-off fit after training.
@@ -167,11 +169,11 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
     """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
-    root = cache_root(opts.cache_dir)
+    root = cache_root(opts.cache.dir)
     where = getattr(exc, "filename", None) or "the disk"
     config = load_config(data.model_dir)
     # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
-    per_value = 1 if opts.cache_dtype == "int8" else 2
+    per_value = 1 if opts.cache.dtype == "int8" else 2
     method = get_method(opts.method)
     taps = len(method.taps(opts.method_options, opts.data.task, config.num_hidden_layers)) if method.cached else 0
     samples = len(data.train) + len(data.val)
@@ -191,11 +193,11 @@ def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
     """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
-    root = cache_root(opts.cache_dir)
+    root = cache_root(opts.cache.dir)
     built = {}
     for name, part in (("train", data.train), ("val", data.val)):
         built[name] = build_cache(
-            data.model_dir, part, root, taps, opts.cache_dtype, desc=f"cache build ({name})", clock=watch.clock
+            data.model_dir, part, root, taps, opts.cache.dtype, desc=f"cache build ({name})", clock=watch.clock
         )
         done = built[name]
         what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"

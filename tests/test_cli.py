@@ -212,11 +212,18 @@ def test_console_scripts_teach():
 def test_training_seed_does_not_change_the_split(tiny_llama, topic_jsonl, tmp_path):
     """Seeds vary initialisation and order only, so runs of several seeds share one split and one cache;
     zero epochs (the API's, which `pac train` refuses) build the cache and report the untrained starting point."""
-    from pac.workflow import DataOptions, TrainOptions, train
+    from pac.workflow import CacheOptions, DataOptions, OptimOptions, TrainOptions, train
 
     cache = tmp_path / "cache"
     data = DataOptions(data=str(topic_jsonl), val_size=12)
-    train(TrainOptions(model=str(tiny_llama), data=data, out=str(tmp_path / "s0"), cache_dir=str(cache), epochs=0))
+    opts = TrainOptions(
+        model=str(tiny_llama),
+        data=data,
+        out=str(tmp_path / "s0"),
+        cache=CacheOptions(str(cache)),
+        optim=OptimOptions(0),
+    )
+    train(opts)
     start = json.loads((tmp_path / "s0" / "summary.json").read_text())
     assert start["epochs"][0]["epoch"] == 0 and "val_accuracy" in start["epochs"][0]
     assert _train(tiny_llama, topic_jsonl, tmp_path / "s1", cache, "--seed", "1") == 0

@@ -26,10 +26,11 @@ from pac.methods.parallel_adapters import ParallelAdapterOptions
 from pac.methods.registry import BuildContext, get_method
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
+from pac.runconfig import ClusterOptions
 from pac.runtime.cache_build import build_cache
-from pac.runtime.coordinator import Coordinator, LaunchSettings, RunFailed
+from pac.runtime.coordinator import Coordinator, RunFailed
 from pac.runtime.sources import CachedTaps
-from pac.workflow import DataOptions, TrainOptions, prepare_data, train, with_defaults
+from pac.workflow import CacheOptions, DataOptions, OptimOptions, TrainOptions, prepare_data, train, with_defaults
 
 COMMON = ["--epochs", "2", "--val-size", "12", "--reduction", "4", "--batch-size", "8"]
 
@@ -39,9 +40,9 @@ def _options(model, data, out, cache) -> TrainOptions:
         model=str(model),
         data=DataOptions(data=str(data), val_size=12),
         out=str(out),
-        epochs=2,
+        optim=OptimOptions(epochs=2),
         method_options=ParallelAdapterOptions(reduction=4),
-        cache_dir=str(cache),
+        cache=CacheOptions(str(cache)),
     )
 
 
@@ -219,7 +220,7 @@ def test_a_peer_with_a_wrong_token_is_refused_and_the_others_train(tiny_llama, t
     good, good_host = _peer_process(tmp_path, "good", token)
     bad, bad_host = _peer_process(tmp_path, "intruder", "not-the-token")
     try:
-        settings = LaunchSettings(join_timeout=60)
+        settings = ClusterOptions(join_timeout=60)
         out = tmp_path / "out"
         options = _options(tiny_llama, topic_jsonl, out, tmp_path / "c")
         summary = Coordinator([good_host, bad_host], token, options, settings).run()
@@ -263,7 +264,7 @@ def test_one_failed_handshake_is_retried_not_refused(tiny_llama, topic_jsonl, tm
     try:
         options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c")
         hosts = [PeerHost("127.0.0.1", port, "late")]
-        summary = Coordinator(hosts, token, options, LaunchSettings(join_timeout=60)).run()
+        summary = Coordinator(hosts, token, options, ClusterOptions(join_timeout=60)).run()
         switch.join()
         assert list(summary["peers"]) == ["late"]
         assert "handshake with late" in caplog.text and "retrying" in caplog.text
@@ -325,7 +326,7 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         worker.start()
         options = _options(tiny_llama, topic_jsonl, tmp_path / "o", tmp_path / "c")
         with pytest.raises(RunFailed, match="no answer within 5 s from fake"):
-            Coordinator([fake_host], token, options, LaunchSettings(join_timeout=5)).run()
+            Coordinator([fake_host], token, options, ClusterOptions(join_timeout=5)).run()
         worker.join()
         assert replies[-1]["type"] == "error" and "msgpack" in replies[-1]["reason"]
         assert "rejected a message from fake" in caplog.text
@@ -434,7 +435,7 @@ def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topi
     options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
     try:
         with pytest.raises(RunFailed, match=r"peer laptop \(rank 0\) stopped responding"):
-            Coordinator([host], token, options, LaunchSettings(join_timeout=20, peer_timeout=2)).run()
+            Coordinator([host], token, options, ClusterOptions(join_timeout=20, peer_timeout=2)).run()
     finally:
         worker.join()
         fake.close(0)
@@ -468,7 +469,7 @@ def test_peers_in_their_own_network_namespaces_behind_a_rate_limit(single_device
             )
             hosts.append(PeerHost(net.address(d), 29600, f"dev{d}"))
         options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
-        Coordinator(hosts, token, options, LaunchSettings(mode="side-pipeline", join_timeout=60)).run()
+        Coordinator(hosts, token, options, ClusterOptions(mode="side-pipeline", join_timeout=60)).run()
     expected, _ = single_device
     got = load_file(tmp_path / "out" / "adapter_model.safetensors")
     for name in expected:

@@ -15,7 +15,15 @@ from pac.methods.base import ADAPTER_CONFIG, LEGACY_ADAPTER_CONFIG, save_adapter
 from pac.methods.registry import get_method
 from pac.model_card import MARK, model_card, write_model_card
 from pac.models.loading import BUNDLED_MODEL_ID, model_name, resolve_model
-from pac.workflow import DataOptions, TrainOptions, evaluate_adapter, load_for_inference, train
+from pac.workflow import (
+    CacheOptions,
+    DataOptions,
+    OptimOptions,
+    TrainOptions,
+    evaluate_adapter,
+    load_for_inference,
+    train,
+)
 
 
 def _train(model, data: Path, out: Path, method: str, task: str = "classify", **extra) -> dict:
@@ -24,8 +32,8 @@ def _train(model, data: Path, out: Path, method: str, task: str = "classify", **
         data=DataOptions(data=str(data), task=task, val_size=12, max_length=32),
         method=method,
         out=str(out),
-        epochs=1,
-        cache_dir=str(out.parent / "cache"),
+        optim=OptimOptions(epochs=1),
+        cache=CacheOptions(str(out.parent / "cache")),
         method_options=get_method(method).options(**extra),
     )
     return train(opts)
@@ -217,7 +225,7 @@ def test_lora_on_the_bundled_model_names_its_hub_id(smollm2_dir, topic_jsonl, tm
         data=DataOptions(data=str(topic_jsonl), task="lm", train_size=4, val_size=2, max_length=8),
         method="lora",
         out=str(out),
-        epochs=1,
+        optim=OptimOptions(epochs=1),
     )
     train(opts)
     config = json.loads((out / LEGACY_ADAPTER_CONFIG).read_text())

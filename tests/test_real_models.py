@@ -10,7 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from pac.cli import main
 from pac.models.backbone import load_backbone
-from pac.workflow import DataOptions, TrainOptions, evaluate_adapter, load_for_inference, train
+from pac.workflow import (
+    CacheOptions,
+    DataOptions,
+    OptimOptions,
+    TrainOptions,
+    evaluate_adapter,
+    load_for_inference,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +40,12 @@ def test_smollm2_backbone_equals_transformers_on_real_text(smollm2_dir):
 
 def test_smollm2_parallel_adapters_on_bbc_news(smollm2_dir, tmp_path):
     data = DataOptions(train_size=30, val_size=15, max_length=48)
-    opts = TrainOptions(data=data, epochs=2, out=str(tmp_path / "adapter"), cache_dir=str(tmp_path / "cache"))
+    opts = TrainOptions(
+        data=data,
+        optim=OptimOptions(epochs=2),
+        out=str(tmp_path / "adapter"),
+        cache=CacheOptions(str(tmp_path / "cache")),
+    )
     summary = train(opts)
     assert summary["train_samples"] == 30 and summary["val_samples"] == 15
     assert summary["cache_computed_samples"] == {"train": 30, "val": 15}
@@ -66,9 +79,9 @@ def test_minilm_encoder_parallel_adapters(tmp_path):
     opts = TrainOptions(
         model=str(gt.get_model_path()),
         data=DataOptions(train_size=30, val_size=15, max_length=48),
-        epochs=1,
+        optim=OptimOptions(epochs=1),
         out=str(tmp_path / "adapter"),
-        cache_dir=str(tmp_path / "cache"),
+        cache=CacheOptions(str(tmp_path / "cache")),
     )
     summary = train(opts)
     assert summary["cache_computed_samples"] == {"train": 30, "val": 15}

@@ -174,13 +174,13 @@ def _phase_one(
     stop: threading.Event | None,
 ) -> dict[str, Path]:
     opts, plan, rank = job.options, job.plan, job.rank
-    root = cache_root(opts.cache_dir)
+    root = cache_root(opts.cache.dir)
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
         caches, done, total = {}, 0, sum(len(d) for d in splits.values())
         for name, data in splits.items():
             mine = data.subset(owned_positions(len(data), rank, plan.world))
-            built = build_cache(model_dir, mine, root, job.taps, opts.cache_dtype, desc=f"cache ({name})")
+            built = build_cache(model_dir, mine, root, job.taps, opts.cache.dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
             done += len(data)
             if report:
@@ -196,8 +196,8 @@ def _phase_one(
         splits,
         job.taps,
         root,
-        opts.cache_dtype,
-        micro_batch=opts.batch_size,
+        opts.cache.dtype,
+        micro_batch=opts.optim.batch_size,
         progress=report,
         stop=stop,
     )
@@ -218,7 +218,7 @@ def _phase_two(
     local: dict[str, Any] = {}
     for name in splits:  # each cache was built (and verified) by this run's phase 1; its manifest has the spec
         local[name] = CachedTaps(CacheReader(caches[name]))
-    ctx = BuildContext(model_dir, opts.data.task, label_names, opts.seed, opts.data.max_length, local["train"])
+    ctx = BuildContext(model_dir, opts.data.task, label_names, opts.optim.seed, opts.data.max_length, local["train"])
     model = method.build(opts.method_options, ctx)
     with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
         for p in model.parameters():

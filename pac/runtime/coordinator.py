@@ -38,7 +38,7 @@ from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.placement import Plan, check_schedule, make_plan, parse_stages, stage_taps
 from pac.plan.schedule import format_schedule, training_schedule
-from pac.runconfig import TrainOptions, summary_options, with_defaults
+from pac.runconfig import ClusterOptions, TrainOptions, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
 from pac.runtime.prepare import SUMMARY, prepare_data
 
@@ -93,47 +93,35 @@ class PeerState:
         return self.host.name.encode()
 
 
-@dataclass
-class LaunchSettings:
-    mode: str = "shuffle"
-    stages: str | None = None
-    data_plane: str = "zmq"
-    schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
-    micro_batches: int = 2
-    join_timeout: float = 120.0
-    peer_timeout: float = 60.0
-    store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)
-
-
 class Coordinator:
     def __init__(
         self,
         hosts: list[PeerHost],
         token: str,
         options: TrainOptions,
-        settings: LaunchSettings,
+        cluster: ClusterOptions,
         display: TextIO | None = None,
     ):
         if not get_method(options.method).collaborative:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
-        check_schedule(settings.mode, settings.schedule, settings.micro_batches)
+        check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
         # Only parallel adapters run collaboratively so far: the checks below read their options.
         pa = options.options
-        if options.data.holdout or options.early_stopping:
+        if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
-        if options.precision != "fp32" and settings.mode == "side-pipeline":
+        if options.optim.precision != "fp32" and cluster.mode == "side-pipeline":
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        if pa.shortlist and settings.mode == "side-pipeline":
+        if pa.shortlist and cluster.mode == "side-pipeline":
             raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
         if pa.retrieval:
             # The memory would need every peer's share of the training cache in one place.
             raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
         # Its last stage alone computes the loss, from side states the other peers send it: no shortlists.
-        shortlist = 0 if settings.mode == "side-pipeline" else pa.shortlist
+        shortlist = 0 if cluster.mode == "side-pipeline" else pa.shortlist
         pa = replace(pa, retrieval=False, shortlist=shortlist)
         self.options = with_defaults(replace(options, method_options=pa))
-        self.settings, self.token, self.display = settings, token, display or sys.stdout
+        self.cluster, self.token, self.display = cluster, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
         self.reason = ""
@@ -296,16 +284,14 @@ class Coordinator:
         # Before anyone joins, so that bad data, an unknown model or bad --stages fail in seconds.
         prepared = prepare_data(self.options.model, self.options.data)
         num_layers = load_config(prepared.model_dir).num_hidden_layers
-        if self.settings.stages:
-            parse_stages(self.settings.stages, num_layers, len(self.peers))
+        if self.cluster.stages:
+            parse_stages(self.cluster.stages, num_layers, len(self.peers))
         members = self._join()
         self._advance(RunState.PLANNING)
         # The hosts file's max_mem= wins over what a peer reports (a cap the user chose for that device).
         memories = [float(p.host.max_mem or p.profile.get("max_mem", 1)) for p in members]
-        settings = self.settings
-        plan = make_plan(
-            settings.mode, num_layers, memories, settings.stages, settings.schedule, settings.micro_batches
-        )
+        cluster = self.cluster
+        plan = make_plan(cluster.mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches)
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         if plan.mode == "side-pipeline":
             self._print(f"[pac-launch] phase 2 pipelined {plan.schedule}, {plan.micro_batches} micro-batches per batch")
@@ -332,7 +318,7 @@ class Coordinator:
                 options=self.options,
                 model_fingerprint=fingerprint,
                 store=(self._store_host(peer), store_port),
-                data_plane=self.settings.data_plane,
+                data_plane=self.cluster.data_plane,
                 data_endpoints=endpoints,
                 data_keys=keys,
                 threads=peer.host.threads,
@@ -347,7 +333,7 @@ class Coordinator:
         return summary
 
     def _join(self) -> list[PeerState]:
-        deadline = time.monotonic() + self.settings.join_timeout
+        deadline = time.monotonic() + self.cluster.join_timeout
         next_hello = 0.0
         while any(p.status == "connecting" for p in self.peers.values()):
             now = time.monotonic()
@@ -356,7 +342,7 @@ class Coordinator:
                     f"{p.host.name} ({p.host.endpoint})" for p in self.peers.values() if p.status == "connecting"
                 ]
                 self._fail(
-                    f"no answer within {self.settings.join_timeout:.0f} s from {', '.join(missing)}: "
+                    f"no answer within {self.cluster.join_timeout:.0f} s from {', '.join(missing)}: "
                     "is `pac peer` running there, with that port reachable?"
                 )
             if now >= next_hello:  # ROUTER_MANDATORY makes a hello to a peer not yet reachable fail; retry
@@ -397,7 +383,7 @@ class Coordinator:
             )
 
     def _store_host(self, peer: PeerState) -> str:
-        return self.settings.store_host or local_address_towards(peer.host.host)
+        return self.cluster.store_host or local_address_towards(peer.host.host)
 
     def _start_store(self) -> int:
         """The process group's rendezvous, hosted here; peers connect to it with their rank."""
@@ -413,7 +399,7 @@ class Coordinator:
                     self._send(p, "heartbeat")
                 next_beat = now + HEARTBEAT_S
             for p in members:
-                if now - p.last_heard > self.settings.peer_timeout:
+                if now - p.last_heard > self.cluster.peer_timeout:
                     self._fail(f"peer {p.host.name} (rank {p.rank}) stopped responding for {now - p.last_heard:.0f} s")
             self._poll(100)
             self._show(members)

@@ -5,7 +5,7 @@ Shared by single-device training (pac.workflow) and the coordinator of a collabo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from pac.errors import PacError
 from pac.methods.registry import get_method
 from pac.models.backbone import load_backbone
 from pac.models.loading import model_name, resolve_model
-from pac.runconfig import PLACEMENT_OPTIONS, DataOptions, TrainOptions
+from pac.runconfig import PLACEMENT_OPTIONS, DataOptions, TrainOptions, flat_options
 from pac.runtime.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -166,22 +166,23 @@ def retain_mix_records(model_dir: Path, n: int, chat: bool) -> list[Record]:
 
 def train_config(opts: TrainOptions) -> TrainConfig:
     """The training loop's settings; the learning rate defaults to the method's for the task."""
+    optim = opts.optim
     return TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        lr=opts.lr or get_method(opts.method).default_lr(opts.data.task),
-        weight_decay=opts.weight_decay,
-        precision=opts.precision,
-        seed=opts.seed,
+        epochs=optim.epochs,
+        batch_size=optim.batch_size,
+        lr=optim.lr or get_method(opts.method).default_lr(opts.data.task),
+        weight_decay=optim.weight_decay,
+        precision=optim.precision,
+        seed=optim.seed,
         checkpoint_every=opts.checkpoint_every,
-        early_stopping=opts.early_stopping,
+        early_stopping=optim.early_stopping,
     )
 
 
 def run_identity(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
     """What makes a run's result: the model's weights, the data's content, the method and its options
     (pac.runtime.run_dir keys --out by it, so a checkpoint resumes only the run that wrote it)."""
-    options = {k: v for k, v in asdict(opts).items() if k not in PLACEMENT_OPTIONS}
+    options = {k: v for k, v in flat_options(opts).items() if k not in PLACEMENT_OPTIONS}
     options["data"] = {k: v for k, v in options["data"].items() if k not in ("data", "val_data")}
     return {
         "model": model_fingerprint(data.model_dir),
