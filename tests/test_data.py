@@ -609,3 +609,20 @@ def test_prompt_completion_in_the_chat_template(tokenizer):
     assert ts.input_ids[0][: len(prefix)].tolist() == prefix and (ts.labels[0][: len(prefix)] == -100).all()
     assert prompt_format(tokenizer, chat=True)["format"] == "chat"
     assert prompt_format(tokenizer, chat=False) == {"format": "plain", "chat_template_sha256": None}
+
+
+def test_a_peer_s_share_is_matched_to_the_split_by_sample_id(tokenizer):
+    """Data-parallel training draws positions of the whole split; a peer's share (its cache, any order) answers
+    by sample id, so a share listed in another order still trains the right rows."""
+    from pac.runtime.distributed import ShardedSource
+    from pac.runtime.sources import Tokens
+
+    records = [Record(f"t:{i}", text=f"text number {i}", label="ab"[i % 2]) for i in range(4)]
+    split = tokenize_records(records, tokenizer, task="classify", max_length=10)
+    share = ShardedSource(Tokens(split.subset([3, 1])), split.sample_ids)
+    assert len(share) == 4 and share.sample_ids == ["t:0", "t:1", "t:2", "t:3"]
+    local = share.owned([0, 1, 2, 3])
+    assert [share.local.sample_ids[i] for i in local] == ["t:1", "t:3"]
+    assert torch.equal(share.local.batch(local)["input_ids"], split.input_ids[[1, 3]])
+    with pytest.raises(ValueError, match="not in the split"):
+        ShardedSource(Tokens(split.subset([3, 1])), split.sample_ids[:2])

@@ -243,7 +243,7 @@ def _phase_two(
         if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
         sources = {
-            name: ShardedSource(local[name], owned_positions(len(data), rank, plan.world), len(data))
+            name: ShardedSource(local[name], data.sample_ids)
             for name, data in splits.items()
         }
         trainer = DataParallelTrainer(

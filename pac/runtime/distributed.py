@@ -1,7 +1,7 @@
 """Phase 2 across peers: data-parallel training of the side network with all-reduce.
 
 Every rank holds the same model and optimizer and draws the same global batches (the epoch order is a
-pure function of seed and epoch, over the positions of the whole training set). Each rank computes
+pure function of seed and epoch, over the positions of the whole training set's list of sample ids). Each rank computes
 the loss of the samples of that batch it owns (their taps are in its local cache), and one
 all-reduce sums the gradients of the loss *sums* and the sample/token counts. Dividing by the global
 count gives exactly the gradient of the global batch's mean loss, so, up to float summation order,
@@ -32,20 +32,28 @@ log = logging.getLogger(__name__)
 
 
 class ShardedSource:
-    """The whole training set addressed by global position; only the owned positions have data here."""
+    """The whole split, its samples named by id in the split's order (the trainer draws positions in that list);
+    only the samples of `local`, this rank's share, have data here. Samples are matched by id, never by position,
+    so the local share may list them in any order."""
 
-    def __init__(self, local: BatchSource, owned_positions: Sequence[int], num_samples: int):
-        if len(local) != len(owned_positions):
-            raise ValueError(f"{len(local)} local samples for {len(owned_positions)} owned positions")
-        self.local, self.num_samples = local, num_samples
-        self.local_index = {pos: i for i, pos in enumerate(owned_positions)}
+    def __init__(self, local: BatchSource, split_ids: Sequence[str]):
+        self.local, self.split_ids = local, list(split_ids)
+        self.local_index = {sid: i for i, sid in enumerate(local.sample_ids)}
+        unknown = set(self.local_index) - set(self.split_ids)
+        if unknown:
+            raise ValueError(f"{len(unknown)} local samples are not in the split, e.g. {sorted(unknown)[:3]}")
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.split_ids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.split_ids
 
     def owned(self, indices: Sequence[int]) -> list[int]:
-        """Local indices of the owned samples among global positions `indices`."""
-        return [self.local_index[i] for i in indices if i in self.local_index]
+        """Local indices of the owned samples among split positions `indices`."""
+        ids = (self.split_ids[i] for i in indices)
+        return [self.local_index[sid] for sid in ids if sid in self.local_index]
 
 
 class DataParallelStep(BackpropStep):

@@ -68,8 +68,12 @@ class Shortlisted:
     def __len__(self) -> int:
         return len(self.source)
 
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.source.sample_ids
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {**self.source.batch(indices), **self.store.rows([self.source.sample_ids[i] for i in indices])}
+        return {**self.source.batch(indices), **self.store.rows([self.sample_ids[i] for i in indices])}
 
     def nbytes(self) -> int:
         """Bytes of this source's shortlists on disk (the files of every sample of the cache)."""
@@ -97,6 +101,10 @@ class Tokens:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.data.sample_ids
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.tensor(indices)

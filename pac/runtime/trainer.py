@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
-    """Samples addressed by position 0..len-1; `batch` returns a dict of tensors incl. "labels"."""
+    """Samples named by id, drawn by their position 0..len-1 in `sample_ids`; `batch` returns a dict of tensors
+    incl. "labels"."""
+
+    sample_ids: list[str]
 
     def __len__(self) -> int: ...
 
