@@ -567,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a bad option (code 2, message printed) or --help / --version (0)
         return int(exc.code or 0)
+    except PacError as exc:  # a plug-in method ($PAC_METHODS) that cannot load
+        print(f"pac: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

@@ -7,13 +7,16 @@ from before the registry still loading — are checked beside it."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from launcher.main import main as launch
 from pac.argtypes import number
@@ -22,10 +25,12 @@ from pac.errors import PacError
 from pac.methods.base import MethodModel, load_adapter, save_adapter
 from pac.methods.registry import (
     METHOD_KEY,
+    PLUGINS_ENV,
     BuildContext,
     Loaded,
     Method,
     adapter_config,
+    data_parallel_only,
     get_method,
     method_option,
     register_method,
@@ -77,10 +82,9 @@ def build(options: HeadNormOptions, ctx: BuildContext) -> HeadNorm:
     return _model(ctx.model_dir, ctx.task, ctx.label_names, options, full=False)
 
 
-def save(options: HeadNormOptions, model: HeadNorm, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    save_adapter(
-        out, {**meta, "norm_scale": options.norm_scale, "pooling": options.pooling, METHOD_KEY: TOY}, model.trainable()
-    )
+def save(options: HeadNormOptions, model: HeadNorm, out: Path, meta: dict[str, Any], name: str) -> dict[str, Any]:
+    config = {**meta, "norm_scale": options.norm_scale, "pooling": options.pooling, METHOD_KEY: name}
+    save_adapter(out, config, model.trainable())
     return {"trainable_params": sum(t.numel() for t in model.trainable().values())}
 
 
@@ -91,24 +95,46 @@ def load(adapter_dir: Path, config: dict[str, Any], model_dir: Path, retrieval: 
     return Loaded(model.eval(), model.top, config["task"], config["max_length"], config["label_names"])
 
 
+def toy(name: str, collaborative: Any = None) -> Method:
+    return Method(
+        name=name,
+        title="head and norm",
+        summary="only a head and a copy of the final norm, from the cached last layer",
+        options=HeadNormOptions,
+        build=build,
+        save=functools.partial(save, name=name),
+        load=load,
+        default_lr=lambda task: 1e-2,
+        taps=lambda options, task, num_layers: [num_layers],
+        generates=False,
+        collaborative=collaborative,
+    )
+
+
+# The same method, declaring that pac-launch may run it data-parallel.
+CLUSTER_TOY = "toy-head-norm-cluster"
+CLUSTER_TOY_METHOD = toy(CLUSTER_TOY, collaborative=data_parallel_only)
+
+
+def register_cluster_toy() -> None:
+    """What each `pac peer` process calls, named in $PAC_METHODS, to know the method too."""
+    register_method(CLUSTER_TOY_METHOD)
+
+
 @pytest.fixture
 def toy_method():
-    method = register_method(
-        Method(
-            name=TOY,
-            title="head and norm",
-            summary="only a head and a copy of the final norm, from the cached last layer",
-            options=HeadNormOptions,
-            build=build,
-            save=save,
-            load=load,
-            default_lr=lambda task: 1e-2,
-            taps=lambda options, task, num_layers: [num_layers],
-            generates=False,
-        )
-    )
-    yield method
+    yield register_method(toy(TOY))
     unregister_method(TOY)
+
+
+@pytest.fixture
+def cluster_toy(monkeypatch):
+    """Registered here, and in the peers that pac-launch starts (they import this module through $PAC_METHODS)."""
+    monkeypatch.setenv(PLUGINS_ENV, f"{__name__}:register_cluster_toy")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    register_cluster_toy()
+    yield CLUSTER_TOY_METHOD
+    unregister_method(CLUSTER_TOY)
 
 
 def _train_argv(model: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -143,6 +169,36 @@ def test_a_method_defined_in_a_test_module_trains_saves_loads_and_evaluates(
     # Nor did it declare collaborative support: pac-launch refuses it before starting any peer.
     assert launch(["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--method", TOY]) == 2
     assert f"--method {TOY} does not run across devices yet" in capsys.readouterr().err
+
+
+def test_a_method_that_declares_collaborative_support_trains_across_devices_as_on_one(
+    cluster_toy, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    single, cluster, cache = tmp_path / "single", tmp_path / "cluster", tmp_path / "cache"
+    toy_options = ["--method", CLUSTER_TOY, "--norm-scale", "0.5"]
+    assert main(_train_argv(tiny_llama, topic_jsonl, single, cache, *toy_options)) == 0
+    where = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--cache-dir", str(cache)]
+    run = [*where, "--epochs", "2", "--val-size", "12", "--join-timeout", "90", *toy_options]
+    assert launch([*run, "--out", str(cluster)]) == 0
+    expected, got = load_file(single / "adapter_model.safetensors"), load_file(cluster / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    ours, theirs = (json.loads((d / "summary.json").read_text())["epochs"] for d in (cluster, single))
+    assert [e["val_accuracy"] for e in ours] == pytest.approx([e["val_accuracy"] for e in theirs])
+    assert load_for_inference(cluster).kind == CLUSTER_TOY
+    capsys.readouterr()
+    # Its registration said it has no pipelined stage: side-pipeline is refused before any peer starts.
+    assert launch([*run, "--out", str(tmp_path / "piped"), "--mode", "side-pipeline"]) == 2
+    assert "this method has no pipelined stage: use --mode shuffle or replicated" in capsys.readouterr().err
+
+
+def test_a_plug_in_method_that_cannot_load_says_so(monkeypatch, capsys):
+    monkeypatch.setenv(PLUGINS_ENV, "no_such_pac_plugin:register")
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "$PAC_METHODS names 'no_such_pac_plugin:register', which could not be loaded" in err
+    assert launch(["--local", "2"]) == 2 and "no_such_pac_plugin" in capsys.readouterr().err
 
 
 def test_method_options_are_generated_grouped_and_refused_for_other_methods(toy_method, capsys):

@@ -13,7 +13,11 @@ CLI (docs/architecture.md, "Adding a method"):
   save / load  the adapter directory: it writes its weights and config; `pac_adapter_config.json` names the
                method under "pac_method", so loading finds it here again
   lm_logits    its next-token output (generation, `pac eval --retain`); None: it cannot generate
-  collaborative  whether `pac-launch` can run it across devices
+  collaborative  whether and how `pac-launch` runs it across devices: its options for a placement mode
+
+Methods outside pac register when their module is imported: before calling pac in Python, or, for the `pac`
+and `pac peer` commands, by naming the modules in $PAC_METHODS (comma-separated `module` or
+`module:function`, imported, and the function called, when the registry is first read).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +136,9 @@ class Method:
     lm_logits: Callable[[Loaded, Any, Any], Any] | None = None  # (loaded, ids, mask) -> next-token logits
     generate: Callable[..., Any] | None = None  # own decoding (peft's); None: pac.generate over taps
     generates: bool = True  # False: its adapters cannot generate (pac generate refuses them)
-    collaborative: bool = False
+    # (options, task, placement mode) -> the options a cluster run trains with; raises PacError for what cannot
+    # run there. None: single-device only. `data_parallel_only` serves a method with no pipelined stage.
+    collaborative: Callable[[Any, str, str], Any] | None = None
 
     @property
     def cached(self) -> bool:
@@ -177,11 +184,46 @@ def unregister_method(name: str) -> None:
 BUILTIN = ("parallel-adapters", "lora", "dora", "boundary")  # pac's own, listed first wherever methods are listed
 
 
+PLUGINS_ENV = "PAC_METHODS"
+
+
 def _load_builtin() -> None:
     # pac's own methods register on import; importing them here keeps the registry complete wherever it is read.
     import pac.methods.boundary  # noqa: F401
     import pac.methods.lora  # noqa: F401
     import pac.methods.parallel_adapters  # noqa: F401
+
+    for spec in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if spec not in _PLUGINS_LOADED:
+            _PLUGINS_LOADED.add(spec)  # before loading: a plug-in that reads the registry must not load itself again
+            try:
+                _load_plugin(spec)
+            except PacError:
+                _PLUGINS_LOADED.discard(spec)  # refused every time it is asked for, not only the first
+                raise
+
+
+_PLUGINS_LOADED: set[str] = set()
+
+
+def _load_plugin(spec: str) -> None:
+    module, _, function = spec.partition(":")
+    try:
+        loaded = importlib.import_module(module)
+        if function:
+            getattr(loaded, function)()
+    except Exception as exc:
+        raise PacError(
+            f"${PLUGINS_ENV} names {spec!r}, which could not be loaded ({type(exc).__name__}: {exc}): install it on "
+            f"this device, put it on PYTHONPATH, or drop it from ${PLUGINS_ENV}"
+        ) from exc
+
+
+def data_parallel_only(options: Any, task: str, mode: str) -> Any:
+    """`Method.collaborative` for a method with no pipelined stage: the data-parallel modes, as it is."""
+    if mode == "side-pipeline":
+        raise PacError("this method has no pipelined stage: use --mode shuffle or replicated")
+    return options
 
 
 def methods() -> dict[str, Method]:

@@ -102,25 +102,17 @@ class Coordinator:
         cluster: ClusterOptions,
         display: TextIO | None = None,
     ):
-        if not get_method(options.method).collaborative:
+        method = get_method(options.method)
+        if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
         check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
-        # Only parallel adapters run collaboratively so far: the checks below read their options.
-        pa = options.options
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
         if options.optim.precision != "fp32" and cluster.mode == "side-pipeline":
             # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
             raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        if pa.shortlist and cluster.mode == "side-pipeline":
-            raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        if pa.retrieval:
-            # The memory would need every peer's share of the training cache in one place.
-            raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
-        # Its last stage alone computes the loss, from side states the other peers send it: no shortlists.
-        shortlist = 0 if cluster.mode == "side-pipeline" else pa.shortlist
-        pa = replace(pa, retrieval=False, shortlist=shortlist)
-        self.options = with_defaults(replace(options, method_options=pa))
+        method_options = method.collaborative(options.options, options.data.task, cluster.mode)
+        self.options = with_defaults(replace(options, method_options=method_options))
         self.cluster, self.token, self.display = cluster, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING

@@ -122,6 +122,17 @@ def resolve(options: ParallelAdapterOptions, task: str) -> ParallelAdapterOption
     return options
 
 
+def collaborative(options: ParallelAdapterOptions, task: str, mode: str) -> ParallelAdapterOptions:
+    """A cluster run's options: every mode, without the token memory; shortlists in the data-parallel modes."""
+    if options.retrieval:
+        # The memory would need every peer's share of the training cache in one place.
+        raise PacError("--retrieval runs in `pac train` for now: drop it (collaborative LM adapters go without)")
+    if options.shortlist and mode == "side-pipeline":
+        raise PacError("--shortlist runs in the shuffle and replicated modes, not side-pipeline: drop one")
+    # Side-pipeline's last stage alone computes the loss, from side states the other peers send it: no shortlists.
+    return replace(options, retrieval=False, shortlist=0 if mode == "side-pipeline" else options.shortlist)
+
+
 def tapped_layers(side_network: bool, taps: list[int] | None, tap_every: int, num_layers: int) -> list[int]:
     """The layers whose outputs the side network reads (0: the embeddings; num_layers, the last, always), so
     the ones phase 1 caches. Without a side network the head reads the last layer alone."""
@@ -152,7 +163,7 @@ METHOD = register_method(
         save=lazy(f"{RUN}:save"),
         load=lazy(f"{RUN}:load"),
         lm_logits=lazy(f"{RUN}:lm_logits"),
-        collaborative=True,
+        collaborative=collaborative,
     )
 )
 
