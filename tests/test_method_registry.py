@@ -7,6 +7,7 @@ from before the registry still loading — are checked beside it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +39,7 @@ from pac.methods.registry import (
 )
 from pac.models.backbone import load_backbone, load_config
 from pac.models.heads import ClassificationHead
+from pac.runtime.step import BackpropStep
 from pac.workflow import load_for_inference
 
 TOY = "toy-head-norm"
@@ -191,6 +193,41 @@ def test_a_method_that_declares_collaborative_support_trains_across_devices_as_o
     # Its registration said it has no pipelined stage: side-pipeline is refused before any peer starts.
     assert launch([*run, "--out", str(tmp_path / "piped"), "--mode", "side-pipeline"]) == 2
     assert "this method has no pipelined stage: use --mode shuffle or replicated" in capsys.readouterr().err
+
+
+class NormOnlyStep(BackpropStep):
+    """A masked update: backprop, but only the norm's entries move (the head gets no gradient)."""
+
+    def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
+        loss = self.loss(self.source.batch(indices))
+        loss.backward()
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not name.startswith("norm."):
+                p.grad.zero_()
+        return loss.item(), self.clip()
+
+
+@pytest.fixture
+def norm_only_method():
+    name = "toy-norm-only-step"
+    method = register_method(
+        dataclasses.replace(
+            toy(name), step=lambda model, task, source, config: NormOnlyStep(model, task, source, config)
+        )
+    )
+    yield method
+    unregister_method(name)
+
+
+def test_a_method_s_own_step_is_what_pac_train_runs(norm_only_method, tiny_llama, topic_jsonl, tmp_path):
+    out = tmp_path / "norm-only"
+    argv = _train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", norm_only_method.name)
+    assert main([*argv, "--weight-decay", "0"]) == 0
+    trained = load_file(out / "adapter_model.safetensors")
+    start = norm_only_method.build(HeadNormOptions(), BuildContext(tiny_llama, "classify", ["a", "b", "c"], 0, 32))
+    for name, weight in start.trainable().items():
+        moved = not torch.equal(trained[name], weight)
+        assert moved == name.startswith("norm."), name
 
 
 def test_a_plug_in_method_that_cannot_load_says_so(monkeypatch, capsys):
