@@ -217,8 +217,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         choices=["fp32", "bf16"],
         default="fp32",
         help="bf16: the training steps' matrix products in bfloat16 (weights, optimizer and evaluation stay "
-        "float32). Same quality; on a CPU with AVX512-BF16 a LoRA epoch ran 2.0x faster and a parallel-adapter "
-        "LM epoch 1.3x; slower on CPUs without bf16 instructions (default fp32)",
+        "float32): faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and GPUs, slower elsewhere; the "
+        "README has the figures (default fp32)",
     )
     m.add_argument(
         "--holdout",
