@@ -1,0 +1,202 @@
+"""Predicted time, memory and traffic of a run on given devices: pure functions over measured profiles.
+
+A device's profile (measured by pac.runtime.profiler on the device itself) gives the seconds one sample takes
+through each backbone layer, through a phase-2 training step of the side network and through its evaluation,
+the memory the run may use there, and its link (bandwidth, round-trip time to the home's switch). The model's
+costs (bytes of each layer's weights, of a hidden state and of a tap, of the side network) come from its config.
+From those, `predict` gives each phase's time, every device's peak memory and the bytes each device sends, for
+one placement mode and one assignment of layer ranges to devices (docs/architecture.md, "Planning").
+
+What the prediction follows is what the runtime does (pac.runtime.collaborative):
+* phase 1 pipelined (shuffle, side-pipeline): a sample passes the stages in turn; the slowest stage, by compute
+  or by what its link must carry per sample, sets the pace; the first micro-batch fills the pipeline.
+* phase 1 replicated: every device runs every layer on its round-robin share of the samples.
+* phase 2 data-parallel (shuffle, replicated): every step, each device computes its round-robin share of the
+  batch, then a ring all-reduce of the gradients (2 (n-1)/n of their bytes over each link) ends it.
+* phase 2 side-pipeline: a step's micro-batches pass the stages' side blocks (GPipe: micro-batches + stages - 1
+  slots of the slowest stage); only side states and their gradients cross the links.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pac.plan.placement import Stage, stage_taps
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory: int  # bytes the run may use on this device (the hosts file's max_mem, or what it has)
+    layer_seconds: tuple[float, ...]  # one sample's forward through each backbone layer (embeddings in layer 0)
+    side_train_seconds: float  # one sample's share of a phase-2 training step over every tap
+    side_eval_seconds: float  # one sample's phase-2 evaluation over every tap
+    bandwidth: float = 12.5e6  # bytes per second of its link (100 Mbit/s)
+    rtt: float = 0.001  # seconds, to the coordinator
+
+    def forward_seconds(self, stage: Stage) -> float:
+        return sum(self.layer_seconds[stage[0] : stage[1]])
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    layer_weight_bytes: tuple[int, ...]  # each backbone layer (embeddings in layer 0)
+    head_bytes: int  # final norm and output head: the side model keeps them for its loss
+    layer_activation_bytes: int  # one sample's working memory in one layer's forward
+    hidden_bytes: int  # one sample's hidden state between stages (float32 on the wire)
+    tap_bytes: int  # one sample's one tap in the cache's dtype
+    side_state_bytes: int  # one sample's side state between side-pipeline stages (float32)
+    side_param_bytes: int  # trainable parameters (float32)
+    side_sample_bytes: int  # one sample's working memory in a phase-2 step (its taps, activations)
+    runtime_bytes: int  # the process itself: interpreter, torch, tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_weight_bytes)
+
+
+@dataclass(frozen=True)
+class Workload:
+    train: int  # training samples
+    val: int  # validation samples
+    epochs: int
+    batch: int  # samples per step
+    taps: tuple[int, ...]  # the layers whose outputs the side network reads
+    micro_batch: int = 8  # phase 1's samples per forward
+    micro_batches: int = 2  # side-pipeline: micro-batches per step
+
+
+@dataclass(frozen=True)
+class Prediction:
+    mode: str
+    devices: tuple[str, ...]  # rank order
+    stages: tuple[Stage, ...]  # per rank
+    phase1_seconds: float
+    epoch_seconds: float
+    epochs: int
+    peak_bytes: dict[str, int]
+    sent_bytes: dict[str, int]  # what each device sends over its link in the whole run
+    shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
+
+    @property
+    def total_seconds(self) -> float:
+        return self.phase1_seconds + self.epochs * self.epoch_seconds
+
+    @property
+    def fits(self) -> bool:
+        return not self.shortfall
+
+
+def predict(
+    mode: str, devices: Sequence[DeviceProfile], stages: Sequence[Stage], model: ModelCosts, work: Workload
+) -> Prediction:
+    """One placement's time, memory and traffic. `stages[k]` is the layer range of `devices[k]` (every device
+    holds every layer in `replicated` mode)."""
+    n = len(devices)
+    samples = work.train + work.val
+    sent = dict.fromkeys((d.name for d in devices), 0.0)
+    if mode == "replicated":
+        phase1 = max(math.ceil(samples / n) * d.forward_seconds((0, model.num_layers)) for d in devices)
+    else:
+        phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent)
+    if mode == "side-pipeline":
+        epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
+    else:
+        epoch = _data_parallel_epoch(devices, model, work, sent)
+    peak = {d.name: peak_bytes(mode, d, stage, model, work) for d, stage in zip(devices, stages, strict=True)}
+    return Prediction(
+        mode,
+        tuple(d.name for d in devices),
+        tuple(stages),
+        phase1,
+        epoch,
+        work.epochs,
+        peak,
+        {name: int(b) for name, b in sent.items()},
+        {d.name: peak[d.name] - d.memory for d in devices if peak[d.name] > d.memory},
+    )
+
+
+def _link_seconds(nbytes: float, sender: DeviceProfile, receiver: DeviceProfile) -> float:
+    """Through the home's switch: the slower of the two links carries it."""
+    return nbytes / min(sender.bandwidth, receiver.bandwidth)
+
+
+def _pipeline_phase_one(
+    mode: str,
+    devices: Sequence[DeviceProfile],
+    stages: Sequence[Stage],
+    model: ModelCosts,
+    work: Workload,
+    sent: dict[str, float],
+) -> float:
+    n, samples = len(devices), work.train + work.val
+    per_sample = []
+    for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
+        out = model.hidden_bytes if k < n - 1 else 0
+        link = _link_seconds(out, device, devices[k + 1]) if out else 0.0
+        taps = len(stage_taps(stage, work.taps)) * model.tap_bytes
+        # shuffle: each sample's taps go to its owner, another device for (n - 1) of every n samples.
+        away = taps * (n - 1) / n if mode == "shuffle" else 0.0
+        link += away / device.bandwidth
+        sent[device.name] += samples * (out + away)
+        per_sample.append((device.forward_seconds(stage), link))
+    pace = max(max(compute, link) for compute, link in per_sample)
+    fill = sum(compute for compute, _ in per_sample) * work.micro_batch + sum(d.rtt for d in devices)
+    return samples * pace + fill
+
+
+def _data_parallel_epoch(
+    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, sent: dict[str, float]
+) -> float:
+    n = len(devices)
+    steps = math.ceil(work.train / work.batch)
+    share = math.ceil(work.batch / n)  # round-robin owners: every device computes its share of every batch
+    compute = max(share * d.side_train_seconds for d in devices)
+    ring = 2 * (n - 1) / n * model.side_param_bytes if n > 1 else 0.0
+    slowest = min(d.bandwidth for d in devices)
+    reduce = ring / slowest + 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
+    for d in devices:
+        sent[d.name] += work.epochs * steps * ring
+    evaluation = max(math.ceil(work.val / n) * d.side_eval_seconds for d in devices)
+    return steps * (compute + reduce) + evaluation
+
+
+def _side_pipeline_epoch(
+    devices: Sequence[DeviceProfile],
+    stages: Sequence[Stage],
+    model: ModelCosts,
+    work: Workload,
+    sent: dict[str, float],
+) -> float:
+    n = len(devices)
+    blocks = max(1, len(work.taps) - 1)
+    steps = math.ceil(work.train / work.batch)
+    micro = math.ceil(work.batch / work.micro_batches)
+    train_slots, eval_slots = [], []
+    for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
+        taps = len(stage_taps(stage, work.taps))
+        share = (taps - 1 if k == 0 else taps) / blocks  # block j reads tap j + 1: tap 0 has none
+        state = model.side_state_bytes * micro
+        forward = _link_seconds(state, device, devices[k + 1]) if k < n - 1 else 0.0
+        backward = _link_seconds(state, device, devices[k - 1]) if k > 0 else 0.0
+        sent[device.name] += work.epochs * steps * work.micro_batches * state * ((k < n - 1) + (k > 0))
+        train_slots.append(micro * share * device.side_train_seconds + forward + backward)
+        eval_send = _link_seconds(model.side_state_bytes, device, devices[k + 1]) if k < n - 1 else 0.0
+        eval_slots.append(share * device.side_eval_seconds + eval_send)
+        sent[device.name] += work.epochs * work.val * model.side_state_bytes * (k < n - 1)
+    step = (work.micro_batches + n - 1) * max(train_slots)
+    evaluation = work.val * max(eval_slots) + sum(d.rtt for d in devices)
+    return steps * step + evaluation
+
+
+def peak_bytes(mode: str, device: DeviceProfile, stage: Stage, model: ModelCosts, work: Workload) -> int:
+    """The larger of phase 1 (the stage's weights and a micro-batch's activations) and phase 2 (the side model
+    with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations)."""
+    layers = (0, model.num_layers) if mode == "replicated" else stage
+    weights = sum(model.layer_weight_bytes[layers[0] : layers[1]])
+    phase1 = weights + work.micro_batch * model.layer_activation_bytes
+    phase2 = 4 * model.side_param_bytes + model.head_bytes + work.batch * model.side_sample_bytes
+    return model.runtime_bytes + max(phase1, phase2)

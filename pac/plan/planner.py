@@ -1,0 +1,185 @@
+"""The planner: from measured profiles, the placement with the least predicted end-to-end time that fits every
+device's memory. Pure functions; pac.plan.costs predicts, this module searches (docs/architecture.md, "Planning").
+
+For each placement mode and each set of devices worth using (the fastest k, k = 1..n: a device too slow to help
+is left out, and the plan says what it would have cost), the layer ranges of a pipeline come from dynamic
+programming over layers x devices, as PipeDream's planner does: best[l][k] is the least possible pace (the
+slowest stage's seconds per sample) of layers 0..l-1 on the first k devices, each stage one device and within
+its memory. Device orders are tried in full for up to five devices, by speed beyond. The cheapest prediction
+wins; the others are kept for the report, so a user sees why the chosen mode beats the other two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pac.errors import PacError
+from pac.plan.costs import DeviceProfile, ModelCosts, Prediction, Workload, peak_bytes, predict
+from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
+
+ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
+
+
+class NoPlanError(PacError):
+    pass
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    best: Prediction
+    by_mode: dict[str, Prediction]  # the best prediction of each mode that fits
+    left_out: dict[str, str]  # device -> why it is not used
+
+    def describe(self) -> str:
+        """The plan for people: stages, devices, each phase's time, memory and traffic, and the alternatives."""
+        b = self.best
+        lines = [f"mode {b.mode} on {len(b.devices)} device(s)"]
+        for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
+            layers = f"layers {stage[0]}-{stage[1] - 1}"
+            lines.append(
+                f"  rank {rank} {name}: {layers}, peak {_size(b.peak_bytes[name])}, sends {_size(b.sent_bytes[name])}"
+            )
+        lines.append(
+            f"predicted: phase 1 {b.phase1_seconds:.1f} s, {b.epochs} epoch(s) of {b.epoch_seconds:.1f} s, "
+            f"total {b.total_seconds:.1f} s"
+        )
+        for mode, other in self.by_mode.items():
+            if other is not b:
+                lines.append(
+                    f"  {mode} instead: {other.total_seconds:.1f} s ({other.total_seconds / b.total_seconds:.2f}x) "
+                    f"on {', '.join(other.devices)}"
+                )
+        for mode in MODES:
+            if mode not in self.by_mode:
+                lines.append(f"  {mode}: fits on no set of the devices")
+        for name, why in self.left_out.items():
+            lines.append(f"  {name} left out: {why}")
+        return "\n".join(lines)
+
+
+def plan(
+    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, modes: Sequence[str] = MODES
+) -> PlanChoice:
+    """The fastest placement that fits; NoPlanError, naming each device's shortfall, when none does."""
+    if not devices:
+        raise NoPlanError("no devices to plan for")
+    by_speed = sorted(devices, key=lambda d: d.forward_seconds((0, model.num_layers)) + d.side_train_seconds)
+    by_mode: dict[str, Prediction] = {}
+    with_all: dict[str, Prediction] = {}
+    for mode in modes:
+        for k in range(1, len(by_speed) + 1):
+            candidate = best_for(mode, by_speed[:k], model, work)
+            if candidate is None:
+                continue
+            if k == len(by_speed):
+                with_all[mode] = candidate
+            if mode not in by_mode or candidate.total_seconds < by_mode[mode].total_seconds:
+                by_mode[mode] = candidate
+    if not by_mode:
+        raise NoPlanError(_shortfall_message(devices, model, work))
+    best = min(by_mode.values(), key=lambda p: p.total_seconds)
+    left_out = {}
+    for d in devices:
+        if d.name not in best.devices:
+            everyone = with_all.get(best.mode)
+            if everyone is None:
+                left_out[d.name] = f"no {best.mode} plan with every device fits in memory"
+            else:
+                left_out[d.name] = (
+                    f"with every device the run takes {everyone.total_seconds:.1f} s, without it "
+                    f"{best.total_seconds:.1f} s"
+                )
+    return PlanChoice(best, by_mode, left_out)
+
+
+def best_for(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> Prediction | None:
+    """The best prediction of `mode` on exactly these devices, or None if none fits."""
+    num_layers = model.num_layers
+    if mode == "replicated":
+        found = predict(mode, devices, [(0, num_layers)] * len(devices), model, work)
+        return found if found.fits else None
+    if len(devices) > num_layers:
+        return None
+    orders = itertools.permutations(devices) if len(devices) <= ALL_ORDERS_UP_TO else [tuple(devices)]
+    best: Prediction | None = None
+    for order in orders:
+        stages = split_layers(mode, order, model, work)
+        if stages is None:
+            continue
+        found = predict(mode, order, stages, model, work)
+        if found.fits and (best is None or found.total_seconds < best.total_seconds):
+            best = found
+    return best
+
+
+def split_layers(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> list[Stage] | None:
+    """Contiguous layer ranges, one per device in this order, with the least pace that fits (None: none fits).
+    In side-pipeline mode every stage must produce a tap, since it runs the side blocks of its taps."""
+    num_layers, n = model.num_layers, len(devices)
+    inf = math.inf
+    # best[k][l]: least pace of layers 0..l-1 on devices 0..k-1; cut[k][l]: where device k-1's range starts.
+    best = [[inf] * (num_layers + 1) for _ in range(n + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        device = devices[k - 1]
+        for end in range(k, num_layers + 1):
+            for start in range(k - 1, end):
+                if best[k - 1][start] == inf:
+                    continue
+                stage = (start, end)
+                if mode == "side-pipeline" and not stage_taps(stage, work.taps):
+                    continue
+                if peak_bytes(mode, device, stage, model, work) > device.memory:
+                    continue
+                pace = max(best[k - 1][start], _stage_pace(mode, k - 1, devices, stage, model, work))
+                if pace < best[k][end]:
+                    best[k][end], cut[k][end] = pace, start
+    if best[n][num_layers] == inf:
+        return None
+    stages, end = [], num_layers
+    for k in range(n, 0, -1):
+        start = cut[k][end]
+        stages.append((start, end))
+        end = start
+    return stages[::-1]
+
+
+def _stage_pace(
+    mode: str, k: int, devices: Sequence[DeviceProfile], stage: Stage, model: ModelCosts, work: Workload
+) -> float:
+    """One stage's seconds per sample in phase 1: its compute, or what its link carries, whichever is slower."""
+    device, n = devices[k], len(devices)
+    out = model.hidden_bytes / min(device.bandwidth, devices[k + 1].bandwidth) if k < n - 1 else 0.0
+    if mode == "shuffle":
+        out += len(stage_taps(stage, work.taps)) * model.tap_bytes * (n - 1) / n / device.bandwidth
+    return max(device.forward_seconds(stage), out)
+
+
+def _shortfall_message(devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> str:
+    """Where memory runs short in the most frugal arrangement: every device, layers in proportion to memory."""
+    if model.num_layers < len(devices):
+        devices = sorted(devices, key=lambda d: d.memory, reverse=True)[: model.num_layers]
+    stages = split_proportional(model.num_layers, [d.memory for d in devices])
+    needs = {d.name: peak_bytes("shuffle", d, s, model, work) for d, s in zip(devices, stages, strict=True)}
+    short = [
+        f"{d.name} needs {_size(needs[d.name] - d.memory)} more for layers {s[0]}-{s[1] - 1} "
+        f"({_size(needs[d.name])} of {_size(d.memory)})"
+        for d, s in zip(devices, stages, strict=True)
+        if needs[d.name] > d.memory
+    ]
+    where = "; ".join(short) if short else "each device fits alone, but no pipeline order does"
+    return (
+        f"the run fits on no placement of these devices; with the layers split in proportion to memory, {where}: "
+        "raise max_mem, add a device, or shorten --max-length / --batch-size"
+    )
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"

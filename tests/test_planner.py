@@ -1,0 +1,131 @@
+"""The planner and its cost model (pac.plan.costs, pac.plan.planner): pure functions over profiles, no network."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pac.plan.costs import DeviceProfile, ModelCosts, Workload, peak_bytes, predict
+from pac.plan.placement import MODES
+from pac.plan.planner import NoPlanError, best_for, plan, split_layers
+
+GB = 10**9
+LAYERS = 12
+MODEL = ModelCosts(
+    layer_weight_bytes=(60_000_000,) + (20_000_000,) * (LAYERS - 1),  # the embeddings ride with layer 0
+    head_bytes=40_000_000,
+    layer_activation_bytes=2_000_000,
+    hidden_bytes=128 * 576 * 4,
+    tap_bytes=128 * 576 * 2,
+    side_state_bytes=128 * 72 * 4,
+    side_param_bytes=12_000_000,
+    side_sample_bytes=3_000_000,
+    runtime_bytes=300_000_000,
+)
+WORK = Workload(train=400, val=100, epochs=5, batch=8, taps=tuple(range(LAYERS + 1)))
+
+
+def device(name: str, speed: float = 1.0, memory: float = 8 * GB, bandwidth: float = 12.5e6) -> DeviceProfile:
+    """A device `speed` times as fast as the reference (10 ms per sample and layer, 30 ms per side step)."""
+    return DeviceProfile(
+        name,
+        int(memory),
+        layer_seconds=(0.01 / speed,) * LAYERS,
+        side_train_seconds=0.03 / speed,
+        side_eval_seconds=0.01 / speed,
+        bandwidth=bandwidth,
+    )
+
+
+def test_equal_devices_get_equal_layer_ranges_and_a_faster_one_gets_more():
+    lan = 1e12  # links too fast to matter: compute alone sets the pace
+    same = split_layers(
+        "shuffle", [device("a", bandwidth=lan), device("b", bandwidth=lan), device("c", bandwidth=lan)], MODEL, WORK
+    )
+    assert same == [(0, 4), (4, 8), (8, 12)]
+    uneven = split_layers(
+        "shuffle", [device("fast", speed=2, bandwidth=lan), device("slow", bandwidth=lan)], MODEL, WORK
+    )
+    assert uneven == [(0, 8), (8, 12)]  # 8 layers at 5 ms against 4 at 10 ms: the same 40 ms per sample
+    # At 100 Mbit/s the first stages' links carry the hidden state and a third of their taps' bytes: they get
+    # fewer layers, so that what they send per sample takes no longer than the last stage's compute.
+    linked = split_layers("shuffle", [device("a"), device("b"), device("c")], MODEL, WORK)
+    assert linked[-1][1] - linked[-1][0] > 4
+
+
+def test_the_layer_split_is_the_best_of_every_split():
+    """Dynamic programming against brute force: the least pace over every contiguous split and device order."""
+    devices = [device("a", speed=1.0), device("b", speed=1.7), device("c", speed=0.6, bandwidth=2e6)]
+    for mode in ("shuffle", "side-pipeline"):
+        for order in itertools.permutations(devices):
+            found = split_layers(mode, order, MODEL, WORK)
+            paces = []
+            for cuts in itertools.combinations(range(1, LAYERS), len(order) - 1):
+                bounds = (0, *cuts, LAYERS)
+                stages = list(itertools.pairwise(bounds))
+                paces.append(_pace(mode, order, stages))
+            assert _pace(mode, order, found) == pytest.approx(min(paces), rel=1e-4)  # up to the pipeline's fill
+
+
+def _pace(mode, devices, stages) -> float:
+    """Seconds per sample of phase 1's slowest stage, from the prediction itself."""
+    work = Workload(train=100_000, val=0, epochs=1, batch=8, taps=WORK.taps)  # the pipeline fill is negligible
+    return predict(mode, devices, stages, MODEL, work).phase1_seconds / work.train
+
+
+def test_a_device_short_of_memory_gets_fewer_layers_and_replicated_is_ruled_out():
+    small = 300_000_000 + 4 * 12_000_000 + 40_000_000 + 8 * 3_000_000  # what phase 2 needs, no more
+    devices = [device("desktop"), device("phone", speed=1.0, memory=small)]
+    choice = plan(devices, MODEL, WORK)
+    assert choice.by_mode["replicated"].devices == ("desktop",)  # the phone cannot hold every layer
+    pipeline = choice.by_mode["side-pipeline"]
+    phone = pipeline.devices.index("phone")
+    start, end = pipeline.stages[phone]
+    assert end - start <= 4 and pipeline.peak_bytes["phone"] <= small  # 4 x 20 MB + activations fit phase 2's room
+    with pytest.raises(NoPlanError):
+        plan([device("phone", memory=small)], MODEL, WORK, modes=["replicated"])
+
+
+def test_a_device_too_slow_to_help_is_left_out_and_the_plan_says_why():
+    choice = plan(
+        [device("desktop", speed=1.0), device("laptop", speed=0.8), device("toaster", speed=0.01)], MODEL, WORK
+    )
+    assert "toaster" not in choice.best.devices and set(choice.best.devices) == {"desktop", "laptop"}
+    why = choice.left_out["toaster"]
+    assert why.startswith("with every device the run takes") and "without it" in why
+    assert "toaster left out: with every device" in choice.describe()
+
+
+def test_a_slow_link_favours_the_mode_that_sends_least_and_may_not_be_worth_using():
+    lan = [device("a"), device("b")]
+    slow = [device("a", bandwidth=125e3), device("b", bandwidth=125e3)]  # 1 Mbit/s
+    # Side-pipeline moves only narrow side states; shuffle streams every sample's taps; the data-parallel
+    # modes all-reduce 12 MB of gradients every step.
+    times = {mode: best_for(mode, slow, MODEL, WORK).total_seconds for mode in MODES}
+    assert times["side-pipeline"] < times["shuffle"] and times["side-pipeline"] < times["replicated"]
+    assert best_for("replicated", lan, MODEL, WORK).total_seconds < times["replicated"]
+    choice = plan(slow, MODEL, WORK)
+    assert len(choice.best.devices) == 1 and "left out: with every device the run takes" in choice.describe()
+    assert plan(lan, MODEL, WORK).best.devices in {("a", "b"), ("b", "a")}
+
+
+def test_when_nothing_fits_the_error_names_each_device_and_its_shortfall():
+    tiny = [device("phone", memory=200e6), device("watch", memory=100e6)]
+    with pytest.raises(NoPlanError, match=r"phone needs .* more for layers 0-\d+ .*watch needs .* more") as err:
+        plan(tiny, MODEL, WORK)
+    assert "raise max_mem, add a device" in str(err.value)
+
+
+def test_the_data_parallel_epoch_is_the_batches_share_plus_a_ring_all_reduce():
+    a, b = device("a"), device("b", bandwidth=1e6)
+    got = predict("replicated", [a, b], [(0, LAYERS)] * 2, MODEL, WORK)
+    steps = 400 // 8
+    compute = 4 * 0.03  # 8 samples round-robin over 2 devices
+    ring = 2 * (2 - 1) / 2 * 12_000_000 / 1e6 + 2 * 0.001  # over the slower link, plus a round trip each way
+    evaluation = 50 * 0.01
+    assert got.epoch_seconds == pytest.approx(steps * (compute + ring) + evaluation)
+    assert got.phase1_seconds == pytest.approx(250 * LAYERS * 0.01)  # each runs all layers on half of 500
+    assert got.sent_bytes["a"] == steps * 5 * 12_000_000
+    assert got.peak_bytes["a"] == peak_bytes("replicated", a, (0, LAYERS), MODEL, WORK)
+    assert got.total_seconds == pytest.approx(got.phase1_seconds + 5 * got.epoch_seconds)
