@@ -36,6 +36,7 @@ examples:
   pac-launch --local 3 --epochs 2 --out runs/cluster
   pac-launch --peers hosts.txt --mode replicated --data notes.jsonl --task lm
   pac-launch --peers hosts.txt --stages 0-9,10-19,20-29
+  pac plan --peers hosts.txt --data notes.jsonl --task lm     the plan alone
 """
 
 
@@ -58,14 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--mode",
         choices=["shuffle", "side-pipeline", "replicated"],
-        default="shuffle",
         help="shuffle: phase 1 pipelined over the peers' layer ranges, taps streamed to the peer training each "
-        "sample, phase 2 data-parallel (default); side-pipeline: taps stay where computed and phase 2 runs the "
-        "side network as a pipeline too (no cache traffic); replicated: every peer runs the whole model on its "
-        "own samples (no phase-1 traffic, but every peer holds all layers)",
+        "sample, phase 2 data-parallel; side-pipeline: taps stay where computed and phase 2 runs the side network "
+        "as a pipeline too (no cache traffic); replicated: every peer runs the whole model on its own samples (no "
+        "phase-1 traffic, but every peer holds all layers). Default: planned — every peer measures itself for this "
+        "run, the links are timed, and the mode, layer ranges and peers with the least predicted time are chosen "
+        "(shuffle when --stages is given)",
+    )
+    plan.add_argument("--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: planned)")
+    plan.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the plan (and why it beats the other modes) and stop; same as `pac plan`",
     )
     plan.add_argument(
-        "--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: in proportion to memory)"
+        "--refresh-profiles",
+        action="store_true",
+        help="measure every peer again instead of reading the profile it keeps for this model and run",
     )
     plan.add_argument(
         "--schedule",
@@ -135,6 +145,7 @@ def _launch(args: argparse.Namespace) -> int:
         data_plane=args.data_plane,
         schedule=args.schedule,
         micro_batches=args.micro_batches,
+        refresh_profiles=args.refresh_profiles,
         join_timeout=args.join_timeout,
         peer_timeout=args.peer_timeout,
     )
@@ -157,8 +168,9 @@ def _launch(args: argparse.Namespace) -> int:
         hosts = local.start()
     grace = 15.0  # for the peers to exit after the coordinator's shutdown
     try:
-        summary = Coordinator(hosts, token, options, settings).run()
-        print_epochs(summary["epochs"])
+        summary = Coordinator(hosts, token, options, settings).run(plan_only=args.plan_only)
+        if not args.plan_only:
+            print_epochs(summary["epochs"])
         return 0
     except RunFailed as exc:
         print(f"pac-launch: the run failed: {exc}", file=sys.stderr)

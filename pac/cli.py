@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pac {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
     parser.add_argument("--threads", type=number(int, minimum=1), help="CPU threads for torch (default: all cores)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer,plan}")
 
     t = sub.add_parser(
         "train",
@@ -367,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="stop after this many seconds without a word from the coordinator (default 60)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="show what this device measured for the runs it was profiled for (kept in $PAC_HOME/profiles; a "
+        "coordinator planning a run asks for them, `pac-launch --refresh-profiles` measures again) and exit",
+    )
+    sub.add_parser(
+        "plan",
+        help="plan a collaborative run without running it: `pac plan --peers hosts.txt [pac-launch options]`",
+        add_help=False,
+    )
     return parser
 
 
@@ -394,6 +405,12 @@ def _size(text: str) -> int:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.profile:
+        from pac.runtime.profiler import describe_profiles
+
+        print(describe_profiles())
+        return 0
 
     from pac.models.loading import pac_home
     from pac.net.auth import token_from_env
@@ -563,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     # Progress lines reach a log file as they are printed, not when a block buffer fills.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # the coordinator's planning alone: pac-launch's options, without the run
+        from launcher.main import main as launch
+
+        return launch([*argv[1:], "--plan-only"])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a bad option (code 2, message printed) or --help / --version (0)

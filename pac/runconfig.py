@@ -79,8 +79,9 @@ class TrainOptions:
 class ClusterOptions:
     """How `pac-launch` places a run on the peers (pac.plan.placement) and waits for them."""
 
-    mode: str = "shuffle"  # shuffle | side-pipeline | replicated
-    stages: str | None = None  # layers per peer, e.g. "0-9,10-19,20-29"; None: in proportion to memory
+    mode: str | None = None  # shuffle | side-pipeline | replicated; None: the planner's choice (shuffle with stages)
+    stages: str | None = None  # layers per peer, e.g. "0-9,10-19,20-29"; None: planned, or in proportion to memory
+    refresh_profiles: bool = False  # measure every peer again rather than read its cached profile
     data_plane: str = "zmq"  # zmq | torch
     schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
     micro_batches: int = 2

@@ -489,3 +489,41 @@ def test_a_finished_run_resumes_from_its_checkpoints(single_device, tiny_llama, 
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     # rank 0's metrics log came back whole, without a second round of steps
     assert len((out / "metrics.jsonl").read_text().splitlines()) == steps_before
+
+
+def test_pac_plan_profiles_every_peer_times_the_links_and_prints_the_plan(
+    tiny_llama, topic_jsonl, tmp_path, capsys, monkeypatch
+):
+    from pac.cli import main as pac
+
+    monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))  # the peers keep their profiles there
+    out = tmp_path / "out"
+    argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    assert pac(["plan", *argv, "--join-timeout", "90", *COMMON]) == 0
+    shown = capsys.readouterr().out
+    assert "[pac-launch] profiling 2 peer(s) for this model and run" in shown
+    assert shown.count("ms per sample through the model, link") == 2
+    assert "predicted: phase 1" in shown and "instead:" in shown and "[pac-launch] plan (" in shown
+    assert not (out / "adapter_model.safetensors").exists()  # planned, not run
+    assert len(list((tmp_path / "home" / "profiles").glob("*.json"))) == 1  # one device, one run shape
+    assert pac(["peer", "--profile"]) == 0
+    assert "ms per sample through each layer" in capsys.readouterr().out
+
+
+def test_a_planned_run_trains_the_same_adapter_and_reports_predicted_against_measured(
+    single_device, tiny_llama, topic_jsonl, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))
+    out = tmp_path / "out"
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache") == 0  # no --mode, no --stages: planned
+    shown = capsys.readouterr().out
+    assert "[pac-launch] phase1: predicted" in shown and "[pac-launch] phase2: predicted" in shown
+    summary = json.loads((out / "summary.json").read_text())
+    planned = summary["planned"]
+    assert planned["predicted_total_seconds"] > 0 and planned["measured_phase2_seconds"] > 0
+    assert set(planned["other_modes_seconds"]) == {"shuffle", "side-pipeline", "replicated"}
+    assert summary["mode"] in planned["other_modes_seconds"]
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:  # whatever the plan chose, the same steps as one device
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)

@@ -12,6 +12,10 @@ The conversation of one run (C = coordinator, P = peer)::
     P -> C  join       {name, profile, nonce, proof,   proof = HMAC(token, "peer" | C's nonce)
                         data_endpoint, data_key}
     C -> P  welcome    {proof, rank}  or  refused       proof = HMAC(token, "coordinator" | P's nonce)
+    C -> P  profile    {run, refresh}                   when planning: measure this device for the run
+    P -> C  profiled   {profile}                        (pac.runtime.profiler; cached per device and model)
+    C -> P  probe      {seq, payload}                   when planning: P echoes it, so C times the link
+    P -> C  probe      {seq, payload}
     C -> P  data       {split, sample_ids, tensors,     the tokenised data (a few bytes per token) as the
                         frames, label_names, task}       header entries and frames of pac.net.codec
     C -> P  assign     {assignment}                     role, layers, peers' data endpoints, rendezvous
@@ -33,7 +37,8 @@ from pac.errors import PacError
 
 # 2: `data` carries its tensors as pac.net.codec entries and frames (1: bare int64 bytes and shapes).
 # 3: `assign` carries the side pipeline's schedule and micro-batch count.
-PROTOCOL_VERSION = 3
+# 4: `profile`, `profiled` and `probe`, for the planner.
+PROTOCOL_VERSION = 4
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket
@@ -67,6 +72,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "label_names": (list, type(None)),
         "task": (str,),
     },
+    "profile": {"run": (dict,), "refresh": (bool,)},
+    "profiled": {"profile": (dict,)},
+    "probe": {"seq": (int,), "payload": (bytes,)},
     "assign": {"assignment": (dict,)},
     "progress": {"phase": (str,), "done": (int,), "total": (int,), "rate": _NUM},
     "heartbeat": {},

@@ -97,9 +97,9 @@ def split_proportional(num_layers: int, weights: Sequence[float]) -> list[Stage]
     return stages
 
 
-def check_schedule(mode: str, schedule: str, micro_batches: int) -> None:
-    """The side pipeline's settings, checked before any peer is waited for."""
-    if mode != "side-pipeline" and (schedule, micro_batches) != ("gpipe", 2):
+def check_schedule(mode: str | None, schedule: str, micro_batches: int) -> None:
+    """The side pipeline's settings, checked before any peer is waited for (mode None: the planner picks it)."""
+    if mode not in (None, "side-pipeline") and (schedule, micro_batches) != ("gpipe", 2):
         raise PlanError("--schedule and --micro-batches apply to --mode side-pipeline (its phase 2 is a pipeline)")
     if schedule not in TRAINING_SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(TRAINING_SCHEDULES)}")

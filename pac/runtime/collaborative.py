@@ -242,10 +242,7 @@ def _phase_two(
     else:
         if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
-        sources = {
-            name: ShardedSource(local[name], data.sample_ids)
-            for name, data in splits.items()
-        }
+        sources = {name: ShardedSource(local[name], data.sample_ids) for name, data in splits.items()}
         trainer = DataParallelTrainer(
             model, opts.data.task, sources["train"], config, out, val=sources["val"], on_step=on_step
         )

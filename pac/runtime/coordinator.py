@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -36,16 +37,21 @@ from pac.models.backbone import load_config
 from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
-from pac.plan.placement import Plan, check_schedule, make_plan, parse_stages, stage_taps
+from pac.plan.costs import DeviceProfile, Workload
+from pac.plan.placement import MODES, Plan, check_schedule, make_plan, parse_stages, stage_taps
+from pac.plan.planner import PlanChoice
+from pac.plan.planner import plan as plan_run
 from pac.plan.schedule import format_schedule, training_schedule
-from pac.runconfig import ClusterOptions, TrainOptions, summary_options, with_defaults
+from pac.runconfig import ClusterOptions, TrainOptions, run_config_to_wire, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
-from pac.runtime.prepare import SUMMARY, prepare_data
+from pac.runtime.prepare import SUMMARY, PreparedData, prepare_data
+from pac.runtime.profiler import device_profile_of, model_costs_of
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 DATA_CHUNK_SAMPLES = 256
+LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
 HANDSHAKE_ATTEMPTS = 3  # failed encrypted handshakes before a peer counts as holding another token
 
 
@@ -87,6 +93,8 @@ class PeerState:
     summary: dict[str, Any] | None = None
     files: dict[str, bytearray] = field(default_factory=dict)
     failed_handshakes: int = 0
+    run_profile: dict[str, Any] | None = None  # pac.runtime.profiler's, for this run
+    echoes: dict[int, float] = field(default_factory=dict)  # link probe number -> when its echo arrived
 
     @property
     def routing_id(self) -> bytes:
@@ -108,14 +116,26 @@ class Coordinator:
         check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
-        if options.optim.precision != "fp32" and cluster.mode == "side-pipeline":
-            # Its stages would send bf16 states to each other; only the data-parallel modes take it for now.
-            raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one")
-        method_options = method.collaborative(options.options, options.data.task, cluster.mode)
-        self.options = with_defaults(replace(options, method_options=method_options))
+        # The method's options for each mode it may run in: the one given, or (planned) every mode that can.
+        modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages else list(MODES)
+        self.mode_options: dict[str, Any] = {}
+        refusals = []
+        for mode in modes:
+            try:
+                if options.optim.precision != "fp32" and mode == "side-pipeline":
+                    # Its stages would send bf16 states to each other; only the data-parallel modes take it.
+                    raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline")
+                self.mode_options[mode] = method.collaborative(options.options, options.data.task, mode)
+            except PacError as exc:
+                refusals.append(f"{mode}: {exc}" if len(modes) > 1 else str(exc))
+        if not self.mode_options:
+            raise PacError("; ".join(refusals))
+        self.options = with_defaults(replace(options, method_options=next(iter(self.mode_options.values()))))
         self.cluster, self.token, self.display = cluster, token, display or sys.stdout
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
+        self.planned: PlanChoice | None = None
+        self._probe_seq = 0
         self.reason = ""
         self.out = Path(options.out)
         self.ctx = zmq.Context()
@@ -136,6 +156,7 @@ class Coordinator:
             self.sock.connect(peer.host.endpoint)
         self.store: dist.TCPStore | None = None
         self._last_display = 0.0
+        self.entered: dict[RunState, float] = {RunState.JOINING: time.monotonic()}
 
     # ------------------------------------------------------------------ state machine
     def _advance(self, target: RunState) -> None:
@@ -143,6 +164,7 @@ class Coordinator:
             raise RuntimeError(f"run state {self.state.value} cannot go to {target.value}")
         log.info("run state: %s -> %s", self.state.value, target.value)
         self.state = target
+        self.entered[target] = time.monotonic()
         self._print(f"[pac-launch] {target.value}" + (f": {self.reason}" if self.reason else ""))
 
     def _fail(self, reason: str) -> None:
@@ -200,6 +222,10 @@ class Coordinator:
                 self._send(peer, "error", reason=f"file {message['name']}: chunk at {message['offset']} out of order")
             else:
                 buffer.extend(message["chunk"])
+        elif kind == "profiled":
+            peer.run_profile = message["profile"]
+        elif kind == "probe":
+            peer.echoes[message["seq"]] = time.monotonic()
         elif kind == "finished":
             peer.status, peer.summary = "finished", message["summary"]
         elif kind == "failed":
@@ -253,9 +279,10 @@ class Coordinator:
         self._print(f"[pac-launch] {peer.host.name} joined: {_describe_profile(peer.profile)}")
 
     # ------------------------------------------------------------------ phases
-    def run(self) -> dict[str, Any]:
+    def run(self, plan_only: bool = False) -> dict[str, Any]:
+        """The whole run, or with `plan_only` the peers' profiles and the plan (then the peers are let go)."""
         try:
-            return self._run()
+            return self._run(plan_only)
         except RunFailed:
             self._shutdown(f"run failed: {self.reason}")
             raise
@@ -271,7 +298,7 @@ class Coordinator:
             self.sock.close()
             self.ctx.term()
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self, plan_only: bool) -> dict[str, Any]:
         self._print(f"[pac-launch] {self.state.value}: {len(self.peers)} peer(s)")
         # Before anyone joins, so that bad data, an unknown model or bad --stages fail in seconds.
         prepared = prepare_data(self.options.model, self.options.data)
@@ -280,15 +307,22 @@ class Coordinator:
             parse_stages(self.cluster.stages, num_layers, len(self.peers))
         members = self._join()
         self._advance(RunState.PLANNING)
-        # The hosts file's max_mem= wins over what a peer reports (a cap the user chose for that device).
-        memories = [float(p.host.max_mem or p.profile.get("max_mem", 1)) for p in members]
         cluster = self.cluster
-        plan = make_plan(cluster.mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches)
+        if cluster.mode is None and cluster.stages is None:
+            plan, members = self._planned(members, prepared)
+        else:
+            memories = [_memory(p) for p in members]
+            mode = cluster.mode or "shuffle"
+            plan = make_plan(mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches)
+        self.options = with_defaults(replace(self.options, method_options=self.mode_options[plan.mode]))
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         if plan.mode == "side-pipeline":
             self._print(f"[pac-launch] phase 2 pipelined {plan.schedule}, {plan.micro_batches} micro-batches per batch")
             schedule = training_schedule(plan.schedule, plan.world, plan.micro_batches)
             log.info("phase 2 schedule per full batch:\n%s", format_schedule(schedule))
+        if plan_only:
+            self._shutdown("only planning")
+            return {"mode": plan.mode, "plan": [list(s) for s in plan.stages], "planned": self._planned_summary()}
         method, task = get_method(self.options.method), self.options.data.task
         taps = method.taps(self.options.method_options, task, num_layers)
         idle = [r for r, stage in enumerate(plan.stages) if not stage_taps(stage, taps)]
@@ -321,6 +355,7 @@ class Coordinator:
         self._wait(members, lambda: all(p.status == "finished" for p in members), RunState.EXPORT)
         summary = self._export(members, plan)
         self._advance(RunState.DONE)
+        self._compare_with_plan(summary)
         self._shutdown("run complete")
         return summary
 
@@ -352,6 +387,104 @@ class Coordinator:
             self._must_send(peer, "welcome", proof=auth.proof(self.token, "coordinator", peer.join_nonce), rank=rank)
         return members
 
+    # ------------------------------------------------------------------ planning
+    def _planned(self, members: list[PeerState], prepared: PreparedData) -> tuple[Plan, list[PeerState]]:
+        """Profiles from every peer, each link timed, then the planner's choice (pac.plan.planner): the plan, and
+        the peers it uses in rank order; a peer it leaves out is told why and let go."""
+        profiles = self.profile_peers(members)
+        method, task = get_method(self.options.method), self.options.data.task
+        num_layers = load_config(prepared.model_dir).num_hidden_layers
+        work = Workload(
+            train=len(prepared.train),
+            val=len(prepared.val),
+            epochs=self.options.optim.epochs,
+            batch=self.options.optim.batch_size,
+            taps=tuple(method.taps(self.options.method_options, task, num_layers)),
+            micro_batch=self.options.optim.batch_size,
+            micro_batches=self.cluster.micro_batches,
+        )
+        costs = model_costs_of(members[0].run_profile)  # the model's sizes, the same from every peer
+        choice = plan_run(list(profiles.values()), costs, work, list(self.mode_options))
+        self.planned = choice
+        for line in choice.describe().splitlines():
+            self._print(f"[pac-launch]   {line}")
+        by_name = {p.host.name: p for p in members}
+        chosen = [by_name[name] for name in choice.best.devices]
+        for name, why in choice.left_out.items():
+            self._send(by_name[name], "shutdown", reason=f"left out by the plan: {why}")
+            by_name[name].status = "left out"
+        for rank, peer in enumerate(chosen):
+            peer.rank = rank
+        best = choice.best
+        return Plan(best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches), chosen
+
+    def _planned_summary(self) -> dict[str, Any] | None:
+        if self.planned is None:
+            return None
+        best = self.planned.best
+        return {
+            "predicted_phase1_seconds": best.phase1_seconds,
+            "predicted_phase2_seconds": best.epochs * best.epoch_seconds,
+            "predicted_total_seconds": best.total_seconds,
+            "predicted_peak_bytes": best.peak_bytes,
+            "predicted_sent_bytes": best.sent_bytes,
+            "other_modes_seconds": {m: p.total_seconds for m, p in self.planned.by_mode.items()},
+            "left_out": self.planned.left_out,
+        }
+
+    def _compare_with_plan(self, summary: dict[str, Any]) -> None:
+        """Predicted against measured time of each phase, printed and kept in summary.json."""
+        measured = {
+            "phase1_seconds": self.entered[RunState.TRAINING] - self.entered[RunState.CACHE_BUILD],
+            "phase2_seconds": self.entered[RunState.EXPORT] - self.entered[RunState.TRAINING],
+        }
+        planned = self._planned_summary()
+        if planned is None:
+            return
+        for phase, took in measured.items():
+            predicted = planned[f"predicted_{phase}"]
+            self._print(f"[pac-launch] {phase.split('_')[0]}: predicted {predicted:.1f} s, measured {took:.1f} s")
+        summary["planned"] = {**planned, **{f"measured_{k}": v for k, v in measured.items()}}
+        (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+    def profile_peers(self, members: list[PeerState]) -> dict[str, DeviceProfile]:
+        """Each peer measures itself for this run (or reads its cached profile); each link is timed from here."""
+        run = run_config_to_wire(self.options)
+        for peer in members:
+            self._must_send(peer, "profile", run=run, refresh=self.cluster.refresh_profiles)
+        self._print(f"[pac-launch] profiling {len(members)} peer(s) for this model and run")
+        self._wait(members, lambda: all(p.run_profile is not None for p in members))
+        devices = {}
+        for peer in members:
+            bandwidth, rtt = self._measure_link(peer)
+            profile = {**peer.run_profile, "device": {**peer.run_profile["device"], "memory": int(_memory(peer))}}
+            device = devices[peer.host.name] = device_profile_of(profile, bandwidth, rtt)
+            self._print(
+                f"[pac-launch]   {peer.host.name}: {sum(device.layer_seconds) * 1e3:.1f} ms per sample through the "
+                f"model, link {bandwidth * 8 / 1e6:.0f} Mbit/s, round trip {rtt * 1e3:.1f} ms"
+            )
+        return devices
+
+    def _measure_link(self, peer: PeerState) -> tuple[float, float]:
+        """(bytes per second, round-trip seconds) to `peer`: the fastest of a few empty echoes, then of a few
+        echoes of LINK_PROBE_BYTES, which cross the link twice."""
+        rtt = min(self._echo(peer, b"") for _ in range(3))
+        payload = os.urandom(LINK_PROBE_BYTES)
+        loaded = min(self._echo(peer, payload) for _ in range(2))
+        return 2 * LINK_PROBE_BYTES / max(loaded - rtt, 1e-6), rtt
+
+    def _echo(self, peer: PeerState, payload: bytes) -> float:
+        self._probe_seq += 1
+        seq, started = self._probe_seq, time.monotonic()
+        self._must_send(peer, "probe", seq=seq, payload=payload)
+        while seq not in peer.echoes:
+            if time.monotonic() - started > self.cluster.peer_timeout:
+                self._fail(
+                    f"peer {peer.host.name} did not answer a link probe within {self.cluster.peer_timeout:.0f} s"
+                )
+            self._poll(20)
+        return peer.echoes.pop(seq) - started
+
     def _must_send(self, peer: PeerState, kind: str, **fields: Any) -> None:
         if not self._send(peer, kind, block=True, **fields):
             self._fail(f"lost the connection to {peer.host.name} while sending {kind}")
@@ -382,7 +515,7 @@ class Coordinator:
         self.store = dist.TCPStore("0.0.0.0", 0, world_size=None, is_master=True, wait_for_workers=False)
         return self.store.port
 
-    def _wait(self, members: list[PeerState], condition, then: RunState) -> None:
+    def _wait(self, members: list[PeerState], condition, then: RunState | None = None) -> None:
         next_beat = 0.0
         while not condition():
             now = time.monotonic()
@@ -395,7 +528,8 @@ class Coordinator:
                     self._fail(f"peer {p.host.name} (rank {p.rank}) stopped responding for {now - p.last_heard:.0f} s")
             self._poll(100)
             self._show(members)
-        self._advance(then)
+        if then is not None:
+            self._advance(then)
 
     def _show(self, members: list[PeerState], every: float = 5.0) -> None:
         now = time.monotonic()
@@ -442,6 +576,11 @@ class Coordinator:
         for p in self.peers.values():
             if p.status not in ("connecting", "refused"):
                 self._send(p, "shutdown", reason=reason)
+
+
+def _memory(peer: PeerState) -> float:
+    """The hosts file's max_mem= wins over what a peer reports (a cap the user chose for that device)."""
+    return float(peer.host.max_mem or peer.profile.get("max_mem", 1))
 
 
 def _describe_profile(profile: dict[str, Any]) -> str:

@@ -33,10 +33,13 @@ from pac import __version__
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from pac.models.loading import resolve_model
 from pac.net import auth, codec, protocol
 from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
+from pac.runconfig import run_config_from_wire
 from pac.runtime.collaborative import Assignment, run_assignment
+from pac.runtime.profiler import profile_device
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,7 @@ class PeerAgent:
         self.events: queue.Queue = queue.Queue()  # from the worker thread: ("progress"|"done"|"failed", ...)
         self.stop = threading.Event()
         self.worker: threading.Thread | None = None
+        self.profiler: threading.Thread | None = None
         self.exit_code: int | None = None
         self.work_failed = False
         self.label_names: list[str] | None = None
@@ -255,6 +259,16 @@ class PeerAgent:
         if kind == "data":
             self.chunks.setdefault(message["split"], []).append(message)
             self.label_names = message["label_names"]
+        elif kind == "probe":  # the coordinator times the link: answer at once, with the same bytes
+            self._send(self.coordinator, "probe", seq=message["seq"], payload=message["payload"])
+        elif kind == "profile":
+            if self.profiler is not None:
+                self._reject(self.coordinator, "profile: this peer is already measuring itself")
+                return
+            self.profiler = threading.Thread(
+                target=self._profile, args=(message["run"], message["refresh"]), name="pac-profile", daemon=True
+            )
+            self.profiler.start()
         elif kind == "assign":
             if self.worker is not None:
                 self._reject(self.coordinator, "assign: this peer is already running an assignment")
@@ -274,10 +288,24 @@ class PeerAgent:
         # heartbeats only refresh last_heard
 
     # ------------------------------------------------------------------ work
+    def _profile(self, run: dict[str, Any], refresh: bool) -> None:
+        """This device's profile for the run the coordinator is planning (pac.runtime.profiler)."""
+        try:
+            opts = run_config_from_wire(run)
+            if self.settings.threads:
+                torch.set_num_threads(self.settings.threads)
+            memory = self.settings.max_mem or psutil.virtual_memory().total
+            profile = profile_device(resolve_model(opts.model), opts, self.settings.name, memory, refresh=refresh)
+            self.events.put(("profiled", profile))
+        except Exception as exc:
+            log.error("profiling failed:\n%s", traceback.format_exc())
+            self.events.put(("failed", f"profiling this device failed: {type(exc).__name__}: {exc}"))
+
     def _work(self, job: Assignment, splits: dict[str, TokenizedSet]) -> None:
         out = self.settings.work_dir / "out"
         self.phase_start["cache"] = (time.monotonic(), 0)
         try:
+            self.plane.rank = job.rank  # the plan may order the peers otherwise than they joined
             threads = job.threads or self.settings.threads  # the hosts file's threads= wins
             if threads:
                 torch.set_num_threads(threads)
@@ -309,6 +337,8 @@ class PeerAgent:
                 t0, d0 = self.phase_start.setdefault(phase, (now, done))
                 rate = (done - d0) / (now - t0) if now > t0 else 0.0
                 self._send(self.coordinator, "progress", phase=phase, done=done, total=total, rate=float(rate))
+            elif event[0] == "profiled":
+                self._send(self.coordinator, "profiled", profile=event[1])
             elif event[0] == "done":
                 _, summary, out = event
                 self._send_results(out)

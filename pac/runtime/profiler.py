@@ -1,0 +1,267 @@
+"""What this device costs a run: each backbone layer's forward time, the method's training step and evaluation,
+and the model's sizes, measured here on synthetic batches of the run's shape (docs/architecture.md, "Planning").
+
+The planner (pac.plan.planner) reads these as a pac.plan.costs.DeviceProfile and ModelCosts. Each layer is loaded
+alone (a device never holds more than one layer of the model for this), timed over a micro-batch after a warm-up
+pass (the median of `repeats`), and its FLOPs counted with torch's FlopCounterMode under no_grad (it counts
+nothing under inference_mode) as a cross-check: the achieved FLOP/s of every layer should agree. Working memory
+of a layer's forward is computed from the config (hidden states, attention scores and MLP activations in
+float32), not measured: CPUs have no allocator high-water mark to read.
+
+Profiles are cached under $PAC_HOME/profiles, keyed by the model's weights, the shapes, the method's options and
+this device (processor, threads, torch); `refresh=True` measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pac.cache.fingerprint import model_fingerprint
+from pac.methods.registry import BuildContext, get_method
+from pac.models.backbone import load_backbone, load_config
+from pac.models.loading import pac_home
+from pac.plan.costs import DeviceProfile, ModelCosts
+from pac.runconfig import TrainOptions
+from pac.runtime.prepare import train_config
+from pac.runtime.step import BackpropStep
+
+PROFILE_VERSION = 1
+CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
+
+
+class SyntheticBatches:
+    """Random batches of a run's shape: token ids, or the cached taps a method reads, with labels."""
+
+    def __init__(
+        self, size: int, seq_len: int, vocab: int, task: str, classes: int, taps: list[int] | None, width: int
+    ):
+        self.sample_ids = [f"synthetic:{i}" for i in range(size)]
+        self.seq_len, self.vocab, self.task, self.classes = seq_len, vocab, task, classes
+        self.taps, self.width = taps, width
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        n, t, g = len(indices), self.seq_len, self.generator
+        batch = {"attention_mask": torch.ones(n, t, dtype=torch.long)}
+        if self.task == "classify":
+            batch["labels"] = torch.randint(0, self.classes, (n,), generator=g)
+        else:
+            batch["labels"] = torch.randint(0, self.vocab, (n, t), generator=g)
+        if self.taps is None:
+            batch["input_ids"] = torch.randint(0, self.vocab, (n, t), generator=g)
+        else:
+            batch["taps"] = torch.randn(n, len(self.taps), t, self.width, generator=g)
+        return batch
+
+
+def profile_device(
+    model_dir: Path, opts: TrainOptions, name: str, memory: int, *, repeats: int = 3, refresh: bool = False
+) -> dict[str, Any]:
+    """This device's profile for the run `opts` (its model, --max-length, --batch-size, method and options):
+    {"device": DeviceProfile fields, "model": ModelCosts fields, "layers": per-layer detail, "measured": ...}.
+    `name` and `memory` are what the planner calls this device and what it may use."""
+    key = _profile_key(model_dir, opts)
+    cached = pac_home() / "profiles" / f"{key}.json"
+    if cached.exists() and not refresh:
+        profile = json.loads(cached.read_text())
+        profile["device"].update(name=name, memory=memory)
+        return profile
+    runtime_bytes = psutil.Process().memory_info().rss
+    config = load_config(model_dir)
+    seq_len, micro = opts.data.max_length, opts.optim.batch_size
+    layers = [
+        _profile_layer(model_dir, i, seq_len, micro, config.vocab_size, repeats)
+        for i in range(config.num_hidden_layers)
+    ]
+    side = _profile_step(model_dir, opts, config, repeats)
+    d, bytes_per_value = config.hidden_size, CACHE_DTYPE_BYTES[opts.cache.dtype]
+    device = DeviceProfile(
+        name,
+        memory,
+        tuple(layer["seconds"] / micro for layer in layers),
+        side["train_seconds"] / micro,
+        side["eval_seconds"] / micro,
+    )
+    costs = ModelCosts(
+        layer_weight_bytes=tuple(layer["weight_bytes"] for layer in layers),
+        head_bytes=side["frozen_bytes"],
+        layer_activation_bytes=_layer_activation_bytes(config, seq_len),
+        hidden_bytes=seq_len * d * 4,
+        tap_bytes=seq_len * d * bytes_per_value,
+        side_state_bytes=side["state_bytes"],
+        side_param_bytes=side["trainable_bytes"],
+        side_sample_bytes=side["sample_bytes"],
+        runtime_bytes=runtime_bytes,
+    )
+    profile = {
+        "version": PROFILE_VERSION,
+        "device": {k: v for k, v in asdict(device).items() if k not in ("bandwidth", "rtt")},
+        "model": asdict(costs),
+        "layers": layers,
+        "measured": {
+            "seq_len": seq_len,
+            "micro_batch": micro,
+            "method": opts.method,
+            "threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "side_flops_per_sample": side["flops"] / micro,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile, indent=1))
+    os.replace(tmp, cached)
+    return profile
+
+
+def describe_profiles(home: Path | None = None) -> str:
+    """The profiles this device keeps, one block each: the run's shape, every layer's time, the method's step."""
+    folder = (home or pac_home()) / "profiles"
+    found = sorted(folder.glob("*.json")) if folder.exists() else []
+    if not found:
+        return f"no profiles in {folder}: a coordinator planning a run (`pac plan`, `pac-launch`) asks for one"
+    blocks = []
+    for path in found:
+        p = json.loads(path.read_text())
+        m, d, layers = p["measured"], p["device"], p["layers"]
+        per_layer = " ".join(f"{layer['seconds'] / m['micro_batch'] * 1e3:.2f}" for layer in layers)
+        rates = [layer["flops_per_second"] / 1e9 for layer in layers if layer["flops_per_second"]]
+        blocks.append(
+            f"{path.stem}: {m['method']}, {m['seq_len']} tokens, batch {m['micro_batch']}, {m['threads']} threads, "
+            f"{m['processor']}, measured {m['at']}\n"
+            f"  ms per sample through each layer: {per_layer}\n"
+            f"  whole model {sum(d['layer_seconds']) * 1e3:.1f} ms per sample, "
+            f"{min(rates, default=0):.1f}-{max(rates, default=0):.1f} GFLOP/s per layer\n"
+            f"  training step {d['side_train_seconds'] * 1e3:.1f} ms and evaluation "
+            f"{d['side_eval_seconds'] * 1e3:.1f} ms per sample"
+        )
+    return "\n".join(blocks)
+
+
+def device_profile_of(profile: dict[str, Any], bandwidth: float, rtt: float) -> DeviceProfile:
+    """The planner's view of a profile, with the link the coordinator measured to this device."""
+    device = dict(profile["device"])
+    device["layer_seconds"] = tuple(device["layer_seconds"])
+    return DeviceProfile(**device, bandwidth=bandwidth, rtt=rtt)
+
+
+def model_costs_of(profile: dict[str, Any]) -> ModelCosts:
+    model = dict(profile["model"])
+    model["layer_weight_bytes"] = tuple(model["layer_weight_bytes"])
+    return ModelCosts(**model)
+
+
+def _profile_key(model_dir: Path, opts: TrainOptions) -> str:
+    method = get_method(opts.method)
+    parts = {
+        "version": PROFILE_VERSION,
+        "model": model_fingerprint(model_dir),
+        "task": opts.data.task,
+        "seq_len": opts.data.max_length,
+        "batch": opts.optim.batch_size,
+        "precision": opts.optim.precision,
+        "cache_dtype": opts.cache.dtype,
+        "method": opts.method,
+        "options": method.flat_options(opts.options),
+        "device": [platform.node(), platform.processor() or platform.machine(), torch.get_num_threads()],
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _timed(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _profile_layer(model_dir: Path, index: int, seq_len: int, micro: int, vocab: int, repeats: int) -> dict[str, Any]:
+    """One backbone layer (with the embeddings for layer 0), alone in memory."""
+    stage = load_backbone(model_dir, index, index + 1, with_head=False)
+    g = torch.Generator().manual_seed(index)
+    if index == 0:
+        inputs = torch.randint(0, vocab, (micro, seq_len), generator=g)
+    else:
+        inputs = torch.randn(micro, seq_len, stage.config.hidden_size, generator=g)
+    mask = torch.ones(micro, seq_len, dtype=torch.long)
+    with torch.inference_mode():
+        seconds = _timed(lambda: stage(inputs, mask), repeats)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        stage(inputs, mask)
+    weight_bytes = sum(p.numel() * p.element_size() for p in stage.parameters())
+    flops = counter.get_total_flops()
+    return {
+        "layer": index,
+        "seconds": seconds,
+        "weight_bytes": weight_bytes,
+        "flops": flops,
+        "flops_per_second": flops / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int) -> dict[str, Any]:
+    """The method's training step and evaluation on one batch of synthetic data of the run's shape."""
+    method = get_method(opts.method)
+    options, task, micro = method.resolved(opts.method_options, opts.data.task), opts.data.task, opts.optim.batch_size
+    classes = 2
+    taps = method.taps(options, task, config.num_hidden_layers) if method.cached else None
+    source = SyntheticBatches(
+        micro * 2, opts.data.max_length, config.vocab_size, task, classes, taps, config.hidden_size
+    )
+    labels = [f"class{i}" for i in range(classes)] if task == "classify" else None
+    ctx = BuildContext(model_dir, task, labels, opts.optim.seed, opts.data.max_length, source)
+    model = method.build(options, ctx)
+    config_loop = train_config(opts)
+    step = method.step(model, task, source, config_loop) if method.step is not None else None
+    step = step or BackpropStep(model, task, source, config_loop)
+    indices = list(range(micro))
+    train_seconds = _timed(lambda: step(indices, 0), repeats)
+    model.eval()
+    batch = source.batch(indices)
+    with torch.no_grad():
+        eval_seconds = _timed(lambda: model.metrics_batch(batch), repeats)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_batch(batch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    width = getattr(getattr(model, "side", None), "config", None)
+    state_width = width.hidden_size if width is not None else config.hidden_size
+    sample = source.batch([0])
+    return {
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "flops": counter.get_total_flops(),
+        "trainable_bytes": sum(p.numel() * 4 for p in trainable),
+        "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
+        "state_bytes": opts.data.max_length * state_width * 4,
+        # What one sample brings into a step: its inputs in float32, and activations about as large again.
+        "sample_bytes": 2 * sum(t.numel() * 4 for t in sample.values()),
+    }
+
+
+def _layer_activation_bytes(config: Any, seq_len: int) -> int:
+    """One sample's float32 working memory in one decoder layer's forward: the hidden state in and out, the
+    query/key/value projections, the attention scores, and the MLP's two intermediate activations."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    intermediate = getattr(config, "intermediate_size", 4 * d)
+    return 4 * (5 * seq_len * d + heads * seq_len * seq_len + 2 * seq_len * intermediate)

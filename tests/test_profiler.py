@@ -1,0 +1,60 @@
+"""The device profiler (pac.runtime.profiler) on a tiny real model, and the planner fed by its profiles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pac.models.backbone import load_backbone, load_config
+from pac.plan.costs import Workload
+from pac.plan.planner import plan
+from pac.runconfig import DataOptions, OptimOptions, TrainOptions
+from pac.runtime.profiler import device_profile_of, model_costs_of, profile_device
+
+
+@pytest.fixture
+def pac_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("task", ["classify", "lm"])
+def test_a_profile_measures_every_layer_and_the_method_s_step_and_is_cached(tiny_llama, pac_home, task):
+    opts = TrainOptions(
+        model=str(tiny_llama), data=DataOptions(task=task, max_length=16), optim=OptimOptions(batch_size=4)
+    )
+    profile = profile_device(tiny_llama, opts, "desk", 2 * 10**9, repeats=1)
+    config = load_config(tiny_llama)
+    layers = profile["layers"]
+    assert [layer["layer"] for layer in layers] == list(range(config.num_hidden_layers))
+    assert all(layer["seconds"] > 0 and layer["flops"] > 0 for layer in layers)
+    # Identical decoder layers: the same FLOPs (layer 0 also looks up the embeddings, which FLOPs do not count).
+    assert len({layer["flops"] for layer in layers}) == 1
+    whole = load_backbone(tiny_llama, with_head=False)
+    assert sum(profile["model"]["layer_weight_bytes"]) == sum(p.numel() * p.element_size() for p in whole.parameters())
+    device = profile["device"]
+    assert device["name"] == "desk" and device["memory"] == 2 * 10**9
+    assert device["side_train_seconds"] > 0 and device["side_eval_seconds"] > 0
+    assert profile["model"]["side_param_bytes"] > 0 and profile["measured"]["micro_batch"] == 4
+    # Kept per device, model and run shape: asked again, it is read back (under the name the planner gives it).
+    files = list((pac_home / "profiles").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["layers"] == layers
+    again = profile_device(tiny_llama, opts, "other-name", 10**9)
+    assert again["layers"] == layers and again["device"]["name"] == "other-name"
+    longer = TrainOptions(
+        model=str(tiny_llama), data=DataOptions(task=task, max_length=32), optim=OptimOptions(batch_size=4)
+    )
+    profile_device(tiny_llama, longer, "desk", 10**9, repeats=1)
+    assert len(list((pac_home / "profiles").glob("*.json"))) == 2
+
+
+def test_profiles_feed_the_planner(tiny_llama, pac_home):
+    opts = TrainOptions(model=str(tiny_llama), data=DataOptions(max_length=16), optim=OptimOptions(batch_size=4))
+    profile = profile_device(tiny_llama, opts, "a", 2 * 10**9, repeats=1)
+    devices = [device_profile_of({**profile, "device": {**profile["device"], "name": n}}, 12.5e6, 0.001) for n in "ab"]
+    work = Workload(
+        train=48, val=12, epochs=2, batch=4, taps=tuple(range(load_config(tiny_llama).num_hidden_layers + 1))
+    )
+    choice = plan(devices, model_costs_of(profile), work)
+    assert choice.best.total_seconds > 0 and choice.best.mode in choice.describe()
