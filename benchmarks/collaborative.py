@@ -11,7 +11,7 @@ run's own summary (every peer reports its phase-1 time and the bytes its data pl
 Every run gets a fresh cache directory, so phase 1 really runs. The peers share this machine's cores
 (each gets cores/N threads): on one machine more peers cannot be faster, so these figures show the
 runtime's overhead, not a home cluster's speed-up. With `--network 100mbit` (root) every peer runs
-in its own network namespace behind a 100 Mbit link (deploy/netns.py), as on a home Wi-Fi.
+in its own network namespace behind a 100 Mbit link (deploy/home.py), as on a home Wi-Fi.
 
     python benchmarks/collaborative.py [--train-size 64] [--val-size 16] [--epochs 2] [--network 100mbit]
 Writes benchmarks/results/collaborative.{json,md,png}.
@@ -61,18 +61,18 @@ def run(name: str, peers: int, mode: str, args: argparse.Namespace) -> dict:
 
 
 def with_network(cmd: list[str], peers: int, rate: str, work: Path) -> None:
-    """The run with every peer in its own network namespace, behind a `rate` link (deploy/netns.py)."""
+    """The run with every peer in its own network namespace, behind a `rate` link (deploy/home.py)."""
     sys.path.insert(0, str(HERE.parent / "deploy"))
-    from netns import HomeNetwork
+    from home import Device, SimulatedHome
 
     from pac.net.auth import TOKEN_ENV, new_token
 
     env = {**os.environ, TOKEN_ENV: new_token(), "TQDM_DISABLE": "1"}
     threads = max(1, (os.cpu_count() or 1) // peers)
-    with HomeNetwork(peers, rate=rate) as net:
+    with SimulatedHome([Device(f"device_{d}", rate=rate) for d in range(peers)]) as net:
         lines = []
         for d in range(peers):
-            name = f"device-{d}"
+            name = net.devices[d].name
             agent = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://{net.address(d)}:29600"]
             agent += ["--name", name, "--threads", str(threads), "--work-dir", str(work / name)]
             net.run(d, agent, work / f"{name}.log", env=env)
@@ -163,7 +163,7 @@ def main() -> None:
         "--network",
         metavar="RATE",
         help="run the multi-peer configurations with every peer in its own network namespace behind a RATE "
-        "link, e.g. 100mbit (root; deploy/netns.py)",
+        "link, e.g. 100mbit (root; deploy/home.py)",
     )
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()

@@ -454,13 +454,14 @@ def _can_make_namespaces() -> bool:
 @pytest.mark.skipif(not _can_make_namespaces(), reason="needs root with ip/tc and network namespaces")
 def test_peers_in_their_own_network_namespaces_behind_a_rate_limit(single_device, tiny_llama, topic_jsonl, tmp_path):
     """Real interfaces instead of loopback: the peers' data planes, the rendezvous and gloo all go over
-    the bridge of a simulated home network (deploy/netns.py), and the result is still the single-device one."""
+    the bridge of a simulated home network (deploy/home.py), and the result is still the single-device one."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
-    from netns import HomeNetwork
+    from home import Device, SimulatedHome
 
     token = auth.new_token()
     env = {**os.environ, auth.TOKEN_ENV: token, "TQDM_DISABLE": "1"}
-    with HomeNetwork(2, rate="100mbit", tag=f"pt{os.getpid() % 10000}") as net:
+    devices = [Device(f"dev{d}", rate="100mbit") for d in range(2)]
+    with SimulatedHome(devices, tag=f"pt{os.getpid() % 10000}") as net:
         hosts = []
         for d in range(2):
             agent = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://{net.address(d)}:29600"]
