@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: planned)")
     plan.add_argument(
+        "--shares",
+        type=_shares,
+        help="samples each peer caches and trains, as whole-number weights in rank order, e.g. 4,2,1 (shuffle and "
+        "replicated; default: planned, or equal)",
+    )
+    plan.add_argument(
         "--plan-only",
         action="store_true",
         help="print the plan (and why it beats the other modes) and stop; same as `pac plan`",
@@ -113,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shares(text: str) -> tuple[int, ...]:
+    try:
+        shares = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers separated by commas, like 4,2,1") from None
+    if any(s < 1 for s in shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: every peer's share is at least 1")
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -145,6 +161,7 @@ def _launch(args: argparse.Namespace) -> int:
         data_plane=args.data_plane,
         schedule=args.schedule,
         micro_batches=args.micro_batches,
+        shares=args.shares,
         refresh_profiles=args.refresh_profiles,
         join_timeout=args.join_timeout,
         peer_timeout=args.peer_timeout,

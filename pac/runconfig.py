@@ -83,6 +83,7 @@ class ClusterOptions:
     stages: str | None = None  # layers per peer, e.g. "0-9,10-19,20-29"; None: planned, or in proportion to memory
     refresh_profiles: bool = False  # measure every peer again rather than read its cached profile
     data_plane: str = "zmq"  # zmq | torch
+    shares: tuple[int, ...] | None = None  # samples each peer owns, whole-number weights in rank order
     schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
     micro_batches: int = 2
     join_timeout: float = 120.0

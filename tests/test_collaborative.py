@@ -528,3 +528,19 @@ def test_a_planned_run_trains_the_same_adapter_and_reports_predicted_against_mea
     got = load_file(out / "adapter_model.safetensors")
     for name in expected:  # whatever the plan chose, the same steps as one device
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["replicated", "shuffle"])
+def test_peers_owning_uneven_shares_train_the_same_adapter(mode, single_device, tiny_llama, topic_jsonl, tmp_path):
+    """--shares 2,1,1: rank 0 caches and trains half of the samples, in phase 1 and 2 alike."""
+    out = tmp_path / "out"
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--mode", mode, "--shares", "2,1,1") == 0
+    expected, single_summary = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((out / "summary.json").read_text())
+    cached = [
+        p["summary"]["cached_samples"]["train"] for p in sorted(summary["peers"].values(), key=lambda p: p["rank"])
+    ]
+    assert sum(cached) == single_summary["train_samples"] and abs(cached[0] - 2 * cached[1]) <= 2

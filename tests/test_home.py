@@ -28,7 +28,13 @@ while True:
     while data := conn.recv(1 << 16):
         conn.sendall(data)
 """
-SPIN = "import os, time\nend = time.monotonic() + 2\nwhile time.monotonic() < end: pass\nt = os.times()\nprint(t.user + t.system)"
+SPIN = """
+import os, time
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    pass
+print(os.times().user + os.times().system)
+"""
 
 
 def _can_build_a_home() -> str | None:

@@ -93,3 +93,26 @@ def test_join_proofs_are_role_bound():
 def test_the_interface_towards_loopback_is_lo():
     assert local_address_towards("127.0.0.1") == "127.0.0.1"
     assert interface_of("127.0.0.1") == "lo"
+
+
+def test_shares_interleave_owners_in_proportion():
+    from pac.plan.placement import owned_positions, owner, share_pattern
+
+    assert share_pattern((2, 1)) == [0, 1, 0]
+    assert share_pattern((1, 1, 1)) == [0, 1, 2]
+    pattern = share_pattern((4, 2, 1))
+    assert [pattern.count(r) for r in range(3)] == [4, 2, 1] and pattern[:2] != [0, 0]
+    assert [owner(p, 2, (2, 1)) for p in range(6)] == [0, 1, 0, 0, 1, 0]
+    assert owned_positions(70, 0, 3, (4, 2, 1)) == [p for p in range(70) if pattern[p % 7] == 0]
+    assert len(owned_positions(70, 2, 3, (4, 2, 1))) == 10
+    plan = make_plan("replicated", 30, [1, 1], shares=(3, 1))
+    assert (
+        plan.owned_positions(8, 1) == [p for p in range(8) if plan.owner(p) == 1]
+        and len(plan.owned_positions(8, 1)) == 2
+    )
+    with pytest.raises(PlanError, match="--shares gives 3 weights for 2 peers"):
+        make_plan("replicated", 30, [1, 1], shares=(1, 1, 1))
+    with pytest.raises(PlanError, match="in side-pipeline every stage has every sample"):
+        make_plan("side-pipeline", 30, [1, 1], shares=(2, 1))
+    with pytest.raises(PlanError, match="at least 1"):
+        share_pattern((2, 0))

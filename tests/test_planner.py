@@ -8,7 +8,7 @@ import pytest
 
 from pac.plan.costs import DeviceProfile, ModelCosts, Workload, peak_bytes, predict
 from pac.plan.placement import MODES
-from pac.plan.planner import NoPlanError, best_for, plan, split_layers
+from pac.plan.planner import NoPlanError, best_for, plan, split_layers, whole_shares
 
 GB = 10**9
 LAYERS = 12
@@ -129,3 +129,17 @@ def test_the_data_parallel_epoch_is_the_batches_share_plus_a_ring_all_reduce():
     assert got.sent_bytes["a"] == steps * 5 * 12_000_000
     assert got.peak_bytes["a"] == peak_bytes("replicated", a, (0, LAYERS), MODEL, WORK)
     assert got.total_seconds == pytest.approx(got.phase1_seconds + 5 * got.epoch_seconds)
+
+
+def test_uneven_devices_own_samples_in_proportion_to_their_speed():
+    devices = [device("desktop", speed=4), device("laptop", speed=2), device("phone", speed=1)]
+    fast_lan = [DeviceProfile(**{**d.__dict__, "bandwidth": 1e12}) for d in devices]
+    found = best_for("replicated", fast_lan, MODEL, WORK)
+    assert found.shares == (4, 2, 1)
+    equal = predict("replicated", fast_lan, [(0, LAYERS)] * 3, MODEL, WORK)
+    assert found.total_seconds < 0.6 * equal.total_seconds  # the phone no longer sets the pace
+    # Planned, the phone still costs more than it brings: with 8-sample steps it computes 2 of them (1/7 of a
+    # batch, rounded up) at a quarter of the desktop's speed. The other two share the work 2:1.
+    choice = plan(fast_lan, MODEL, WORK, ["replicated"])
+    assert choice.best.shares == (2, 1) and "samples owned, of every 3: desktop 2, laptop 1" in choice.describe()
+    assert whole_shares([1.0, 1.0]) is None and whole_shares([3.0, 1.0]) == (3, 1)

@@ -79,6 +79,7 @@ class Prediction:
     peak_bytes: dict[str, int]
     sent_bytes: dict[str, int]  # what each device sends over its link in the whole run
     shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
+    shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
 
     @property
     def total_seconds(self) -> float:
@@ -90,21 +91,28 @@ class Prediction:
 
 
 def predict(
-    mode: str, devices: Sequence[DeviceProfile], stages: Sequence[Stage], model: ModelCosts, work: Workload
+    mode: str,
+    devices: Sequence[DeviceProfile],
+    stages: Sequence[Stage],
+    model: ModelCosts,
+    work: Workload,
+    shares: Sequence[int] | None = None,
 ) -> Prediction:
     """One placement's time, memory and traffic. `stages[k]` is the layer range of `devices[k]` (every device
-    holds every layer in `replicated` mode)."""
+    holds every layer in `replicated` mode); `shares` are the samples each owns (None: equal)."""
     n = len(devices)
     samples = work.train + work.val
+    owned = [s / sum(shares) for s in shares] if shares is not None else [1 / n] * n
     sent = dict.fromkeys((d.name for d in devices), 0.0)
     if mode == "replicated":
-        phase1 = max(math.ceil(samples / n) * d.forward_seconds((0, model.num_layers)) for d in devices)
+        whole = (0, model.num_layers)
+        phase1 = max(math.ceil(samples * f) * d.forward_seconds(whole) for d, f in zip(devices, owned, strict=True))
     else:
-        phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent)
+        phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent, owned)
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:
-        epoch = _data_parallel_epoch(devices, model, work, sent)
+        epoch = _data_parallel_epoch(devices, model, work, sent, owned)
     peak = {d.name: peak_bytes(mode, d, stage, model, work) for d, stage in zip(devices, stages, strict=True)}
     return Prediction(
         mode,
@@ -116,6 +124,7 @@ def predict(
         peak,
         {name: int(b) for name, b in sent.items()},
         {d.name: peak[d.name] - d.memory for d in devices if peak[d.name] > d.memory},
+        tuple(shares) if shares is not None else None,
     )
 
 
@@ -131,6 +140,7 @@ def _pipeline_phase_one(
     model: ModelCosts,
     work: Workload,
     sent: dict[str, float],
+    owned: Sequence[float],
 ) -> float:
     n, samples = len(devices), work.train + work.val
     per_sample = []
@@ -138,8 +148,8 @@ def _pipeline_phase_one(
         out = model.hidden_bytes if k < n - 1 else 0
         link = _link_seconds(out, device, devices[k + 1]) if out else 0.0
         taps = len(stage_taps(stage, work.taps)) * model.tap_bytes
-        # shuffle: each sample's taps go to its owner, another device for (n - 1) of every n samples.
-        away = taps * (n - 1) / n if mode == "shuffle" else 0.0
+        # shuffle: each sample's taps go to its owner, another device unless this one owns it.
+        away = taps * (1 - owned[k]) if mode == "shuffle" else 0.0
         link += away / device.bandwidth
         sent[device.name] += samples * (out + away)
         per_sample.append((device.forward_seconds(stage), link))
@@ -149,18 +159,19 @@ def _pipeline_phase_one(
 
 
 def _data_parallel_epoch(
-    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, sent: dict[str, float]
+    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, sent: dict[str, float], owned: Sequence[float]
 ) -> float:
     n = len(devices)
     steps = math.ceil(work.train / work.batch)
-    share = math.ceil(work.batch / n)  # round-robin owners: every device computes its share of every batch
-    compute = max(share * d.side_train_seconds for d in devices)
+    # Owners interleave through the data: every device computes its share of every batch.
+    pairs = list(zip(devices, owned, strict=True))
+    compute = max(math.ceil(work.batch * f) * d.side_train_seconds for d, f in pairs)
     ring = 2 * (n - 1) / n * model.side_param_bytes if n > 1 else 0.0
     slowest = min(d.bandwidth for d in devices)
     reduce = ring / slowest + 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
     for d in devices:
         sent[d.name] += work.epochs * steps * ring
-    evaluation = max(math.ceil(work.val / n) * d.side_eval_seconds for d in devices)
+    evaluation = max(math.ceil(work.val * f) * d.side_eval_seconds for d, f in pairs)
     return steps * (compute + reduce) + evaluation
 
 

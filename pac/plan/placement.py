@@ -28,6 +28,16 @@ class Plan:
     # side-pipeline's phase 2: the pac.plan.schedule training schedule and micro-batches per batch
     schedule: str = "gpipe"
     micro_batches: int = 2
+    # Samples each rank owns, as whole-number weights per rank (3, 2, 1: of every 6 samples, 3 to rank 0);
+    # None: equal shares. Ownership decides who caches and trains a sample in shuffle and replicated modes.
+    shares: tuple[int, ...] | None = None
+
+    def owner(self, position: int) -> int:
+        """The rank that trains the sample at `position` of its split."""
+        return owner(position, self.world, self.shares)
+
+    def owned_positions(self, num_samples: int, rank: int) -> list[int]:
+        return owned_positions(num_samples, rank, self.world, self.shares)
 
     @property
     def world(self) -> int:
@@ -114,17 +124,25 @@ def make_plan(
     stages_spec: str | None = None,
     schedule: str = "gpipe",
     micro_batches: int = 2,
+    shares: Sequence[int] | None = None,
 ) -> Plan:
     if mode not in MODES:
         raise PlanError(f"unknown placement mode {mode!r}: use one of {', '.join(MODES)}")
     check_schedule(mode, schedule, micro_batches)
     world = len(memories)
+    if shares is not None:
+        if len(shares) != world:
+            raise PlanError(f"--shares gives {len(shares)} weights for {world} peers: give one per peer")
+        if mode == "side-pipeline":
+            raise PlanError("--shares applies to shuffle and replicated: in side-pipeline every stage has every sample")
+        share_pattern(tuple(shares))
+        shares = tuple(shares)
     if mode == "replicated":
         if stages_spec:
             raise PlanError("--stages applies to the pipelined modes (shuffle, side-pipeline), not replicated")
-        return Plan(mode, tuple((0, num_layers) for _ in range(world)))
+        return Plan(mode, tuple((0, num_layers) for _ in range(world)), schedule, micro_batches, shares)
     stages = parse_stages(stages_spec, num_layers, world) if stages_spec else split_proportional(num_layers, memories)
-    return Plan(mode, tuple(stages), schedule, micro_batches)
+    return Plan(mode, tuple(stages), schedule, micro_batches, shares)
 
 
 def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:
@@ -134,10 +152,31 @@ def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:
     return [t for t in taps if t in produced]
 
 
-def owner(position: int, world: int) -> int:
-    """The rank that trains the sample at `position` (round-robin keeps classes and lengths balanced)."""
-    return position % world
+def owner(position: int, world: int, shares: Sequence[int] | None = None) -> int:
+    """The rank that trains the sample at `position`: round-robin, or with `shares` a weighted round-robin
+    (interleaved, so every rank's share keeps the classes and lengths balanced as plain round-robin does)."""
+    if shares is None:
+        return position % world
+    pattern = share_pattern(tuple(shares))
+    return pattern[position % len(pattern)]
 
 
-def owned_positions(num_samples: int, rank: int, world: int) -> list[int]:
-    return list(range(rank, num_samples, world))
+def owned_positions(num_samples: int, rank: int, world: int, shares: Sequence[int] | None = None) -> list[int]:
+    if shares is None:
+        return list(range(rank, num_samples, world))
+    return [p for p in range(num_samples) if owner(p, world, shares) == rank]
+
+
+def share_pattern(shares: tuple[int, ...]) -> list[int]:
+    """One cycle of owners for whole-number `shares`, spread out by smooth weighted round-robin: (2, 1) gives
+    [0, 1, 0], never [0, 0, 1]."""
+    if not shares or any(s < 1 for s in shares):
+        raise PlanError(f"shares must be whole numbers of at least 1 per rank, not {list(shares)}")
+    current = [0] * len(shares)
+    pattern = []
+    for _ in range(sum(shares)):
+        current = [c + s for c, s in zip(current, shares, strict=True)]
+        pick = max(range(len(shares)), key=lambda r: current[r])
+        current[pick] -= sum(shares)
+        pattern.append(pick)
+    return pattern

@@ -5,7 +5,8 @@ For each placement mode and each set of devices worth using (the fastest k, k = 
 is left out, and the plan says what it would have cost), the layer ranges of a pipeline come from dynamic
 programming over layers x devices, as PipeDream's planner does: best[l][k] is the least possible pace (the
 slowest stage's seconds per sample) of layers 0..l-1 on the first k devices, each stage one device and within
-its memory. Device orders are tried in full for up to five devices, by speed beyond. The cheapest prediction
+its memory. Device orders are tried in full for up to five devices, by speed beyond. In the data-parallel
+modes samples are owned equally or in proportion to the devices' speed (`whole_shares`). The cheapest prediction
 wins; the others are kept for the report, so a user sees why the chosen mode beats the other two.
 """
 
@@ -21,6 +22,7 @@ from pac.plan.costs import DeviceProfile, ModelCosts, Prediction, Workload, peak
 from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
+MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
 
 
 class NoPlanError(PacError):
@@ -37,6 +39,9 @@ class PlanChoice:
         """The plan for people: stages, devices, each phase's time, memory and traffic, and the alternatives."""
         b = self.best
         lines = [f"mode {b.mode} on {len(b.devices)} device(s)"]
+        if b.shares is not None:
+            owned = ", ".join(f"{name} {share}" for name, share in zip(b.devices, b.shares, strict=True))
+            lines.append(f"  samples owned, of every {sum(b.shares)}: {owned}")
         for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
             layers = f"layers {stage[0]}-{stage[1] - 1}"
             lines.append(
@@ -99,8 +104,7 @@ def best_for(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, wor
     """The best prediction of `mode` on exactly these devices, or None if none fits."""
     num_layers = model.num_layers
     if mode == "replicated":
-        found = predict(mode, devices, [(0, num_layers)] * len(devices), model, work)
-        return found if found.fits else None
+        return _best_shares(mode, devices, [(0, num_layers)] * len(devices), model, work)
     if len(devices) > num_layers:
         return None
     orders = itertools.permutations(devices) if len(devices) <= ALL_ORDERS_UP_TO else [tuple(devices)]
@@ -109,10 +113,37 @@ def best_for(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, wor
         stages = split_layers(mode, order, model, work)
         if stages is None:
             continue
-        found = predict(mode, order, stages, model, work)
-        if found.fits and (best is None or found.total_seconds < best.total_seconds):
+        found = _best_shares(mode, order, stages, model, work)
+        if found is not None and (best is None or found.total_seconds < best.total_seconds):
             best = found
     return best
+
+
+def _best_shares(
+    mode: str, devices: Sequence[DeviceProfile], stages: Sequence[Stage], model: ModelCosts, work: Workload
+) -> Prediction | None:
+    """Equal ownership, or (data-parallel modes) shares in proportion to each device's speed in phase 1 or in
+    phase 2, whichever predicts the least time."""
+    candidates: list[tuple[int, ...] | None] = [None]
+    if mode != "side-pipeline" and len(devices) > 1:
+        whole = (0, model.num_layers)
+        for seconds in ([d.forward_seconds(whole) for d in devices], [d.side_train_seconds for d in devices]):
+            candidates.append(whole_shares([1 / max(s, 1e-12) for s in seconds]))
+    found = [predict(mode, devices, stages, model, work, shares) for shares in dict.fromkeys(candidates)]
+    fitting = [p for p in found if p.fits]
+    return min(fitting, key=lambda p: p.total_seconds) if fitting else None
+
+
+def whole_shares(speeds: Sequence[float], most: int = MOST_SHARE) -> tuple[int, ...] | None:
+    """The smallest whole-number weights within 10% of `speeds`' proportions (the fastest device's weight at
+    most `most`, so the ownership cycle stays short); None when they come out equal."""
+    top = max(speeds)
+    target = [s / sum(speeds) for s in speeds]
+    for fastest in range(1, most + 1):
+        shares = [max(1, round(fastest * s / top)) for s in speeds]
+        if all(abs(w / sum(shares) - t) <= 0.1 * t for w, t in zip(shares, target, strict=True)):
+            break
+    return None if len(set(shares)) == 1 else tuple(shares)
 
 
 def split_layers(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> list[Stage] | None:

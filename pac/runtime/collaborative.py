@@ -32,7 +32,7 @@ from pac.errors import PacError
 from pac.methods.registry import BuildContext, get_method
 from pac.models.loading import cache_root, resolve_model
 from pac.net.dataplane import DataPlane, TorchDataPlane
-from pac.plan.placement import Plan, owned_positions
+from pac.plan.placement import Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
@@ -67,6 +67,7 @@ class Assignment:
             "stages": [list(s) for s in self.plan.stages],
             "schedule": self.plan.schedule,
             "micro_batches": self.plan.micro_batches,
+            "shares": list(self.plan.shares) if self.plan.shares is not None else None,
             "taps": self.taps,
             "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
@@ -88,6 +89,7 @@ class Assignment:
                     tuple((int(a), int(b)) for a, b in raw["stages"]),
                     str(raw["schedule"]),
                     int(raw["micro_batches"]),
+                    None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
                 ),
                 taps=[int(t) for t in raw["taps"]],
                 options=run_config_from_wire(raw["run"]),
@@ -179,7 +181,7 @@ def _phase_one(
     if plan.mode == "replicated":
         caches, done, total = {}, 0, sum(len(d) for d in splits.values())
         for name, data in splits.items():
-            mine = data.subset(owned_positions(len(data), rank, plan.world))
+            mine = data.subset(plan.owned_positions(len(data), rank))
             built = build_cache(model_dir, mine, root, job.taps, opts.cache.dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
             done += len(data)

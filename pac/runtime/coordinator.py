@@ -117,7 +117,7 @@ class Coordinator:
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
         # The method's options for each mode it may run in: the one given, or (planned) every mode that can.
-        modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages else list(MODES)
+        modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages or cluster.shares else list(MODES)
         self.mode_options: dict[str, Any] = {}
         refusals = []
         for mode in modes:
@@ -308,12 +308,14 @@ class Coordinator:
         members = self._join()
         self._advance(RunState.PLANNING)
         cluster = self.cluster
-        if cluster.mode is None and cluster.stages is None:
+        if cluster.mode is None and cluster.stages is None and cluster.shares is None:
             plan, members = self._planned(members, prepared)
         else:
             memories = [_memory(p) for p in members]
             mode = cluster.mode or "shuffle"
-            plan = make_plan(mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches)
+            plan = make_plan(
+                mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches, cluster.shares
+            )
         self.options = with_defaults(replace(self.options, method_options=self.mode_options[plan.mode]))
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         if plan.mode == "side-pipeline":
@@ -416,7 +418,7 @@ class Coordinator:
         for rank, peer in enumerate(chosen):
             peer.rank = rank
         best = choice.best
-        return Plan(best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches), chosen
+        return Plan(best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches, best.shares), chosen
 
     def _planned_summary(self) -> dict[str, Any] | None:
         if self.planned is None:

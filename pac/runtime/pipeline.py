@@ -31,7 +31,7 @@ from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.backbone import load_backbone
 from pac.net.dataplane import DataPlane
-from pac.plan.placement import Plan, owned_positions, owner, stage_taps
+from pac.plan.placement import Plan, stage_taps
 from pac.plan.schedule import forward_only, run
 from pac.runtime.cache_build import cache_spec
 
@@ -86,7 +86,7 @@ def owned_cache(
     `pac train` would build for them), in `side-pipeline` mode its own layers' taps of every sample."""
     if plan.mode == "side-pipeline":
         return data, cache_spec(model_dir, data, stage_taps(plan.stages[rank], taps), dtype)
-    mine = data.subset(owned_positions(len(data), rank, plan.world))
+    mine = data.subset(plan.owned_positions(len(data), rank))
     return mine, cache_spec(model_dir, mine, taps, dtype)
 
 
@@ -246,9 +246,8 @@ class _BackboneStage:
             self.outputs[m] = out.hidden
         if self.my_taps:
             stacked = _on_the_wire(torch.stack([out.taps[t] for t in self.my_taps], 1), self.wire, self.my_taps)
-            world = self.plan.world
             local = self.plan.mode == "side-pipeline"
-            owners = [self.rank] * len(micro.positions) if local else [owner(p, world) for p in micro.positions]
+            owners = [self.rank] * len(micro.positions) if local else [self.plan.owner(p) for p in micro.positions]
             _send_taps(
                 self.plane,
                 self.rank,
@@ -289,14 +288,14 @@ def expected_messages(
     plan: Plan, rank: int, split_sizes: dict[str, int], taps: list[int], micro_batch: int
 ) -> dict[str, int]:
     """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted)."""
-    world, stage = plan.world, plan.stages[rank]
+    stage = plan.stages[rank]
     hidden = taps_msgs = 0
     local = plan.mode == "side-pipeline"
     producers = [s for r, s in enumerate(plan.stages) if r != rank and stage_taps(s, taps) and not local]
     for size in split_sizes.values():
         for start in range(0, size, micro_batch):
             hidden += stage[0] > 0
-            if any(owner(p, world) == rank for p in range(start, min(start + micro_batch, size))):
+            if any(plan.owner(p) == rank for p in range(start, min(start + micro_batch, size))):
                 taps_msgs += len(producers)
     return {"hidden": hidden, "taps": taps_msgs}
 
