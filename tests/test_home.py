@@ -106,6 +106,8 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
         shown = capsys.readouterr().out
         assert "phone: " in shown and "[pac-launch] done" in shown
         assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+        # One machine, two CPU quotas: each device keeps its own profile.
+        assert len(list((tmp_path / "pac-home" / "profiles").glob("*.json"))) == 2
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert tag not in names and tag not in links

@@ -119,6 +119,7 @@ def profile_device(
             "method": opts.method,
             "threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(),
+            "cpu_share": cpu_share(),
             "side_flops_per_sample": side["flops"] / micro,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -179,10 +180,32 @@ def _profile_key(model_dir: Path, opts: TrainOptions) -> str:
         "cache_dtype": opts.cache.dtype,
         "method": opts.method,
         "options": method.flat_options(opts.options),
-        "device": [platform.node(), platform.processor() or platform.machine(), torch.get_num_threads()],
+        "device": [platform.node(), platform.processor() or platform.machine(), torch.get_num_threads(), cpu_share()],
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cpu_share() -> float | None:
+    """The cores this process may use under a cgroup CPU quota (v1 cpu.cfs_quota_us or v2 cpu.max), or None:
+    two devices of one machine in different groups measure differently, so their profiles are kept apart."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            group = Path("/sys/fs/cgroup") / controllers.split(",")[0] / path.lstrip("/")
+            quota, period = (group / "cpu.cfs_quota_us"), (group / "cpu.cfs_period_us")
+            if quota.exists() and int(quota.read_text()) > 0:
+                return int(quota.read_text()) / int(period.read_text())
+        elif controllers == "":  # cgroup v2: "max 100000" or "50000 100000"
+            limit = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max"
+            if limit.exists() and not limit.read_text().startswith("max"):
+                quota_us, period_us = limit.read_text().split()
+                return int(quota_us) / int(period_us)
+    return None
 
 
 def _timed(fn: Any, repeats: int) -> float:
