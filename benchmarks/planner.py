@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> dict:
     cmd = [str(launch), "--out", str(work / "out"), "--task", args.task, "--epochs", str(args.epochs)]
     cmd += ["--train-size", str(args.train_size), "--val-size", str(args.val_size)]
     cmd += ["--max-length", str(args.max_length), "--refresh-profiles", "--join-timeout", "300"]
+    cmd += [*(["--model", args.model] if args.model else []), *(["--data", args.data] if args.data else [])]
     with SimulatedHome(devices) as home:
         hosts = home.start_peers(work / "peers", env)
         started = time.perf_counter()
@@ -80,6 +81,8 @@ def report(rows: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=str(HERE.parent / "deploy" / "home.toml"))
+    parser.add_argument("--model", help="model (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", help="data (default: the bundled BBC News)")
     parser.add_argument("--task", choices=["classify", "lm"], default="classify")
     parser.add_argument("--train-size", type=int, default=64)
     parser.add_argument("--val-size", type=int, default=32)

@@ -143,3 +143,13 @@ def test_uneven_devices_own_samples_in_proportion_to_their_speed():
     choice = plan(fast_lan, MODEL, WORK, ["replicated"])
     assert choice.best.shares == (2, 1) and "samples owned, of every 3: desktop 2, laptop 1" in choice.describe()
     assert whole_shares([1.0, 1.0]) is None and whole_shares([3.0, 1.0]) == (3, 1)
+
+
+def test_reading_the_layers_and_building_the_model_count_once():
+    slow_disk = DeviceProfile(**{**device("a").__dict__, "layer_load_seconds": (0.5,) * LAYERS, "build_seconds": 3.0})
+    fast = device("b")
+    without = predict("shuffle", [device("a"), fast], [(0, 6), (6, LAYERS)], MODEL, WORK)
+    got = predict("shuffle", [slow_disk, fast], [(0, 6), (6, LAYERS)], MODEL, WORK)
+    assert got.phase1_seconds == pytest.approx(without.phase1_seconds + 6 * 0.5)  # its 6 layers, read once
+    assert got.phase2_seconds == pytest.approx(3.0 + 5 * got.epoch_seconds)
+    assert got.total_seconds == pytest.approx(without.total_seconds + 3.0 + 3.0)

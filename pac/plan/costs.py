@@ -35,9 +35,14 @@ class DeviceProfile:
     side_eval_seconds: float  # one sample's phase-2 evaluation over every tap
     bandwidth: float = 12.5e6  # bytes per second of its link (100 Mbit/s)
     rtt: float = 0.001  # seconds, to the coordinator
+    layer_load_seconds: tuple[float, ...] = ()  # reading each layer's weights from disk (empty: not measured)
+    build_seconds: float = 0.0  # building the method's model for phase 2 (its frozen head, its side network)
 
     def forward_seconds(self, stage: Stage) -> float:
         return sum(self.layer_seconds[stage[0] : stage[1]])
+
+    def load_seconds(self, stage: Stage) -> float:
+        return sum(self.layer_load_seconds[stage[0] : stage[1]])
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,15 @@ class Prediction:
     sent_bytes: dict[str, int]  # what each device sends over its link in the whole run
     shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
     shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
+    build_seconds: float = 0.0  # phase 2's one-off start: the slowest device's model build
+
+    @property
+    def phase2_seconds(self) -> float:
+        return self.build_seconds + self.epochs * self.epoch_seconds
 
     @property
     def total_seconds(self) -> float:
-        return self.phase1_seconds + self.epochs * self.epoch_seconds
+        return self.phase1_seconds + self.phase2_seconds
 
     @property
     def fits(self) -> bool:
@@ -109,6 +119,9 @@ def predict(
         phase1 = max(math.ceil(samples * f) * d.forward_seconds(whole) for d, f in zip(devices, owned, strict=True))
     else:
         phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent, owned)
+    # One-off: every device first reads its layers, and builds the method's model before phase 2.
+    phase1 += max(d.load_seconds(s) for d, s in zip(devices, stages, strict=True))
+    build = max(d.build_seconds for d in devices)
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:
@@ -125,6 +138,7 @@ def predict(
         {name: int(b) for name, b in sent.items()},
         {d.name: peak[d.name] - d.memory for d in devices if peak[d.name] > d.memory},
         tuple(shares) if shares is not None else None,
+        build,
     )
 
 

@@ -48,8 +48,8 @@ class PlanChoice:
                 f"  rank {rank} {name}: {layers}, peak {_size(b.peak_bytes[name])}, sends {_size(b.sent_bytes[name])}"
             )
         lines.append(
-            f"predicted: phase 1 {b.phase1_seconds:.1f} s, {b.epochs} epoch(s) of {b.epoch_seconds:.1f} s, "
-            f"total {b.total_seconds:.1f} s"
+            f"predicted: phase 1 {b.phase1_seconds:.1f} s, {b.epochs} epoch(s) of {b.epoch_seconds:.1f} s after "
+            f"{b.build_seconds:.1f} s of set-up, total {b.total_seconds:.1f} s"
         )
         for mode, other in self.by_mode.items():
             if other is not b:

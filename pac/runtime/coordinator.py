@@ -426,7 +426,7 @@ class Coordinator:
         best = self.planned.best
         return {
             "predicted_phase1_seconds": best.phase1_seconds,
-            "predicted_phase2_seconds": best.epochs * best.epoch_seconds,
+            "predicted_phase2_seconds": best.phase2_seconds,
             "predicted_total_seconds": best.total_seconds,
             "predicted_peak_bytes": best.peak_bytes,
             "predicted_sent_bytes": best.sent_bytes,

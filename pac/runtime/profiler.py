@@ -37,7 +37,7 @@ from pac.runconfig import TrainOptions
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: load and build times
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -96,6 +96,8 @@ def profile_device(
         tuple(layer["seconds"] / micro for layer in layers),
         side["train_seconds"] / micro,
         side["eval_seconds"] / micro,
+        layer_load_seconds=tuple(layer["load_seconds"] for layer in layers),
+        build_seconds=side["build_seconds"],
     )
     costs = ModelCosts(
         layer_weight_bytes=tuple(layer["weight_bytes"] for layer in layers),
@@ -159,6 +161,7 @@ def device_profile_of(profile: dict[str, Any], bandwidth: float, rtt: float) -> 
     """The planner's view of a profile, with the link the coordinator measured to this device."""
     device = dict(profile["device"])
     device["layer_seconds"] = tuple(device["layer_seconds"])
+    device["layer_load_seconds"] = tuple(device["layer_load_seconds"])
     return DeviceProfile(**device, bandwidth=bandwidth, rtt=rtt)
 
 
@@ -220,7 +223,9 @@ def _timed(fn: Any, repeats: int) -> float:
 
 def _profile_layer(model_dir: Path, index: int, seq_len: int, micro: int, vocab: int, repeats: int) -> dict[str, Any]:
     """One backbone layer (with the embeddings for layer 0), alone in memory."""
+    started = time.perf_counter()
     stage = load_backbone(model_dir, index, index + 1, with_head=False)
+    load_seconds = time.perf_counter() - started
     g = torch.Generator().manual_seed(index)
     if index == 0:
         inputs = torch.randint(0, vocab, (micro, seq_len), generator=g)
@@ -236,6 +241,7 @@ def _profile_layer(model_dir: Path, index: int, seq_len: int, micro: int, vocab:
     return {
         "layer": index,
         "seconds": seconds,
+        "load_seconds": load_seconds,
         "weight_bytes": weight_bytes,
         "flops": flops,
         "flops_per_second": flops / seconds if seconds > 0 else 0.0,
@@ -253,7 +259,9 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
     )
     labels = [f"class{i}" for i in range(classes)] if task == "classify" else None
     ctx = BuildContext(model_dir, task, labels, opts.optim.seed, opts.data.max_length, source)
+    started = time.perf_counter()
     model = method.build(options, ctx)
+    build_seconds = time.perf_counter() - started
     config_loop = train_config(opts)
     step = method.step(model, task, source, config_loop) if method.step is not None else None
     step = step or BackpropStep(model, task, source, config_loop)
@@ -273,6 +281,7 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
     return {
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
+        "build_seconds": build_seconds,
         "flops": counter.get_total_flops(),
         "trainable_bytes": sum(p.numel() * 4 for p in trainable),
         "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
