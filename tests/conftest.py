@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Runs that plan measure their peers; the profiles stay out of the user's $PAC_HOME (the peers inherit this).
+os.environ.setdefault("PAC_PROFILES", tempfile.mkdtemp(prefix="pac-test-profiles-"))
 
 WORDS = [
     "the",

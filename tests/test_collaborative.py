@@ -497,7 +497,7 @@ def test_pac_plan_profiles_every_peer_times_the_links_and_prints_the_plan(
 ):
     from pac.cli import main as pac
 
-    monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))  # the peers keep their profiles there
+    monkeypatch.setenv("PAC_PROFILES", str(tmp_path / "home" / "profiles"))  # the peers keep their profiles there
     out = tmp_path / "out"
     argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
     assert pac(["plan", *argv, "--join-timeout", "90", *COMMON]) == 0
@@ -514,7 +514,7 @@ def test_pac_plan_profiles_every_peer_times_the_links_and_prints_the_plan(
 def test_a_planned_run_trains_the_same_adapter_and_reports_predicted_against_measured(
     single_device, tiny_llama, topic_jsonl, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PAC_PROFILES", str(tmp_path / "profiles"))
     out = tmp_path / "out"
     assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache") == 0  # no --mode, no --stages: planned
     shown = capsys.readouterr().out

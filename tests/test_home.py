@@ -84,7 +84,8 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
         Device("phone", cpus=0.5, memory=2 * 2**30, rate="20mbit", delay_ms=10),
     ]
     tag = f"th{os.getpid() % 10000}"
-    env = {**os.environ, "PAC_JOIN_TOKEN": "t" * 32, "PAC_HOME": str(tmp_path / "pac-home"), "TQDM_DISABLE": "1"}
+    profiles = tmp_path / "profiles"
+    env = {**os.environ, "PAC_JOIN_TOKEN": "t" * 32, "PAC_PROFILES": str(profiles), "TQDM_DISABLE": "1"}
     with SimulatedHome(devices, tag=tag) as home:
         for d in range(2):
             home.run(d, [sys.executable, "-c", ECHO], tmp_path / f"echo{d}.log")
@@ -107,7 +108,7 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
         assert "phone: " in shown and "[pac-launch] done" in shown
         assert (tmp_path / "out" / "adapter_model.safetensors").exists()
         # One machine, two CPU quotas: each device keeps its own profile.
-        assert len(list((tmp_path / "pac-home" / "profiles").glob("*.json"))) == 2
+        assert len(list(profiles.glob("*.json"))) == 2
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert tag not in names and tag not in links

@@ -16,6 +16,7 @@ from pac.runtime.profiler import device_profile_of, model_costs_of, profile_devi
 @pytest.fixture
 def pac_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PAC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PAC_PROFILES", str(tmp_path / "home" / "profiles"))
     return tmp_path / "home"
 
 

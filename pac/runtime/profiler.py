@@ -8,8 +8,8 @@ nothing under inference_mode) as a cross-check: the achieved FLOP/s of every lay
 of a layer's forward is computed from the config (hidden states, attention scores and MLP activations in
 float32), not measured: CPUs have no allocator high-water mark to read.
 
-Profiles are cached under $PAC_HOME/profiles, keyed by the model's weights, the shapes, the method's options and
-this device (processor, threads, torch); `refresh=True` measures again.
+Profiles are cached in $PAC_PROFILES (default $PAC_HOME/profiles), keyed by the model's weights, the shapes, the
+method's options and this device (processor, threads, CPU quota, torch); `refresh=True` measures again.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def profile_device(
     {"device": DeviceProfile fields, "model": ModelCosts fields, "layers": per-layer detail, "measured": ...}.
     `name` and `memory` are what the planner calls this device and what it may use."""
     key = _profile_key(model_dir, opts)
-    cached = pac_home() / "profiles" / f"{key}.json"
+    cached = profiles_dir() / f"{key}.json"
     if cached.exists() and not refresh:
         profile = json.loads(cached.read_text())
         profile["device"].update(name=name, memory=memory)
@@ -133,9 +133,13 @@ def profile_device(
     return profile
 
 
-def describe_profiles(home: Path | None = None) -> str:
+def profiles_dir() -> Path:
+    return Path(os.environ["PAC_PROFILES"]) if os.environ.get("PAC_PROFILES") else pac_home() / "profiles"
+
+
+def describe_profiles() -> str:
     """The profiles this device keeps, one block each: the run's shape, every layer's time, the method's step."""
-    folder = (home or pac_home()) / "profiles"
+    folder = profiles_dir()
     found = sorted(folder.glob("*.json")) if folder.exists() else []
     if not found:
         return f"no profiles in {folder}: a coordinator planning a run (`pac plan`, `pac-launch`) asks for one"
