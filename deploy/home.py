@@ -184,7 +184,10 @@ class SimulatedHome:
         """Start a process on a device: in its namespace and cgroups (joined before it starts; stopped on exit)."""
         groups = [str(self.cgroup(c, device) / "cgroup.procs") for c in ("cpu", "memory")]
         joins = " && ".join(f'echo $$ > "{g}"' for g in groups if Path(g).parent.exists()) or "true"
-        wrapped = ["sh", "-c", f'{joins} && exec "$@"', "sh", "ip", "netns", "exec", self.namespace(device), *argv]
+        # nsenter enters the network namespace alone; `ip netns exec` would also remount /sys, hiding the cgroup
+        # files a process reads its CPU quota from (pac.runtime.profiler.cpu_share).
+        netns = f"--net=/var/run/netns/{self.namespace(device)}"
+        wrapped = ["sh", "-c", f'{joins} && exec "$@"', "sh", "nsenter", netns, *argv]
         with log.open("w") as out:
             proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.procs.append(proc)
