@@ -94,6 +94,7 @@ def test_pac_launch_on_the_bundled_model_and_data(smollm2_dir, tmp_path, capsys)
 
     out = tmp_path / "cluster"
     argv = ["--local", "2", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--epochs", "1"]
+    argv += ["--mode", "shuffle"]  # unplanned: layer ranges in proportion to memory
     assert launch([*argv, "--train-size", "16", "--val-size", "8", "--max-length", "32"]) == 0
     assert "rank 0: layers 0-14, rank 1: layers 15-29" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
