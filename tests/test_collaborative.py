@@ -545,3 +545,18 @@ def test_peers_owning_uneven_shares_train_the_same_adapter(mode, single_device, 
         p["summary"]["cached_samples"]["train"] for p in sorted(summary["peers"].values(), key=lambda p: p["rank"])
     ]
     assert sum(cached) == single_summary["train_samples"] and abs(cached[0] - 2 * cached[1]) <= 2
+
+
+def test_the_plan_names_peers_as_the_hosts_file_does(tiny_llama, topic_jsonl, tmp_path):
+    """A peer started with one --name and listed under another: the plan and its report use the hosts file's."""
+    token = auth.new_token()
+    peer, host = _peer_process(tmp_path, "calls-itself-this", token)
+    try:
+        listed = PeerHost(host.host, host.port, "desk")
+        options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c")
+        summary = Coordinator([listed], token, options, ClusterOptions(join_timeout=60)).run(plan_only=True)
+        assert summary["planned"]["predicted_peak_bytes"].keys() == {"desk"}
+        assert peer.wait(timeout=30) == 0
+    finally:
+        if peer.poll() is None:
+            peer.kill()

@@ -124,7 +124,9 @@ class Coordinator:
             try:
                 if options.optim.precision != "fp32" and mode == "side-pipeline":
                     # Its stages would send bf16 states to each other; only the data-parallel modes take it.
-                    raise PacError("--precision bf16 runs in the shuffle and replicated modes, not side-pipeline")
+                    raise PacError(
+                        "--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one"
+                    )
                 self.mode_options[mode] = method.collaborative(options.options, options.data.task, mode)
             except PacError as exc:
                 refusals.append(f"{mode}: {exc}" if len(modes) > 1 else str(exc))
@@ -357,7 +359,6 @@ class Coordinator:
         self._wait(members, lambda: all(p.status == "finished" for p in members), RunState.EXPORT)
         summary = self._export(members, plan)
         self._advance(RunState.DONE)
-        self._compare_with_plan(summary)
         self._shutdown("run complete")
         return summary
 
@@ -434,20 +435,19 @@ class Coordinator:
             "left_out": self.planned.left_out,
         }
 
-    def _compare_with_plan(self, summary: dict[str, Any]) -> None:
-        """Predicted against measured time of each phase, printed and kept in summary.json."""
+    def _compare_with_plan(self) -> dict[str, Any] | None:
+        """Predicted against measured time of each phase (printed), for summary.json; None if nothing was planned."""
+        planned = self._planned_summary()
+        if planned is None:
+            return None
         measured = {
             "phase1_seconds": self.entered[RunState.TRAINING] - self.entered[RunState.CACHE_BUILD],
             "phase2_seconds": self.entered[RunState.EXPORT] - self.entered[RunState.TRAINING],
         }
-        planned = self._planned_summary()
-        if planned is None:
-            return
         for phase, took in measured.items():
             predicted = planned[f"predicted_{phase}"]
             self._print(f"[pac-launch] {phase.split('_')[0]}: predicted {predicted:.1f} s, measured {took:.1f} s")
-        summary["planned"] = {**planned, **{f"measured_{k}": v for k, v in measured.items()}}
-        (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return {**planned, **{f"measured_{k}": v for k, v in measured.items()}}
 
     def profile_peers(self, members: list[PeerState]) -> dict[str, DeviceProfile]:
         """Each peer measures itself for this run (or reads its cached profile); each link is timed from here."""
@@ -459,7 +459,9 @@ class Coordinator:
         devices = {}
         for peer in members:
             bandwidth, rtt = self._measure_link(peer)
-            profile = {**peer.run_profile, "device": {**peer.run_profile["device"], "memory": int(_memory(peer))}}
+            # The planner names devices as this coordinator does (the hosts file), whatever a peer calls itself.
+            device = {**peer.run_profile["device"], "name": peer.host.name, "memory": int(_memory(peer))}
+            profile = {**peer.run_profile, "device": device}
             device = devices[peer.host.name] = device_profile_of(profile, bandwidth, rtt)
             self._print(
                 f"[pac-launch]   {peer.host.name}: {sum(device.layer_seconds) * 1e3:.1f} ms per sample through the "
@@ -569,6 +571,9 @@ class Coordinator:
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
         }
+        planned = self._compare_with_plan()
+        if planned is not None:
+            summary["planned"] = planned
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         write_model_card(self.out, summary)
         self._print(f"[pac-launch] adapter, metrics and logs in {self.out}")
