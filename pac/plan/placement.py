@@ -7,6 +7,7 @@ until then a split is given by hand (``--stages``) or made proportional to each 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -157,7 +158,7 @@ def owner(position: int, world: int, shares: Sequence[int] | None = None) -> int
     (interleaved, so every rank's share keeps the classes and lengths balanced as plain round-robin does)."""
     if shares is None:
         return position % world
-    pattern = share_pattern(tuple(shares))
+    pattern = _cycle(tuple(shares))
     return pattern[position % len(pattern)]
 
 
@@ -180,3 +181,8 @@ def share_pattern(shares: tuple[int, ...]) -> list[int]:
         current[pick] -= sum(shares)
         pattern.append(pick)
     return pattern
+
+
+@functools.cache  # owner() asks for every sample
+def _cycle(shares: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(share_pattern(shares))

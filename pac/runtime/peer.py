@@ -294,7 +294,7 @@ class PeerAgent:
             opts = run_config_from_wire(run)
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
-            memory = self.settings.max_mem or psutil.virtual_memory().total
+            memory = device_profile(self.settings)["max_mem"]
             profile = profile_device(resolve_model(opts.model), opts, self.settings.name, memory, refresh=refresh)
             self.events.put(("profiled", profile))
         except Exception as exc:
