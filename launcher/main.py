@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pac.errors import PacError
+from pac.plan.costs import GRADIENT_COMPRESSIONS
 
 DESCRIPTION = """\
 Train parallel adapters across the devices you own: phase 1 (the model's forward pass over your
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="side-pipeline: micro-batches each batch is cut into, so that stages work at once (default 2)",
     )
     plan.add_argument(
+        "--grad-compression",
+        choices=GRADIENT_COMPRESSIONS,
+        help="how the data-parallel modes send gradients (torch's DDP communication hooks): fp16 halves "
+        "the bytes of every all-reduce, powersgd sends low-rank factors (rank 4, with error feedback; a resumed "
+        "run restarts its error feedback). Default: planned (none or fp16, whichever is predicted faster), else "
+        "none",
+    )
+    plan.add_argument(
         "--data-plane",
         choices=["zmq", "torch"],
         default="zmq",
@@ -162,6 +171,7 @@ def _launch(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         micro_batches=args.micro_batches,
         shares=args.shares,
+        grad_compression=args.grad_compression,
         refresh_profiles=args.refresh_profiles,
         join_timeout=args.join_timeout,
         peer_timeout=args.peer_timeout,

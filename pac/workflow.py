@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from pac.models.families import family_for
 from pac.models.loading import cache_root, resolve_model
 from pac.runconfig import CacheOptions, DataOptions, OptimOptions, TrainOptions, summary_options, with_defaults
 from pac.runtime.cache_build import CacheBuildResult, build_cache
-from pac.runtime.heap import one_off_step
+from pac.runtime.heap import one_off_step, peak_rss_mb
 from pac.runtime.prepare import (
     SUMMARY,
     PreparedData,
@@ -70,11 +69,6 @@ __all__ = [
     "split_data",
     "with_defaults",
 ]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -53,9 +55,12 @@ def single_device(tiny_llama, topic_jsonl, tmp_path_factory):
     return load_file(root / "out" / "adapter_model.safetensors"), summary
 
 
-def _launch(tiny_llama, topic_jsonl, out, cache, *extra) -> int:
+def _launch(tiny_llama, topic_jsonl, out, cache, *extra, common: list[str] = COMMON) -> int:
     argv = ["--local", "3", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
-    return launch([*argv, "--cache-dir", str(cache), "--join-timeout", "90", *COMMON, *extra])
+    return launch([*argv, "--cache-dir", str(cache), "--join-timeout", "90", *common, *extra])
+
+
+LORA_COMMON = [a for a in COMMON if a not in ("--reduction", "4")]  # LoRA has no --reduction
 
 
 @pytest.mark.parametrize(
@@ -560,3 +565,66 @@ def test_the_plan_names_peers_as_the_hosts_file_does(tiny_llama, topic_jsonl, tm
     finally:
         if peer.poll() is None:
             peer.kill()
+
+
+@pytest.fixture(scope="module")
+def single_device_lora(tiny_llama, topic_jsonl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single-lora")
+    options = replace(_options(tiny_llama, topic_jsonl, root / "out", root / "cache"), method="lora")
+    summary = train(replace(options, method_options=None))
+    return load_file(root / "out" / "adapter_model.safetensors"), summary
+
+
+def test_lora_runs_data_parallel_over_the_peers_as_on_one_device(
+    single_device_lora, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """LoRA trains on token ids, so `pac-launch --method lora` needs no cache and no plan: every peer runs the
+    whole model on its own share (here 2,1,1) and DDP all-reduces the gradients. LoRA's dropout (0.05) draws other
+    masks on each peer than on one device, so the run follows one device's closely rather than exactly."""
+    out = tmp_path / "out"
+    argv = ["--method", "lora", "--shares", "2,1,1"]
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv, common=LORA_COMMON) == 0
+    assert "[pac-launch] plan (replicated)" in capsys.readouterr().out
+    expected, single_summary = single_device_lora
+    got = load_file(out / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "replicated" and summary["grad_compression"] == "none"
+    trained = sorted((p["rank"], p["summary"]["cached_samples"]["train"]) for p in summary["peers"].values())
+    assert sum(n for _, n in trained) == single_summary["train_samples"] and trained[0][1] > trained[1][1]
+    assert not (tmp_path / "cache").exists()  # nothing was cached
+    for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=0.05)
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=0.05)
+    changed = [name for name in expected if "lora_B" in name and got[name].abs().max() > 0]
+    assert changed  # B starts at zero: the peers' steps moved it
+
+
+def test_a_method_on_token_ids_is_refused_a_pipelined_mode(tiny_llama, topic_jsonl, tmp_path, capsys):
+    argv = ["--method", "lora", "--mode", "shuffle"]
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache", *argv, common=LORA_COMMON) == 2
+    assert "trains on token ids, so every peer runs the whole model: use --mode replicated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compression, within", [("fp16", 0.01), ("powersgd", 0.05)])
+def test_gradients_compressed_by_ddp_hooks(compression, within, single_device, tiny_llama, topic_jsonl, tmp_path):
+    """fp16 and PowerSGD gradients on the wire (torch's DDP hooks) change each update a little (AdamW
+    normalises away the scale, not the rounding), so the run follows one device's within what each precision
+    allows, and learns."""
+    out = tmp_path / "out"
+    argv = ["--mode", "replicated", "--grad-compression", compression]
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["grad_compression"] == compression
+    single_summary = single_device[1]
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=within)
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=within)
+
+
+def test_grad_compression_is_refused_where_nothing_is_all_reduced(tiny_llama, topic_jsonl, tmp_path, capsys):
+    argv = ["--mode", "side-pipeline", "--grad-compression", "fp16"]
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache", *argv) == 2
+    assert "side-pipeline mode all-reduces no gradients" in capsys.readouterr().err

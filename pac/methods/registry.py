@@ -181,7 +181,8 @@ def unregister_method(name: str) -> None:
     _METHODS.pop(name, None)
 
 
-BUILTIN = ("parallel-adapters", "lora", "dora", "boundary")  # pac's own, listed first wherever methods are listed
+# pac's own, listed first wherever methods are listed
+BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "full")
 
 
 PLUGINS_ENV = "PAC_METHODS"
@@ -190,6 +191,7 @@ PLUGINS_ENV = "PAC_METHODS"
 def _load_builtin() -> None:
     # pac's own methods register on import; importing them here keeps the registry complete wherever it is read.
     import pac.methods.boundary  # noqa: F401
+    import pac.methods.full  # noqa: F401
     import pac.methods.lora  # noqa: F401
     import pac.methods.parallel_adapters  # noqa: F401
 

@@ -38,7 +38,8 @@ from pac.errors import PacError
 # 2: `data` carries its tensors as pac.net.codec entries and frames (1: bare int64 bytes and shapes).
 # 3: `assign` carries the side pipeline's schedule and micro-batch count.
 # 4: `profile`, `profiled` and `probe`, for the planner.
-PROTOCOL_VERSION = 4
+# 5: `assign` carries the gradient compression of data-parallel phase 2.
+PROTOCOL_VERSION = 5
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket

@@ -12,7 +12,8 @@ What the prediction follows is what the runtime does (pac.runtime.collaborative)
   or by what its link must carry per sample, sets the pace; the first micro-batch fills the pipeline.
 * phase 1 replicated: every device runs every layer on its round-robin share of the samples.
 * phase 2 data-parallel (shuffle, replicated): every step, each device computes its round-robin share of the
-  batch, then a ring all-reduce of the gradients (2 (n-1)/n of their bytes over each link) ends it.
+  batch, then a ring all-reduce of the gradients (2 (n-1)/n of their bytes over each link) ends it; a gradient
+  compression (torch's DDP hooks: fp16, PowerSGD) shrinks those bytes (`gradient_wire_bytes`).
 * phase 2 side-pipeline: a step's micro-batches pass the stages' side blocks (GPipe: micro-batches + stages - 1
   slots of the slowest stage); only side states and their gradients cross the links.
 """
@@ -56,6 +57,7 @@ class ModelCosts:
     side_param_bytes: int  # trainable parameters (float32)
     side_sample_bytes: int  # one sample's working memory in a phase-2 step (its taps, activations)
     runtime_bytes: int  # the process itself: interpreter, torch, tokenizer
+    powersgd_bytes: int = 0  # what PowerSGD sends of those gradients per all-reduce (0: not measured)
 
     @property
     def num_layers(self) -> int:
@@ -86,6 +88,7 @@ class Prediction:
     shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
     shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
     build_seconds: float = 0.0  # phase 2's one-off start: the slowest device's model build
+    compression: str = "none"  # data-parallel phase 2's gradients on the wire (`gradient_wire_bytes`)
 
     @property
     def phase2_seconds(self) -> float:
@@ -107,9 +110,11 @@ def predict(
     model: ModelCosts,
     work: Workload,
     shares: Sequence[int] | None = None,
+    compression: str = "none",
 ) -> Prediction:
     """One placement's time, memory and traffic. `stages[k]` is the layer range of `devices[k]` (every device
-    holds every layer in `replicated` mode); `shares` are the samples each owns (None: equal)."""
+    holds every layer in `replicated` mode); `shares` are the samples each owns (None: equal); `compression` is
+    how data-parallel phase 2 sends its gradients."""
     n = len(devices)
     samples = work.train + work.val
     owned = [s / sum(shares) for s in shares] if shares is not None else [1 / n] * n
@@ -125,7 +130,7 @@ def predict(
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:
-        epoch = _data_parallel_epoch(devices, model, work, sent, owned)
+        epoch = _data_parallel_epoch(devices, model, work, sent, owned, compression)
     peak = {d.name: peak_bytes(mode, d, stage, model, work) for d, stage in zip(devices, stages, strict=True)}
     return Prediction(
         mode,
@@ -139,6 +144,7 @@ def predict(
         {d.name: peak[d.name] - d.memory for d in devices if peak[d.name] > d.memory},
         tuple(shares) if shares is not None else None,
         build,
+        compression if mode != "side-pipeline" else "none",
     )
 
 
@@ -172,17 +178,52 @@ def _pipeline_phase_one(
     return samples * pace + fill
 
 
+# torch's DDP communication hooks, by name; its bf16 hook needs NCCL, and pac's process groups are gloo.
+GRADIENT_COMPRESSIONS = ("none", "fp16", "powersgd")
+GRADIENT_BYTES = {"none": 4, "fp16": 2}  # per float32 gradient value on the wire
+
+
+def gradient_wire_bytes(model: ModelCosts, compression: str) -> float:
+    """Bytes of one step's gradient all-reduce input under a compression (PowerSGD: its measured size)."""
+    if compression == "powersgd":
+        return model.powersgd_bytes or model.side_param_bytes
+    return model.side_param_bytes * GRADIENT_BYTES[compression] / 4
+
+
+def powersgd_wire_bytes(shapes: Sequence[Sequence[int]], rank: int, min_compression_rate: float = 2.0) -> int:
+    """What torch's PowerSGD hook all-reduces for gradients of these shapes: a tensor seen as an n x m matrix
+    goes as rank (n + m) values where that is at least `min_compression_rate` times smaller, else whole, as do
+    vectors (torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook)."""
+    total = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        if len(shape) > 1:
+            n = shape[0]
+            m = numel // n
+            if (n + m) * rank * min_compression_rate < numel:
+                total += (n + m) * rank
+                continue
+        total += numel
+    return 4 * total
+
+
 def _data_parallel_epoch(
-    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, sent: dict[str, float], owned: Sequence[float]
+    devices: Sequence[DeviceProfile],
+    model: ModelCosts,
+    work: Workload,
+    sent: dict[str, float],
+    owned: Sequence[float],
+    compression: str,
 ) -> float:
     n = len(devices)
     steps = math.ceil(work.train / work.batch)
     # Owners interleave through the data: every device computes its share of every batch.
     pairs = list(zip(devices, owned, strict=True))
     compute = max(math.ceil(work.batch * f) * d.side_train_seconds for d, f in pairs)
-    ring = 2 * (n - 1) / n * model.side_param_bytes if n > 1 else 0.0
+    ring = 2 * (n - 1) / n * gradient_wire_bytes(model, compression) if n > 1 else 0.0
     slowest = min(d.bandwidth for d in devices)
-    reduce = ring / slowest + 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
+    rounds = 2 if compression == "powersgd" else 1  # its P and Q factors go in two all-reduces
+    reduce = ring / slowest + rounds * 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
     for d in devices:
         sent[d.name] += work.epochs * steps * ring
     evaluation = max(math.ceil(work.val * f) * d.side_eval_seconds for d, f in pairs)

@@ -23,6 +23,9 @@ from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
 MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
+# Gradient compressions the planner may pick by itself: fp16 halves the bytes and, scaled first as torch's hook
+# does, keeps the update (benchmarks/results/end_to_end.md); PowerSGD approximates it and is asked for.
+AUTO_COMPRESSIONS = ("none", "fp16")
 
 
 class NoPlanError(PacError):
@@ -42,6 +45,8 @@ class PlanChoice:
         if b.shares is not None:
             owned = ", ".join(f"{name} {share}" for name, share in zip(b.devices, b.shares, strict=True))
             lines.append(f"  samples owned, of every {sum(b.shares)}: {owned}")
+        if b.compression != "none":
+            lines.append(f"  gradients all-reduced as {b.compression}")
         for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
             layers = f"layers {stage[0]}-{stage[1] - 1}"
             lines.append(
@@ -66,9 +71,14 @@ class PlanChoice:
 
 
 def plan(
-    devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, modes: Sequence[str] = MODES
+    devices: Sequence[DeviceProfile],
+    model: ModelCosts,
+    work: Workload,
+    modes: Sequence[str] = MODES,
+    compressions: Sequence[str] = AUTO_COMPRESSIONS,
 ) -> PlanChoice:
-    """The fastest placement that fits; NoPlanError, naming each device's shortfall, when none does."""
+    """The fastest placement that fits; NoPlanError, naming each device's shortfall, when none does.
+    `compressions`: how data-parallel phase 2 may send its gradients (the cheapest prediction is chosen)."""
     if not devices:
         raise NoPlanError("no devices to plan for")
     by_speed = sorted(devices, key=lambda d: d.forward_seconds((0, model.num_layers)) + d.side_train_seconds)
@@ -76,7 +86,7 @@ def plan(
     with_all: dict[str, Prediction] = {}
     for mode in modes:
         for k in range(1, len(by_speed) + 1):
-            candidate = best_for(mode, by_speed[:k], model, work)
+            candidate = best_for(mode, by_speed[:k], model, work, compressions)
             if candidate is None:
                 continue
             if k == len(by_speed):
@@ -100,11 +110,17 @@ def plan(
     return PlanChoice(best, by_mode, left_out)
 
 
-def best_for(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> Prediction | None:
+def best_for(
+    mode: str,
+    devices: Sequence[DeviceProfile],
+    model: ModelCosts,
+    work: Workload,
+    compressions: Sequence[str] = ("none",),
+) -> Prediction | None:
     """The best prediction of `mode` on exactly these devices, or None if none fits."""
     num_layers = model.num_layers
     if mode == "replicated":
-        return _best_shares(mode, devices, [(0, num_layers)] * len(devices), model, work)
+        return _best_shares(mode, devices, [(0, num_layers)] * len(devices), model, work, compressions)
     if len(devices) > num_layers:
         return None
     orders = itertools.permutations(devices) if len(devices) <= ALL_ORDERS_UP_TO else [tuple(devices)]
@@ -113,23 +129,34 @@ def best_for(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, wor
         stages = split_layers(mode, order, model, work)
         if stages is None:
             continue
-        found = _best_shares(mode, order, stages, model, work)
+        found = _best_shares(mode, order, stages, model, work, compressions)
         if found is not None and (best is None or found.total_seconds < best.total_seconds):
             best = found
     return best
 
 
 def _best_shares(
-    mode: str, devices: Sequence[DeviceProfile], stages: Sequence[Stage], model: ModelCosts, work: Workload
+    mode: str,
+    devices: Sequence[DeviceProfile],
+    stages: Sequence[Stage],
+    model: ModelCosts,
+    work: Workload,
+    compressions: Sequence[str],
 ) -> Prediction | None:
     """Equal ownership, or (data-parallel modes) shares in proportion to each device's speed in phase 1 or in
-    phase 2, whichever predicts the least time."""
+    phase 2, each with every allowed gradient compression: whichever predicts the least time."""
     candidates: list[tuple[int, ...] | None] = [None]
     if mode != "side-pipeline" and len(devices) > 1:
         whole = (0, model.num_layers)
         for seconds in ([d.forward_seconds(whole) for d in devices], [d.side_train_seconds for d in devices]):
             candidates.append(whole_shares([1 / max(s, 1e-12) for s in seconds]))
-    found = [predict(mode, devices, stages, model, work, shares) for shares in dict.fromkeys(candidates)]
+    # Compression changes nothing alone or in side-pipeline mode (no gradient all-reduce there).
+    ways = dict.fromkeys(compressions) if mode != "side-pipeline" and len(devices) > 1 else {"none": None}
+    found = [
+        predict(mode, devices, stages, model, work, shares, compression)
+        for shares in dict.fromkeys(candidates)
+        for compression in ways
+    ]
     fitting = [p for p in found if p.fits]
     return min(fitting, key=lambda p: p.total_seconds) if fitting else None
 

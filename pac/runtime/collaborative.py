@@ -36,10 +36,11 @@ from pac.plan.placement import Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
+from pac.runtime.heap import peak_rss_mb
 from pac.runtime.pipeline import run_pipeline_stage
 from pac.runtime.prepare import PreparedData, adapter_meta_of, train_config
 from pac.runtime.side_pipeline import SidePipelineTrainer
-from pac.runtime.sources import CachedTaps
+from pac.runtime.sources import CachedTaps, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Assignment:
     data_endpoints: dict[int, str] | None = None  # rank -> ZeroMQ data endpoint
     data_keys: dict[int, bytes] | None = None  # rank -> CURVE public key of that endpoint
     threads: int | None = None  # the hosts file's threads= for this peer
+    grad_compression: str = "none"  # data-parallel phase 2 (pac.runtime.distributed.GRADIENT_COMPRESSIONS)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class Assignment:
             "data_endpoints": {str(k): v for k, v in (self.data_endpoints or {}).items()},
             "data_keys": {str(k): v for k, v in (self.data_keys or {}).items()},
             "threads": self.threads,
+            "grad_compression": self.grad_compression,
         }
 
     @classmethod
@@ -100,6 +103,7 @@ class Assignment:
                 data_endpoints={int(k): str(v) for k, v in raw["data_endpoints"].items()},
                 data_keys={int(k): bytes(v) for k, v in raw["data_keys"].items()},
                 threads=None if raw.get("threads") is None else int(raw["threads"]),
+                grad_compression=str(raw["grad_compression"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None
@@ -130,7 +134,8 @@ def run_assignment(
         phase1 = {"phase1_seconds": time.perf_counter() - started, "phase1_bytes_sent": _sent(plane)}
         dist.barrier()  # every owner's cache is complete before anyone trains
         summary = _phase_two(job, model_dir, splits, label_names, caches, out, plane, progress)
-        return {**summary, **phase1, "phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
+        sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
+        return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
     finally:
         dist.destroy_process_group()
 
@@ -176,6 +181,8 @@ def _phase_one(
     stop: threading.Event | None,
 ) -> dict[str, Path]:
     opts, plan, rank = job.options, job.plan, job.rank
+    if not get_method(opts.method).cached:
+        return {}  # it trains on token ids: every peer has the data already, and runs the backbone every step
     root = cache_root(opts.cache.dir)
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
@@ -218,9 +225,13 @@ def _phase_two(
     opts, plan, rank = job.options, job.plan, job.rank
     method = get_method(opts.method)
     local: dict[str, Any] = {}
-    for name in splits:  # each cache was built (and verified) by this run's phase 1; its manifest has the spec
-        local[name] = CachedTaps(CacheReader(caches[name]))
+    for name, data in splits.items():  # each cache was built (and verified) by this run's phase 1
+        if method.cached:
+            local[name] = CachedTaps(CacheReader(caches[name]))
+        else:  # its own share of the token ids
+            local[name] = Tokens(data.subset(plan.owned_positions(len(data), rank)))
     ctx = BuildContext(model_dir, opts.data.task, label_names, opts.optim.seed, opts.data.max_length, local["train"])
+    torch.manual_seed(opts.optim.seed)  # as `pac train` seeds: a method that draws its weights draws the same
     model = method.build(opts.method_options, ctx)
     with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
         for p in model.parameters():
@@ -246,7 +257,14 @@ def _phase_two(
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
         sources = {name: ShardedSource(local[name], data.sample_ids) for name, data in splits.items()}
         trainer = DataParallelTrainer(
-            model, opts.data.task, sources["train"], config, out, val=sources["val"], on_step=on_step
+            model,
+            opts.data.task,
+            sources["train"],
+            config,
+            out,
+            val=sources["val"],
+            on_step=on_step,
+            compression=job.grad_compression,
         )
     epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
     if isinstance(trainer, SidePipelineTrainer):

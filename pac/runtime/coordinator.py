@@ -39,7 +39,7 @@ from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.costs import DeviceProfile, Workload
 from pac.plan.placement import MODES, Plan, check_schedule, make_plan, parse_stages, stage_taps
-from pac.plan.planner import PlanChoice
+from pac.plan.planner import AUTO_COMPRESSIONS, PlanChoice
 from pac.plan.planner import plan as plan_run
 from pac.plan.schedule import format_schedule, training_schedule
 from pac.runconfig import ClusterOptions, TrainOptions, run_config_to_wire, summary_options, with_defaults
@@ -114,10 +114,14 @@ class Coordinator:
         if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
         check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
+        if cluster.grad_compression not in (None, "none") and cluster.mode == "side-pipeline":
+            raise PacError("side-pipeline mode all-reduces no gradients: drop --grad-compression or pick another mode")
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
         # The method's options for each mode it may run in: the one given, or (planned) every mode that can.
         modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages or cluster.shares else list(MODES)
+        if not method.cached:  # nothing to pipeline: each peer runs the whole model on its own token ids
+            modes = [cluster.mode or "replicated"]
         self.mode_options: dict[str, Any] = {}
         refusals = []
         for mode in modes:
@@ -126,6 +130,11 @@ class Coordinator:
                     # Its stages would send bf16 states to each other; only the data-parallel modes take it.
                     raise PacError(
                         "--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one"
+                    )
+                if not method.cached and mode != "replicated":
+                    raise PacError(
+                        f"--method {options.method} trains on token ids, so every peer runs the whole model: "
+                        "use --mode replicated"
                     )
                 self.mode_options[mode] = method.collaborative(options.options, options.data.task, mode)
             except PacError as exc:
@@ -310,11 +319,12 @@ class Coordinator:
         members = self._join()
         self._advance(RunState.PLANNING)
         cluster = self.cluster
-        if cluster.mode is None and cluster.stages is None and cluster.shares is None:
+        unplanned = cluster.mode or cluster.stages or cluster.shares or not get_method(self.options.method).cached
+        if not unplanned:
             plan, members = self._planned(members, prepared)
-        else:
+        else:  # the planner models cached methods only: an uncached one runs replicated on every peer
             memories = [_memory(p) for p in members]
-            mode = cluster.mode or "shuffle"
+            mode = next(iter(self.mode_options))
             plan = make_plan(
                 mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches, cluster.shares
             )
@@ -328,7 +338,7 @@ class Coordinator:
             self._shutdown("only planning")
             return {"mode": plan.mode, "plan": [list(s) for s in plan.stages], "planned": self._planned_summary()}
         method, task = get_method(self.options.method), self.options.data.task
-        taps = method.taps(self.options.method_options, task, num_layers)
+        taps = method.taps(self.options.method_options, task, num_layers) if method.cached else []
         idle = [r for r, stage in enumerate(plan.stages) if not stage_taps(stage, taps)]
         if plan.mode == "side-pipeline" and idle:
             self._fail(
@@ -349,6 +359,7 @@ class Coordinator:
                 model_fingerprint=fingerprint,
                 store=(self._store_host(peer), store_port),
                 data_plane=self.cluster.data_plane,
+                grad_compression=self._grad_compression(),
                 data_endpoints=endpoints,
                 data_keys=keys,
                 threads=peer.host.threads,
@@ -407,7 +418,9 @@ class Coordinator:
             micro_batches=self.cluster.micro_batches,
         )
         costs = model_costs_of(members[0].run_profile)  # the model's sizes, the same from every peer
-        choice = plan_run(list(profiles.values()), costs, work, list(self.mode_options))
+        given = self.cluster.grad_compression
+        compressions = (given,) if given else AUTO_COMPRESSIONS
+        choice = plan_run(list(profiles.values()), costs, work, list(self.mode_options), compressions)
         self.planned = choice
         for line in choice.describe().splitlines():
             self._print(f"[pac-launch]   {line}")
@@ -421,6 +434,12 @@ class Coordinator:
         best = choice.best
         return Plan(best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches, best.shares), chosen
 
+    def _grad_compression(self) -> str:
+        """How data-parallel phase 2 sends its gradients: as asked, else as planned, else uncompressed."""
+        if self.cluster.grad_compression:
+            return self.cluster.grad_compression
+        return self.planned.best.compression if self.planned is not None else "none"
+
     def _planned_summary(self) -> dict[str, Any] | None:
         if self.planned is None:
             return None
@@ -431,6 +450,7 @@ class Coordinator:
             "predicted_total_seconds": best.total_seconds,
             "predicted_peak_bytes": best.peak_bytes,
             "predicted_sent_bytes": best.sent_bytes,
+            "grad_compression": best.compression,
             "other_modes_seconds": {m: p.total_seconds for m, p in self.planned.by_mode.items()},
             "left_out": self.planned.left_out,
         }
@@ -568,6 +588,7 @@ class Coordinator:
             "task": self.options.data.task,
             "options": summary_options(self.options),
             "mode": plan.mode,
+            "grad_compression": self._grad_compression() if plan.mode != "side-pipeline" else None,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
         }

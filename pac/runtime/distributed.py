@@ -5,7 +5,8 @@ pure function of seed and epoch, over the positions of the whole training set's 
 the loss of the samples of that batch it owns (their taps are in its local cache), and one
 all-reduce sums the gradients of the loss *sums* and the sample/token counts. Dividing by the global
 count gives exactly the gradient of the global batch's mean loss, so, up to float summation order,
-N peers take the same steps as one device with the same global batch and seed.
+N peers take the same steps as one device with the same global batch and seed. The all-reduce is torch's
+DistributedDataParallel, with its communication hooks to compress gradients over a slow link.
 
 The synchronisation is part of the training step (`DataParallelStep`, a pac.runtime.step.BackpropStep whose
 gradients are summed over the ranks): the loop is the plain Trainer's; only its evaluation sums over ranks too.
@@ -22,10 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
+from torch.nn.parallel import DistributedDataParallel
 
+from pac.errors import PacError
 from pac.methods.base import MethodModel, loss_count, summarize
 from pac.net.addresses import interface_of, local_address_towards
-from pac.runtime.step import BackpropStep
+from pac.plan.costs import GRADIENT_COMPRESSIONS
+from pac.runtime.step import BackpropStep, autocast
 from pac.runtime.trainer import BatchSource, TrainConfig, Trainer, evaluation_totals
 
 log = logging.getLogger(__name__)
@@ -56,8 +62,43 @@ class ShardedSource:
         return [self.local_index[sid] for sid in ids if sid in self.local_index]
 
 
+POWERSGD_RANK = 4  # PowerSGD's low-rank approximation: 4 keeps AdamW's steps close where 1-2 visibly do not
+POWERSGD_START = 2  # its first compressed step; PowerSGD needs one plain all-reduce before it (error feedback)
+
+
+class _SummedLoss(torch.nn.Module):
+    """What DistributedDataParallel wraps: the model's loss *sum* over this rank's part of a batch, so that the
+    ranks' parts add up to the global batch's. A rank without a sample in the batch returns a zero that still
+    reaches every trainable parameter, so its (zero) gradients join the all-reduce the others wait for."""
+
+    def __init__(self, model: MethodModel, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        if batch is None:
+            return sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+        return self.model.loss_batch(batch) * loss_count(self.task, batch["labels"])
+
+
+def _register_compression(ddp: DistributedDataParallel, compression: str, group: dist.ProcessGroup | None) -> None:
+    if compression == "none":
+        return
+    if compression == "powersgd":
+        state = powerSGD.PowerSGDState(
+            group, matrix_approximation_rank=POWERSGD_RANK, start_powerSGD_iter=POWERSGD_START
+        )
+        ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
+    elif compression == "fp16":
+        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+    else:
+        raise PacError(f"unknown gradient compression {compression!r}: use one of {', '.join(GRADIENT_COMPRESSIONS)}")
+
+
 class DataParallelStep(BackpropStep):
-    """The default update, on gradients summed over the ranks of a process group."""
+    """The default update, on gradients summed over the ranks of a process group by torch's
+    DistributedDataParallel: its gradient buckets are all-reduced while the backward is still running, and its
+    communication hooks (`compression`: an fp16 cast, PowerSGD) shrink what crosses a slow link."""
 
     source: ShardedSource
 
@@ -68,30 +109,39 @@ class DataParallelStep(BackpropStep):
         source: ShardedSource,
         config: TrainConfig,
         group: dist.ProcessGroup | None = None,
+        compression: str = "none",
     ):
         super().__init__(model, task, source, config)
         self.group = group
+        # The ranks built the same weights (pac.runtime.collaborative broadcasts them): no start-up sync, which
+        # would send every frozen buffer too; unused parameters (a head the task does not read) still all-reduce.
+        self.ddp = DistributedDataParallel(
+            _SummedLoss(model, task),
+            process_group=group,
+            init_sync=False,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
+        _register_compression(self.ddp, compression, group)
+        self.world = dist.get_world_size(group)
 
     def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
-        for p in self.params:  # ranks without a sample in this batch still join the all-reduce with zeros
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         mine = self.source.owned(indices)
-        loss_sum, count = 0.0, 0
-        if mine:
-            batch = self.source.local.batch(mine)
-            count = loss_count(self.task, batch["labels"])
-            loss = self.loss(batch) * count  # the sum, so ranks' parts add up to the global batch
-            loss.backward()
-            loss_sum = loss.item()
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params] + [torch.tensor([loss_sum, float(count)])])
-        dist.all_reduce(flat, group=self.group)
-        total = max(flat[-1].item(), 1.0)
-        offset = 0
+        batch = self.source.local.batch(mine) if mine else None
+        with autocast(self.config.precision):
+            loss_sum = self.ddp(batch)
+        # The global batch's loss and count travel while the backward runs; DDP averages the gradient sums over
+        # the ranks, so world / count turns them into the gradient of the global batch's mean loss.
+        count = loss_count(self.task, batch["labels"]) if batch is not None else 0
+        totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+        pending = dist.all_reduce(totals, group=self.group, async_op=True)
+        loss_sum.backward()
+        pending.wait()
+        total = max(totals[1].item(), 1.0)
         for p in self.params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p)).div_(total)
-            offset += p.numel()
-        return flat[-2].item() / total, self.clip()
+            if p.grad is not None:
+                p.grad.mul_(self.world / total)
+        return totals[0].item() / total, self.clip()
 
 
 class DataParallelTrainer(Trainer):
@@ -108,9 +158,10 @@ class DataParallelTrainer(Trainer):
         out_dir: Path,
         *,
         group: dist.ProcessGroup | None = None,
+        compression: str = "none",
         **kwargs: Any,
     ):
-        step = DataParallelStep(model, task, train, config, group)
+        step = DataParallelStep(model, task, train, config, group, compression)
         super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
         self.group = group
 

@@ -32,12 +32,13 @@ from pac.cache.fingerprint import model_fingerprint
 from pac.methods.registry import BuildContext, get_method
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import pac_home
-from pac.plan.costs import DeviceProfile, ModelCosts
+from pac.plan.costs import DeviceProfile, ModelCosts, powersgd_wire_bytes
 from pac.runconfig import TrainOptions
+from pac.runtime.distributed import POWERSGD_RANK
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 2  # 2: load and build times
+PROFILE_VERSION = 3  # 2: load and build times; 3: PowerSGD's gradient bytes
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -107,6 +108,7 @@ def profile_device(
         tap_bytes=seq_len * d * bytes_per_value,
         side_state_bytes=side["state_bytes"],
         side_param_bytes=side["trainable_bytes"],
+        powersgd_bytes=side["powersgd_bytes"],
         side_sample_bytes=side["sample_bytes"],
         runtime_bytes=runtime_bytes,
     )
@@ -288,6 +290,7 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
         "build_seconds": build_seconds,
         "flops": counter.get_total_flops(),
         "trainable_bytes": sum(p.numel() * 4 for p in trainable),
+        "powersgd_bytes": powersgd_wire_bytes([p.shape for p in trainable], POWERSGD_RANK),
         "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
         "state_bytes": opts.data.max_length * state_width * 4,
         # What one sample brings into a step: its inputs in float32, and activations about as large again.

@@ -13,7 +13,14 @@ from pac.argtypes import number
 from pac.errors import PacError
 from pac.methods.defaults import LORA_LR
 from pac.methods.parallel_adapters import POOLING_HELP
-from pac.methods.registry import Method, lazy, lazy_attributes, method_option, register_method
+from pac.methods.registry import (
+    Method,
+    data_parallel_only,
+    lazy,
+    lazy_attributes,
+    method_option,
+    register_method,
+)
 
 RANK_HELP = "LoRA / DoRA / boundary rank (default 8; 0 only for boundary: its top layers stay frozen)"
 
@@ -33,6 +40,7 @@ def resolve(options: LoraOptions, task: str) -> LoraOptions:
 
 
 RUN = f"{__name__}.run"
+MODEL = "pac.methods.transformers_model"  # the base model whole, which peft wraps
 for _name, _title, _summary in (
     ("lora", "LoRA", "low-rank updates of every linear map through peft, backward through the whole model"),
     ("dora", "DoRA", "LoRA with a learned magnitude per output channel, through peft"),
@@ -48,8 +56,9 @@ for _name, _title, _summary in (
             build=lazy(f"{RUN}:build_{_name}"),
             save=lazy(f"{RUN}:save"),
             load=lazy(f"{RUN}:load"),
-            lm_logits=lazy(f"{RUN}:lm_logits"),
-            generate=lazy(f"{RUN}:generate"),
+            lm_logits=lazy(f"{MODEL}:lm_logits"),
+            generate=lazy(f"{MODEL}:generate"),
+            collaborative=data_parallel_only,  # `pac-launch --mode replicated`: LoRA data-parallel over the peers
         )
     )
 

@@ -1,9 +1,10 @@
 """LoRA and DoRA baselines through the peft library, on the same model, data and head as pac.
 
-Every comparison with parallel adapters is one flag apart (`--method lora`): the classification
-head reads the same pooled final-normed hidden state; language modelling uses the frozen LM head.
-Unlike parallel adapters, backward runs through the whole backbone, every epoch re-runs it, and
-the activations of every layer are kept for backward: that is the cost pac avoids.
+Every comparison with parallel adapters is one flag apart (`--method lora`): the base model whole
+(pac.methods.transformers_model) with peft's low-rank updates in its linear maps, the classification head on
+the same pooled final-normed hidden state, language modelling through the frozen LM head. Unlike parallel
+adapters, backward runs through the whole backbone, every epoch re-runs it, and the activations of every layer
+are kept for backward: that is the cost pac avoids.
 """
 
 from __future__ import annotations
@@ -12,15 +13,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModel, AutoModelForCausalLM
+from torch import nn
+from transformers import PreTrainedModel
 
-from pac.errors import PacError
-from pac.methods.base import MethodModel
-from pac.models.backbone import load_config
-from pac.models.families import family_for
-from pac.models.heads import ClassificationHead
+from pac.methods.transformers_model import TransformersModel
 
 # Every linear map of a layer, as in the measured anchor (q,k,v,o,gate,up,down).
 DEFAULT_TARGETS = {
@@ -42,25 +39,24 @@ class LoraSettings:
     target_modules: list[str] | None = None
 
 
-class LoraModel(MethodModel):
+class LoraModel(TransformersModel):
     def __init__(self, model_dir: Path, settings: LoraSettings, adapter_dir: Path | None = None):
-        super().__init__()
-        self.settings, self.task = settings, settings.task
-        config = load_config(model_dir)
-        family = family_for(config)
-        if settings.task == "lm" and not family.causal:
-            raise PacError(f"{family.name} is an encoder without an LM head: use --task classify")
-        loader = AutoModelForCausalLM if family.causal else AutoModel
-        base = loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        # Plain attributes, set before nn.Module's own: `attach` reads them while the base model loads.
+        self.settings, self.adapter_dir = settings, adapter_dir
+        super().__init__(model_dir, settings.task, settings.pooling, settings.label_names)
+
+    def attach(self, pretrained: PreTrainedModel) -> None:
+        """peft around the loaded model: new low-rank updates train, or a saved adapter's load frozen."""
+        settings = self.settings
         with warnings.catch_warnings():
             # peft asks the model `is_gradient_checkpointing`, an alias transformers deprecates: nothing to act on.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            if adapter_dir is not None:
-                self.peft = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+            if self.adapter_dir is not None:
+                self.peft = PeftModel.from_pretrained(pretrained, self.adapter_dir, is_trainable=False)
             else:
-                targets = settings.target_modules or DEFAULT_TARGETS[family.causal]
+                targets = settings.target_modules or DEFAULT_TARGETS[self.causal]
                 self.peft = get_peft_model(
-                    base,
+                    pretrained,
                     LoraConfig(
                         r=settings.r,
                         lora_alpha=settings.alpha,
@@ -69,22 +65,14 @@ class LoraModel(MethodModel):
                         use_dora=settings.use_dora,
                     ),
                 )
-        self.causal = family.causal
-        self.head = (
-            ClassificationHead(config.hidden_size, len(settings.label_names), settings.pooling)
-            if settings.task == "classify"
-            else None
-        )
 
-    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.head is None:
-            return self.peft(input_ids=ids, attention_mask=mask).logits
-        # The inner model (LoRA already injected into its linears) skips the 49k-way LM head.
-        base = self.peft.get_base_model()
-        inner = base.model if self.causal else base
-        hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.head(hidden, mask)
+    @property
+    def network(self) -> nn.Module:
+        return self.peft
+
+    def body(self) -> nn.Module:
+        base = self.peft.get_base_model()  # LoRA already injected into its linears
+        return base.model if self.causal else base
 
     def save(self, out_dir: Path, base_model_name: str) -> None:
         """peft's files, with `base_model_name` (a hub id or the user's own path) as the base model

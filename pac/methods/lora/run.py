@@ -1,13 +1,12 @@
 """What a run does with LoRA / DoRA: the peft model on the whole backbone, saved as peft saves it (plus pac's
-config and the classification head), loaded back through peft, decoded by peft's `generate`."""
+config and the classification head), loaded back through peft; it decodes as pac.methods.transformers_model
+says (peft's `generate`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from pac.methods.base import ADAPTER_CONFIG
 from pac.methods.lora import LoraOptions
@@ -44,20 +43,3 @@ def load(adapter_dir: Path, raw: dict[str, Any], model_dir: Path, retrieval: boo
     lora = LoraModel(model_dir, settings, adapter_dir=adapter_dir)
     lora.load_head(adapter_dir)
     return Loaded(lora.eval(), None, raw["task"], raw["max_length"], raw["label_names"])
-
-
-def lm_logits(loaded: Loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return loaded.model.peft(input_ids=ids, attention_mask=mask).logits
-
-
-def generate(
-    loaded: Loaded, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, seed: int
-) -> torch.Tensor:
-    """peft's decoding: greedy at temperature 0 (no sampling flags, so no warning about them), else sampled."""
-    torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    return loaded.model.peft.generate(
-        input_ids=input_ids,
-        max_new_tokens=max_new_tokens,
-        **(sampling if temperature > 0 else {"do_sample": False}),
-    )[:, input_ids.shape[1] :]
