@@ -19,7 +19,7 @@ column asks for are extrapolated from their own measured epochs (one-off costs m
 the run's wall time less its epochs) and marked so. Bytes on the wire are the devices' link counters; peak memory
 is each process's peak RSS. Resumable: finished rows are kept (`--only` runs named rows again).
 
-    python benchmarks/end_to_end.py [--task classify] [--train-size 96] [--val-size 32] [--max-length 64]
+    python benchmarks/end_to_end.py [--task classify] [--train-size 64] [--val-size 32] [--max-length 64]
     python benchmarks/end_to_end.py --report
 Writes benchmarks/results/end_to_end.{json,md,png}. Needs root (namespaces, cgroups).
 """
@@ -256,12 +256,14 @@ def report(rows: dict[str, Any]) -> str:
                     predicted = p["predicted_total_seconds"]
                     measured = p["measured_phase1_seconds"] + p["measured_phase2_seconds"]
                     notes.append(
-                        f"{row['mode']} {row['plan']}, predicted {predicted:.0f} s / measured {measured:.0f} s "
-                        f"of phases 1+2 ({measured / predicted:.2f}x)"
+                        f"{row['mode']} {row['plan']}, phases 1+2 predicted {predicted:.0f} s / measured "
+                        f"{measured:.0f} s ({measured / predicted:.2f}x); the whole run {wall / predicted:.2f}x "
+                        f"the prediction and {wall / p['limit_seconds']:.2f}x the {p['limit_seconds']:.0f} s limit"
                     )
                     if p["left_out"]:
                         notes.append(f"left out: {', '.join(p['left_out'])}")
-                quality = _quality(task, row["final"]) + (f" (after {row['epochs_run']})" if extrapolated else "")
+                ran = row["epochs_run"]
+                quality = _quality(task, row["final"]) + (f" (after {ran})" if ran != epochs else "")
                 lines.append(
                     f"| {config} | {epochs} | {wall:.0f} | {ratio} | {peaks} | {row['wire_bytes'] / 1e6:.1f} "
                     f"| {quality} | {'; '.join(notes)} |"
@@ -307,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=str(HERE.parent / "deploy" / "home.toml"))
     parser.add_argument("--task", choices=["classify", "lm"], default="classify")
-    parser.add_argument("--train-size", type=int, default=96)
+    parser.add_argument("--train-size", type=int, default=64)
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--only", nargs="*", help="configurations to run (again); default: those not yet done")

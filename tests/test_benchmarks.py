@@ -127,3 +127,58 @@ def test_a_run_with_retrieval_reports_the_mixture_and_its_one_off_cost(quality):
     # The naive base every side-* lever is measured against pins the LM default's extras off.
     naive = quality.train_args("lm", "side", _Args())
     assert "--no-retrieval" in naive and naive[naive.index("--readout-hidden") + 1] == "0"
+
+
+END_TO_END = Path(__file__).resolve().parents[1] / "benchmarks" / "end_to_end.py"
+
+
+@pytest.fixture(scope="module")
+def end_to_end():
+    spec = importlib.util.spec_from_file_location("end_to_end", END_TO_END)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _e2e_row(config, epochs_run, wall, epoch_seconds, **extra):
+    row = {
+        "config": config,
+        "task": "classify",
+        "shape": "8+4 articles x 16 tokens",
+        "epochs_run": epochs_run,
+        "wall_seconds": wall,
+        "epoch_seconds": epoch_seconds,
+        "profiling_seconds": None,
+        "final": {"val_accuracy": 0.5, "val_loss": 1.0},
+        "peak_rss_mb": {"desktop": 1000.0},
+        "wire_bytes": 0,
+        "mode": "one device",
+        "plan": None,
+        "planned": None,
+        "grad_compression": None,
+    }
+    return {**row, **extra}
+
+
+def test_end_to_end_timing_measures_one_off_costs_and_extrapolates_only_epochs(end_to_end, tmp_path):
+    """A 1-epoch baseline: its one-off part (wall less its epoch) is kept, the missing epochs cost its mean; a
+    5-epoch run asked for 3 is cut at the end of its third epoch; the table marks what is extrapolated."""
+    lora = _e2e_row("lora-dp", 1, 100.0, [30.0])
+    assert end_to_end.timing(lora, 5) == (pytest.approx(70 + 5 * 30), True)
+    alone = _e2e_row("lora-desktop", 5, 60.0, [10.0, 9.0, 8.0, 7.0, 6.0])
+    assert end_to_end.timing(alone, 3) == (pytest.approx(20 + 27), False)
+    planned = {
+        "predicted_total_seconds": 20.0,
+        "measured_phase1_seconds": 10.0,
+        "measured_phase2_seconds": 12.0,
+        "limit_seconds": 10.0,
+        "left_out": ["phone"],
+    }
+    pac = _e2e_row("pac", 5, 25.0, [1.0] * 5, mode="side-pipeline", plan=[[0, 19], [19, 30]], planned=planned)
+    rows = {"classify/lora-dp/1": lora, "classify/lora-desktop/5": alone, "classify/pac/5": pac}
+    table = end_to_end.report(rows)
+    assert "| lora-dp | 5 | 220 | 1.0x |" in table and "extrapolated from 1 measured epoch(s)" in table
+    assert "| pac | 5 | 25 | 8.8x |" in table and "2.50x the 10 s limit" in table and "left out: phone" in table
+    assert "| lora-desktop | 3 | 47 |" in table and "(after 5)" in table
+    end_to_end.plot(rows, tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0

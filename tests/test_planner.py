@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
-from pac.plan.costs import DeviceProfile, ModelCosts, Workload, peak_bytes, predict
+from pac.plan.costs import (
+    DeviceProfile,
+    ModelCosts,
+    Workload,
+    gradient_wire_bytes,
+    limit_seconds,
+    peak_bytes,
+    powersgd_wire_bytes,
+    predict,
+)
 from pac.plan.placement import MODES
 from pac.plan.planner import NoPlanError, best_for, plan, split_layers, whole_shares
 
@@ -153,3 +163,44 @@ def test_reading_the_layers_and_building_the_model_count_once():
     assert got.phase1_seconds == pytest.approx(without.phase1_seconds + 6 * 0.5)  # its 6 layers, read once
     assert got.phase2_seconds == pytest.approx(3.0 + 5 * got.epoch_seconds)
     assert got.total_seconds == pytest.approx(without.total_seconds + 3.0 + 3.0)
+
+
+def test_gradient_compression_shrinks_the_all_reduce_as_torch_hooks_do():
+    """fp16 sends half the bytes; PowerSGD (rank r) sends r (n + m) values of an n x m gradient where that is at
+    least twice smaller, and vectors whole, in two all-reduces (its P and Q factors)."""
+    assert powersgd_wire_bytes([(576, 576)], rank=4) == 4 * 4 * (576 + 576)
+    assert powersgd_wire_bytes([(576,), (8, 8)], rank=4) == 4 * (576 + 64)  # 4 x 16 values would not halve 64
+    assert powersgd_wire_bytes([(20, 3, 4)], rank=1) == 4 * (20 + 12)  # seen as 20 x 12, as the hook does
+    model = replace(MODEL, powersgd_bytes=1_000_000)
+    assert gradient_wire_bytes(model, "none") == 12_000_000
+    assert gradient_wire_bytes(model, "fp16") == 6_000_000
+    assert gradient_wire_bytes(model, "powersgd") == 1_000_000
+    assert gradient_wire_bytes(MODEL, "powersgd") == 12_000_000  # not measured: as uncompressed
+    a, b = device("a"), device("b", bandwidth=1e6)
+    plain, half = (
+        predict("replicated", [a, b], [(0, LAYERS)] * 2, model, WORK, compression=c) for c in ("none", "fp16")
+    )
+    steps = 400 // 8
+    assert plain.epoch_seconds - half.epoch_seconds == pytest.approx(steps * 6_000_000 / 1e6)
+    assert half.sent_bytes["a"] == plain.sent_bytes["a"] / 2 and half.compression == "fp16"
+
+
+def test_the_planner_compresses_gradients_only_where_the_plan_all_reduces_them():
+    slow = [device("a", bandwidth=1e8), device("b", bandwidth=1e8)]  # worth using both, all-reducing 12 MB a step
+    choice = plan(slow, MODEL, WORK, modes=("replicated",))
+    assert choice.best.devices in {("a", "b"), ("b", "a")}
+    assert choice.best.compression == "fp16" and "gradients all-reduced as fp16" in choice.describe()
+    assert plan(slow, MODEL, WORK, modes=("replicated",), compressions=("none",)).best.compression == "none"
+    assert plan(slow, MODEL, WORK, modes=("side-pipeline",)).best.compression == "none"
+    alone = plan([device("a")], MODEL, WORK, modes=("replicated",))
+    assert alone.best.compression == "none"  # one device all-reduces nothing
+
+
+def test_the_limit_is_every_device_speed_combined_and_no_plan_beats_it():
+    devices = [device("slow"), device("fast", speed=3)]
+    # Forward: 0.12 s and 0.04 s per sample, so 33.3 samples/s together over 500; side epochs likewise.
+    expected = 500 / (1 / 0.12 + 1 / 0.04) + 5 * (400 / (1 / 0.03 + 1 / 0.01) + 100 / (1 / 0.01 + 1 / 0.01 * 3))
+    assert limit_seconds(devices, MODEL, WORK) == pytest.approx(expected)
+    choice = plan(devices, MODEL, WORK)
+    assert choice.limit_seconds == pytest.approx(expected) and choice.best.total_seconds > expected
+    assert "the 31.2 s limit of every device's speed combined" in choice.describe()

@@ -258,6 +258,20 @@ def _side_pipeline_epoch(
     return steps * step + evaluation
 
 
+def limit_seconds(devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> float:
+    """The floor no placement beats: one backbone forward over the data and the side epochs, each spread over
+    every device at its measured speed with nothing sent, loaded or built (issue 21's "limit")."""
+    whole = (0, model.num_layers)
+
+    def spread(samples: int, seconds: Sequence[float]) -> float:
+        return samples / sum(1 / max(s, 1e-12) for s in seconds)
+
+    forward = spread(work.train + work.val, [d.forward_seconds(whole) for d in devices])
+    epoch = spread(work.train, [d.side_train_seconds for d in devices])
+    epoch += spread(work.val, [d.side_eval_seconds for d in devices])
+    return forward + work.epochs * epoch
+
+
 def peak_bytes(mode: str, device: DeviceProfile, stage: Stage, model: ModelCosts, work: Workload) -> int:
     """The larger of phase 1 (the stage's weights and a micro-batch's activations) and phase 2 (the side model
     with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations)."""

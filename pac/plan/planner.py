@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pac.errors import PacError
-from pac.plan.costs import DeviceProfile, ModelCosts, Prediction, Workload, peak_bytes, predict
+from pac.plan.costs import DeviceProfile, ModelCosts, Prediction, Workload, limit_seconds, peak_bytes, predict
 from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
@@ -37,6 +37,7 @@ class PlanChoice:
     best: Prediction
     by_mode: dict[str, Prediction]  # the best prediction of each mode that fits
     left_out: dict[str, str]  # device -> why it is not used
+    limit_seconds: float  # every device's speed combined, nothing sent, loaded or built (costs.limit_seconds)
 
     def describe(self) -> str:
         """The plan for people: stages, devices, each phase's time, memory and traffic, and the alternatives."""
@@ -54,7 +55,9 @@ class PlanChoice:
             )
         lines.append(
             f"predicted: phase 1 {b.phase1_seconds:.1f} s, {b.epochs} epoch(s) of {b.epoch_seconds:.1f} s after "
-            f"{b.build_seconds:.1f} s of set-up, total {b.total_seconds:.1f} s"
+            f"{b.build_seconds:.1f} s of set-up, total {b.total_seconds:.1f} s "
+            f"({b.total_seconds / self.limit_seconds:.2f}x the {self.limit_seconds:.1f} s limit of every device's "
+            "speed combined)"
         )
         for mode, other in self.by_mode.items():
             if other is not b:
@@ -107,7 +110,7 @@ def plan(
                     f"with every device the run takes {everyone.total_seconds:.1f} s, without it "
                     f"{best.total_seconds:.1f} s"
                 )
-    return PlanChoice(best, by_mode, left_out)
+    return PlanChoice(best, by_mode, left_out, limit_seconds(devices, model, work))
 
 
 def best_for(

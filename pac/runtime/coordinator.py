@@ -452,6 +452,7 @@ class Coordinator:
             "predicted_sent_bytes": best.sent_bytes,
             "grad_compression": best.compression,
             "other_modes_seconds": {m: p.total_seconds for m, p in self.planned.by_mode.items()},
+            "limit_seconds": self.planned.limit_seconds,
             "left_out": self.planned.left_out,
         }
 
