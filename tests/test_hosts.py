@@ -165,3 +165,16 @@ def test_describe_ssh_is_the_command_as_one_shell_line():
     line = describe_ssh(peer, extra_options=["-i", "/keys/my key"])
     assert shlex.split(line) == ssh_command(peer, extra_options=["-i", "/keys/my key"])
     assert shlex.split(line)[-1].startswith("cd ~/pac && read -r PAC_JOIN_TOKEN")
+
+
+def test_one_peer_under_two_spellings_is_refused_when_the_file_is_read(tmp_path):
+    """`127.0.0.1:29802` and `localhost:29802` reach one agent: the coordinator would wait for a peer that
+    never answers, so the file is refused, naming both lines; distinct ports on one host stay fine."""
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("127.0.0.1:29802 name=a\nlocalhost:29802 name=b\n")
+    with pytest.raises(
+        HostsFileError, match=r"127\.0\.0\.1:29802 \(name=a\) and localhost:29802 \(name=b\) are the same"
+    ):
+        read_hosts(hosts)
+    hosts.write_text("127.0.0.1:29802 name=a\nlocalhost:29803 name=b\nno-such-host.invalid name=c\n")
+    assert [p.name for p in read_hosts(hosts)] == ["a", "b", "c"]

@@ -17,6 +17,7 @@ import functools
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -120,7 +121,28 @@ def read_hosts(path: str | os.PathLike[str]) -> list[PeerHost]:
         text = p.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM some Windows editors write
     except UnicodeDecodeError as e:
         raise HostsFileError(f"{p}: not valid UTF-8 ({e.reason}); re-save the file as UTF-8.") from e
-    return parse_hosts(text, source=str(p))
+    return check_distinct_peers(parse_hosts(text, source=str(p)), source=str(p))
+
+
+def check_distinct_peers(peers: list[PeerHost], source: str = "<hosts>") -> list[PeerHost]:
+    """Refuse two lines that reach one agent under two spellings (`localhost:29600`, `127.0.0.1:29600`): the
+    coordinator would wait for a second peer that never answers. Hosts that do not resolve here are left to the
+    join, which reports them."""
+    seen: dict[tuple[str, int], PeerHost] = {}
+    for peer in peers:
+        try:
+            found = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            continue
+        for address in sorted({info[4][0] for info in found}):
+            key = (address, peer.port)
+            other = seen.setdefault(key, peer)
+            if other is not peer:
+                raise HostsFileError(
+                    f"{source}: {other.address} (name={other.name}) and {peer.address} (name={peer.name}) are "
+                    f"the same peer ({address} port {peer.port}); list it once"
+                )
+    return peers
 
 
 def parse_hosts(text: str, source: str = "<hosts>") -> list[PeerHost]:

@@ -93,6 +93,7 @@ class PeerState:
     summary: dict[str, Any] | None = None
     files: dict[str, bytearray] = field(default_factory=dict)
     failed_handshakes: int = 0
+    unreachable: bool = False  # a connection attempt was refused or unroutable (said once)
     run_profile: dict[str, Any] | None = None  # pac.runtime.profiler's, for this run
     echoes: dict[int, float] = field(default_factory=dict)  # link probe number -> when its echo arrived
 
@@ -158,7 +159,10 @@ class Coordinator:
         auth.connect_encrypted(self.sock, token)
         # A peer with another token has other CURVE keys: the handshake fails before any message.
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_CONNECT_RETRIED
         )
         for peer in self.peers.values():
             if ":" in peer.host.host:
@@ -198,7 +202,11 @@ class Coordinator:
 
     def _poll(self, timeout_ms: int) -> None:
         while self.monitor.poll(0):
-            self._on_failed_handshake(recv_monitor_message(self.monitor)["endpoint"].decode())
+            event = recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+                self._on_unreachable(event["endpoint"].decode())
+            else:
+                self._on_failed_handshake(event["endpoint"].decode())
         if not self.sock.poll(timeout_ms):
             return
         frames = self.sock.recv_multipart()
@@ -244,6 +252,18 @@ class Coordinator:
             self._fail(f"peer {peer.host.name} (rank {peer.rank}) failed: {message['reason']}")
         elif kind != "heartbeat":
             self._send(peer, "error", reason=f"a coordinator does not accept {kind} messages")
+
+    def _on_unreachable(self, endpoint: str) -> None:
+        """A connection attempt was refused or found no route: said at once (ZeroMQ retries quietly until the
+        join timeout), since the peer may still be starting."""
+        peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
+        if peer is None or peer.status != "connecting" or peer.unreachable:
+            return
+        peer.unreachable = True
+        self._print(
+            f"[pac-launch] {peer.host.name} ({peer.host.address}) refuses the connection or cannot be reached: "
+            f"retrying for up to {self.cluster.join_timeout:.0f} s; is `pac peer` running there, on that port?"
+        )
 
     def _on_failed_handshake(self, endpoint: str) -> None:
         peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
