@@ -117,6 +117,7 @@ def run_home(config: str, args: argparse.Namespace, epochs: int) -> dict[str, An
         "plan": summary["plan"],
         "planned": summary.get("planned"),
         "grad_compression": summary.get("grad_compression"),
+        "seconds_by_state": summary.get("seconds_by_state"),
     }
 
 
@@ -223,6 +224,28 @@ def _quality(task: str, final: dict[str, Any]) -> str:
     return f"ppl {math.exp(final['val_loss']):.2f}"
 
 
+def _planned_note(row: dict[str, Any], wall: float) -> str:
+    """The plan, predicted against measured, where the run's time went, and how far it is from the limit."""
+    p = row["planned"]
+    predicted = p["predicted_total_seconds"]
+    measured = p["measured_phase1_seconds"] + p["measured_phase2_seconds"]
+    note = (
+        f"{row['mode']} {row['plan']}, phases 1+2 predicted {predicted:.0f} s / measured {measured:.0f} s "
+        f"({measured / predicted:.2f}x)"
+    )
+    states = row.get("seconds_by_state")
+    if states and wall == row["wall_seconds"]:  # a whole run as measured (not cut at an earlier epoch)
+        # The plan is made after joining and planning, so the run's own prediction includes them as measured.
+        before = states["joining"] + states["planning"]
+        rest = wall - before - measured
+        note += (
+            f"; joining {states['joining']:.0f} s, planning {states['planning']:.0f} s, export and exit {rest:.0f} s"
+            f"; end to end predicted {before + predicted:.0f} s / measured {wall:.0f} s "
+            f"({wall / (before + predicted):.2f}x)"
+        )
+    return note + f"; {wall / p['limit_seconds']:.2f}x the {p['limit_seconds']:.0f} s limit"
+
+
 def report(rows: dict[str, Any]) -> str:
     lines = []
     for task in ("classify", "lm"):
@@ -252,16 +275,9 @@ def report(rows: dict[str, Any]) -> str:
                 if row["profiling_seconds"]:
                     notes.append(f"first run also profiles the devices: {row['profiling_seconds']:.0f} s")
                 if row["planned"]:
-                    p = row["planned"]
-                    predicted = p["predicted_total_seconds"]
-                    measured = p["measured_phase1_seconds"] + p["measured_phase2_seconds"]
-                    notes.append(
-                        f"{row['mode']} {row['plan']}, phases 1+2 predicted {predicted:.0f} s / measured "
-                        f"{measured:.0f} s ({measured / predicted:.2f}x); the whole run {wall / predicted:.2f}x "
-                        f"the prediction and {wall / p['limit_seconds']:.2f}x the {p['limit_seconds']:.0f} s limit"
-                    )
-                    if p["left_out"]:
-                        notes.append(f"left out: {', '.join(p['left_out'])}")
+                    notes.append(_planned_note(row, wall))
+                    if row["planned"]["left_out"]:
+                        notes.append(f"left out: {', '.join(row['planned']['left_out'])}")
                 ran = row["epochs_run"]
                 quality = _quality(task, row["final"]) + (f" (after {ran})" if ran != epochs else "")
                 lines.append(

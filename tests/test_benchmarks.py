@@ -174,11 +174,23 @@ def test_end_to_end_timing_measures_one_off_costs_and_extrapolates_only_epochs(e
         "limit_seconds": 10.0,
         "left_out": ["phone"],
     }
-    pac = _e2e_row("pac", 5, 25.0, [1.0] * 5, mode="side-pipeline", plan=[[0, 19], [19, 30]], planned=planned)
+    states = {"joining": 2.0, "planning": 1.0, "cache build": 10.0, "training": 12.0}
+    pac = _e2e_row(
+        "pac",
+        5,
+        25.0,
+        [1.0] * 5,
+        mode="side-pipeline",
+        plan=[[0, 19], [19, 30]],
+        planned=planned,
+        seconds_by_state=states,
+    )
     rows = {"classify/lora-dp/1": lora, "classify/lora-desktop/5": alone, "classify/pac/5": pac}
     table = end_to_end.report(rows)
     assert "| lora-dp | 5 | 220 | 1.0x |" in table and "extrapolated from 1 measured epoch(s)" in table
     assert "| pac | 5 | 25 | 8.8x |" in table and "2.50x the 10 s limit" in table and "left out: phone" in table
+    # the prediction is made after joining and planning: the run's own end-to-end prediction includes them
+    assert "export and exit 0 s; end to end predicted 23 s / measured 25 s (1.09x)" in table
     assert "| lora-desktop | 3 | 47 |" in table and "(after 5)" in table
     end_to_end.plot(rows, tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").stat().st_size > 0

@@ -94,6 +94,8 @@ def test_three_peers_train_the_same_adapter_as_one_device(
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == mode and len(summary["peers"]) == 3
+    timeline = summary["seconds_by_state"]  # where the run's time went, state by state
+    assert list(timeline) == ["joining", "planning", "cache build", "training"] and min(timeline.values()) > 0
     # Each peer trained only its own third of the samples, yet the metrics are those of the whole set.
     cached = [p["summary"]["cached_samples"]["train"] for p in summary["peers"].values()]
     if mode == "side-pipeline":  # every stage holds its layers of every sample

@@ -14,6 +14,7 @@ validation gets an `error` reply and a log line; it never stops the coordinator.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import os
@@ -612,6 +613,7 @@ class Coordinator:
             "grad_compression": self._grad_compression() if plan.mode != "side-pipeline" else None,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
+            "seconds_by_state": self._seconds_by_state(),
         }
         planned = self._compare_with_plan()
         if planned is not None:
@@ -620,6 +622,11 @@ class Coordinator:
         write_model_card(self.out, summary)
         self._print(f"[pac-launch] adapter, metrics and logs in {self.out}")
         return summary
+
+    def _seconds_by_state(self) -> dict[str, float]:
+        """How long the run has spent in each state it left (joining, planning, cache build, training)."""
+        passed = list(self.entered.items())
+        return {state.value: after - since for (state, since), (_, after) in itertools.pairwise(passed)}
 
     def _shutdown(self, reason: str) -> None:
         for p in self.peers.values():
