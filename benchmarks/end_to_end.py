@@ -14,12 +14,16 @@ phone 20 Mbit 20 ms; deploy/home.py), all on this 2-core machine. Configurations
   full-desktop   full fine-tuning on the desktop alone (`pac train --method full`)
   pac-no-cache   the side network on the desktop alone with a backbone forward every step (no activation cache)
 
+With --compression, the gradient all-reduce over the home's links (issue 21, point 7), 3 epochs: pac replicated
+on all three devices (4:2:1) and LoRA data-parallel, each uncompressed, fp16 and PowerSGD (--grad-compression).
+
 Every row is a real run; its wall time is the command's, from start to exit. Rows that ran fewer epochs than a
 column asks for are extrapolated from their own measured epochs (one-off costs measured, never extrapolated:
 the run's wall time less its epochs) and marked so. Bytes on the wire are the devices' link counters; peak memory
 is each process's peak RSS. Resumable: finished rows are kept (`--only` runs named rows again).
 
     python benchmarks/end_to_end.py [--task classify] [--train-size 64] [--val-size 32] [--max-length 64]
+    python benchmarks/end_to_end.py --task classify --compression
     python benchmarks/end_to_end.py --report
 Writes benchmarks/results/end_to_end.{json,md,png}. Needs root (namespaces, cgroups).
 """
@@ -42,11 +46,29 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = HERE / ".work" / "end_to_end"
 EPOCHS = (3, 5)
-HOME_CONFIGS = ("pac", "pac-fp16", "lora-dp")
+LORA_DP = ["--method", "lora", "--mode", "replicated", "--shares", "4,2,1"]
+REPLICATED = ["--mode", "replicated", "--shares", "4,2,1"]
+# pac-launch's options of each configuration run on the whole home.
+HOME_ARGS = {
+    "pac": [],
+    "pac-fp16": ["--grad-compression", "fp16"],
+    "lora-dp": LORA_DP,
+    # Gradient compression where a run all-reduces gradients over the home's links (issue 21, point 7).
+    "pac-replicated": REPLICATED,
+    "pac-replicated-fp16": [*REPLICATED, "--grad-compression", "fp16"],
+    "pac-replicated-powersgd": [*REPLICATED, "--grad-compression", "powersgd"],
+    "lora-dp-fp16": [*LORA_DP, "--grad-compression", "fp16"],
+    "lora-dp-powersgd": [*LORA_DP, "--grad-compression", "powersgd"],
+}
 DESKTOP_CONFIGS = ("lora-desktop", "full-desktop", "pac-no-cache")
-# Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one or two are
-# timed and the rest extrapolated (the issue's sizing rule), except LoRA alone, whose 5 epochs give its quality.
-EPOCHS_RUN = {"lora-dp": 1, "full-desktop": 1, "pac-no-cache": 1, "lora-desktop": 5}
+MAIN = ("pac", "pac-fp16", "lora-dp", *DESKTOP_CONFIGS)
+COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "pac-replicated-powersgd", "lora-dp", "lora-dp-fp16")
+COMPRESSION += ("lora-dp-powersgd",)
+# Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one is timed
+# and the rest extrapolated (the issue's sizing rule), except LoRA alone, whose 5 epochs give its quality; the
+# compression rows run 3 epochs.
+EPOCHS_RUN = {"lora-dp": 1, "lora-dp-fp16": 1, "lora-dp-powersgd": 1, "full-desktop": 1, "pac-no-cache": 1}
+EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3, "pac-replicated-powersgd": 3}
 
 
 def _home():
@@ -82,10 +104,7 @@ def run_home(config: str, args: argparse.Namespace, epochs: int) -> dict[str, An
     env = {**os.environ, "PAC_JOIN_TOKEN": secrets.token_hex(16), "TQDM_DISABLE": "1"}
     launch = str(Path(sys.executable).with_name("pac-launch"))
     cmd = [launch, *_common(args, epochs, work / "out"), "--cache-dir", str(work / "cache"), "--join-timeout", "300"]
-    if config == "pac-fp16":
-        cmd += ["--grad-compression", "fp16"]
-    if config == "lora-dp":
-        cmd += ["--method", "lora", "--mode", "replicated", "--shares", "4,2,1"]
+    cmd += HOME_ARGS[config]
     with home_mod.SimulatedHome(devices) as home:
         hosts = home.start_peers(work / "peers", env)
         profiling = None
@@ -203,8 +222,8 @@ def _row(rows: dict[str, Any], task: str, config: str, epochs: int) -> dict[str,
     return rows.get(f"{task}/{config}/{epochs}") or rows.get(f"{task}/{config}/{EPOCHS_RUN.get(config, epochs)}")
 
 
-def _configs(rows: dict[str, Any], task: str) -> list[str]:
-    return [c for c in (*HOME_CONFIGS, *DESKTOP_CONFIGS) if any(_row(rows, task, c, e) for e in EPOCHS)]
+def _configs(rows: dict[str, Any], task: str, configs: tuple[str, ...]) -> list[str]:
+    return [c for c in configs if any(_row(rows, task, c, e) for e in EPOCHS)]
 
 
 def timing(row: dict[str, Any], epochs: int) -> tuple[float, bool]:
@@ -262,7 +281,7 @@ def report(rows: dict[str, Any]) -> str:
         for epochs in EPOCHS:
             base = _row(mine, task, "lora-dp", epochs)
             base_wall = timing(base, epochs)[0] if base else None
-            for config in _configs(mine, task):
+            for config in _configs(mine, task, MAIN):
                 row = _row(mine, task, config, epochs)
                 if row is None:
                     continue
@@ -284,6 +303,32 @@ def report(rows: dict[str, Any]) -> str:
                     f"| {config} | {epochs} | {wall:.0f} | {ratio} | {peaks} | {row['wire_bytes'] / 1e6:.1f} "
                     f"| {quality} | {'; '.join(notes)} |"
                 )
+    return "\n".join(lines) + compression_report(rows)
+
+
+def compression_report(rows: dict[str, Any]) -> str:
+    """What each gradient compression does to the data-parallel epochs over the home's links."""
+    lines = []
+    for task in ("classify", "lm"):
+        configs = _configs(rows, task, COMPRESSION)
+        if not any(c != "lora-dp" for c in configs):
+            continue
+        lines += [
+            f"\n### Gradient compression over the home's links: {task}, 3 epochs\n",
+            "| configuration | compression | wall (s) | training s/epoch | on the wire (MB) | validation | notes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for config in configs:
+            row = _row(rows, task, config, 3)
+            wall, extrapolated = timing(row, 3)
+            epoch = sum(row["epoch_seconds"]) / len(row["epoch_seconds"])
+            ran = row["epochs_run"]
+            quality = _quality(task, row["final"]) + (f" (after {ran})" if ran != 3 else "")
+            note = f"extrapolated from {ran} measured epoch(s)" if extrapolated else ""
+            lines.append(
+                f"| {config} | {row['grad_compression']} | {wall:.0f} | {epoch:.1f} | {row['wire_bytes'] / 1e6:.1f} "
+                f"| {quality} | {note} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -296,17 +341,11 @@ def plot(rows: dict[str, Any], path: Path) -> None:
     tasks = sorted({r["task"] for r in rows.values()})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        configs = [
-            c
-            for c in (*HOME_CONFIGS, *DESKTOP_CONFIGS)
-            if any(r["config"] == c and r["task"] == task for r in rows.values())
-        ]
+        configs = _configs(rows, task, MAIN)
         for i, epochs in enumerate(EPOCHS):
             walls = []
             for config in configs:
-                row = rows.get(f"{task}/{config}/{epochs}") or rows.get(
-                    f"{task}/{config}/{EPOCHS_RUN.get(config, epochs)}"
-                )
+                row = _row(rows, task, config, epochs)
                 walls.append(timing(row, epochs)[0] if row else 0)
             ax.bar([x + 0.4 * i for x in range(len(configs))], walls, width=0.4, label=f"{epochs} epochs")
         ax.set_xticks([x + 0.2 for x in range(len(configs))], configs, rotation=30, ha="right")
@@ -329,6 +368,7 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--only", nargs="*", help="configurations to run (again); default: those not yet done")
+    parser.add_argument("--compression", action="store_true", help="run the gradient-compression rows instead")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -336,14 +376,14 @@ def main() -> None:
     rows = json.loads(path.read_text()) if path.exists() else {}
     shape = f"{args.train_size}+{args.val_size} articles x {args.max_length} tokens"
     if not args.report:
-        for config in (*HOME_CONFIGS, *DESKTOP_CONFIGS):
+        for config in COMPRESSION if args.compression else MAIN:
             for epochs in sorted({EPOCHS_RUN.get(config, e) for e in EPOCHS}):
                 key = f"{args.task}/{config}/{epochs}"
                 if key in rows and rows[key]["shape"] == shape and not (args.only and config in args.only):
                     continue
                 if args.only and config not in args.only:
                     continue
-                runner = run_home if config in HOME_CONFIGS else run_desktop
+                runner = run_home if config in HOME_ARGS else run_desktop
                 rows[key] = {**runner(config, args, epochs), "task": args.task, "shape": shape}
                 path.write_text(json.dumps(rows, indent=2) + "\n")
     table = report(rows)
