@@ -113,8 +113,7 @@ def run_home(config: str, args: argparse.Namespace, epochs: int) -> dict[str, An
             plan += _common(args, epochs, work / "plan")[:-1] + ["--join-timeout", "300"]
             started = time.perf_counter()
             subprocess.run(plan, check=True, env=env)
-            profiling = time.perf_counter() - started
-            hosts = home.start_peers(work / "peers-run", env)  # `pac plan` lets its peers go
+            profiling = time.perf_counter() - started  # the agents stay for the run that follows
         sent_before = _link_bytes(home)
         started = time.perf_counter()
         print("$", " ".join(cmd), flush=True)

@@ -76,6 +76,7 @@ class LocalPeers:
                 str(work),
                 "--coordinator-timeout",
                 str(self.coordinator_timeout),
+                "--once",
             ]
             with (work / "stdout.log").open("w") as log:
                 self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))

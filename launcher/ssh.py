@@ -38,7 +38,7 @@ def _remote_command(peer: PeerHost) -> str:
     """The shell string ssh hands the remote login shell: read the token from stdin, then exec the agent."""
     # An IPv6 peer is reached over IPv6, so its agent must listen on the IPv6 wildcard.
     listen = f"tcp://[::]:{peer.port}" if ":" in peer.host else f"tcp://0.0.0.0:{peer.port}"
-    args = ["peer", "--listen", listen, "--name", peer.name]
+    args = ["peer", "--listen", listen, "--name", peer.name, "--once"]
     if peer.max_mem is not None:
         args += ["--max-mem", str(peer.max_mem)]
     if peer.threads is not None:

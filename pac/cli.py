@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -365,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator-timeout",
         type=number(float, above=0),
         default=60.0,
-        help="stop after this many seconds without a word from the coordinator (default 60)",
+        help="abandon a run after this many seconds without a word from its coordinator (default 60)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="serve one run, then exit with its outcome (how `pac-launch --local` and `--ssh` start peers); "
+        "by default the agent serves run after run until stopped, as a service does",
     )
     p.add_argument(
         "--profile",
@@ -382,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PEER_HELP = """\
-Serve as one device of a collaborative run: listen for the coordinator (`pac-launch`), prove the
-join token, run the layers and samples it assigns, send the results, exit.
+Serve as one device of collaborative runs: listen for a coordinator (`pac-launch`), prove the
+join token, run the layers and samples it assigns, send the results, and wait for the next run
+(`--once`: exit after one). A run whose coordinator falls silent is abandoned; the cache stays.
+deploy/pac-peer.service runs the agent as a systemd service.
 
 The join token comes from the environment variable PAC_JOIN_TOKEN (never from the command line,
 where other users of this machine could read it). Start this on every device, then run
@@ -392,6 +401,10 @@ where other users of this machine could read it). Start this on every device, th
   export PAC_JOIN_TOKEN=...            # the same secret on every device
   pac peer --name laptop --max-mem 4g  # listens on tcp://0.0.0.0:29600
 """
+
+
+# `pac peer`'s exit codes, as the agent reports a run's end.
+PEER_OUTCOMES = {0: "done", 1: "it failed", 2: "refused by the coordinator", 3: "the coordinator was lost"}
 
 
 def _size(text: str) -> int:
@@ -432,9 +445,17 @@ def cmd_peer(args: argparse.Namespace) -> int:
         coordinator_timeout=args.coordinator_timeout,
     )
     code = PeerAgent(settings).serve()
-    # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere):
-    # leave without waiting for it; everything worth keeping is on disk or already sent.
+    # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere): leave
+    # without waiting for it; everything worth keeping (the cache, the profiles) is on disk or already sent.
+    # An agent that stays starts afresh in the same process (same pid, for a service manager), not stuck
+    # behind that thread or the run's process group.
     logging.shutdown()
+    if not args.once:
+        print(
+            f"pac peer {args.name}: the run is over ({PEER_OUTCOMES.get(code, code)}); serving the next one", flush=True
+        )
+        time.sleep(1.0)  # a run that ends at once cannot spin the agent
+        os.execv(sys.executable, sys.orig_argv)
     sys.stdout.flush()
     os._exit(code)
 

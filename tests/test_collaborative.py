@@ -218,7 +218,7 @@ def test_bad_hosts_file_names_the_line(tmp_path, capsys):
 def _peer_process(tmp_path, name: str, token: str) -> tuple[subprocess.Popen, PeerHost]:
     port = free_port()
     cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", name]
-    cmd += ["--work-dir", str(tmp_path / name), "--coordinator-timeout", "20"]
+    cmd += ["--work-dir", str(tmp_path / name), "--coordinator-timeout", "20", "--once"]
     env = {**os.environ, auth.TOKEN_ENV: token}
     return subprocess.Popen(cmd, env=env), PeerHost("127.0.0.1", port, name)
 
@@ -264,7 +264,7 @@ def test_one_failed_handshake_is_retried_not_refused(tiny_llama, topic_jsonl, tm
         assert events.poll(30_000), "the coordinator never tried the impostor's port"
         impostor.close(0)  # before ZeroMQ's reconnect (100 ms): exactly one failed handshake
         cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", "late"]
-        cmd += ["--work-dir", str(tmp_path / "late"), "--coordinator-timeout", "20"]
+        cmd += ["--work-dir", str(tmp_path / "late"), "--coordinator-timeout", "20", "--once"]
         started.append(subprocess.Popen(cmd, env={**os.environ, auth.TOKEN_ENV: token}))
 
     switch = threading.Thread(target=hand_the_port_to_the_real_peer)
@@ -347,14 +347,13 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
     assert "failed the encrypted handshake" in (tmp_path / "target" / "peer.log").read_text()
 
 
-def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
-    peers = LocalPeers(1, auth.new_token(), tmp_path, coordinator_timeout=3)
-    (host,) = peers.start()
+def _join_then_vanish(host: PeerHost, token: str) -> None:
+    """A coordinator that joins the peer (hello, its join, a welcome) and then says nothing more."""
     ctx = zmq.Context()
     coordinator = ctx.socket(zmq.ROUTER)
     coordinator.setsockopt(zmq.ROUTER_MANDATORY, 1)
     coordinator.setsockopt(zmq.CONNECT_ROUTING_ID, b"p")
-    auth.connect_encrypted(coordinator, peers.token)
+    auth.connect_encrypted(coordinator, token)
     coordinator.connect(host.endpoint)
     try:
         nonce = auth.new_nonce()
@@ -367,14 +366,44 @@ def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         join = protocol.decode(coordinator.recv_multipart()[1])
-        assert auth.verify(peers.token, "peer", nonce, join["proof"])
-        proof = auth.proof(peers.token, "coordinator", join["nonce"])
+        assert auth.verify(token, "peer", nonce, join["proof"])
+        proof = auth.proof(token, "coordinator", join["nonce"])
         coordinator.send_multipart([b"p", protocol.encode("welcome", proof=proof, rank=0)])
     finally:
         coordinator.close(0)
         ctx.term()
+
+
+def test_local_peers_exit_when_the_coordinator_disappears(tmp_path):
+    peers = LocalPeers(1, auth.new_token(), tmp_path, coordinator_timeout=3)
+    (host,) = peers.start()
+    _join_then_vanish(host, peers.token)
     codes = peers.stop(grace=60)  # a kill after the grace would give -9, not 3
     assert codes == [3]
+
+
+def test_an_agent_stays_for_run_after_run_and_outlives_a_vanished_coordinator(tiny_llama, topic_jsonl, tmp_path):
+    """`pac peer` without --once: a coordinator that joins and vanishes is given up after the timeout, then two
+    runs (planning, the agent's part of which is real work) are served one after the other by the same
+    process, which is still there at the end."""
+    token, port = auth.new_token(), free_port()
+    cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", "home"]
+    cmd += ["--work-dir", str(tmp_path / "home"), "--coordinator-timeout", "3"]
+    agent = subprocess.Popen(cmd, env={**os.environ, auth.TOKEN_ENV: token}, stdout=subprocess.PIPE, text=True)
+    host = PeerHost("127.0.0.1", port, "home")
+    try:
+        _join_then_vanish(host, token)
+        options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c")
+        for _ in range(2):
+            summary = Coordinator([host], token, options, ClusterOptions(join_timeout=90)).run(plan_only=True)
+            assert summary["planned"]["predicted_peak_bytes"].keys() == {"home"}
+        time.sleep(2)
+        assert agent.poll() is None  # still serving
+    finally:
+        agent.terminate()
+        said = agent.communicate(timeout=30)[0]
+    assert "the run is over (the coordinator was lost); serving the next one" in said
+    assert said.count("the run is over (done); serving the next one") == 2
 
 
 @pytest.mark.parametrize("mode, shortlist", [("shuffle", 0), ("side-pipeline", 0), ("shuffle", 8)])
@@ -473,7 +502,7 @@ def test_peers_in_their_own_network_namespaces_behind_a_rate_limit(single_device
     with SimulatedHome(devices, tag=f"pt{os.getpid() % 10000}") as net:
         hosts = []
         for d in range(2):
-            agent = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://{net.address(d)}:29600"]
+            agent = [sys.executable, "-m", "pac.cli", "peer", "--once", "--listen", f"tcp://{net.address(d)}:29600"]
             net.run(
                 d, [*agent, "--name", f"dev{d}", "--work-dir", str(tmp_path / f"dev{d}")], tmp_path / f"{d}.log", env
             )
