@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 import torch
 import zmq
@@ -674,3 +675,21 @@ def test_a_port_nobody_listens_on_is_reported_within_seconds(tiny_llama, topic_j
         coordinator.run()
     assert time.monotonic() - started < 30
     assert "nobody-home (127.0.0.1:" in shown.getvalue() and "refuses the connection" in shown.getvalue()
+
+
+def test_the_rendezvous_listens_only_where_the_peers_reach_it(tiny_llama, topic_jsonl, tmp_path):
+    """torch's TCPStore authenticates nobody and would listen on every interface: the coordinator hands it a
+    socket bound to the address its peers reach (loopback here), so another interface cannot reach it."""
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c")
+    host = PeerHost("127.0.0.1", free_port(), "here")
+    coordinator = Coordinator([host], auth.new_token(), options, ClusterOptions())
+    try:
+        port = coordinator._start_store(list(coordinator.peers.values()))
+        listening = [c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+        assert [a.ip for a in listening] == ["127.0.0.1"]
+        coordinator.store.set("reachable", "yes")
+    finally:
+        coordinator.store_listener.close()
+        coordinator.sock.close(0)
+        coordinator.monitor.close(0)
+        coordinator.ctx.term()

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -171,6 +172,7 @@ class Coordinator:
             self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer.routing_id)
             self.sock.connect(peer.host.endpoint)
         self.store: dist.TCPStore | None = None
+        self.store_listener: socket.socket | None = None
         self._last_display = 0.0
         self.entered: dict[RunState, float] = {RunState.JOINING: time.monotonic()}
 
@@ -329,6 +331,8 @@ class Coordinator:
             self.monitor.close(0)
             self.sock.close()
             self.ctx.term()
+            if self.store_listener is not None:
+                self.store_listener.close()
 
     def _run(self, plan_only: bool) -> dict[str, Any]:
         self._print(f"[pac-launch] {self.state.value}: {len(self.peers)} peer(s)")
@@ -365,7 +369,7 @@ class Coordinator:
             self._fail(
                 f"in side-pipeline mode every stage needs a tapped layer; ranks {idle} have none: tap more layers"
             )
-        store_port = self._start_store()
+        store_port = self._start_store(members)
         fingerprint = model_fingerprint(prepared.model_dir)
         endpoints = {p.rank: p.data_endpoint for p in members}
         keys = {p.rank: p.data_key for p in members}
@@ -556,10 +560,24 @@ class Coordinator:
     def _store_host(self, peer: PeerState) -> str:
         return self.cluster.store_host or local_address_towards(peer.host.host)
 
-    def _start_store(self) -> int:
-        """The process group's rendezvous, hosted here; peers connect to it with their rank."""
-        self.store = dist.TCPStore("0.0.0.0", 0, world_size=None, is_master=True, wait_for_workers=False)
-        return self.store.port
+    def _start_store(self, members: list[PeerState]) -> int:
+        """The process group's rendezvous, hosted here; peers connect to it with their rank. It listens on the
+        one address the peers reach this machine at (torch's TCPStore would take every interface, and it
+        authenticates nobody); peers reaching it at several addresses leave it on every interface."""
+        addresses = {self._store_host(p) for p in members}
+        address = addresses.pop() if len(addresses) == 1 else ("::" if any(":" in a for a in addresses) else "")
+        if not address or address == "::":
+            log.warning("the peers reach this machine at several addresses: the rendezvous listens on all of them")
+        listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, 0))
+        listener.listen(128)
+        self.store_listener = listener
+        port = listener.getsockname()[1]
+        self.store = dist.TCPStore(
+            address or "0.0.0.0", port, None, True, wait_for_workers=False, master_listen_fd=listener.fileno()
+        )
+        return port
 
     def _wait(self, members: list[PeerState], condition, then: RunState | None = None) -> None:
         next_beat = 0.0
