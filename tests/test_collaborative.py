@@ -345,7 +345,8 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         rogue.close(0)
         outsider.close(0)
         ctx.term()
-    assert "failed the encrypted handshake" in (tmp_path / "target" / "peer.log").read_text()
+    # The outsider's socket retried its handshake every 100 ms throughout: one line a minute, not one each.
+    assert (tmp_path / "target" / "peer.log").read_text().count("failed the encrypted handshake") == 1
 
 
 def _join_then_vanish(host: PeerHost, token: str) -> None:

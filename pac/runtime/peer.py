@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "metrics.jsonl")
+LOG_TAIL_BYTES = 1 << 20  # of this peer's log, what goes into the run's --out (the whole log stays here)
+HANDSHAKE_LOG_EVERY_S = 60.0
 
 
 @dataclass
@@ -147,6 +149,7 @@ class PeerAgent:
         self.work_failed = False
         self.label_names: list[str] | None = None
         self.phase_start: dict[str, tuple[float, int]] = {}  # phase -> (when, done) at its first report
+        self.failed_handshakes, self.handshake_logged = 0, -HANDSHAKE_LOG_EVERY_S
 
     # ------------------------------------------------------------------ sending
     def _send(self, to: bytes, kind: str, **fields: Any) -> None:
@@ -170,12 +173,7 @@ class PeerAgent:
                 if self.control.poll(200):
                     self._on_frames(self.control.recv_multipart())
                 while self.monitor.poll(0):
-                    event = recv_monitor_message(self.monitor)
-                    log.warning(
-                        "a connection failed the encrypted handshake (%s): a coordinator with another "
-                        "PAC_JOIN_TOKEN, or not a pac coordinator",
-                        zmq.Event(event["event"]).name,
-                    )
+                    self._on_failed_handshake(zmq.Event(recv_monitor_message(self.monitor)["event"]).name)
                 self._drain_events()
                 now = time.monotonic()
                 if self.coordinator is not None:
@@ -196,6 +194,21 @@ class PeerAgent:
             self.monitor.close(0)
             self.control.close()
             self.ctx.term()
+
+    def _on_failed_handshake(self, event: str) -> None:
+        """Logged at most once a minute, with how many failed since: a misconfigured client retries several
+        times a second, and the log would fill with the same line."""
+        self.failed_handshakes += 1
+        now = time.monotonic()
+        if now - self.handshake_logged < HANDSHAKE_LOG_EVERY_S:
+            return
+        log.warning(
+            "%d connection(s) failed the encrypted handshake (%s) since the last such line: a coordinator with "
+            "another PAC_JOIN_TOKEN, or not a pac coordinator",
+            self.failed_handshakes,
+            event,
+        )
+        self.failed_handshakes, self.handshake_logged = 0, now
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -355,6 +368,12 @@ class PeerAgent:
             files.append(log_file)
         for path in files:
             data = path.read_bytes()
+            if path == log_file and len(data) > LOG_TAIL_BYTES:
+                skipped = len(data) - LOG_TAIL_BYTES
+                note = (
+                    f"[the first {skipped} bytes are left out here: the whole log is {path} on {self.settings.name}]\n"
+                )
+                data = note.encode() + data[skipped:]
             offsets = range(0, max(len(data), 1), protocol.CHUNK_BYTES)
             for offset in offsets:
                 chunk = data[offset : offset + protocol.CHUNK_BYTES]
