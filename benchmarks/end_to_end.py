@@ -7,7 +7,6 @@ phone 20 Mbit 20 ms; deploy/home.py), all on this 2-core machine. Configurations
 
   pac            `pac-launch`, planned (the peers' profiles measured beforehand by `pac plan --refresh-profiles`,
                  a first-run cost reported on its own row)
-  pac-fp16       the same, gradients all-reduced as fp16 wherever the plan all-reduces (--grad-compression)
   lora-dp        LoRA data-parallel over the same three devices: `pac-launch --method lora --mode replicated`,
                  torch DDP on gloo, samples owned 4:2:1 as the CPU shares are (the baseline at its best split)
   lora-desktop   LoRA on the fastest device alone (`pac train --method lora` in the desktop's namespace and cgroups)
@@ -51,7 +50,6 @@ REPLICATED = ["--mode", "replicated", "--shares", "4,2,1"]
 # pac-launch's options of each configuration run on the whole home.
 HOME_ARGS = {
     "pac": [],
-    "pac-fp16": ["--grad-compression", "fp16"],
     "lora-dp": LORA_DP,
     # Gradient compression where a run all-reduces gradients over the home's links (issue 21, point 7).
     "pac-replicated": REPLICATED,
@@ -61,7 +59,7 @@ HOME_ARGS = {
     "lora-dp-powersgd": [*LORA_DP, "--grad-compression", "powersgd"],
 }
 DESKTOP_CONFIGS = ("lora-desktop", "full-desktop", "pac-no-cache")
-MAIN = ("pac", "pac-fp16", "lora-dp", *DESKTOP_CONFIGS)
+MAIN = ("pac", "lora-dp", *DESKTOP_CONFIGS)
 COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "pac-replicated-powersgd", "lora-dp", "lora-dp-fp16")
 COMPRESSION += ("lora-dp-powersgd",)
 # Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one is timed

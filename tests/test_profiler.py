@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -10,6 +11,7 @@ from pac.models.backbone import load_backbone, load_config
 from pac.plan.costs import Workload
 from pac.plan.planner import plan
 from pac.runconfig import DataOptions, OptimOptions, TrainOptions
+from pac.runtime import profiler
 from pac.runtime.profiler import device_profile_of, model_costs_of, profile_device
 
 
@@ -59,3 +61,19 @@ def test_profiles_feed_the_planner(tiny_llama, pac_home):
     )
     choice = plan(devices, model_costs_of(profile), work)
     assert choice.best.total_seconds > 0 and choice.best.mode in choice.describe()
+
+
+def test_under_a_cpu_quota_a_timing_is_what_the_quota_sustains(monkeypatch):
+    """A call shorter than a CFS period runs unthrottled, so its wall time flatters a device held to a share of
+    a core: the profile takes the CPU time over the share instead, whichever is longer."""
+
+    def spin() -> None:
+        end = time.process_time() + 0.05
+        while time.process_time() < end:
+            pass
+
+    monkeypatch.setattr(profiler, "cpu_share", lambda: None)
+    free = profiler._timed(spin, repeats=3)
+    monkeypatch.setattr(profiler, "cpu_share", lambda: 0.25)
+    held = profiler._timed(spin, repeats=3)
+    assert free == pytest.approx(0.05, rel=0.5) and held >= 0.2 > free

@@ -38,7 +38,7 @@ from pac.runtime.distributed import POWERSGD_RANK
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 3  # 2: load and build times; 3: PowerSGD's gradient bytes
+PROFILE_VERSION = 4  # 2: load and build times; 3: PowerSGD's gradient bytes; 4: times sustained under a quota
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -218,12 +218,17 @@ def cpu_share() -> float | None:
 
 
 def _timed(fn: Any, repeats: int) -> float:
+    """Median seconds of `fn`, as sustained on this device: under a CPU quota (cgroup), a call shorter than the
+    quota's period runs at the full speed of the cores and is throttled only later, so its wall time flatters
+    the device; the process's CPU time divided by its quota is what a long phase sustains."""
+    share = cpu_share()
     fn()  # warm-up: first-call allocations and kernel selection
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        wall, used = time.perf_counter() - start, time.process_time() - cpu
+        times.append(max(wall, used / share) if share else wall)
     return statistics.median(times)
 
 
