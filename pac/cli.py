@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pac {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what pac is doing")
-    parser.add_argument("--threads", type=number(int, minimum=1), help="CPU threads for torch (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=number(int, minimum=1),
+        help="CPU threads for torch (default: all cores, or one per core of a CPU quota: a container's --cpus)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer,plan}")
 
     t = sub.add_parser(
@@ -620,8 +624,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: a second's work that pac's own lines cover
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from pac.runtime.profiler import quota_threads
+
+    threads = args.threads or quota_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "peer": cmd_peer}
         return commands[args.command](args)

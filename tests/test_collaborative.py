@@ -694,3 +694,40 @@ def test_the_rendezvous_listens_only_where_the_peers_reach_it(tiny_llama, topic_
         coordinator.sock.close(0)
         coordinator.monitor.close(0)
         coordinator.ctx.term()
+
+
+@pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])
+def test_a_killed_peer_is_named_within_seconds(mode, phase, tiny_llama, topic_jsonl, tmp_path):
+    """SIGKILL one of three peers in phase 1 or phase 2: its closed connection and missed heartbeats name it
+    within seconds, not after --peer-timeout (60 s), even where a survivor's collective fails first with
+    "Connection reset by peer"."""
+    token = auth.new_token()
+    peers = LocalPeers(3, token, tmp_path / "peers")
+    hosts = peers.start()
+    shown, outcome = io.StringIO(), []
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+    options.optim.epochs = 200  # long enough to be killed in it
+    coordinator = Coordinator(hosts, token, options, ClusterOptions(mode=mode, join_timeout=90), display=shown)
+
+    def run() -> None:
+        try:
+            coordinator.run()
+        except RunFailed as exc:
+            outcome.append((time.monotonic(), str(exc)))
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while f"[pac-launch] {phase}" not in shown.getvalue():
+            assert time.monotonic() < deadline and runner.is_alive(), shown.getvalue()
+            time.sleep(0.05)
+        peers.procs[1].kill()
+        killed = time.monotonic()
+        runner.join(timeout=60)
+    finally:
+        peers.stop()
+    assert outcome, shown.getvalue()
+    failed_at, reason = outcome[0]
+    assert reason.startswith("peer local-1 (rank 1) is lost: its connection closed"), reason
+    assert failed_at - killed < 10

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from pac.models.backbone import load_backbone, load_config
 from pac.plan.costs import Workload
@@ -77,3 +78,10 @@ def test_under_a_cpu_quota_a_timing_is_what_the_quota_sustains(monkeypatch):
     monkeypatch.setattr(profiler, "cpu_share", lambda: 0.25)
     held = profiler._timed(spin, repeats=3)
     assert free == pytest.approx(0.05, rel=0.5) and held >= 0.2 > free
+
+
+def test_torch_threads_follow_a_cpu_quota(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for share, threads in ((None, None), (0.25, 1), (1.0, 1), (1.5, 2), (8.0, None), (12.0, None)):
+        monkeypatch.setattr(profiler, "cpu_share", lambda share=share: share)
+        assert profiler.quota_threads() == threads, share

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -52,6 +53,10 @@ from pac.runtime.profiler import device_profile_of, model_costs_of
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+# A failure that says a connection was lost (gloo's "Connection reset by peer", a closed pair) names the
+# survivor that noticed, not the peer that is gone: for this long the coordinator looks for that peer first.
+LOST_CONNECTION = re.compile(r"connection (reset|closed|refused)|read error|broken pipe|end of file", re.IGNORECASE)
+BLAME_WAIT_S = 3 * HEARTBEAT_S
 DATA_CHUNK_SAMPLES = 256
 LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
 HANDSHAKE_ATTEMPTS = 3  # failed encrypted handshakes before a peer counts as holding another token
@@ -96,6 +101,7 @@ class PeerState:
     files: dict[str, bytearray] = field(default_factory=dict)
     failed_handshakes: int = 0
     unreachable: bool = False  # a connection attempt was refused or unroutable (said once)
+    disconnected_at: float | None = None  # when its connection closed during the run
     run_profile: dict[str, Any] | None = None  # pac.runtime.profiler's, for this run
     echoes: dict[int, float] = field(default_factory=dict)  # link probe number -> when its echo arrived
 
@@ -149,6 +155,7 @@ class Coordinator:
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
         self.planned: PlanChoice | None = None
+        self.symptom: tuple[str, float] | None = None  # a peer's lost-connection failure, and when it came
         self._probe_seq = 0
         self.reason = ""
         self.out = Path(options.out)
@@ -165,6 +172,8 @@ class Coordinator:
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECTED
         )
         for peer in self.peers.values():
             if ":" in peer.host.host:
@@ -208,6 +217,8 @@ class Coordinator:
             event = recv_monitor_message(self.monitor)
             if event["event"] == zmq.EVENT_CONNECT_RETRIED:
                 self._on_unreachable(event["endpoint"].decode())
+            elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECTED):
+                self._on_connection(event["endpoint"].decode(), closed=event["event"] == zmq.EVENT_DISCONNECTED)
             else:
                 self._on_failed_handshake(event["endpoint"].decode())
         if not self.sock.poll(timeout_ms):
@@ -252,9 +263,35 @@ class Coordinator:
             peer.status, peer.summary = "finished", message["summary"]
         elif kind == "failed":
             peer.status = "failed"
-            self._fail(f"peer {peer.host.name} (rank {peer.rank}) failed: {message['reason']}")
+            reason = f"peer {peer.host.name} (rank {peer.rank}) failed: {message['reason']}"
+            if not LOST_CONNECTION.search(message["reason"]):
+                self._fail(reason)
+            # A collective that lost a connection is usually the symptom of another peer's death, and the
+            # survivor reports first: the wait loop gives the gone peer a few heartbeats to show itself.
+            self.symptom = self.symptom or (reason, time.monotonic())
         elif kind != "heartbeat":
             self._send(peer, "error", reason=f"a coordinator does not accept {kind} messages")
+
+    def _on_connection(self, endpoint: str, closed: bool) -> None:
+        """A peer's connection closed, or came back: a process that died (SIGKILL, a crash, a reboot) closes it
+        at once, so a run need not wait out --peer-timeout to know; ZeroMQ reconnects to a peer still there."""
+        peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
+        if peer is None or peer.rank is None or peer.status in ("finished", "failed", "left out"):
+            return
+        peer.disconnected_at = time.monotonic() if closed else None
+        if closed:
+            log.warning("the connection to peer %s (rank %d) closed", peer.host.name, peer.rank)
+
+    def _gone(self, members: list[PeerState], now: float) -> tuple[PeerState, float] | None:
+        """A member whose connection closed or that went silent, with its seconds of silence: a closed
+        connection and two missed heartbeats, or --peer-timeout of silence."""
+        for p in members:
+            silent = now - p.last_heard
+            if p.status in ("finished", "failed"):
+                continue
+            if (p.disconnected_at is not None and silent > 2 * HEARTBEAT_S) or silent > self.cluster.peer_timeout:
+                return p, silent
+        return None
 
     def _on_unreachable(self, endpoint: str) -> None:
         """A connection attempt was refused or found no route: said at once (ZeroMQ retries quietly until the
@@ -587,9 +624,14 @@ class Coordinator:
                 for p in members:
                     self._send(p, "heartbeat")
                 next_beat = now + HEARTBEAT_S
-            for p in members:
-                if now - p.last_heard > self.cluster.peer_timeout:
-                    self._fail(f"peer {p.host.name} (rank {p.rank}) stopped responding for {now - p.last_heard:.0f} s")
+            gone = self._gone(members, now)
+            if gone is not None:
+                peer, silent = gone
+                how = "its connection closed and it has" if peer.disconnected_at is not None else "it has"
+                lost = f"peer {peer.host.name} (rank {peer.rank}) is lost: {how} been silent for {silent:.1f} s"
+                self._fail(lost + (f"; {self.symptom[0]}" if self.symptom else ""))
+            if self.symptom and now - self.symptom[1] > BLAME_WAIT_S:
+                self._fail(self.symptom[0])
             self._poll(100)
             self._show(members)
         if then is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -215,6 +216,18 @@ def cpu_share() -> float | None:
                 quota_us, period_us = limit.read_text().split()
                 return int(quota_us) / int(period_us)
     return None
+
+
+def quota_threads() -> int | None:
+    """Torch threads for this process under a CPU quota: one per core of the quota, rounded up, where that is
+    fewer than torch would start (one per visible core); None otherwise. Threads beyond the quota are throttled
+    together every period: a forward ran 21-33% slower with 2 threads than with 1 under quotas of 0.25-1.0
+    cores (benchmarks/results/threads_under_quota.md)."""
+    share = cpu_share()
+    if share is None:
+        return None
+    wanted = max(1, math.ceil(share - 1e-6))
+    return wanted if wanted < torch.get_num_threads() else None
 
 
 def _timed(fn: Any, repeats: int) -> float:
