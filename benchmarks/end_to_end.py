@@ -14,7 +14,7 @@ phone 20 Mbit 20 ms; deploy/home.py), all on this 2-core machine. Configurations
   pac-no-cache   the side network on the desktop alone with a backbone forward every step (no activation cache)
 
 With --compression, the gradient all-reduce over the home's links (issue 21, point 7), 3 epochs: pac replicated
-on all three devices (4:2:1) and LoRA data-parallel, each uncompressed, fp16 and PowerSGD (--grad-compression).
+on all three devices (4:2:1) and LoRA data-parallel, each uncompressed and as fp16 (--grad-compression).
 
 Every row is a real run; its wall time is the command's, from start to exit. Rows that ran fewer epochs than a
 column asks for are extrapolated from their own measured epochs (one-off costs measured, never extrapolated:
@@ -54,16 +54,13 @@ HOME_ARGS = {
     # Gradient compression where a run all-reduces gradients over the home's links (issue 21, point 7).
     "pac-replicated": REPLICATED,
     "pac-replicated-fp16": [*REPLICATED, "--grad-compression", "fp16"],
-    "pac-replicated-powersgd": [*REPLICATED, "--grad-compression", "powersgd"],
     # its own uncompressed row: the compression rows ran after torch threads began to follow the CPU quota
     "lora-dp-none": [*LORA_DP, "--grad-compression", "none"],
     "lora-dp-fp16": [*LORA_DP, "--grad-compression", "fp16"],
-    "lora-dp-powersgd": [*LORA_DP, "--grad-compression", "powersgd"],
 }
 DESKTOP_CONFIGS = ("lora-desktop", "full-desktop", "pac-no-cache")
 MAIN = ("pac", "lora-dp", *DESKTOP_CONFIGS)
-COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "pac-replicated-powersgd", "lora-dp-none", "lora-dp-fp16")
-COMPRESSION += ("lora-dp-powersgd",)
+COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "lora-dp-none", "lora-dp-fp16")
 # Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one is timed
 # and the rest extrapolated (the issue's sizing rule), except LoRA alone, whose 5 epochs give its quality; the
 # compression rows run 3 epochs.
@@ -71,11 +68,10 @@ EPOCHS_RUN = {
     "lora-dp": 1,
     "lora-dp-none": 1,
     "lora-dp-fp16": 1,
-    "lora-dp-powersgd": 1,
     "full-desktop": 1,
     "pac-no-cache": 1,
 }
-EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3, "pac-replicated-powersgd": 3}
+EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3}
 
 
 def _home():

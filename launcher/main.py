@@ -102,10 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--grad-compression",
         choices=GRADIENT_COMPRESSIONS,
-        help="how the data-parallel modes send gradients (torch's DDP communication hooks): fp16 halves "
-        "the bytes of every all-reduce, powersgd sends low-rank factors (rank 4, with error feedback; a resumed "
-        "run restarts its error feedback). Default: planned (none or fp16, whichever is predicted faster), else "
-        "none",
+        help="how the data-parallel modes send gradients: fp16 (torch's DDP hook, scaled before the cast) "
+        "halves the bytes of every all-reduce. Default: planned (none or fp16, whichever is predicted faster), "
+        "else none",
     )
     plan.add_argument(
         "--data-plane",

@@ -86,7 +86,7 @@ class ClusterOptions:
     shares: tuple[int, ...] | None = None  # samples each peer owns, whole-number weights in rank order
     schedule: str = "gpipe"  # side-pipeline's phase 2 (pac.plan.schedule)
     micro_batches: int = 2
-    # Gradients of data-parallel phase 2 on the wire: none | fp16 | powersgd (torch's DDP communication
+    # Gradients of data-parallel phase 2 on the wire: none | fp16 (torch's DDP communication
     # hooks); None: the planner's choice where it plans, else none.
     grad_compression: str | None = None
     join_timeout: float = 120.0

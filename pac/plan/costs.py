@@ -13,7 +13,7 @@ What the prediction follows is what the runtime does (pac.runtime.collaborative)
 * phase 1 replicated: every device runs every layer on its round-robin share of the samples.
 * phase 2 data-parallel (shuffle, replicated): every step, each device computes its round-robin share of the
   batch, then a ring all-reduce of the gradients (2 (n-1)/n of their bytes over each link) ends it; a gradient
-  compression (torch's DDP hooks: fp16, PowerSGD) shrinks those bytes (`gradient_wire_bytes`).
+  compression (torch's DDP hook: fp16) halves those bytes (`gradient_wire_bytes`).
 * phase 2 side-pipeline: a step's micro-batches pass the stages' side blocks (GPipe: micro-batches + stages - 1
   slots of the slowest stage); only side states and their gradients cross the links.
 """
@@ -57,7 +57,6 @@ class ModelCosts:
     side_param_bytes: int  # trainable parameters (float32)
     side_sample_bytes: int  # one sample's working memory in a phase-2 step (its taps, activations)
     runtime_bytes: int  # the process itself: interpreter, torch, tokenizer
-    powersgd_bytes: int = 0  # what PowerSGD sends of those gradients per all-reduce (0: not measured)
 
     @property
     def num_layers(self) -> int:
@@ -178,33 +177,15 @@ def _pipeline_phase_one(
     return samples * pace + fill
 
 
-# torch's DDP communication hooks, by name; its bf16 hook needs NCCL, and pac's process groups are gloo.
-GRADIENT_COMPRESSIONS = ("none", "fp16", "powersgd")
+# torch's DDP communication hooks, by name. Its bf16 hook needs NCCL (pac's groups are gloo); its PowerSGD hook
+# hung at its first compressed step over gloo once the gradients filled two buckets (benchmarks/results/end_to_end.md).
+GRADIENT_COMPRESSIONS = ("none", "fp16")
 GRADIENT_BYTES = {"none": 4, "fp16": 2}  # per float32 gradient value on the wire
 
 
 def gradient_wire_bytes(model: ModelCosts, compression: str) -> float:
-    """Bytes of one step's gradient all-reduce input under a compression (PowerSGD: its measured size)."""
-    if compression == "powersgd":
-        return model.powersgd_bytes or model.side_param_bytes
+    """Bytes of one step's gradient all-reduce input under a compression."""
     return model.side_param_bytes * GRADIENT_BYTES[compression] / 4
-
-
-def powersgd_wire_bytes(shapes: Sequence[Sequence[int]], rank: int, min_compression_rate: float = 2.0) -> int:
-    """What torch's PowerSGD hook all-reduces for gradients of these shapes: a tensor seen as an n x m matrix
-    goes as rank (n + m) values where that is at least `min_compression_rate` times smaller, else whole, as do
-    vectors (torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook)."""
-    total = 0
-    for shape in shapes:
-        numel = math.prod(shape)
-        if len(shape) > 1:
-            n = shape[0]
-            m = numel // n
-            if (n + m) * rank * min_compression_rate < numel:
-                total += (n + m) * rank
-                continue
-        total += numel
-    return 4 * total
 
 
 def _data_parallel_epoch(
@@ -222,8 +203,7 @@ def _data_parallel_epoch(
     compute = max(math.ceil(work.batch * f) * d.side_train_seconds for d, f in pairs)
     ring = 2 * (n - 1) / n * gradient_wire_bytes(model, compression) if n > 1 else 0.0
     slowest = min(d.bandwidth for d in devices)
-    rounds = 2 if compression == "powersgd" else 1  # its P and Q factors go in two all-reduces
-    reduce = ring / slowest + rounds * 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
+    reduce = ring / slowest + 2 * (n - 1) * max(d.rtt for d in devices) if n > 1 else 0.0
     for d in devices:
         sent[d.name] += work.epochs * steps * ring
     evaluation = max(math.ceil(work.val * f) * d.side_eval_seconds for d, f in pairs)

@@ -18,14 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pac.errors import PacError
-from pac.plan.costs import DeviceProfile, ModelCosts, Prediction, Workload, limit_seconds, peak_bytes, predict
+from pac.plan.costs import (
+    GRADIENT_COMPRESSIONS,
+    DeviceProfile,
+    ModelCosts,
+    Prediction,
+    Workload,
+    limit_seconds,
+    peak_bytes,
+    predict,
+)
 from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
 MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
-# Gradient compressions the planner may pick by itself: fp16 halves the bytes and, scaled first as torch's hook
-# does, keeps the update (benchmarks/results/end_to_end.md); PowerSGD approximates it and is asked for.
-AUTO_COMPRESSIONS = ("none", "fp16")
 
 
 class NoPlanError(PacError):
@@ -78,7 +84,7 @@ def plan(
     model: ModelCosts,
     work: Workload,
     modes: Sequence[str] = MODES,
-    compressions: Sequence[str] = AUTO_COMPRESSIONS,
+    compressions: Sequence[str] = GRADIENT_COMPRESSIONS,
 ) -> PlanChoice:
     """The fastest placement that fits; NoPlanError, naming each device's shortfall, when none does.
     `compressions`: how data-parallel phase 2 may send its gradients (the cheapest prediction is chosen)."""

@@ -40,9 +40,9 @@ from pac.models.backbone import load_config
 from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
-from pac.plan.costs import DeviceProfile, Workload
+from pac.plan.costs import GRADIENT_COMPRESSIONS, DeviceProfile, Workload
 from pac.plan.placement import MODES, Plan, check_schedule, make_plan, parse_stages, stage_taps
-from pac.plan.planner import AUTO_COMPRESSIONS, PlanChoice
+from pac.plan.planner import PlanChoice
 from pac.plan.planner import plan as plan_run
 from pac.plan.schedule import format_schedule, training_schedule
 from pac.runconfig import ClusterOptions, TrainOptions, run_config_to_wire, summary_options, with_defaults
@@ -481,7 +481,7 @@ class Coordinator:
         )
         costs = model_costs_of(members[0].run_profile)  # the model's sizes, the same from every peer
         given = self.cluster.grad_compression
-        compressions = (given,) if given else AUTO_COMPRESSIONS
+        compressions = (given,) if given else GRADIENT_COMPRESSIONS
         choice = plan_run(list(profiles.values()), costs, work, list(self.mode_options), compressions)
         self.planned = choice
         for line in choice.describe().splitlines():

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
 from torch.nn.parallel import DistributedDataParallel
 
 from pac.errors import PacError
@@ -62,10 +61,6 @@ class ShardedSource:
         return [self.local_index[sid] for sid in ids if sid in self.local_index]
 
 
-POWERSGD_RANK = 4  # PowerSGD's low-rank approximation: 4 keeps AdamW's steps close where 1-2 visibly do not
-POWERSGD_START = 2  # its first compressed step; PowerSGD needs one plain all-reduce before it (error feedback)
-
-
 class _SummedLoss(torch.nn.Module):
     """What DistributedDataParallel wraps: the model's loss *sum* over this rank's part of a batch, so that the
     ranks' parts add up to the global batch's. A rank without a sample in the batch returns a zero that still
@@ -84,12 +79,7 @@ class _SummedLoss(torch.nn.Module):
 def _register_compression(ddp: DistributedDataParallel, compression: str, group: dist.ProcessGroup | None) -> None:
     if compression == "none":
         return
-    if compression == "powersgd":
-        state = powerSGD.PowerSGDState(
-            group, matrix_approximation_rank=POWERSGD_RANK, start_powerSGD_iter=POWERSGD_START
-        )
-        ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
-    elif compression == "fp16":
+    if compression == "fp16":
         ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
     else:
         raise PacError(f"unknown gradient compression {compression!r}: use one of {', '.join(GRADIENT_COMPRESSIONS)}")
@@ -98,7 +88,7 @@ def _register_compression(ddp: DistributedDataParallel, compression: str, group:
 class DataParallelStep(BackpropStep):
     """The default update, on gradients summed over the ranks of a process group by torch's
     DistributedDataParallel: its gradient buckets are all-reduced while the backward is still running, and its
-    communication hooks (`compression`: an fp16 cast, PowerSGD) shrink what crosses a slow link."""
+    communication hook (`compression`: an fp16 cast) halves what crosses a slow link."""
 
     source: ShardedSource
 

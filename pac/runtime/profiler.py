@@ -33,13 +33,12 @@ from pac.cache.fingerprint import model_fingerprint
 from pac.methods.registry import BuildContext, get_method
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import pac_home
-from pac.plan.costs import DeviceProfile, ModelCosts, powersgd_wire_bytes
+from pac.plan.costs import DeviceProfile, ModelCosts
 from pac.runconfig import TrainOptions
-from pac.runtime.distributed import POWERSGD_RANK
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 4  # 2: load and build times; 3: PowerSGD's gradient bytes; 4: times sustained under a quota
+PROFILE_VERSION = 4  # 2: load and build times; 4: times sustained under a CPU quota
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -109,7 +108,6 @@ def profile_device(
         tap_bytes=seq_len * d * bytes_per_value,
         side_state_bytes=side["state_bytes"],
         side_param_bytes=side["trainable_bytes"],
-        powersgd_bytes=side["powersgd_bytes"],
         side_sample_bytes=side["sample_bytes"],
         runtime_bytes=runtime_bytes,
     )
@@ -308,7 +306,6 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
         "build_seconds": build_seconds,
         "flops": counter.get_total_flops(),
         "trainable_bytes": sum(p.numel() * 4 for p in trainable),
-        "powersgd_bytes": powersgd_wire_bytes([p.shape for p in trainable], POWERSGD_RANK),
         "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
         "state_bytes": opts.data.max_length * state_width * 4,
         # What one sample brings into a step: its inputs in float32, and activations about as large again.
