@@ -400,7 +400,10 @@ def main() -> None:
         "/ 2 GB; 100 Mbit 5 ms, the phone 20 Mbit 20 ms), all on one 2-core machine, SmolLM2-135M-Instruct on "
         "BBC News. Wall time from start to a saved adapter, every one-off cost included; `vs lora-dp` is LoRA "
         "data-parallel's wall time over this row's. Regenerate: `python benchmarks/end_to_end.py --task classify` "
-        "and `--task lm` (root), `--report` for the table alone.\n"
+        "and `--task lm` (root), `--compression` for the compression rows, `--report` for the tables alone. The "
+        "compression rows ran after torch threads began to follow each device's CPU quota "
+        "(threads_under_quota.md), the main tables before it with 2 threads on every device: compare rows within "
+        "a table, not across tables.\n"
     )
     (RESULTS / "end_to_end.md").write_text(note + table)
     plot(rows, RESULTS / "end_to_end.png")

@@ -473,7 +473,7 @@ def test_a_peer_that_falls_silent_fails_the_run_with_the_reason(tiny_llama, topi
     worker.start()
     options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
     try:
-        with pytest.raises(RunFailed, match=r"peer laptop \(rank 0\) stopped responding"):
+        with pytest.raises(RunFailed, match=r"peer laptop \(rank 0\) is lost: it has been silent for 2\.\d s"):
             cluster = ClusterOptions(mode="shuffle", join_timeout=20, peer_timeout=2)  # unplanned: no profiling
             Coordinator([host], token, options, cluster).run()
     finally:
@@ -690,10 +690,7 @@ def test_the_rendezvous_listens_only_where_the_peers_reach_it(tiny_llama, topic_
         assert [a.ip for a in listening] == ["127.0.0.1"]
         coordinator.store.set("reachable", "yes")
     finally:
-        coordinator.store_listener.close()
-        coordinator.sock.close(0)
-        coordinator.monitor.close(0)
-        coordinator.ctx.term()
+        coordinator.close()
 
 
 @pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])

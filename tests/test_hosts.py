@@ -142,7 +142,10 @@ def test_ssh_command_targets_user_at_host_and_starts_the_agent():
     remote = shlex.split(argv[-1])
     assert remote[:4] == ["read", "-r", "PAC_JOIN_TOKEN", "&&"]
     agent = remote[remote.index("exec") + 1 :]
-    assert shlex.join(agent) == "pac peer --listen tcp://0.0.0.0:29601 --name laptop --max-mem 6442450944 --threads 4"
+    assert (
+        shlex.join(agent)
+        == "pac peer --listen tcp://0.0.0.0:29601 --name laptop --once --max-mem 6442450944 --threads 4"
+    )
 
 
 def test_ssh_command_quotes_workdir_and_executable_and_keeps_the_token_off_argv():
@@ -157,7 +160,7 @@ def test_ssh_command_quotes_workdir_and_executable_and_keeps_the_token_off_argv(
     assert words[:3] == ["cd", "/srv/my pac dir", "&&"]
     # `~/` stays unquoted so the remote shell expands it; the rest of the path is one word.
     assert "~/'venv with space/bin/pac' peer" in remote and "~/venv with space/bin/pac" in words
-    assert words[-4:] == ["--listen", "tcp://[::]:29600", "--name", "me; rm -rf ~"]
+    assert words[-5:] == ["--listen", "tcp://[::]:29600", "--name", "me; rm -rf ~", "--once"]
 
 
 def test_describe_ssh_is_the_command_as_one_shell_line():

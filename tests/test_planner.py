@@ -195,3 +195,9 @@ def test_the_limit_is_every_device_speed_combined_and_no_plan_beats_it():
     choice = plan(devices, MODEL, WORK)
     assert choice.limit_seconds == pytest.approx(expected) and choice.best.total_seconds > expected
     assert "the 31.2 s limit of every device's speed combined" in choice.describe()
+
+
+def test_fp16_gradients_are_planned_only_where_they_save_time():
+    """Over a fast link the all-reduce costs little: the planner keeps exact fp32 gradients there."""
+    lan = [device("a", bandwidth=1e12), device("b", bandwidth=1e12)]
+    assert plan(lan, MODEL, WORK, modes=("replicated",)).best.compression == "none"

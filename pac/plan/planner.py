@@ -32,6 +32,8 @@ from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
 MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
+# fp16 gradients round every update a little: the planner takes them only for at least this much less time.
+COMPRESSION_MIN_GAIN = 0.05
 
 
 class NoPlanError(PacError):
@@ -167,7 +169,11 @@ def _best_shares(
         for compression in ways
     ]
     fitting = [p for p in found if p.fits]
-    return min(fitting, key=lambda p: p.total_seconds) if fitting else None
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda p: p.total_seconds)
+    plain = next((p for p in fitting if p.shares == best.shares and p.compression == "none"), best)
+    return plain if plain.total_seconds <= best.total_seconds * (1 + COMPRESSION_MIN_GAIN) else best
 
 
 def whole_shares(speeds: Sequence[float], most: int = MOST_SHARE) -> tuple[int, ...] | None:

@@ -60,7 +60,7 @@ class Assignment:
     data_endpoints: dict[int, str] | None = None  # rank -> ZeroMQ data endpoint
     data_keys: dict[int, bytes] | None = None  # rank -> CURVE public key of that endpoint
     threads: int | None = None  # the hosts file's threads= for this peer
-    grad_compression: str = "none"  # data-parallel phase 2 (pac.runtime.distributed.GRADIENT_COMPRESSIONS)
+    grad_compression: str = "none"  # data-parallel phase 2 (pac.plan.costs.GRADIENT_COMPRESSIONS)
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -364,12 +364,16 @@ class Coordinator:
             self._shutdown(f"run failed: {self.reason}")
             raise
         finally:
-            self.sock.disable_monitor()
-            self.monitor.close(0)
-            self.sock.close()
-            self.ctx.term()
-            if self.store_listener is not None:
-                self.store_listener.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the sockets (the monitor first: ZeroMQ aborts the process on a monitor left behind)."""
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close()
+        self.ctx.term()
+        if self.store_listener is not None:
+            self.store_listener.close()
 
     def _run(self, plan_only: bool) -> dict[str, Any]:
         self._print(f"[pac-launch] {self.state.value}: {len(self.peers)} peer(s)")
