@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
-HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    """A benchmark script, imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("quality")
 
 
 def _run(ppls, seconds=10.0, rss=900.0):
@@ -129,15 +134,9 @@ def test_a_run_with_retrieval_reports_the_mixture_and_its_one_off_cost(quality):
     assert "--no-retrieval" in naive and naive[naive.index("--readout-hidden") + 1] == "0"
 
 
-END_TO_END = Path(__file__).resolve().parents[1] / "benchmarks" / "end_to_end.py"
-
-
 @pytest.fixture(scope="module")
 def end_to_end():
-    spec = importlib.util.spec_from_file_location("end_to_end", END_TO_END)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("end_to_end")
 
 
 def _e2e_row(config, epochs_run, wall, epoch_seconds, **extra):
