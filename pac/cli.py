@@ -364,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="tcp://0.0.0.0:29600", help="ZeroMQ endpoint (default tcp://0.0.0.0:29600)")
     p.add_argument("--name", default=socket.gethostname(), help="this device's name in the run (default: hostname)")
     p.add_argument("--max-mem", type=_size, help="memory this device may use, e.g. 4g (default: all of it)")
-    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads for torch (default: all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="CPU threads for torch (default: all cores, or a CPU quota's)",
+    )
     p.add_argument("--work-dir", help="where this peer keeps its outputs and log (default: $PAC_HOME/peers/NAME)")
     p.add_argument(
         "--coordinator-timeout",
