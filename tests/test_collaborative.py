@@ -728,3 +728,46 @@ def test_a_killed_peer_is_named_within_seconds(mode, phase, tiny_llama, topic_js
     failed_at, reason = outcome[0]
     assert reason.startswith("peer local-1 (rank 1) is lost: its connection closed"), reason
     assert failed_at - killed < 10
+
+
+def test_the_peer_log_sent_into_out_is_its_tail(tmp_path):
+    """A peer's log can grow without bound (a client retrying for days): what it sends into the run's --out is
+    its last MiB, with a line saying how much was left out and where the whole log is."""
+    from pac.runtime.peer import LOG_TAIL_BYTES, PeerAgent, PeerSettings
+
+    token = auth.new_token()
+    settings = PeerSettings(f"tcp://127.0.0.1:{free_port()}", "chatty", token, tmp_path)
+    (tmp_path / "peer.log").write_text("old line\n" * 300_000 + "the last line\n")  # 2.7 MB
+    agent = PeerAgent(settings)
+    ctx = zmq.Context()
+    coordinator = ctx.socket(zmq.DEALER)
+    coordinator.setsockopt(zmq.RCVTIMEO, 10_000)
+    auth.connect_encrypted(coordinator, token)
+    coordinator.connect(agent.endpoint)
+    try:
+        coordinator.send(protocol.encode("heartbeat"))  # the agent learns this connection's routing id
+        sender, _ = agent.control.recv_multipart()
+        agent.coordinator = sender
+        agent._send_results(tmp_path / "no-adapter-here")
+        received = bytearray()
+        while True:
+            chunk = protocol.decode(coordinator.recv())
+            assert chunk["name"] == "peer.log" and chunk["offset"] == len(received)
+            received.extend(chunk["chunk"])
+            if chunk["last"]:
+                break
+    finally:
+        coordinator.close(0)
+        ctx.term()
+        agent.control.disable_monitor()
+        agent.monitor.close(0)
+        agent.plane.close()
+        agent.control.close(0)
+        agent.ctx.term()
+    original = (tmp_path / "peer.log").read_bytes()
+    head, _, tail = bytes(received).partition(b"\n")
+    assert head.decode() == (
+        f"[the first {len(original) - LOG_TAIL_BYTES} bytes are left out here: the whole log is "
+        f"{tmp_path / 'peer.log'} on chatty]"
+    )
+    assert tail == original[-LOG_TAIL_BYTES:] and tail.endswith(b"the last line\n")
