@@ -57,6 +57,7 @@ HEARTBEAT_S = 1.0
 # survivor that noticed, not the peer that is gone: for this long the coordinator looks for that peer first.
 LOST_CONNECTION = re.compile(r"connection (reset|closed|refused)|read error|broken pipe|end of file", re.IGNORECASE)
 BLAME_WAIT_S = 3 * HEARTBEAT_S
+UNREACHABLE_GRACE_S = 5.0  # agents started with the run (pac-launch --local) take a few seconds to listen
 DATA_CHUNK_SAMPLES = 256
 LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
 HANDSHAKE_ATTEMPTS = 3  # failed encrypted handshakes before a peer counts as holding another token
@@ -294,11 +295,13 @@ class Coordinator:
         return None
 
     def _on_unreachable(self, endpoint: str) -> None:
-        """A connection attempt was refused or found no route: said at once (ZeroMQ retries quietly until the
-        join timeout), since the peer may still be starting."""
+        """A connection attempt was refused or found no route: said once it has gone on for a few seconds
+        (ZeroMQ retries quietly until the join timeout), since the peer may still be starting."""
         peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
         if peer is None or peer.status != "connecting" or peer.unreachable:
             return
+        if time.monotonic() - self.entered[RunState.JOINING] < UNREACHABLE_GRACE_S:
+            return  # ZeroMQ retries every 100 ms: a later refusal is reported
         peer.unreachable = True
         self._print(
             f"[pac-launch] {peer.host.name} ({peer.host.address}) refuses the connection or cannot be reached: "

@@ -128,7 +128,7 @@ def profile_device(
         },
     }
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")  # peers of one machine may measure the same key at once
     tmp.write_text(json.dumps(profile, indent=1))
     os.replace(tmp, cached)
     return profile
