@@ -124,21 +124,27 @@ def run_home(config: str, args: argparse.Namespace, epochs: int) -> dict[str, An
         wall = time.perf_counter() - started
         sent = _link_bytes(home) - sent_before
     summary = json.loads((work / "out" / "summary.json").read_text())
-    peers = summary["peers"]
     return {
-        "config": config,
-        "epochs_run": epochs,
-        "wall_seconds": wall,
+        **_measured(config, epochs, wall, summary),
         "profiling_seconds": profiling,
-        "epoch_seconds": _epochs_of(summary),
-        "final": summary["epochs"][-1],
-        "peak_rss_mb": {name: p["summary"].get("peak_rss_mb") for name, p in peers.items()},
+        "peak_rss_mb": {name: p["summary"].get("peak_rss_mb") for name, p in summary["peers"].items()},
         "wire_bytes": sent,
         "mode": summary["mode"],
         "plan": summary["plan"],
         "planned": summary.get("planned"),
         "grad_compression": summary.get("grad_compression"),
         "seconds_by_state": summary.get("seconds_by_state"),
+    }
+
+
+def _measured(config: str, epochs: int, wall: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """What every row keeps of its run: the wall time, each epoch's seconds and the final validation."""
+    return {
+        "config": config,
+        "epochs_run": epochs,
+        "wall_seconds": wall,
+        "epoch_seconds": _epochs_of(summary),
+        "final": summary["epochs"][-1],
     }
 
 
@@ -165,12 +171,8 @@ def run_desktop(config: str, args: argparse.Namespace, epochs: int) -> dict[str,
         wall = time.perf_counter() - started
     summary = json.loads((work / "out" / "summary.json").read_text())
     return {
-        "config": config,
-        "epochs_run": epochs,
-        "wall_seconds": wall,
+        **_measured(config, epochs, wall, summary),
         "profiling_seconds": None,
-        "epoch_seconds": _epochs_of(summary),
-        "final": summary["epochs"][-1],
         "peak_rss_mb": {"desktop": summary.get("peak_rss_mb")},
         "wire_bytes": 0,
         "mode": "one device",

@@ -760,11 +760,7 @@ def test_the_peer_log_sent_into_out_is_its_tail(tmp_path):
     finally:
         coordinator.close(0)
         ctx.term()
-        agent.control.disable_monitor()
-        agent.monitor.close(0)
-        agent.plane.close()
-        agent.control.close(0)
-        agent.ctx.term()
+        agent.close()
     original = (tmp_path / "peer.log").read_bytes()
     head, _, tail = bytes(received).partition(b"\n")
     assert head.decode() == (

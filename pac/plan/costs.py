@@ -179,8 +179,8 @@ def _pipeline_phase_one(
 
 # torch's DDP communication hooks, by name. Its bf16 hook needs NCCL (pac's groups are gloo); its PowerSGD hook
 # hung at its first compressed step over gloo once the gradients filled two buckets (benchmarks/results/end_to_end.md).
-GRADIENT_COMPRESSIONS = ("none", "fp16")
 GRADIENT_BYTES = {"none": 4, "fp16": 2}  # per float32 gradient value on the wire
+GRADIENT_COMPRESSIONS = tuple(GRADIENT_BYTES)
 
 
 def gradient_wire_bytes(model: ModelCosts, compression: str) -> float:

@@ -189,11 +189,15 @@ class PeerAgent:
             self.stop.set()
             if self.worker is not None:
                 self.worker.join(timeout=10)
-            self.plane.close()
-            self.control.disable_monitor()
-            self.monitor.close(0)
-            self.control.close()
-            self.ctx.term()
+            self.close()
+
+    def close(self) -> None:
+        """Release the sockets (the monitor first: ZeroMQ aborts the process on a monitor left behind)."""
+        self.plane.close()
+        self.control.disable_monitor()
+        self.monitor.close(0)
+        self.control.close()
+        self.ctx.term()
 
     def _on_failed_handshake(self, event: str) -> None:
         """Logged at most once a minute, with how many failed since: a misconfigured client retries several
