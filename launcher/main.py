@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run, the links are timed, and the mode, layer ranges and peers with the least predicted time are chosen "
         "(shuffle when --stages is given)",
     )
-    plan.add_argument("--stages", help="layers per peer in rank order, e.g. 0-9,10-19,20-29 (default: planned)")
+    plan.add_argument(
+        "--stages",
+        help="layers per peer in rank order, e.g. 0-9,10-19,20-29; a range repeated by the next peer is one stage "
+        "that both run, taking turns at its micro-batches (shuffle mode): 0-19,0-19,20-29 (default: planned)",
+    )
     plan.add_argument(
         "--shares",
         type=_shares,

@@ -75,6 +75,9 @@ LORA_COMMON = [a for a in COMMON if a not in ("--reduction", "4")]  # LoRA has n
         # 1F1B sends while its neighbour sends too: over gloo that needs the stage's queued sends.
         ("side-pipeline", "torch", ["--schedule", "1f1b", "--micro-batches", "3"]),
         ("replicated", "zmq", []),
+        # A hybrid: ranks 0 and 1 take turns at layers 0-1 (a stage's data-parallel group), rank 2 runs 2-3.
+        ("shuffle", "zmq", ["--stages", "0-1,0-1,2-3"]),
+        ("shuffle", "torch", ["--stages", "0-1,0-1,2-3"]),
     ],
 )
 def test_three_peers_train_the_same_adapter_as_one_device(
@@ -84,8 +87,10 @@ def test_three_peers_train_the_same_adapter_as_one_device(
     extra = ["--mode", mode, "--data-plane", plane, *schedule]
     assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *extra) == 0
     shown = capsys.readouterr().out
-    if schedule:
+    if "--schedule" in schedule:
         assert "[pac-launch] phase 2 pipelined 1f1b, 3 micro-batches per batch" in shown
+    if "--stages" in schedule:
+        assert "rank 0: layers 0-1, rank 1: layers 0-1, rank 2: layers 2-3" in shown
     for state in ("joining", "planning", "cache build", "training", "export", "done"):
         assert f"[pac-launch] {state}" in shown
     expected, single_summary = single_device

@@ -43,6 +43,15 @@ def test_plans_and_ownership():
     )
     with pytest.raises(PlanError, match="unknown placement mode"):
         make_plan("ring", 30, [1])
+    # A range repeated by the next peer: one stage, run by a data-parallel group (shuffle mode only).
+    hybrid = make_plan("shuffle", 30, [1, 1, 1], "0-19,0-19,20-29")
+    assert hybrid.groups == [((0, 20), (0, 1)), ((20, 30), (2,))]
+    assert [hybrid.processor(0, m) for m in range(4)] == [0, 1, 0, 1]
+    assert [hybrid.processor(1, m) for m in range(2)] == [2, 2]
+    with pytest.raises(PlanError, match="one peer per stage"):
+        make_plan("side-pipeline", 30, [1, 1, 1], "0-19,0-19,20-29")
+    with pytest.raises(PlanError, match="repeat the previous range"):
+        parse_stages("0-19,20-29,0-19", 30, 3)
     assert stage_taps((0, 10), list(range(31))) == list(range(11))
     assert stage_taps((10, 20), [0, 15, 30]) == [15]
     assert [owner(p, 3) for p in range(5)] == [0, 1, 2, 0, 1]
@@ -58,6 +67,16 @@ def test_expected_messages_count_what_the_senders_send():
     assert expected_messages(plan, 0, {"train": 10}, taps, 4) == {"hidden": 0, "taps": 6}
     side = make_plan("side-pipeline", 4, [1, 1, 1], "0-1,2-2,3-3")
     assert expected_messages(side, 2, {"train": 10}, taps, 4) == {"hidden": 3, "taps": 0}
+    # Ranks 0 and 1 take turns at layers 0-1 (micro-batches 0, 2 | 1 | ...); rank 2 runs layers 2-3 on all.
+    # Over two splits of 10 and 6 samples the micro-batches are numbered 0-2 and 3-4.
+    hybrid = make_plan("shuffle", 4, [1, 1, 1], "0-1,0-1,2-3")
+    sizes = {"train": 10, "val": 6}
+    # Rank 2 gets every hidden state (5), and the group's taps for every micro-batch holding a sample it owns
+    # (samples 2, 5, 8 of train: batches 0, 1, 2; sample 2, 5 of val: batches 3, 4).
+    assert expected_messages(hybrid, 2, sizes, taps, 4) == {"hidden": 5, "taps": 5}
+    # Rank 0 runs micro-batches 0, 2, 4 itself and owns samples in batches 0-3 (train 0, 3, 6, 9; val 0, 3):
+    # it hears rank 2's taps 4 times and its group-mate's for batches 1 and 3.
+    assert expected_messages(hybrid, 0, sizes, taps, 4) == {"hidden": 0, "taps": 6}
 
 
 def test_protocol_validates_every_field():

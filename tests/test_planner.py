@@ -201,3 +201,21 @@ def test_fp16_gradients_are_planned_only_where_they_save_time():
     """Over a fast link the all-reduce costs little: the planner keeps exact fp32 gradients there."""
     lan = [device("a", bandwidth=1e12), device("b", bandwidth=1e12)]
     assert plan(lan, MODEL, WORK, modes=("replicated",)).best.compression == "none"
+
+
+def test_a_stage_group_lets_more_devices_help_than_the_layers_split_evenly():
+    """Five devices that cannot hold the whole model, 12 layers: one device per stage leaves a stage of 3 layers
+    (30 ms per sample); groups of two at 5 layers each (25 ms shared by two) and a last stage of 2 go faster. The
+    planner finds the groups and says who takes turns with whom."""
+    memory = peak_bytes("shuffle", device("x"), (0, 7), MODEL, WORK) + 1  # room for about 7 of the 12 layers
+    devices = [device(f"d{i}", memory=memory, bandwidth=1e9) for i in range(5)]
+    plain = split_layers("shuffle", devices, MODEL, WORK)
+    grouped = split_layers("shuffle", devices, MODEL, WORK, grouped=True)
+    assert len(set(plain)) == 5 and len(set(grouped)) < 5
+    assert _pace("shuffle", devices, grouped) < _pace("shuffle", devices, plain)
+    choice = plan(devices, MODEL, WORK)
+    assert choice.best.mode == "shuffle" and len(set(choice.best.stages)) < 5
+    assert "replicated: fits on no set" in choice.describe()
+    assert "taking turns with" in choice.describe()
+    with pytest.raises(NoPlanError, match="only shuffle"):
+        split_layers("side-pipeline", devices, MODEL, WORK, grouped=True)

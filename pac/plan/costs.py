@@ -8,7 +8,8 @@ From those, `predict` gives each phase's time, every device's peak memory and th
 one placement mode and one assignment of layer ranges to devices (docs/architecture.md, "Planning").
 
 What the prediction follows is what the runtime does (pac.runtime.collaborative):
-* phase 1 pipelined (shuffle, side-pipeline): a sample passes the stages in turn; the slowest stage, by compute
+* phase 1 pipelined (shuffle, side-pipeline): a sample passes the stages in turn (a stage's group, shuffle only:
+  its members take turns and share the pace of the slowest); the slowest stage, by compute
   or by what its link must carry per sample, sets the pace; the first micro-batch fills the pipeline.
 * phase 1 replicated: every device runs every layer on its round-robin share of the samples.
 * phase 2 data-parallel (shuffle, replicated): every step, each device computes its round-robin share of the
@@ -24,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pac.plan.placement import Stage, stage_taps
+from pac.plan.placement import Stage, stage_groups, stage_taps
 
 
 @dataclass(frozen=True)
@@ -161,20 +162,27 @@ def _pipeline_phase_one(
     sent: dict[str, float],
     owned: Sequence[float],
 ) -> float:
-    n, samples = len(devices), work.train + work.val
-    per_sample = []
-    for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
-        out = model.hidden_bytes if k < n - 1 else 0
-        link = _link_seconds(out, device, devices[k + 1]) if out else 0.0
+    samples = work.train + work.val
+    groups = stage_groups(stages)
+    paces, fills = [], []
+    for g, (stage, ranks) in enumerate(groups):
+        receivers = groups[g + 1][1] if g < len(groups) - 1 else ()
+        out = model.hidden_bytes if receivers else 0
         taps = len(stage_taps(stage, work.taps)) * model.tap_bytes
-        # shuffle: each sample's taps go to its owner, another device unless this one owns it.
-        away = taps * (1 - owned[k]) if mode == "shuffle" else 0.0
-        link += away / device.bandwidth
-        sent[device.name] += samples * (out + away)
-        per_sample.append((device.forward_seconds(stage), link))
-    pace = max(max(compute, link) for compute, link in per_sample)
-    fill = sum(compute for compute, _ in per_sample) * work.micro_batch + sum(d.rtt for d in devices)
-    return samples * pace + fill
+        member_paces = []
+        for k in ranks:
+            device = devices[k]
+            link = max(_link_seconds(out, device, devices[j]) for j in receivers) if out else 0.0
+            # shuffle: each sample's taps go to its owner, another device unless this one owns it.
+            away = taps * (1 - owned[k]) if mode == "shuffle" else 0.0
+            link += away / device.bandwidth
+            sent[device.name] += samples / len(ranks) * (out + away)
+            member_paces.append(max(device.forward_seconds(stage), link))
+        # A group's members take turns micro-batch by micro-batch: it goes at its slowest member's pace, shared.
+        paces.append(max(member_paces) / len(ranks))
+        fills.append(max(devices[k].forward_seconds(stage) for k in ranks))
+    fill = sum(fills) * work.micro_batch + sum(d.rtt for d in devices)
+    return samples * max(paces) + fill
 
 
 # torch's DDP communication hooks, by name. Its bf16 hook needs NCCL (pac's groups are gloo); its PowerSGD hook

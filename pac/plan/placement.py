@@ -1,8 +1,11 @@
 """Placement as pure functions: stages (contiguous layer ranges) per peer and sample ownership.
 
 A stage [start, end) runs layers start..end-1 and produces taps start+1..end (plus tap 0, the
-embedding output, on the first stage). The planner issue will choose stages from measured costs;
-until then a split is given by hand (``--stages``) or made proportional to each peer's memory.
+embedding output, on the first stage). Consecutive ranks given the same range form that stage's
+data-parallel group (a hybrid pipeline, as in Asteroid): in phase 1 its members take turns, micro-batch
+by micro-batch (`stage_groups`, `Plan.processor`); only `shuffle` mode takes groups, since its phase 2 is
+data-parallel over every rank anyway. Stages come from the planner (pac.plan.planner), from ``--stages``,
+or in proportion to each peer's memory.
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ class Plan:
     def describe(self) -> str:
         return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
 
+    @property
+    def groups(self) -> list[tuple[Stage, tuple[int, ...]]]:
+        return stage_groups(self.stages)
+
+    def processor(self, group: int, micro: int) -> int:
+        """The rank of stage group `group` that runs phase 1's micro-batch `micro` (its members take turns)."""
+        ranks = self.groups[group][1]
+        return ranks[micro % len(ranks)]
+
+
+def stage_groups(stages: Sequence[Stage]) -> list[tuple[Stage, tuple[int, ...]]]:
+    """The pipeline's stages in order, each with the ranks that hold it: consecutive ranks with one range."""
+    groups: list[tuple[Stage, tuple[int, ...]]] = []
+    for rank, stage in enumerate(stages):
+        if groups and groups[-1][0] == stage:
+            groups[-1] = (stage, (*groups[-1][1], rank))
+        else:
+            groups.append((stage, (rank,)))
+    return groups
+
 
 def layer_ranges(spec: str) -> list[Stage]:
     """`"0,15-30"` (comma-separated layer numbers and inclusive ranges) -> [(0, 1), (15, 31)]; the one parser
@@ -62,7 +85,8 @@ def layer_ranges(spec: str) -> list[Stage]:
 
 
 def parse_stages(spec: str, num_layers: int, world: int) -> list[Stage]:
-    """`"0-9,10-19,20-29"` (inclusive layer numbers, one range per peer in rank order) -> [(0,10), ...]."""
+    """`"0-9,10-19,20-29"` (inclusive layer numbers, one range per peer in rank order) -> [(0,10), ...].
+    A range repeated by the next peer makes both one stage's data-parallel group: `"0-19,0-19,20-29"`."""
     try:
         stages = layer_ranges(spec)
     except PlanError as e:
@@ -70,11 +94,14 @@ def parse_stages(spec: str, num_layers: int, world: int) -> list[Stage]:
     if len(stages) != world:
         raise PlanError(f"--stages gives {len(stages)} ranges for {world} peers: give one range per peer")
     expected = 0
-    for a, b in stages:
+    for i, (a, b) in enumerate(stages):
+        if i and (a, b) == stages[i - 1]:
+            continue  # another member of the previous stage's group
         if a != expected or b <= a:
             raise PlanError(
                 f"--stages {spec!r}: ranges must be contiguous, non-empty and start at 0 "
-                f"(the range after layer {expected - 1} must start at {expected})"
+                f"(the range after layer {expected - 1} must start at {expected}, or repeat the previous "
+                "range to share its stage)"
             )
         expected = b
     if expected != num_layers:
@@ -143,7 +170,17 @@ def make_plan(
             raise PlanError("--stages applies to the pipelined modes (shuffle, side-pipeline), not replicated")
         return Plan(mode, tuple((0, num_layers) for _ in range(world)), schedule, micro_batches, shares)
     stages = parse_stages(stages_spec, num_layers, world) if stages_spec else split_proportional(num_layers, memories)
+    check_groups(mode, stages)
     return Plan(mode, tuple(stages), schedule, micro_batches, shares)
+
+
+def check_groups(mode: str, stages: Sequence[Stage]) -> None:
+    """Stage groups serve shuffle mode only: a side-pipeline stage trains its own side blocks alone."""
+    if mode == "side-pipeline" and len(stage_groups(stages)) < len(stages):
+        raise PlanError(
+            "a range given to two peers makes a data-parallel group inside a stage, which --mode shuffle runs; "
+            "side-pipeline needs one peer per stage: give each peer its own range"
+        )
 
 
 def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:

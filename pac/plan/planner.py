@@ -3,11 +3,12 @@ device's memory. Pure functions; pac.plan.costs predicts, this module searches (
 
 For each placement mode and each set of devices worth using (the fastest k, k = 1..n: a device too slow to help
 is left out, and the plan says what it would have cost), the layer ranges of a pipeline come from dynamic
-programming over layers x devices, as PipeDream's planner does: best[l][k] is the least possible pace (the
-slowest stage's seconds per sample) of layers 0..l-1 on the first k devices, each stage one device and within
-its memory. Device orders are tried in full for up to five devices, by speed beyond. In the data-parallel
-modes samples are owned equally or in proportion to the devices' speed (`whole_shares`). The cheapest prediction
-wins; the others are kept for the report, so a user sees why the chosen mode beats the other two.
+programming over layers x devices, as PipeDream's and Asteroid's planners do: best[l][k] is the least possible
+pace (the slowest stage's seconds per sample) of layers 0..l-1 on the first k devices, each stage one device or
+(shuffle mode) a data-parallel group of consecutive devices, every one within its memory. Device orders are
+tried in full for up to five devices, by speed beyond. In the data-parallel modes samples are owned equally or
+in proportion to the devices' speed (`whole_shares`). The cheapest prediction wins; the others are kept for the
+report, so a user sees why the chosen mode beats the other two.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pac.plan.costs import (
     peak_bytes,
     predict,
 )
-from pac.plan.placement import MODES, Stage, split_proportional, stage_taps
+from pac.plan.placement import MODES, Stage, split_proportional, stage_groups, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
 MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
@@ -56,8 +57,12 @@ class PlanChoice:
             lines.append(f"  samples owned, of every {sum(b.shares)}: {owned}")
         if b.compression != "none":
             lines.append(f"  gradients all-reduced as {b.compression}")
+        sharing = {r: ranks for _, ranks in stage_groups(b.stages) if b.mode != "replicated" for r in ranks}
         for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
             layers = f"layers {stage[0]}-{stage[1] - 1}"
+            if len(sharing.get(rank, ())) > 1:
+                others = ", ".join(b.devices[r] for r in sharing[rank] if r != rank)
+                layers += f" (taking turns with {others} at phase 1's micro-batches)"
             lines.append(
                 f"  rank {rank} {name}: {layers}, peak {_size(b.peak_bytes[name])}, sends {_size(b.sent_bytes[name])}"
             )
@@ -132,12 +137,15 @@ def best_for(
     num_layers = model.num_layers
     if mode == "replicated":
         return _best_shares(mode, devices, [(0, num_layers)] * len(devices), model, work, compressions)
-    if len(devices) > num_layers:
+    if mode == "side-pipeline" and len(devices) > num_layers:
         return None
     orders = itertools.permutations(devices) if len(devices) <= ALL_ORDERS_UP_TO else [tuple(devices)]
     best: Prediction | None = None
-    for order in orders:
-        stages = split_layers(mode, order, model, work)
+    # Stage groups only where the prediction says they beat one device per stage: the split's dynamic
+    # programming sees a group's next stage only by its first device.
+    splits = [(order, grouped) for order in orders for grouped in ((False, True) if mode == "shuffle" else (False,))]
+    for order, grouped in splits:
+        stages = split_layers(mode, order, model, work, grouped)
         if stages is None:
             continue
         found = _best_shares(mode, order, stages, model, work, compressions)
@@ -188,48 +196,68 @@ def whole_shares(speeds: Sequence[float], most: int = MOST_SHARE) -> tuple[int, 
     return None if len(set(shares)) == 1 else tuple(shares)
 
 
-def split_layers(mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> list[Stage] | None:
+def split_layers(
+    mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload, grouped: bool = False
+) -> list[Stage] | None:
     """Contiguous layer ranges, one per device in this order, with the least pace that fits (None: none fits).
-    In side-pipeline mode every stage must produce a tap, since it runs the side blocks of its taps."""
+    With `grouped` (shuffle mode), consecutive devices may share a range: a stage's data-parallel group. In
+    side-pipeline mode every stage must produce a tap, since it runs the side blocks of its taps."""
+    if grouped and mode != "shuffle":
+        raise NoPlanError("only shuffle mode runs a stage on a group of devices")
     num_layers, n = model.num_layers, len(devices)
     inf = math.inf
-    # best[k][l]: least pace of layers 0..l-1 on devices 0..k-1; cut[k][l]: where device k-1's range starts.
+    largest_group = n if grouped else 1
+    # best[k][l]: least pace of layers 0..l-1 on devices 0..k-1; cut[k][l]: where the last group's devices and
+    # layers start.
     best = [[inf] * (num_layers + 1) for _ in range(n + 1)]
-    cut = [[0] * (num_layers + 1) for _ in range(n + 1)]
+    cut = [[(0, 0)] * (num_layers + 1) for _ in range(n + 1)]
     best[0][0] = 0.0
     for k in range(1, n + 1):
-        device = devices[k - 1]
-        for end in range(k, num_layers + 1):
-            for start in range(k - 1, end):
-                if best[k - 1][start] == inf:
-                    continue
-                stage = (start, end)
-                if mode == "side-pipeline" and not stage_taps(stage, work.taps):
-                    continue
-                if peak_bytes(mode, device, stage, model, work) > device.memory:
-                    continue
-                pace = max(best[k - 1][start], _stage_pace(mode, k - 1, devices, stage, model, work))
-                if pace < best[k][end]:
-                    best[k][end], cut[k][end] = pace, start
+        # Single devices first, and a group only where strictly faster: it holds more layers on each member.
+        for first in range(k - 1, max(0, k - largest_group) - 1, -1):
+            group = devices[first:k]
+            for end in range(1, num_layers + 1):
+                for start in range(end):
+                    if best[first][start] == inf:
+                        continue
+                    stage = (start, end)
+                    if mode == "side-pipeline" and not stage_taps(stage, work.taps):
+                        continue
+                    if any(peak_bytes(mode, d, stage, model, work) > d.memory for d in group):
+                        continue
+                    following = devices[k] if k < n else None
+                    pace = max(best[first][start], _group_pace(mode, group, following, n, stage, model, work))
+                    if pace < best[k][end] * (1 - 1e-9):
+                        best[k][end], cut[k][end] = pace, (first, start)
     if best[n][num_layers] == inf:
         return None
-    stages, end = [], num_layers
-    for k in range(n, 0, -1):
-        start = cut[k][end]
-        stages.append((start, end))
-        end = start
-    return stages[::-1]
+    stages: list[Stage] = []
+    k, end = n, num_layers
+    while k:
+        first, start = cut[k][end]
+        stages[:0] = [(start, end)] * (k - first)
+        k, end = first, start
+    return stages
 
 
-def _stage_pace(
-    mode: str, k: int, devices: Sequence[DeviceProfile], stage: Stage, model: ModelCosts, work: Workload
+def _group_pace(
+    mode: str,
+    group: Sequence[DeviceProfile],
+    following: DeviceProfile | None,
+    n: int,
+    stage: Stage,
+    model: ModelCosts,
+    work: Workload,
 ) -> float:
-    """One stage's seconds per sample in phase 1: its compute, or what its link carries, whichever is slower."""
-    device, n = devices[k], len(devices)
-    out = model.hidden_bytes / min(device.bandwidth, devices[k + 1].bandwidth) if k < n - 1 else 0.0
-    if mode == "shuffle":
-        out += len(stage_taps(stage, work.taps)) * model.tap_bytes * (n - 1) / n / device.bandwidth
-    return max(device.forward_seconds(stage), out)
+    """One stage's seconds per sample in phase 1: its members' compute, or what their links carry, whichever is
+    slower, at the slowest member's pace shared by the group (its members take turns)."""
+    paces = []
+    for device in group:
+        out = model.hidden_bytes / min(device.bandwidth, following.bandwidth) if following is not None else 0.0
+        if mode == "shuffle":
+            out += len(stage_taps(stage, work.taps)) * model.tap_bytes * (n - 1) / n / device.bandwidth
+        paces.append(max(device.forward_seconds(stage), out))
+    return max(paces) / len(group)
 
 
 def _shortfall_message(devices: Sequence[DeviceProfile], model: ModelCosts, work: Workload) -> str:

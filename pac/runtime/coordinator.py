@@ -41,7 +41,15 @@ from pac.net import auth, codec, protocol
 from pac.net.addresses import local_address_towards
 from pac.net.hosts import PeerHost
 from pac.plan.costs import GRADIENT_COMPRESSIONS, DeviceProfile, Workload
-from pac.plan.placement import MODES, Plan, check_schedule, make_plan, parse_stages, stage_taps
+from pac.plan.placement import (
+    MODES,
+    Plan,
+    check_groups,
+    check_schedule,
+    make_plan,
+    parse_stages,
+    stage_taps,
+)
 from pac.plan.planner import PlanChoice
 from pac.plan.planner import plan as plan_run
 from pac.plan.schedule import format_schedule, training_schedule
@@ -384,7 +392,7 @@ class Coordinator:
         prepared = prepare_data(self.options.model, self.options.data)
         num_layers = load_config(prepared.model_dir).num_hidden_layers
         if self.cluster.stages:
-            parse_stages(self.cluster.stages, num_layers, len(self.peers))
+            check_groups(self.cluster.mode or "shuffle", parse_stages(self.cluster.stages, num_layers, len(self.peers)))
         members = self._join()
         self._advance(RunState.PLANNING)
         cluster = self.cluster

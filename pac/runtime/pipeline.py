@@ -1,11 +1,12 @@
 """Phase 1 across peers: the frozen backbone's forward pass, pipelined over stages (`shuffle` mode).
 
-Each peer runs one stage, a contiguous layer range. Micro-batches of token ids enter stage 0; every
-stage sends its output hidden state to the next stage and the taps it produced to the peers that
-own those samples (`pac.plan.placement.owner`). Each owner writes what it receives into its own
-activation cache, one shard per (group of samples, stage's tap block): the cache format stores tap
-blocks separately, so an owner never holds more than a shard of one stage's taps. The owner's
-cache is the same one `pac train` would build for its samples, so phase 2 reads it unchanged.
+Each peer runs one stage, a contiguous layer range; peers that share a range take turns at its micro-batches (a
+stage's data-parallel group, `Plan.processor`). Micro-batches of token ids enter stage 0; every stage sends its
+output hidden state to the next stage's member that runs that micro-batch and the taps it produced to the peers
+that own those samples (`pac.plan.placement.owner`). Each owner writes what it receives into its own activation
+cache, one shard per (group of samples, stage's tap block): the cache format stores tap blocks separately, so an
+owner never holds more than a shard of one stage's taps. The owner's cache is the same one `pac train` would
+build for its samples, so phase 2 reads it unchanged.
 
 The stage (`_BackboneStage`) runs its micro-batches in the order of pac.plan.schedule's forward-only
 schedule. Threads: the stage computes on the calling thread; a receiver thread drains the data plane,
@@ -116,7 +117,7 @@ def run_pipeline_stage(
     """Run this rank's stage over every split and build this rank's caches; returns split -> cache dir."""
     my_taps = stage_taps(plan.stages[rank], taps)
     local = plan.mode == "side-pipeline"  # taps stay where they were computed
-    blocks = [tuple(my_taps)] if local else [tuple(stage_taps(s, taps)) for s in plan.stages]
+    blocks = [tuple(my_taps)] if local else [tuple(stage_taps(s, taps)) for s, _ in plan.groups]
     owned: dict[str, _OwnedSplit] = {}
     for name, data in splits.items():
         mine, spec = owned_cache(model_dir, data, plan, rank, taps, dtype)
@@ -134,8 +135,10 @@ def run_pipeline_stage(
     stage = _BackboneStage(
         plane, plan, rank, model_dir, splits, micros, my_taps, dtype, owned, receiver, progress, stop
     )
+    group = _group_of(plan, rank)
+    actions = forward_only(len(plan.groups), len(micros))[group]
     with torch.inference_mode():
-        run(forward_only(plan.world, len(micros))[rank], stage)
+        run([a for a in actions if plan.processor(group, a.micro) == rank], stage)
     del stage
     receiver.finish()
     return {name: o.writer.finalize() for name, o in owned.items()}
@@ -151,6 +154,7 @@ class _Receiver:
     ):
         self.plane, self.owned, self.expected, self.stop = plane, owned, expected, stop
         self.hidden: queue.Queue = queue.Queue()
+        self.early: dict[tuple[str, int], tuple[dict, torch.Tensor]] = {}  # arrived before their turn
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._receive, name="pac-data-plane", daemon=True)
         self.thread.start()
@@ -177,8 +181,10 @@ class _Receiver:
             self.failure.append(exc)
             self.hidden.put(None)
 
-    def next_hidden(self) -> tuple[dict, torch.Tensor]:
-        while True:
+    def hidden_for(self, split: str, batch: int) -> tuple[dict, torch.Tensor]:
+        """The hidden state of micro-batch `batch` of `split`. Members of the previous stage's group send
+        in their own order, so one that arrives before its turn waits here."""
+        while (split, batch) not in self.early:
             try:
                 item = self.hidden.get(timeout=0.2)
             except queue.Empty:
@@ -186,7 +192,9 @@ class _Receiver:
                 continue
             if item is None:
                 raise self.failure[0]
-            return item
+            header = item[0]
+            self.early[(header["split"], header["batch"])] = item
+        return self.early.pop((split, batch))
 
     def finish(self) -> None:
         """Wait until every expected message has arrived (the taps other stages send this rank's samples)."""
@@ -220,6 +228,7 @@ class _BackboneStage:
         self.micros = micros
         self.owned, self.receiver, self.progress, self.stop = owned, receiver, progress, stop
         self.stage = plan.stages[rank]
+        self.group = _group_of(plan, rank)
         self.wire = WIRE_DTYPES[dtype]
         self.backbone = load_backbone(model_dir, *self.stage, with_head=False)
         self.total, self.done = sum(len(d) for d in splits.values()), 0
@@ -228,13 +237,7 @@ class _BackboneStage:
 
     def recv_forward(self, m: int) -> None:
         micro = self.micros[m]
-        header, hidden = self.receiver.next_hidden()
-        if (header["split"], header["batch"]) != (micro.split, micro.number):
-            raise PacError(
-                f"stage {self.rank} expected micro-batch {micro.split}/{micro.number} but got "
-                f"{header['split']}/{header['batch']} from rank {header['src']}"
-            )
-        self.inputs[m] = hidden
+        self.inputs[m] = self.receiver.hidden_for(micro.split, micro.number)[1]
 
     def forward(self, m: int) -> None:
         _check_stop(self.stop)
@@ -242,7 +245,7 @@ class _BackboneStage:
         data = self.splits[micro.split]
         inputs = data.input_ids[micro.positions] if self.stage[0] == 0 else self.inputs.pop(m)
         out = self.backbone(inputs, data.attention_mask[micro.positions], taps=self.my_taps)
-        if self.stage[1] != self.plan.stages[-1][1]:
+        if self.group < len(self.plan.groups) - 1:
             self.outputs[m] = out.hidden
         if self.my_taps:
             stacked = _on_the_wire(torch.stack([out.taps[t] for t in self.my_taps], 1), self.wire, self.my_taps)
@@ -266,7 +269,7 @@ class _BackboneStage:
     def send_forward(self, m: int) -> None:
         micro = self.micros[m]
         header = {"kind": "hidden", "split": micro.split, "batch": micro.number}
-        self.plane.send(self.rank + 1, header, {"hidden": self.outputs.pop(m)})
+        self.plane.send(self.plan.processor(self.group + 1, m), header, {"hidden": self.outputs.pop(m)})
 
 
 def _on_the_wire(taps: torch.Tensor, wire: torch.dtype, layers: list[int]) -> torch.Tensor:
@@ -279,6 +282,10 @@ def _on_the_wire(taps: torch.Tensor, wire: torch.dtype, layers: list[int]) -> to
     return taps.to(wire)
 
 
+def _group_of(plan: Plan, rank: int) -> int:
+    return next(g for g, (_, ranks) in enumerate(plan.groups) if rank in ranks)
+
+
 def _check_stop(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise PacError("phase 1 stopped: the run was cancelled")
@@ -288,15 +295,18 @@ def expected_messages(
     plan: Plan, rank: int, split_sizes: dict[str, int], taps: list[int], micro_batch: int
 ) -> dict[str, int]:
     """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted)."""
-    stage = plan.stages[rank]
+    group = _group_of(plan, rank)
     hidden = taps_msgs = 0
-    local = plan.mode == "side-pipeline"
-    producers = [s for r, s in enumerate(plan.stages) if r != rank and stage_taps(s, taps) and not local]
+    producing = [g for g, (stage, _) in enumerate(plan.groups) if stage_taps(stage, taps)]
+    if plan.mode == "side-pipeline":  # taps stay where they were computed
+        producing = []
+    m = 0  # micro-batches are numbered across the splits, as run_pipeline_stage numbers them
     for size in split_sizes.values():
         for start in range(0, size, micro_batch):
-            hidden += stage[0] > 0
+            hidden += group > 0 and plan.processor(group, m) == rank
             if any(plan.owner(p) == rank for p in range(start, min(start + micro_batch, size))):
-                taps_msgs += len(producers)
+                taps_msgs += sum(plan.processor(g, m) != rank for g in producing)
+            m += 1
     return {"hidden": hidden, "taps": taps_msgs}
 
 
