@@ -537,6 +537,32 @@ def test_a_finished_run_resumes_from_its_checkpoints(single_device, tiny_llama, 
     assert len((out / "metrics.jsonl").read_text().splitlines()) == steps_before
 
 
+def test_a_rerun_forwards_only_what_some_cache_lacks(single_device, tiny_llama, topic_jsonl, tmp_path):
+    """Phase 1 pipelined: a rerun over complete caches sends nothing through the backbone; with one shard of
+    one peer's cache deleted, only the micro-batches holding that peer's samples of that split run again."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    def forwarded(run_out: Path) -> list[int]:
+        peers = json.loads((run_out / "summary.json").read_text())["peers"].values()
+        return [p["summary"]["phase1_forwarded_samples"] for p in peers]
+
+    assert _launch(tiny_llama, topic_jsonl, out, cache, "--mode", "shuffle") == 0
+    assert forwarded(out) == [60] * 3  # 48 training and 12 validation rows, on every stage
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "again", cache, "--mode", "shuffle") == 0
+    assert forwarded(tmp_path / "again") == [0] * 3
+    manifests = cache.rglob("manifest.json")
+    train_caches = [m.parent for m in manifests if len(json.loads(m.read_text())["sample_ids"]) == 16]
+    shards = sorted(train_caches[0].glob("taps*.safetensors"))
+    shards[0].unlink()
+    assert _launch(tiny_llama, topic_jsonl, tmp_path / "third", cache, "--mode", "shuffle") == 0
+    assert forwarded(tmp_path / "third") == [48] * 3  # the owner's 16 samples sit in every training micro-batch
+    assert len(list(train_caches[0].glob("taps*.safetensors"))) == len(shards)  # rebuilt
+    expected, _ = single_device
+    got = load_file(tmp_path / "third" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
 def test_pac_plan_profiles_every_peer_times_the_links_and_prints_the_plan(
     tiny_llama, topic_jsonl, tmp_path, capsys, monkeypatch
 ):

@@ -16,7 +16,7 @@ from pac.plan.placement import (
     split_proportional,
     stage_taps,
 )
-from pac.runtime.pipeline import expected_messages
+from pac.runtime.pipeline import expected_messages, micro_batches
 
 
 def test_stages_by_hand():
@@ -63,20 +63,24 @@ def test_expected_messages_count_what_the_senders_send():
     taps = [0, 1, 2, 3, 4]
     # 10 samples in micro-batches of 4 -> 3 batches. Rank 1 owns samples 1, 4, 7 (none in the last batch),
     # so it hears from the 2 other stages for 2 batches; as a later stage it gets one hidden state per batch.
-    assert expected_messages(plan, 1, {"train": 10}, taps, 4) == {"hidden": 3, "taps": 4}
-    assert expected_messages(plan, 0, {"train": 10}, taps, 4) == {"hidden": 0, "taps": 6}
+    train = micro_batches(10, 4)
+    assert train == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert expected_messages(plan, 1, train, taps) == {"hidden": 3, "taps": 4}
+    assert expected_messages(plan, 0, train, taps) == {"hidden": 0, "taps": 6}
+    # Only the micro-batches that some owner still lacks run (a rerun over a cache missing one shard).
+    assert expected_messages(plan, 1, train[1:2], taps) == {"hidden": 1, "taps": 2}
     side = make_plan("side-pipeline", 4, [1, 1, 1], "0-1,2-2,3-3")
-    assert expected_messages(side, 2, {"train": 10}, taps, 4) == {"hidden": 3, "taps": 0}
+    assert expected_messages(side, 2, train, taps) == {"hidden": 3, "taps": 0}
     # Ranks 0 and 1 take turns at layers 0-1 (micro-batches 0, 2 | 1 | ...); rank 2 runs layers 2-3 on all.
     # Over two splits of 10 and 6 samples the micro-batches are numbered 0-2 and 3-4.
     hybrid = make_plan("shuffle", 4, [1, 1, 1], "0-1,0-1,2-3")
-    sizes = {"train": 10, "val": 6}
+    both = micro_batches(10, 4) + micro_batches(6, 4)
     # Rank 2 gets every hidden state (5), and the group's taps for every micro-batch holding a sample it owns
     # (samples 2, 5, 8 of train: batches 0, 1, 2; sample 2, 5 of val: batches 3, 4).
-    assert expected_messages(hybrid, 2, sizes, taps, 4) == {"hidden": 5, "taps": 5}
+    assert expected_messages(hybrid, 2, both, taps) == {"hidden": 5, "taps": 5}
     # Rank 0 runs micro-batches 0, 2, 4 itself and owns samples in batches 0-3 (train 0, 3, 6, 9; val 0, 3):
     # it hears rank 2's taps 4 times and its group-mate's for batches 1 and 3.
-    assert expected_messages(hybrid, 0, sizes, taps, 4) == {"hidden": 0, "taps": 6}
+    assert expected_messages(hybrid, 0, both, taps) == {"hidden": 0, "taps": 6}
 
 
 def test_protocol_validates_every_field():

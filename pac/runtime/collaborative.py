@@ -37,7 +37,7 @@ from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.heap import peak_rss_mb
-from pac.runtime.pipeline import run_pipeline_stage
+from pac.runtime.pipeline import PhaseOne, run_pipeline_stage
 from pac.runtime.prepare import PreparedData, adapter_meta_of, train_config
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
@@ -130,10 +130,14 @@ def run_assignment(
     try:
         started = time.perf_counter()
         plane = _data_plane(job, zmq_plane)
-        caches = _phase_one(job, model_dir, splits, plane, progress, stop)
-        phase1 = {"phase1_seconds": time.perf_counter() - started, "phase1_bytes_sent": _sent(plane)}
+        built = _phase_one(job, model_dir, splits, plane, progress, stop)
+        phase1 = {
+            "phase1_seconds": time.perf_counter() - started,
+            "phase1_bytes_sent": _sent(plane),
+            "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
+        }
         dist.barrier()  # every owner's cache is complete before anyone trains
-        summary = _phase_two(job, model_dir, splits, label_names, caches, out, plane, progress)
+        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
         sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
         return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
     finally:
@@ -179,22 +183,23 @@ def _phase_one(
     plane: DataPlane | None,
     progress: Progress | None,
     stop: threading.Event | None,
-) -> dict[str, Path]:
+) -> PhaseOne:
     opts, plan, rank = job.options, job.plan, job.rank
     if not get_method(opts.method).cached:
-        return {}  # it trains on token ids: every peer has the data already, and runs the backbone every step
+        return PhaseOne({}, 0)  # it trains on token ids: every peer has the data already, and runs the backbone
     root = cache_root(opts.cache.dir)
     report = (lambda done, total: progress("cache", done, total)) if progress else None
     if plan.mode == "replicated":
-        caches, done, total = {}, 0, sum(len(d) for d in splits.values())
+        caches, done, total, forwarded = {}, 0, sum(len(d) for d in splits.values()), 0
         for name, data in splits.items():
             mine = data.subset(plan.owned_positions(len(data), rank))
             built = build_cache(model_dir, mine, root, job.taps, opts.cache.dtype, desc=f"cache ({name})")
             caches[name] = built.cache_dir
+            forwarded += built.computed_samples
             done += len(data)
             if report:
                 report(done, total)
-        return caches
+        return PhaseOne(caches, forwarded)
     if plan.mode not in ("shuffle", "side-pipeline"):
         raise PacError(f"unknown placement mode {plan.mode!r}: use shuffle, side-pipeline or replicated")
     return run_pipeline_stage(

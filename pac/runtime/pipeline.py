@@ -23,17 +23,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from pac.cache import CacheSpec, CacheWriter, find_cache
+from pac.cache import CacheSpec, CacheWriter
 from pac.cache.writer import FP16_MAX
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.models.backbone import load_backbone
 from pac.net.dataplane import DataPlane
 from pac.plan.placement import Plan, stage_taps
-from pac.plan.schedule import forward_only, run
+from pac.plan.schedule import FORWARD, forward_only, run
 from pac.runtime.cache_build import cache_spec
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,10 @@ def run_pipeline_stage(
     shard_size: int = 32,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
-) -> dict[str, Path]:
-    """Run this rank's stage over every split and build this rank's caches; returns split -> cache dir."""
+) -> PhaseOne:
+    """Run this rank's stage over every micro-batch some owner still lacks, and build this rank's caches. The
+    ranks agree on what is missing through the process group: a rerun over complete caches forwards nothing,
+    and one shard lost forwards only its micro-batches."""
     my_taps = stage_taps(plan.stages[rank], taps)
     local = plan.mode == "side-pipeline"  # taps stay where they were computed
     blocks = [tuple(my_taps)] if local else [tuple(stage_taps(s, taps)) for s, _ in plan.groups]
@@ -122,26 +126,53 @@ def run_pipeline_stage(
     for name, data in splits.items():
         mine, spec = owned_cache(model_dir, data, plan, rank, taps, dtype)
         writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size)
-        complete = find_cache(cache_root, spec) is not None
-        pending = {b: ([] if complete else writer.pending(b)) for b in blocks if b}
-        owned[name] = _OwnedSplit(writer, mine, pending)
-    expected = expected_messages(plan, rank, {name: len(d) for name, d in splits.items()}, taps, micro_batch)
-    receiver = _Receiver(plane, owned, expected, stop)
+        owned[name] = _OwnedSplit(writer, mine, {b: writer.pending(b) for b in blocks if b})
+    lacking = _lacking_anywhere(owned, splits)
     micros = [
-        _Micro(name, number, list(range(start, min(start + micro_batch, len(data)))))
+        _Micro(name, number, positions)
         for name, data in splits.items()
-        for number, start in enumerate(range(0, len(data), micro_batch))
+        for number, positions in enumerate(micro_batches(len(data), micro_batch))
+        if lacking[name].intersection(positions)
     ]
-    stage = _BackboneStage(
-        plane, plan, rank, model_dir, splits, micros, my_taps, dtype, owned, receiver, progress, stop
-    )
-    group = _group_of(plan, rank)
-    actions = forward_only(len(plan.groups), len(micros))[group]
-    with torch.inference_mode():
-        run([a for a in actions if plan.processor(group, a.micro) == rank], stage)
-    del stage
-    receiver.finish()
-    return {name: o.writer.finalize() for name, o in owned.items()}
+    if micros:
+        group = _group_of(plan, rank)
+        schedule = forward_only(len(plan.groups), len(micros))[group]
+        actions = [a for a in schedule if plan.processor(group, a.micro) == rank]
+        receiver = _Receiver(plane, owned, expected_messages(plan, rank, [m.positions for m in micros], taps), stop)
+        mine = sum(len(micros[a.micro].positions) for a in actions if a.op == FORWARD)
+        stage = _BackboneStage(
+            plane, plan, rank, model_dir, splits, micros, my_taps, dtype, owned, receiver, (progress, mine), stop
+        )
+        with torch.inference_mode():
+            run(actions, stage)
+        del stage
+        receiver.finish()
+    forwarded = sum(len(m.positions) for m in micros)
+    log.info("phase 1: %d of %d samples forwarded (the rest were cached)", forwarded, sum(map(len, splits.values())))
+    return PhaseOne({name: o.writer.finalize() for name, o in owned.items()}, forwarded)
+
+
+@dataclass(frozen=True)
+class PhaseOne:
+    caches: dict[str, Path]  # split -> this rank's cache
+    forwarded_samples: int  # samples that went through the backbone (0 when every cache was complete)
+
+
+def micro_batches(size: int, micro_batch: int) -> list[list[int]]:
+    """Positions of a split, micro-batch by micro-batch."""
+    return [list(range(start, min(start + micro_batch, size))) for start in range(0, size, micro_batch)]
+
+
+def _lacking_anywhere(owned: dict[str, _OwnedSplit], splits: dict[str, TokenizedSet]) -> dict[str, set[int]]:
+    """Split -> positions of the samples whose owner still lacks some of their taps, on any rank."""
+    mine = {}
+    for name, split in owned.items():
+        position = {sid: i for i, sid in enumerate(splits[name].sample_ids)}
+        missing = {sid for groups in split.pending.values() for group in groups for sid in group}
+        mine[name] = sorted(position[sid] for sid in missing)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {name: {p for theirs in everyone for p in theirs[name]} for name in splits}
 
 
 class _Receiver:
@@ -221,17 +252,17 @@ class _BackboneStage:
         dtype: str,
         owned: dict[str, _OwnedSplit],
         receiver: _Receiver,
-        progress: Progress | None,
+        progress: tuple[Progress | None, int],  # the callback, and how many samples this rank forwards
         stop: threading.Event | None,
     ):
         self.plane, self.plan, self.rank, self.splits, self.my_taps = plane, plan, rank, splits, my_taps
         self.micros = micros
-        self.owned, self.receiver, self.progress, self.stop = owned, receiver, progress, stop
+        self.owned, self.receiver, self.stop = owned, receiver, stop
         self.stage = plan.stages[rank]
         self.group = _group_of(plan, rank)
         self.wire = WIRE_DTYPES[dtype]
         self.backbone = load_backbone(model_dir, *self.stage, with_head=False)
-        self.total, self.done = sum(len(d) for d in splits.values()), 0
+        (self.progress, self.total), self.done = progress, 0
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -291,22 +322,18 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise PacError("phase 1 stopped: the run was cancelled")
 
 
-def expected_messages(
-    plan: Plan, rank: int, split_sizes: dict[str, int], taps: list[int], micro_batch: int
-) -> dict[str, int]:
-    """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted)."""
+def expected_messages(plan: Plan, rank: int, micros: list[list[int]], taps: list[int]) -> dict[str, int]:
+    """How many hidden-state and taps messages `rank` receives in phase 1 (the senders' loop, counted), for the
+    micro-batches (positions within their split) that run, numbered in order."""
     group = _group_of(plan, rank)
     hidden = taps_msgs = 0
     producing = [g for g, (stage, _) in enumerate(plan.groups) if stage_taps(stage, taps)]
     if plan.mode == "side-pipeline":  # taps stay where they were computed
         producing = []
-    m = 0  # micro-batches are numbered across the splits, as run_pipeline_stage numbers them
-    for size in split_sizes.values():
-        for start in range(0, size, micro_batch):
-            hidden += group > 0 and plan.processor(group, m) == rank
-            if any(plan.owner(p) == rank for p in range(start, min(start + micro_batch, size))):
-                taps_msgs += sum(plan.processor(g, m) != rank for g in producing)
-            m += 1
+    for m, positions in enumerate(micros):
+        hidden += group > 0 and plan.processor(group, m) == rank
+        if any(plan.owner(p) == rank for p in positions):
+            taps_msgs += sum(plan.processor(g, m) != rank for g in producing)
     return {"hidden": hidden, "taps": taps_msgs}
 
 
