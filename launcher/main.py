@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of silence before a peer counts as lost (default 60)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the coordinator is doing")
-    add_train_arguments(parser)
+    add_train_arguments(parser, launch=True)
     parser.set_defaults(out="runs/cluster")
     return parser
 
@@ -142,6 +142,7 @@ def _shares(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except PacError as exc:  # a plug-in method ($PAC_METHODS) that cannot load
@@ -150,13 +151,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return _launch(args)
+        if args.resume is None:
+            return _launch(args, argv)
+        return _resume(Path(args.resume), [a for a in argv if a not in ("-v", "--verbose")])
     except PacError as exc:
         print(f"pac-launch: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _resume(run_dir: Path, given: list[str]) -> int:
+    """`--resume RUN_DIR`: the recorded command again, told how the earlier attempt ended."""
+    from pac.runtime.launch_record import how_it_ended, read_launch_record
+
+    if given not in (["--resume", str(run_dir)], [f"--resume={run_dir}"]):
+        raise PacError("--resume takes the run's options from RUN_DIR/launch.json: give no other options (-v aside)")
+    record = read_launch_record(run_dir)
+    print(f"[pac-launch] {how_it_ended(record)}", flush=True)
+    if record["state"] == "done":
+        print(f"[pac-launch] nothing to resume: the adapter is in {run_dir}")
+        return 0
+    print("[pac-launch] resuming: finished cache shards and the last checkpoint are reused", flush=True)
+    args = build_parser().parse_args(record["argv"])
+    args.out = str(run_dir)  # where the record was found, even if the directory moved
+    return _launch(args, record["argv"], record)
+
+
+def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = None) -> int:
+    """The run `args` describe (`argv`, as recorded in launch.json; `earlier`: the record of a run resumed)."""
     from launcher.local import LocalPeers
     from launcher.ssh import describe_ssh
     from pac.cli import print_epochs, train_options
@@ -164,6 +185,7 @@ def _launch(args: argparse.Namespace) -> int:
     from pac.net.hosts import read_hosts
     from pac.runconfig import ClusterOptions
     from pac.runtime.coordinator import Coordinator, RunFailed
+    from pac.runtime.launch_record import LaunchRecord
 
     if args.ssh and not args.peers:
         raise PacError("--ssh starts the peers listed in a hosts file: add --peers hosts.txt")
@@ -197,8 +219,9 @@ def _launch(args: argparse.Namespace) -> int:
         local = LocalPeers(count, token, Path(options.out) / "peers")
         hosts = local.start()
     grace = 15.0  # for the peers to exit after the coordinator's shutdown
+    record = None if args.plan_only else LaunchRecord(Path(options.out), argv, earlier)
     try:
-        summary = Coordinator(hosts, token, options, settings).run(plan_only=args.plan_only)
+        summary = Coordinator(hosts, token, options, settings, record=record).run(plan_only=args.plan_only)
         if not args.plan_only:
             print_epochs(summary["epochs"])
         return 0

@@ -197,8 +197,9 @@ def _argument(option: Any, note: str) -> dict[str, Any]:
     return {**kw, "metavar": meta["metavar"]} if meta.get("metavar") else kw
 
 
-def add_train_arguments(t: argparse.ArgumentParser) -> None:
-    """The options of `pac train`; `pac-launch` takes the same ones for a collaborative run."""
+def add_train_arguments(t: argparse.ArgumentParser, launch: bool = False) -> None:
+    """The options of `pac train`; `pac-launch` (`launch`) takes the same ones for a collaborative run, except
+    that its --resume names the run directory to continue."""
     _add_data_args(t)
     m = t.add_argument_group("training")
     m.add_argument(
@@ -265,6 +266,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace what an earlier run left in --out (without it, pac refuses to train a different run there)",
     )
+    if launch:
+        again.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            help="continue the run whose --out is RUN_DIR, however it stopped (this machine or a peer crashed, "
+            "the network went down): its command line is read from RUN_DIR/launch.json, so give no other options; "
+            "finished cache shards and checkpoints are found and reused",
+        )
+        return
     again.add_argument(
         "--resume",
         action="store_true",
@@ -500,7 +510,7 @@ def train_options(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         overwrite=args.overwrite,
-        require_resume=args.resume,
+        require_resume=args.resume is True,  # pac-launch's --resume names a run directory instead
     )
 
 

@@ -3,12 +3,14 @@ ZeroMQ sockets, a real gloo process group; every placement mode against a single
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -413,6 +415,27 @@ def test_an_agent_stays_for_run_after_run_and_outlives_a_vanished_coordinator(ti
     assert said.count("the run is over (done); serving the next one") == 2
 
 
+def test_an_agent_keeps_each_runs_checkpoints_apart(tiny_llama, topic_jsonl, tmp_path):
+    """One agent, two runs with the same number of steps but another learning rate: the second trains from the
+    start (it does not resume the first's last checkpoint), and running the first again resumes its own."""
+    token, port = auth.new_token(), free_port()
+    cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", "home"]
+    agent = subprocess.Popen([*cmd, "--work-dir", str(tmp_path / "home")], env={**os.environ, auth.TOKEN_ENV: token})
+    host = PeerHost("127.0.0.1", port, "home")
+    first = _options(tiny_llama, topic_jsonl, tmp_path / "first", tmp_path / "c")
+    second = replace(first, out=str(tmp_path / "second"), optim=replace(first.optim, lr=1e-3))  # default: 3e-3
+    try:
+        runs = [Coordinator([host], token, o, ClusterOptions(join_timeout=90)).run() for o in (first, second, first)]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    assert [len(r["epochs"]) for r in runs[:2]] == [2, 2]  # the second trained its own two epochs
+    assert runs[0]["epochs"][-1]["train_loss"] != runs[1]["epochs"][-1]["train_loss"]
+    assert len(list((tmp_path / "home" / "runs").iterdir())) == 2
+    # The first run again: its own finished checkpoint, nothing retrained, and its epochs still reported.
+    assert runs[2]["epochs"] == runs[0]["epochs"]
+
+
 @pytest.mark.parametrize("mode, shortlist", [("shuffle", 0), ("side-pipeline", 0), ("shuffle", 8)])
 def test_language_modelling_across_peers_equals_one_device(mode, shortlist, tiny_llama, topic_jsonl, tmp_path):
     """Token-weighted losses: ranks' shares of a batch differ in token count, the mean must not. With
@@ -799,3 +822,44 @@ def test_the_peer_log_sent_into_out_is_its_tail(tmp_path):
         f"{tmp_path / 'peer.log'} on chatty]"
     )
     assert tail == original[-LOG_TAIL_BYTES:] and tail.endswith(b"the last line\n")
+
+
+def test_the_coordinator_killed_in_phase_2_then_resume(single_device, tiny_llama, topic_jsonl, tmp_path, capsys):
+    """SIGKILL pac-launch itself while its peers train. `pac-launch --resume RUN_DIR` says how the run ended,
+    reruns the recorded command, reuses every peer's cache (nothing forwarded) and checkpoints (no step trained
+    twice), and leaves the single-device adapter in --out."""
+    out = tmp_path / "out"
+    argv = ["--local", "3", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--join-timeout", "90", *COMMON, "--mode", "replicated"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "launcher.main", *argv], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        for line in first.stdout:
+            if line.startswith("[pac-launch] training"):
+                break
+        first.kill()  # the coordinator alone: its peers train on, unaware for a while
+        first.wait(timeout=30)
+        assert json.loads((out / "launch.json").read_text())["state"] == "training"
+        assert launch(["--resume", str(out)]) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the first attempt's peers, if they are still waiting
+    shown = capsys.readouterr().out
+    assert "stopped during 'training' without a word from its coordinator" in shown
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["epochs"]) == 2
+    assert [p["summary"]["phase1_forwarded_samples"] for p in summary["peers"].values()] == [0, 0, 0]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    assert steps == list(range(1, 13))  # 48 rows in batches of 8, two epochs, each step once
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    record = json.loads((out / "launch.json").read_text())
+    assert record["state"] == "done" and len(record["resumed_at"]) == 1
+    assert launch(["--resume", str(out)]) == 0 and "nothing to resume" in capsys.readouterr().out
+    assert launch(["--resume", str(out), "--epochs", "3"]) == 2
+    assert "give no other options" in capsys.readouterr().err
+    assert launch(["--resume", str(tmp_path)]) == 2
+    assert "not the --out of a pac-launch run" in capsys.readouterr().err

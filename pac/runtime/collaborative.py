@@ -14,10 +14,12 @@ owns, so phase 2 is data-parallel training (pac.runtime.distributed).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,15 @@ from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.heap import peak_rss_mb
 from pac.runtime.pipeline import PhaseOne, run_pipeline_stage
-from pac.runtime.prepare import PreparedData, adapter_meta_of, train_config
+from pac.runtime.prepare import PreparedData, adapter_meta_of, run_identity, train_config
+from pac.runtime.run_dir import claim, run_fingerprint
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
 
 log = logging.getLogger(__name__)
+# How long a peer waits for an earlier process of the same run to leave its run directory: a peer whose
+# coordinator vanished notices within its coordinator timeout (60 s by default) and then stops.
+RUN_DIRECTORY_WAIT_S = 120.0
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -107,6 +113,40 @@ class Assignment:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None
+
+
+@contextlib.contextmanager
+def run_directory(
+    job: Assignment,
+    splits: dict[str, TokenizedSet],
+    label_names: list[str] | None,
+    root: Path,
+    wait: float = RUN_DIRECTORY_WAIT_S,
+) -> Iterator[Path]:
+    """Where this peer keeps a run's checkpoints and adapter, held for the assignment: a directory under `root`
+    per run identity (model, data, method and options; not the placement), so an agent serving run after run
+    resumes only the run that wrote a checkpoint, and a run resumed on other peers or another plan finds its
+    own. A peer process of the same run still working there (its coordinator gone, it has not noticed yet) is
+    waited for, up to `wait` seconds: two trainers never write one directory."""
+    prepared = PreparedData(resolve_model(job.options.model), None, splits["train"], splits["val"], label_names)
+    identity = run_identity(job.options, prepared)
+    path = root / run_fingerprint(identity)[:16]
+    claim(path, identity, overwrite=job.options.overwrite)
+    with (path / ".lock").open("a+") as lock:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PacError(
+                        f"{path} is still in use by another process of this run on this device after {wait:.0f} s: "
+                        "stop it (an earlier `pac peer` of this run), then resume"
+                    ) from None
+                log.info("waiting for an earlier process of this run to leave %s", path)
+                time.sleep(1.0)
+        yield path
 
 
 def run_assignment(

@@ -55,6 +55,7 @@ from pac.plan.planner import plan as plan_run
 from pac.plan.schedule import format_schedule, training_schedule
 from pac.runconfig import ClusterOptions, TrainOptions, run_config_to_wire, summary_options, with_defaults
 from pac.runtime.collaborative import Assignment
+from pac.runtime.launch_record import LaunchRecord
 from pac.runtime.prepare import SUMMARY, PreparedData, prepare_data
 from pac.runtime.profiler import device_profile_of, model_costs_of
 
@@ -127,7 +128,9 @@ class Coordinator:
         options: TrainOptions,
         cluster: ClusterOptions,
         display: TextIO | None = None,
+        record: LaunchRecord | None = None,
     ):
+        """`record`: the run's launch.json (pac.runtime.launch_record), rewritten at every change of state."""
         method = get_method(options.method)
         if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
@@ -160,7 +163,7 @@ class Coordinator:
         if not self.mode_options:
             raise PacError("; ".join(refusals))
         self.options = with_defaults(replace(options, method_options=next(iter(self.mode_options.values()))))
-        self.cluster, self.token, self.display = cluster, token, display or sys.stdout
+        self.cluster, self.token, self.display, self.record = cluster, token, display or sys.stdout, record
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
         self.planned: PlanChoice | None = None
@@ -201,6 +204,8 @@ class Coordinator:
         log.info("run state: %s -> %s", self.state.value, target.value)
         self.state = target
         self.entered[target] = time.monotonic()
+        if self.record is not None:
+            self.record.update(state=target.value, **({"reason": self.reason} if target is RunState.FAILED else {}))
         self._print(f"[pac-launch] {target.value}" + (f": {self.reason}" if self.reason else ""))
 
     def _fail(self, reason: str) -> None:
@@ -407,6 +412,9 @@ class Coordinator:
             )
         self.options = with_defaults(replace(self.options, method_options=self.mode_options[plan.mode]))
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
+        if self.record is not None:
+            names = [p.host.name for p in members]
+            self.record.update(mode=plan.mode, plan=[list(s) for s in plan.stages], peers=names)
         if plan.mode == "side-pipeline":
             self._print(f"[pac-launch] phase 2 pipelined {plan.schedule}, {plan.micro_batches} micro-batches per batch")
             schedule = training_schedule(plan.schedule, plan.world, plan.micro_batches)

@@ -38,7 +38,7 @@ from pac.net import auth, codec, protocol
 from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.runconfig import run_config_from_wire
-from pac.runtime.collaborative import Assignment, run_assignment
+from pac.runtime.collaborative import Assignment, run_assignment, run_directory
 from pac.runtime.profiler import profile_device
 
 log = logging.getLogger(__name__)
@@ -319,22 +319,22 @@ class PeerAgent:
             self.events.put(("failed", f"profiling this device failed: {type(exc).__name__}: {exc}"))
 
     def _work(self, job: Assignment, splits: dict[str, TokenizedSet]) -> None:
-        out = self.settings.work_dir / "out"
         self.phase_start["cache"] = (time.monotonic(), 0)
         try:
             self.plane.rank = job.rank  # the plan may order the peers otherwise than they joined
             threads = job.threads or self.settings.threads  # the hosts file's threads= wins
             if threads:
                 torch.set_num_threads(threads)
-            summary = run_assignment(
-                job,
-                splits,
-                self.label_names,
-                out,
-                zmq_plane=self.plane,
-                progress=lambda phase, done, total: self.events.put(("progress", phase, done, total)),
-                stop=self.stop,
-            )
+            with run_directory(job, splits, self.label_names, self.settings.work_dir / "runs") as out:
+                summary = run_assignment(
+                    job,
+                    splits,
+                    self.label_names,
+                    out,
+                    zmq_plane=self.plane,
+                    progress=lambda phase, done, total: self.events.put(("progress", phase, done, total)),
+                    stop=self.stop,
+                )
             self.events.put(("done", summary, out))
         except Exception as exc:  # reported to the coordinator, which fails the run with this reason
             log.error("assignment failed:\n%s", traceback.format_exc())

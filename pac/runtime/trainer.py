@@ -213,6 +213,15 @@ class Trainer:
                 param.copy_(weights[name])
 
     # ------------------------------------------------------------ training
+    def _logged_epochs(self, finished: int) -> list[dict[str, Any]]:
+        """The records of epochs 1..`finished` from the metrics log (the last of each: an epoch logged just
+        before a crash, and so trained again, appears twice)."""
+        if not finished or not self.metrics_file.exists():
+            return []
+        records = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        by_epoch = {r["epoch"]: r for r in records if "train_loss" in r and r["epoch"] <= finished}
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
     def _log(self, record: dict[str, Any]) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a") as f:
@@ -228,12 +237,13 @@ class Trainer:
             yield order[b * bs : (b + 1) * bs]
 
     def fit(self, resume: bool = True, stop_after_steps: int | None = None) -> list[dict[str, Any]]:
-        """Train to the end (or `stop_after_steps`, for tests of interruption). Returns epoch records."""
+        """Train to the end (or `stop_after_steps`, for tests of interruption). Returns the run's epoch records,
+        those of epochs a resumed checkpoint already held included."""
         torch.set_flush_denormal(True)  # denormal grads of the zero-initialised Up slow CPUs down ~2x
         if resume and (ckpt := self.latest_checkpoint()) is not None:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s (step %d)", ckpt, self.step)
-        epochs: list[dict[str, Any]] = []
+        epochs = self._logged_epochs(self.step // self.steps_per_epoch)
         if self.config.epochs == 0 and self.val_source is not None:
             # Nothing to train: report the starting point (for parallel adapters, exactly the backbone).
             record = {
