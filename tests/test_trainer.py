@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import pac.runtime.trainer as trainer_module
 from pac.methods.parallel_adapters import ParallelAdapterConfig, ParallelAdapterModel
 from pac.models.backbone import load_backbone
 from pac.runtime.step import lr_factor
@@ -66,6 +68,28 @@ def test_checkpoint_with_other_settings_is_refused(tiny_llama, tmp_path):
     _, other = _trainer(tiny_llama, tmp_path, source, seed=5)
     with pytest.raises(ValueError, match="other training settings"):
         other.fit()
+
+
+def test_without_checkpoint_every_a_checkpoint_follows_minutes_of_work(tiny_llama, tmp_path, monkeypatch):
+    """The interval is set from the first steps' pace: here, with CHECKPOINT_SECONDS below one step's time, every
+    step after the first three is checkpointed, mid-epoch included, and a resume from one of them is exact."""
+    monkeypatch.setattr(trainer_module, "CHECKPOINT_SECONDS", 1e-9)
+    source = RandomTaps(22, num_taps=5)  # 6 steps per epoch
+    _, cut = _trainer(tiny_llama, tmp_path / "cut", source, keep_checkpoints=10)
+    cut.fit(stop_after_steps=5)
+    kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert kept == ["step-0000003", "step-0000004", "step-0000005"]  # the 5th is also the interruption's
+    monkeypatch.setattr(trainer_module, "CHECKPOINT_SECONDS", 300.0)  # the default: none within these steps
+    full_model, full = _trainer(tiny_llama, tmp_path / "full", source)
+    full.fit()
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000005")  # lost: resume from step 4
+    resumed_model, resumed = _trainer(tiny_llama, tmp_path / "cut", source, keep_checkpoints=10)
+    resumed.fit()
+    for (name, a), (_, b) in zip(
+        full_model.trainable_state_dict().items(), resumed_model.trainable_state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_training_learns_and_keeps_few_checkpoints(tiny_llama, tmp_path):

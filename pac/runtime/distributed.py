@@ -155,6 +155,9 @@ class DataParallelTrainer(Trainer):
         super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
         self.group = group
 
+    def _agreed_seconds(self, seconds: float) -> float:
+        return slowest_of_ranks(seconds, self.group)
+
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         local = source.local if isinstance(source, ShardedSource) else source
         totals = evaluation_totals(self.model, local) if len(local) else {}
@@ -162,6 +165,13 @@ class DataParallelTrainer(Trainer):
         summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
         dist.all_reduce(summed, group=self.group)
         return summarize(self.task, dict(zip(keys, summed.tolist(), strict=True)))
+
+
+def slowest_of_ranks(seconds: float, group: dist.ProcessGroup | None = None) -> float:
+    """The largest of every rank's value: one number all ranks agree on (the slowest rank's step time)."""
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value)
 
 
 def init_process_group(

@@ -34,6 +34,7 @@ from pac.methods.parallel_adapters import ParallelAdapterModel
 from pac.net.dataplane import DataPlane, QueuedSends
 from pac.plan.placement import Plan, stage_taps
 from pac.plan.schedule import forward_only, run, training_schedule
+from pac.runtime.distributed import slowest_of_ranks
 from pac.runtime.step import BackpropStep
 from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
 
@@ -185,6 +186,9 @@ class SidePipelineTrainer(Trainer):
         self.part = StagePart(self.model, plan, rank)
         self.stage = SideStage(self.model, task, self.part, plane, rank)
         self._evaluations = 0
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        return slowest_of_ranks(seconds, self.group)
 
     def _train_step(self, indices: list[int], step: int) -> tuple[float, float]:
         """The step's gradients (`step` is self.step): this stage's part of the batch's, clipped by the global norm."""

@@ -69,6 +69,11 @@ class TrainConfig:
 
 
 EVAL_BATCH = 8  # samples per batch of an evaluation pass
+# Without --checkpoint-every, a checkpoint at least this often besides every epoch's end: the most work a crash
+# can cost. The interval in steps is set from the pace of the first AUTO_CHECKPOINT_STEPS steps, agreed by every
+# rank of a collaborative run (one collective, once), so that their checkpoints stay at the same steps.
+CHECKPOINT_SECONDS = 300.0
+AUTO_CHECKPOINT_STEPS = 3
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -135,6 +140,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(train), config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.step = 0  # updates done
+        self._step_seconds: list[float] = []  # the first steps' times, to set the automatic checkpoint interval
+        self._auto_every: int | None = None
         self.metrics_file = self.out_dir / "metrics.jsonl"
         self.clock = clock or RunClock()  # the whole run's estimate, shown beside the epoch bar
 
@@ -213,6 +220,20 @@ class Trainer:
                 param.copy_(weights[name])
 
     # ------------------------------------------------------------ training
+    def _automatic_interval(self, seconds: float) -> int | None:
+        """Steps between checkpoints for about CHECKPOINT_SECONDS of work, once the first steps are timed."""
+        if self._auto_every is None and len(self._step_seconds) < AUTO_CHECKPOINT_STEPS:
+            self._step_seconds.append(seconds)
+            if len(self._step_seconds) == AUTO_CHECKPOINT_STEPS:
+                pace = self._agreed_seconds(max(self._step_seconds))
+                self._auto_every = max(1, int(CHECKPOINT_SECONDS / max(pace, 1e-9)))
+                log.info("a checkpoint every %d steps (about %.0f s of work)", self._auto_every, CHECKPOINT_SECONDS)
+        return self._auto_every
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """A step time every process of the run agrees on: a single process's own."""
+        return seconds
+
     def _logged_epochs(self, finished: int) -> list[dict[str, Any]]:
         """The records of epochs 1..`finished` from the metrics log (the last of each: an epoch logged just
         before a crash, and so trained again, appears twice)."""
@@ -279,7 +300,8 @@ class Trainer:
                 self.step += 1
                 seen += len(indices)
                 loss_sum += loss * len(indices)
-                self.clock.step_done(lap.lap())
+                seconds = lap.lap()
+                self.clock.step_done(seconds)
                 bar.set_postfix_str(f"loss {loss:.4f}  {self.clock.left()}", refresh=False)
                 bar.update()
                 if self.on_step is not None:
@@ -287,7 +309,7 @@ class Trainer:
                 self._log(
                     {"step": self.step, "epoch": epoch + 1, "loss": loss, **result.metrics, "lr": self.train_step.lr}
                 )
-                every = self.config.checkpoint_every
+                every = self.config.checkpoint_every or self._automatic_interval(seconds)
                 if every and self.step % every == 0 and self.step % self.steps_per_epoch:
                     self.save_checkpoint()
                 if stop_after_steps is not None and self.step >= stop_after_steps:
