@@ -258,7 +258,8 @@ def add_train_arguments(t: argparse.ArgumentParser, launch: bool = False) -> Non
         "--checkpoint-every",
         type=number(int, minimum=0),
         default=0,
-        help="also checkpoint every N steps (default 0: at the end of every epoch)",
+        help="also checkpoint every N steps (default 0: at the end of every epoch, and about every 5 minutes of "
+        "work, counted in steps from the first steps' pace)",
     )
     again = o.add_mutually_exclusive_group()
     again.add_argument(
