@@ -45,11 +45,19 @@ class LocalPeers:
     """Start, and always stop, N peer agents sharing this machine's cores."""
 
     def __init__(
-        self, count: int, token: str, log_dir: Path, threads: int | None = None, coordinator_timeout: float = 60.0
+        self,
+        count: int,
+        token: str,
+        log_dir: Path,
+        threads: int | None = None,
+        coordinator_timeout: float = 60.0,
+        once: bool = True,
     ):
+        """`once`: each peer serves one run and exits (`pac peer --once`); otherwise they are agents that start
+        afresh after every run, which a run that re-plans around a lost peer needs (stop() ends them)."""
         if count < 1:
             raise ValueError("--local needs at least one peer")
-        self.count, self.token, self.log_dir = count, token, Path(log_dir)
+        self.count, self.token, self.log_dir, self.once = count, token, Path(log_dir), once
         self.threads = threads or max(1, (os.cpu_count() or 1) // count)
         self.coordinator_timeout = coordinator_timeout
         self.procs: list[subprocess.Popen] = []
@@ -76,7 +84,7 @@ class LocalPeers:
                 str(work),
                 "--coordinator-timeout",
                 str(self.coordinator_timeout),
-                "--once",
+                *(["--once"] if self.once else []),
             ]
             with (work / "stdout.log").open("w") as log:
                 self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -84,8 +92,11 @@ class LocalPeers:
         return hosts
 
     def stop(self, grace: float = 15.0) -> list[int]:
-        """Wait up to `grace` seconds in all for the peers to exit after the coordinator's shutdown; kill what
-        is left. Returns exit codes."""
+        """Wait up to `grace` seconds in all for the peers to exit after the coordinator's shutdown (agents, which
+        would wait for the next run, are told to stop at once); kill what is left. Returns exit codes."""
+        if not self.once:
+            for proc in self.procs:
+                proc.terminate()
         deadline = time.monotonic() + grace
         codes = []
         for proc in self.procs:

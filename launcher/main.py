@@ -216,7 +216,7 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
     else:
         count = args.local if args.local is not None else 3
         token = os.environ.get(TOKEN_ENV) or new_token()
-        local = LocalPeers(count, token, Path(options.out) / "peers")
+        local = LocalPeers(count, token, Path(options.out) / "peers", once=False)  # agents: a run may re-plan
         hosts = local.start()
     grace = 15.0  # for the peers to exit after the coordinator's shutdown
     record = None if args.plan_only else LaunchRecord(Path(options.out), argv, earlier)

@@ -463,6 +463,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         max_mem=args.max_mem,
         threads=args.threads,
         coordinator_timeout=args.coordinator_timeout,
+        stays=not args.once,
     )
     code = PeerAgent(settings).serve()
     # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere): leave

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ from pac.net.hosts import PeerHost
 from pac.runconfig import ClusterOptions
 from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, RunFailed
+from pac.runtime.launch_record import LaunchRecord
 from pac.runtime.sources import CachedTaps
 from pac.workflow import CacheOptions, DataOptions, OptimOptions, TrainOptions, prepare_data, train, with_defaults
 
@@ -782,6 +784,7 @@ def test_a_killed_peer_is_named_within_seconds(mode, phase, tiny_llama, topic_js
     assert outcome, shown.getvalue()
     failed_at, reason = outcome[0]
     assert reason.startswith("peer local-1 (rank 1) is lost: its connection closed"), reason
+    assert "serve(s) one run only (pac peer --once), so the run cannot re-plan" in reason
     assert failed_at - killed < 10
 
 
@@ -863,3 +866,139 @@ def test_the_coordinator_killed_in_phase_2_then_resume(single_device, tiny_llama
     assert "give no other options" in capsys.readouterr().err
     assert launch(["--resume", str(tmp_path)]) == 2
     assert "not the --out of a pac-launch run" in capsys.readouterr().err
+
+
+def _fuzz_frames(count: int, seed: int) -> list[bytes]:
+    """Random bytes, mutated and truncated valid messages, unknown kinds, wrong field types, replays."""
+    rng = random.Random(seed)
+    valid = [
+        protocol.encode("heartbeat"),
+        protocol.encode("hello", nonce=auth.new_nonce()),
+        protocol.encode("welcome", proof=b"\x00" * 32, rank=0),
+        protocol.encode("assign", assignment={"rank": 0}),
+        protocol.encode("shutdown", reason="go away"),
+        protocol.encode("probe", seq=1, payload=b"x"),
+    ]
+    frames = []
+    for i in range(count):
+        kind = i % 6
+        if kind == 0:
+            frames.append(rng.randbytes(rng.randint(0, 300)))
+        elif kind == 1:  # one valid message with a few bytes flipped
+            raw = bytearray(rng.choice(valid))
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            frames.append(bytes(raw))
+        elif kind == 2:
+            raw = rng.choice(valid)
+            frames.append(raw[: rng.randrange(len(raw))])
+        elif kind == 3:
+            frames.append(msgpack.packb({"type": f"kind-{rng.randrange(1000)}", "version": protocol.PROTOCOL_VERSION}))
+        elif kind == 4:
+            fields = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "nonce": rng.choice([7, "x", None, [1]])}
+            frames.append(msgpack.packb(fields))
+        else:
+            frames.append(rng.choice(valid))  # replayed, from a sender that never joined
+    return frames
+
+
+def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_llama, topic_jsonl, tmp_path):
+    """12,000 random and mutated frames (some over the size limit) at both peers' control sockets from a client
+    that holds the token, while a real run trains: the run ends with the single-device adapter, and the peers'
+    peak memory stays within 50 MB of the same run undisturbed."""
+    token = auth.new_token()
+
+    def run(out: Path, fuzz: bool) -> dict:
+        peers = LocalPeers(2, token, tmp_path / out.name)
+        hosts = peers.start()
+        options = _options(tiny_llama, topic_jsonl, out, tmp_path / "cache")
+        sent, done = [0], threading.Event()
+
+        def fuzzer() -> None:
+            ctx = zmq.Context()
+            sockets = []
+            for host in hosts:
+                rogue = ctx.socket(zmq.DEALER)
+                rogue.setsockopt(zmq.LINGER, 0)
+                rogue.setsockopt(zmq.SNDHWM, 100_000)
+                auth.connect_encrypted(rogue, token)
+                rogue.connect(host.endpoint)
+                sockets.append(rogue)
+            frames = _fuzz_frames(6000, seed=1)
+            for i, frame in enumerate(frames):
+                if i % 1000 == 999:
+                    frame = b"\x00" * (protocol.MAX_CONTROL_BYTES + 1)  # ZeroMQ drops it and the connection
+                for rogue in sockets:
+                    rogue.send(frame)
+                    sent[0] += 1
+                time.sleep(0.0005)
+            done.wait()
+            for rogue in sockets:
+                rogue.close(0)
+            ctx.term()
+
+        thread = threading.Thread(target=fuzzer)
+        try:
+            if fuzz:
+                thread.start()
+            summary = Coordinator(hosts, token, options, ClusterOptions(mode="replicated", join_timeout=90)).run()
+        finally:
+            done.set()
+            if fuzz:
+                thread.join(timeout=60)
+            peers.stop()
+        assert not fuzz or sent[0] == 12_000
+        return summary
+
+    calm = run(tmp_path / "calm", fuzz=False)
+    fuzzed = run(tmp_path / "fuzzed", fuzz=True)
+    expected, _ = single_device
+    got = load_file(tmp_path / "fuzzed" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    for name, peer in fuzzed["peers"].items():
+        assert peer["summary"]["peak_rss_mb"] < calm["peers"][name]["summary"]["peak_rss_mb"] + 50, name
+    assert "rejected a message" in (tmp_path / "fuzzed" / "peers" / "local-0" / "peer.log").read_text()
+
+
+@pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])
+def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny_llama, topic_jsonl, tmp_path):
+    """SIGKILL one of three peers in phase 1 or phase 2: the coordinator names it within seconds, the two others
+    abandon the attempt, join again, are planned over, and finish the run, resuming from their checkpoints in
+    phase 2: the adapter a single device trains, and the membership history in summary.json and launch.json."""
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+    options.optim.epochs = 6  # long enough to be killed in it
+    alone = train(replace(options, out=str(tmp_path / "alone")))
+    token = auth.new_token()
+    peers = LocalPeers(3, token, tmp_path / "peers", once=False)
+    hosts = peers.start()
+    shown, outcome = io.StringIO(), []
+    record = LaunchRecord(tmp_path / "out", ["--local", "3"])
+    coordinator = Coordinator(
+        hosts, token, options, ClusterOptions(mode=mode, join_timeout=90), display=shown, record=record
+    )
+    runner = threading.Thread(target=lambda: outcome.append(coordinator.run()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while f"[pac-launch] {phase}" not in shown.getvalue():
+            assert time.monotonic() < deadline and runner.is_alive(), shown.getvalue()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        peers.procs[1].kill()
+        runner.join(timeout=240)
+    finally:
+        peers.stop()
+    assert outcome, shown.getvalue()
+    summary = outcome[0]
+    assert "peer local-1 (rank 1) is lost" in shown.getvalue()
+    assert "Re-planning over local-0, local-2" in shown.getvalue()
+    assert list(summary["peers"]) == ["local-0", "local-2"]
+    assert [(e["peer"], e["state"]) for e in summary["lost_peers"]] == [("local-1", phase)]
+    assert json.loads((tmp_path / "out" / "launch.json").read_text())["lost"][0]["peer"] == "local-1"
+    assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 7))
+    expected = load_file(tmp_path / "alone" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])

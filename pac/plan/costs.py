@@ -64,6 +64,12 @@ class ModelCosts:
         return len(self.layer_weight_bytes)
 
 
+# Samples per forward where phase 1 runs the whole model on one device (`pac train`, replicated mode): 16 runs
+# 4-8% faster than 8 with the same cache (benchmarks/results/phase1_speed.md). A pipeline keeps the run's batch
+# size, since its first micro-batch must pass every stage before the others overlap.
+CACHE_MICRO_BATCH = 16
+
+
 @dataclass(frozen=True)
 class Workload:
     train: int  # training samples
@@ -71,7 +77,7 @@ class Workload:
     epochs: int
     batch: int  # samples per step
     taps: tuple[int, ...]  # the layers whose outputs the side network reads
-    micro_batch: int = 8  # phase 1's samples per forward
+    micro_batch: int = 8  # phase 1's samples per forward in a pipeline
     micro_batches: int = 2  # side-pipeline: micro-batches per step
 
 
@@ -265,6 +271,7 @@ def peak_bytes(mode: str, device: DeviceProfile, stage: Stage, model: ModelCosts
     with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations)."""
     layers = (0, model.num_layers) if mode == "replicated" else stage
     weights = sum(model.layer_weight_bytes[layers[0] : layers[1]])
-    phase1 = weights + work.micro_batch * model.layer_activation_bytes
+    micro = CACHE_MICRO_BATCH if mode == "replicated" else work.micro_batch
+    phase1 = weights + micro * model.layer_activation_bytes
     phase2 = 4 * model.side_param_bytes + model.head_bytes + work.batch * model.side_sample_bytes
     return model.runtime_bytes + max(phase1, phase2)

@@ -20,6 +20,7 @@ from pac.cache import CacheReader, CacheSpec, CacheWriter, choose_dtype, find_ca
 from pac.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.models.backbone import load_backbone, load_config
+from pac.plan.costs import CACHE_MICRO_BATCH
 from pac.runtime.progress import RunClock, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def build_cache(
     cache_root: Path,
     taps: list[int],
     dtype: str = "fp16",
-    batch_size: int = 8,
+    batch_size: int = CACHE_MICRO_BATCH,
     shard_size: int = 32,
     desc: str = "cache build",
     clock: RunClock | None = None,

@@ -124,12 +124,16 @@ def run_directory(
     wait: float = RUN_DIRECTORY_WAIT_S,
 ) -> Iterator[Path]:
     """Where this peer keeps a run's checkpoints and adapter, held for the assignment: a directory under `root`
-    per run identity (model, data, method and options; not the placement), so an agent serving run after run
-    resumes only the run that wrote a checkpoint, and a run resumed on other peers or another plan finds its
-    own. A peer process of the same run still working there (its coordinator gone, it has not noticed yet) is
+    per run identity (model, data, method and options), so an agent serving run after run resumes only the run
+    that wrote a checkpoint. Data-parallel checkpoints are the same on every rank and the global batches do not
+    depend on the ranks, so in those modes a run resumed on other peers or another plan finds its own; a
+    side-pipeline stage's checkpoint holds its part, so there the identity includes the stages and the rank.
+    A peer process of the same run still working there (its coordinator gone, it has not noticed yet) is
     waited for, up to `wait` seconds: two trainers never write one directory."""
     prepared = PreparedData(resolve_model(job.options.model), None, splits["train"], splits["val"], label_names)
     identity = run_identity(job.options, prepared)
+    if job.plan.mode == "side-pipeline":
+        identity["placement"] = {"stages": [list(s) for s in job.plan.stages], "rank": job.rank}
     path = root / run_fingerprint(identity)[:16]
     claim(path, identity, overwrite=job.options.overwrite)
     with (path / ".lock").open("a+") as lock:

@@ -82,7 +82,7 @@ class RunState(enum.Enum):
     FAILED = "failed"
 
 
-NEXT_STATE = {
+NEXT_STATE = {  # and from cache build or training back to joining, when a lost peer is re-planned around
     RunState.JOINING: RunState.PLANNING,
     RunState.PLANNING: RunState.CACHE_BUILD,
     RunState.CACHE_BUILD: RunState.TRAINING,
@@ -93,6 +93,14 @@ NEXT_STATE = {
 
 class RunFailed(PacError):
     pass
+
+
+class PeerLost(Exception):
+    """A member of the run is gone (its process died, its device left): the run re-plans without it."""
+
+    def __init__(self, peer: PeerState, reason: str):
+        super().__init__(reason)
+        self.peer, self.reason = peer, reason
 
 
 @dataclass
@@ -168,6 +176,7 @@ class Coordinator:
         self.state = RunState.JOINING
         self.planned: PlanChoice | None = None
         self.symptom: tuple[str, float] | None = None  # a peer's lost-connection failure, and when it came
+        self.lost: list[dict[str, Any]] = []  # the peers lost and re-planned around, in order
         self._probe_seq = 0
         self.reason = ""
         self.out = Path(options.out)
@@ -199,7 +208,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ state machine
     def _advance(self, target: RunState) -> None:
-        if target is not RunState.FAILED and NEXT_STATE.get(self.state) is not target:
+        replanning = target is RunState.JOINING and self.state in (RunState.CACHE_BUILD, RunState.TRAINING)
+        if target is not RunState.FAILED and NEXT_STATE.get(self.state) is not target and not replanning:
             raise RuntimeError(f"run state {self.state.value} cannot go to {target.value}")
         log.info("run state: %s -> %s", self.state.value, target.value)
         self.state = target
@@ -398,7 +408,17 @@ class Coordinator:
         num_layers = load_config(prepared.model_dir).num_hidden_layers
         if self.cluster.stages:
             check_groups(self.cluster.mode or "shuffle", parse_stages(self.cluster.stages, num_layers, len(self.peers)))
-        members = self._join()
+        members = self._join(list(self.peers.values()))
+        while True:
+            try:
+                return self._attempt(members, prepared, num_layers, plan_only)
+            except PeerLost as lost:
+                members = self._without(lost, members)
+
+    def _attempt(
+        self, members: list[PeerState], prepared: PreparedData, num_layers: int, plan_only: bool
+    ) -> dict[str, Any]:
+        """Plan over `members`, assign, wait for both phases and export; PeerLost when a member is lost."""
         self._advance(RunState.PLANNING)
         cluster = self.cluster
         unplanned = cluster.mode or cluster.stages or cluster.shares or not get_method(self.options.method).cached
@@ -458,33 +478,63 @@ class Coordinator:
         self._shutdown("run complete")
         return summary
 
-    def _join(self) -> list[PeerState]:
+    def _join(self, candidates: list[PeerState]) -> list[PeerState]:
         deadline = time.monotonic() + self.cluster.join_timeout
         next_hello = 0.0
-        while any(p.status == "connecting" for p in self.peers.values()):
+        while any(p.status == "connecting" for p in candidates):
             now = time.monotonic()
             if now > deadline:
-                missing = [
-                    f"{p.host.name} ({p.host.endpoint})" for p in self.peers.values() if p.status == "connecting"
-                ]
+                missing = [f"{p.host.name} ({p.host.endpoint})" for p in candidates if p.status == "connecting"]
                 self._fail(
                     f"no answer within {self.cluster.join_timeout:.0f} s from {', '.join(missing)}: "
                     "is `pac peer` running there, with that port reachable?"
                 )
             if now >= next_hello:  # ROUTER_MANDATORY makes a hello to a peer not yet reachable fail; retry
-                for p in self.peers.values():
+                for p in candidates:
                     if p.status == "connecting":
                         p.nonce = p.nonce or auth.new_nonce()
                         self._send(p, "hello", nonce=p.nonce)
                 next_hello = now + 0.5
             self._poll(100)
-        members = [p for p in self.peers.values() if p.status == "joined"]
+        members = [p for p in candidates if p.status == "joined"]
         if not members:
             self._fail("no peer joined (every peer was refused)")
         for rank, peer in enumerate(members):
             peer.rank = rank
             self._must_send(peer, "welcome", proof=auth.proof(self.token, "coordinator", peer.join_nonce), rank=rank)
         return members
+
+    def _without(self, lost: PeerLost, members: list[PeerState]) -> list[PeerState]:
+        """After a member is lost: the others abandon the attempt (each agent starts afresh, so no thread stays
+        stuck in the broken process group), join again, and the next attempt is planned over them. Their finished
+        cache shards and checkpoints are reused (pac.runtime.launch_record). A layout fixed by hand is not
+        re-planned: the run fails as before, naming the lost peer."""
+        survivors = [p for p in members if p is not lost.peer]
+        if not survivors:
+            self._fail(f"{lost.reason} (no peer is left)")
+        if self.cluster.stages or self.cluster.shares:
+            self._fail(f"{lost.reason}; --stages and --shares fix the layout for every peer: drop them to re-plan")
+        if once := [p.host.name for p in survivors if not p.profile.get("stays")]:
+            self._fail(
+                f"{lost.reason}; {', '.join(once)} serve(s) one run only (pac peer --once), so the run cannot "
+                "re-plan over them: run the peers as agents, and `pac-launch --resume` this run"
+            )
+        names = ", ".join(p.host.name for p in survivors)
+        self._print(f"[pac-launch] {lost.reason}. Re-planning over {names}")
+        self.lost.append(
+            {"peer": lost.peer.host.name, "state": self.state.value, "at": time.time(), "remaining": names.split(", ")}
+        )
+        if self.record is not None:
+            self.record.update(lost=self.lost)
+        for peer in survivors:
+            self._send(peer, "shutdown", reason=f"re-planning without {lost.peer.host.name}")
+        self.sock.disconnect(lost.peer.host.endpoint)
+        del self.peers[lost.peer.host.name]
+        self.symptom = None
+        for peer in survivors:  # as new: their agents come back as fresh processes on the same ports
+            self.peers[peer.host.name] = PeerState(peer.host, profile=peer.profile)
+        self._advance(RunState.JOINING)
+        return self._join([self.peers[p.host.name] for p in survivors])
 
     # ------------------------------------------------------------------ planning
     def _planned(self, members: list[PeerState], prepared: PreparedData) -> tuple[Plan, list[PeerState]]:
@@ -624,6 +674,9 @@ class Coordinator:
         """The process group's rendezvous, hosted here; peers connect to it with their rank. It listens on the
         one address the peers reach this machine at (torch's TCPStore would take every interface, and it
         authenticates nobody); peers reaching it at several addresses leave it on every interface."""
+        if self.store_listener is not None:  # an earlier attempt's (a run that re-planned): a fresh group each time
+            self.store_listener.close()
+            self.store = None
         addresses = {self._store_host(p) for p in members}
         address = addresses.pop() if len(addresses) == 1 else ("::" if any(":" in a for a in addresses) else "")
         if not address or address == "::":
@@ -652,7 +705,7 @@ class Coordinator:
                 peer, silent = gone
                 how = "its connection closed and it has" if peer.disconnected_at is not None else "it has"
                 lost = f"peer {peer.host.name} (rank {peer.rank}) is lost: {how} been silent for {silent:.1f} s"
-                self._fail(lost + (f"; {self.symptom[0]}" if self.symptom else ""))
+                raise PeerLost(peer, lost + (f"; {self.symptom[0]}" if self.symptom else ""))
             if self.symptom and now - self.symptom[1] > BLAME_WAIT_S:
                 self._fail(self.symptom[0])
             self._poll(100)
@@ -696,7 +749,8 @@ class Coordinator:
             "grad_compression": self._grad_compression() if plan.mode != "side-pipeline" else None,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
-            "seconds_by_state": self._seconds_by_state(),
+            "seconds_by_state": self._seconds_by_state(),  # of the last attempt, where a lost peer was re-planned
+            "lost_peers": self.lost,
         }
         planned = self._compare_with_plan()
         if planned is not None:

@@ -58,6 +58,7 @@ class PeerSettings:
     max_mem: int | None = None
     threads: int | None = None
     coordinator_timeout: float = 60.0  # seconds of silence after which the run is considered gone
+    stays: bool = False  # an agent that serves the next run (not --once): a run can re-plan and come back to it
 
 
 def device_profile(settings: PeerSettings) -> dict[str, Any]:
@@ -73,6 +74,7 @@ def device_profile(settings: PeerSettings) -> dict[str, Any]:
         "torch": torch.__version__,
         "pac": __version__,
         "platform": platform.platform(),
+        "stays": settings.stays,
     }
 
 
