@@ -617,6 +617,9 @@ def test_a_planned_run_trains_the_same_adapter_and_reports_predicted_against_mea
     assert "[pac-launch] phase1: predicted" in shown and "[pac-launch] phase2: predicted" in shown
     summary = json.loads((out / "summary.json").read_text())
     planned = summary["planned"]
+    # Phase 1's micro-batch, weighed by the planner: the run's 8, or the 16 every peer measured too.
+    assert f"phase 1 in micro-batches of {planned['phase1_micro_batch']}" in shown
+    assert planned["phase1_micro_batch"] in (8, 16)
     assert planned["predicted_total_seconds"] > 0 and planned["measured_phase2_seconds"] > 0
     assert set(planned["other_modes_seconds"]) == {"shuffle", "side-pipeline", "replicated"}
     assert summary["mode"] in planned["other_modes_seconds"]

@@ -34,6 +34,7 @@ from pac.errors import PacError
 from pac.methods.registry import BuildContext, get_method
 from pac.models.loading import cache_root, resolve_model
 from pac.net.dataplane import DataPlane, TorchDataPlane
+from pac.plan.costs import CACHE_MICRO_BATCH
 from pac.plan.placement import Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
@@ -76,6 +77,7 @@ class Assignment:
             "schedule": self.plan.schedule,
             "micro_batches": self.plan.micro_batches,
             "shares": list(self.plan.shares) if self.plan.shares is not None else None,
+            "phase1_micro_batch": self.plan.phase1_micro_batch,
             "taps": self.taps,
             "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
@@ -99,6 +101,7 @@ class Assignment:
                     str(raw["schedule"]),
                     int(raw["micro_batches"]),
                     None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
+                    None if raw["phase1_micro_batch"] is None else int(raw["phase1_micro_batch"]),
                 ),
                 taps=[int(t) for t in raw["taps"]],
                 options=run_config_from_wire(raw["run"]),
@@ -237,7 +240,15 @@ def _phase_one(
         caches, done, total, forwarded = {}, 0, sum(len(d) for d in splits.values()), 0
         for name, data in splits.items():
             mine = data.subset(plan.owned_positions(len(data), rank))
-            built = build_cache(model_dir, mine, root, job.taps, opts.cache.dtype, desc=f"cache ({name})")
+            built = build_cache(
+                model_dir,
+                mine,
+                root,
+                job.taps,
+                opts.cache.dtype,
+                batch_size=plan.phase1_micro_batch or CACHE_MICRO_BATCH,
+                desc=f"cache ({name})",
+            )
             caches[name] = built.cache_dir
             forwarded += built.computed_samples
             done += len(data)
@@ -255,7 +266,7 @@ def _phase_one(
         job.taps,
         root,
         opts.cache.dtype,
-        micro_batch=opts.optim.batch_size,
+        micro_batch=plan.phase1_micro_batch or opts.optim.batch_size,
         progress=report,
         stop=stop,
     )
