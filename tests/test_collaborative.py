@@ -1005,3 +1005,31 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
+def test_a_peer_whose_disk_fills_up_stops_the_run_with_what_to_do_and_resume_continues(
+    single_device, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """The peers' cache on a 64 kB tmpfs: the run fails naming the peer, the disk, how much the cache needs and
+    how to continue; with room made, `pac-launch --resume` finishes it with the single-device adapter."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("no tmpfs mount here")
+    out = tmp_path / "out"
+    argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    argv += ["--cache-dir", str(small), "--join-timeout", "90", *COMMON, "--mode", "replicated"]
+    try:
+        assert launch(argv) == 1
+        said = capsys.readouterr().err
+        assert "failed: the disk is full" in said and "MB free" in said and str(small) in said, said
+        assert "resume the run (`pac-launch --resume` with its --out)" in said and "Traceback" not in said
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)  # room made
+        assert launch(["--resume", str(out)]) == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)

@@ -45,6 +45,7 @@ from pac.runtime.prepare import PreparedData, adapter_meta_of, run_identity, tra
 from pac.runtime.run_dir import claim, run_fingerprint
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
+from pac.runtime.storage import disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 # How long a peer waits for an earlier process of the same run to leave its run directory: a peer whose
@@ -175,20 +176,40 @@ def run_assignment(
         )
     init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
     try:
-        started = time.perf_counter()
-        plane = _data_plane(job, zmq_plane)
-        built = _phase_one(job, model_dir, splits, plane, progress, stop)
-        phase1 = {
-            "phase1_seconds": time.perf_counter() - started,
-            "phase1_bytes_sent": _sent(plane),
-            "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
-        }
-        dist.barrier()  # every owner's cache is complete before anyone trains
-        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
-        sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
-        return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
+        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop)
+    except Exception as exc:
+        if is_disk_full(exc):
+            prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
+            again = "resume the run (`pac-launch --resume` with its --out)"
+            raise PacError(disk_full_message(exc, opts, prepared, out, again)) from exc
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _both_phases(
+    job: Assignment,
+    model_dir: Path,
+    splits: dict[str, TokenizedSet],
+    label_names: list[str] | None,
+    out: Path,
+    zmq_plane: DataPlane | None,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> dict[str, Any]:
+    """run_assignment's work, inside the run's process group."""
+    started = time.perf_counter()
+    plane = _data_plane(job, zmq_plane)
+    built = _phase_one(job, model_dir, splits, plane, progress, stop)
+    phase1 = {
+        "phase1_seconds": time.perf_counter() - started,
+        "phase1_bytes_sent": _sent(plane),
+        "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
+    }
+    dist.barrier()  # every owner's cache is complete before anyone trains
+    summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
+    sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
+    return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
 
 
 def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrainer) -> bool:
