@@ -9,10 +9,8 @@ load:   the adapter directory names its method; the method loads its model besid
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,6 +50,7 @@ from pac.runtime.prepare import (
 from pac.runtime.progress import RunClock, Watch
 from pac.runtime.run_dir import claim
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
+from pac.runtime.storage import disk_full_message, is_disk_full
 from pac.runtime.trainer import Trainer, evaluate
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
         summary.update(_train_method(method, opts, prepared, out, watch))
     except Exception as exc:
         if is_disk_full(exc):
-            raise PacError(disk_full_message(exc, opts, prepared)) from exc
+            raise PacError(disk_full_message(exc, opts, prepared, Path(opts.out))) from exc
         raise
     kept = [e["best_epoch"] for e in summary["epochs"] if "best_epoch" in e]
     if kept:  # the saved adapter holds this epoch's weights
@@ -154,35 +153,6 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
             extras.update(method.after_training(options, model, ctx, out, lambda m: evaluate(m, val_source, task)))
     saved = method.save(options, model, out, adapter_meta_of(opts, data))
     return {"epochs": epochs, **saved, **extras}
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, from Python's own I/O or from a library that words it (safetensors, torch.save)."""
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
-
-
-def disk_full_message(exc: BaseException, opts: TrainOptions, data: PreparedData) -> str:
-    """Where the disk filled up, how much the run needs there, and that nothing finished is lost."""
-    root = cache_root(opts.cache.dir)
-    where = getattr(exc, "filename", None) or "the disk"
-    config = load_config(data.model_dir)
-    # Phase 1 stores every tapped layer's output for every token: 2 bytes a value (fp16/bf16), 1 (int8).
-    per_value = 1 if opts.cache.dtype == "int8" else 2
-    method = get_method(opts.method)
-    taps = len(method.taps(opts.method_options, opts.data.task, config.num_hidden_layers)) if method.cached else 0
-    samples = len(data.train) + len(data.val)
-    cache_mb = samples * opts.data.max_length * config.hidden_size * taps * per_value / 1e6
-    free = {path: shutil.disk_usage(path).free / 1e6 for path in (root, Path(opts.out)) if path.exists()}
-    room = ", ".join(f"{free_mb:,.0f} MB free on the disk of {path}" for path, free_mb in free.items())
-    parts = [f"the disk is full: writing {where} failed ({room})."]
-    if taps:
-        parts.append(f"The activation cache needs about {cache_mb:,.0f} MB in {root}.")
-    parts.append(
-        "The adapter and its checkpoints need a few MB in --out. Free space, or pass --cache-dir / --out on a "
-        "larger disk, then run the same command again: finished cache shards and checkpoints are kept, so it "
-        "continues where it stopped."
-    )
-    return " ".join(parts)
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:

@@ -617,6 +617,9 @@ def test_a_planned_run_trains_the_same_adapter_and_reports_predicted_against_mea
     assert "[pac-launch] phase1: predicted" in shown and "[pac-launch] phase2: predicted" in shown
     summary = json.loads((out / "summary.json").read_text())
     planned = summary["planned"]
+    # Phase 1's micro-batch, weighed by the planner: the run's 8, or the 16 every peer measured too.
+    assert f"phase 1 in micro-batches of {planned['phase1_micro_batch']}" in shown
+    assert planned["phase1_micro_batch"] in (8, 16)
     assert planned["predicted_total_seconds"] > 0 and planned["measured_phase2_seconds"] > 0
     assert set(planned["other_modes_seconds"]) == {"shuffle", "side-pipeline", "replicated"}
     assert summary["mode"] in planned["other_modes_seconds"]
@@ -1002,3 +1005,31 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
+def test_a_peer_whose_disk_fills_up_stops_the_run_with_what_to_do_and_resume_continues(
+    single_device, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """The peers' cache on a 64 kB tmpfs: the run fails naming the peer, the disk, how much the cache needs and
+    how to continue; with room made, `pac-launch --resume` finishes it with the single-device adapter."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("no tmpfs mount here")
+    out = tmp_path / "out"
+    argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    argv += ["--cache-dir", str(small), "--join-timeout", "90", *COMMON, "--mode", "replicated"]
+    try:
+        assert launch(argv) == 1
+        said = capsys.readouterr().err
+        assert "failed: the disk is full" in said and "MB free" in said and str(small) in said, said
+        assert "resume the run (`pac-launch --resume` with its --out)" in said and "Traceback" not in said
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)  # room made
+        assert launch(["--resume", str(out)]) == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)

@@ -219,3 +219,18 @@ def test_a_stage_group_lets_more_devices_help_than_the_layers_split_evenly():
     assert "taking turns with" in choice.describe()
     with pytest.raises(NoPlanError, match="only shuffle"):
         split_layers("side-pipeline", devices, MODEL, WORK, grouped=True)
+
+
+def test_the_planner_weighs_phase_one_micro_batches_against_the_pipeline_fill():
+    """Devices that run 10% faster per sample in micro-batches of 16: where each runs the whole model there is
+    no fill to pay, so 16 wins; in a pipeline over few samples the first micro-batch's trip through every
+    stage costs more than the 10% saves, so 8 stays."""
+    from dataclasses import replace
+
+    faster = [replace(device(name), micro_batch_factors=((16, 0.9),)) for name in ("a", "b")]
+    plenty = plan(faster, MODEL, WORK, modes=("replicated",))
+    assert plenty.best.micro_batch == 16 and "phase 1 in micro-batches of 16" in plenty.describe()
+    few = Workload(train=16, val=0, epochs=1, batch=8, taps=WORK.taps)
+    assert plan(faster, MODEL, few, modes=("side-pipeline",)).best.micro_batch == 8
+    # A size one device has not measured is not weighed.
+    assert plan([faster[0], device("c")], MODEL, WORK, modes=("replicated",)).best.micro_batch == 8

@@ -41,6 +41,9 @@ def test_a_profile_measures_every_layer_and_the_method_s_step_and_is_cached(tiny
     assert device["name"] == "desk" and device["memory"] == 2 * 10**9
     assert device["side_train_seconds"] > 0 and device["side_eval_seconds"] > 0
     assert profile["model"]["side_param_bytes"] > 0 and profile["measured"]["micro_batch"] == 4
+    # Phase 1 per sample in micro-batches of 16 against the run's 4, for the planner to weigh.
+    ((size, factor),) = device["micro_batch_factors"]
+    assert size == 16 and 0 < factor < 10
     # Kept per device, model and run shape: asked again, it is read back (under the name the planner gives it).
     files = list((pac_home / "profiles").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["layers"] == layers
@@ -62,6 +65,7 @@ def test_profiles_feed_the_planner(tiny_llama, pac_home):
     )
     choice = plan(devices, model_costs_of(profile), work)
     assert choice.best.total_seconds > 0 and choice.best.mode in choice.describe()
+    assert devices[0].micro_batch_factors[0][0] == 16 and choice.best.micro_batch in (4, 16)
 
 
 def test_under_a_cpu_quota_a_timing_is_what_the_quota_sustains(monkeypatch):

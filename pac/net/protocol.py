@@ -39,7 +39,8 @@ from pac.errors import PacError
 # 3: `assign` carries the side pipeline's schedule and micro-batch count.
 # 4: `profile`, `profiled` and `probe`, for the planner.
 # 5: `assign` carries the gradient compression of data-parallel phase 2.
-PROTOCOL_VERSION = 5
+# 6: `assign` carries phase 1's planned micro-batch size; `join` profiles say whether the peer stays.
+PROTOCOL_VERSION = 6
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket

@@ -39,9 +39,14 @@ class DeviceProfile:
     rtt: float = 0.001  # seconds, to the coordinator
     layer_load_seconds: tuple[float, ...] = ()  # reading each layer's weights from disk (empty: not measured)
     build_seconds: float = 0.0  # building the method's model for phase 2 (its frozen head, its side network)
+    # Phase 1's time per sample at other micro-batch sizes, relative to layer_seconds' (measured at the run's
+    # batch size): ((16, 0.93),) says micro-batches of 16 take 7% less per sample. Empty: not measured.
+    micro_batch_factors: tuple[tuple[int, float], ...] = ()
 
-    def forward_seconds(self, stage: Stage) -> float:
-        return sum(self.layer_seconds[stage[0] : stage[1]])
+    def forward_seconds(self, stage: Stage, micro_batch: int | None = None) -> float:
+        """One sample's forward through `stage`, in micro-batches of `micro_batch` (None: as profiled)."""
+        factor = dict(self.micro_batch_factors).get(micro_batch, 1.0) if micro_batch is not None else 1.0
+        return factor * sum(self.layer_seconds[stage[0] : stage[1]])
 
     def load_seconds(self, stage: Stage) -> float:
         return sum(self.layer_load_seconds[stage[0] : stage[1]])
@@ -64,9 +69,9 @@ class ModelCosts:
         return len(self.layer_weight_bytes)
 
 
-# Samples per forward where phase 1 runs the whole model on one device (`pac train`, replicated mode): 16 runs
-# 4-8% faster than 8 with the same cache (benchmarks/results/phase1_speed.md). A pipeline keeps the run's batch
-# size, since its first micro-batch must pass every stage before the others overlap.
+# Samples per forward of phase 1 where nothing plans it (`pac train`, a mode given by hand): 16 runs 4-8% faster
+# than 8 with the same cache (benchmarks/results/phase1_speed.md). The planner weighs each size a device has
+# measured (`DeviceProfile.micro_batch_factors`) against a pipeline's fill, which grows with it.
 CACHE_MICRO_BATCH = 16
 
 
@@ -77,7 +82,7 @@ class Workload:
     epochs: int
     batch: int  # samples per step
     taps: tuple[int, ...]  # the layers whose outputs the side network reads
-    micro_batch: int = 8  # phase 1's samples per forward in a pipeline
+    micro_batch: int = 8  # phase 1's samples per forward
     micro_batches: int = 2  # side-pipeline: micro-batches per step
 
 
@@ -95,6 +100,7 @@ class Prediction:
     shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
     build_seconds: float = 0.0  # phase 2's one-off start: the slowest device's model build
     compression: str = "none"  # data-parallel phase 2's gradients on the wire (`gradient_wire_bytes`)
+    micro_batch: int = 8  # phase 1's samples per forward
 
     @property
     def phase2_seconds(self) -> float:
@@ -127,7 +133,10 @@ def predict(
     sent = dict.fromkeys((d.name for d in devices), 0.0)
     if mode == "replicated":
         whole = (0, model.num_layers)
-        phase1 = max(math.ceil(samples * f) * d.forward_seconds(whole) for d, f in zip(devices, owned, strict=True))
+        phase1 = max(
+            math.ceil(samples * f) * d.forward_seconds(whole, work.micro_batch)
+            for d, f in zip(devices, owned, strict=True)
+        )
     else:
         phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent, owned)
     # One-off: every device first reads its layers, and builds the method's model before phase 2.
@@ -151,6 +160,7 @@ def predict(
         tuple(shares) if shares is not None else None,
         build,
         compression if mode != "side-pipeline" else "none",
+        work.micro_batch,
     )
 
 
@@ -183,10 +193,10 @@ def _pipeline_phase_one(
             away = taps * (1 - owned[k]) if mode == "shuffle" else 0.0
             link += away / device.bandwidth
             sent[device.name] += samples / len(ranks) * (out + away)
-            member_paces.append(max(device.forward_seconds(stage), link))
+            member_paces.append(max(device.forward_seconds(stage, work.micro_batch), link))
         # A group's members take turns micro-batch by micro-batch: it goes at its slowest member's pace, shared.
         paces.append(max(member_paces) / len(ranks))
-        fills.append(max(devices[k].forward_seconds(stage) for k in ranks))
+        fills.append(max(devices[k].forward_seconds(stage, work.micro_batch) for k in ranks))
     fill = sum(fills) * work.micro_batch + sum(d.rtt for d in devices)
     return samples * max(paces) + fill
 
@@ -260,7 +270,8 @@ def limit_seconds(devices: Sequence[DeviceProfile], model: ModelCosts, work: Wor
     def spread(samples: int, seconds: Sequence[float]) -> float:
         return samples / sum(1 / max(s, 1e-12) for s in seconds)
 
-    forward = spread(work.train + work.val, [d.forward_seconds(whole) for d in devices])
+    fastest = [min(d.forward_seconds(whole, m) for m in (None, *dict(d.micro_batch_factors))) for d in devices]
+    forward = spread(work.train + work.val, fastest)
     epoch = spread(work.train, [d.side_train_seconds for d in devices])
     epoch += spread(work.val, [d.side_eval_seconds for d in devices])
     return forward + work.epochs * epoch
@@ -271,7 +282,6 @@ def peak_bytes(mode: str, device: DeviceProfile, stage: Stage, model: ModelCosts
     with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations)."""
     layers = (0, model.num_layers) if mode == "replicated" else stage
     weights = sum(model.layer_weight_bytes[layers[0] : layers[1]])
-    micro = CACHE_MICRO_BATCH if mode == "replicated" else work.micro_batch
-    phase1 = weights + micro * model.layer_activation_bytes
+    phase1 = weights + work.micro_batch * model.layer_activation_bytes
     phase2 = 4 * model.side_param_bytes + model.head_bytes + work.batch * model.side_sample_bytes
     return model.runtime_bytes + max(phase1, phase2)

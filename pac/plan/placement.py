@@ -35,6 +35,9 @@ class Plan:
     # Samples each rank owns, as whole-number weights per rank (3, 2, 1: of every 6 samples, 3 to rank 0);
     # None: equal shares. Ownership decides who caches and trains a sample in shuffle and replicated modes.
     shares: tuple[int, ...] | None = None
+    # Phase 1's samples per forward, as planned; None (a mode given by hand): the run's batch size in a
+    # pipeline, pac.plan.costs.CACHE_MICRO_BATCH where each peer runs the whole model.
+    phase1_micro_batch: int | None = None
 
     def owner(self, position: int) -> int:
         """The rank that trains the sample at `position` of its split."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pac.errors import PacError
 from pac.plan.costs import (
@@ -57,6 +57,7 @@ class PlanChoice:
             lines.append(f"  samples owned, of every {sum(b.shares)}: {owned}")
         if b.compression != "none":
             lines.append(f"  gradients all-reduced as {b.compression}")
+        lines.append(f"  phase 1 in micro-batches of {b.micro_batch}")
         sharing = {r: ranks for _, ranks in stage_groups(b.stages) if b.mode != "replicated" for r in ranks}
         for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
             layers = f"layers {stage[0]}-{stage[1] - 1}"
@@ -101,8 +102,8 @@ def plan(
     by_mode: dict[str, Prediction] = {}
     with_all: dict[str, Prediction] = {}
     for mode in modes:
-        for k in range(1, len(by_speed) + 1):
-            candidate = best_for(mode, by_speed[:k], model, work, compressions)
+        for k, size in itertools.product(range(1, len(by_speed) + 1), micro_batch_sizes(devices, work)):
+            candidate = best_for(mode, by_speed[:k], model, replace(work, micro_batch=size), compressions)
             if candidate is None:
                 continue
             if k == len(by_speed):
@@ -124,6 +125,12 @@ def plan(
                     f"{best.total_seconds:.1f} s"
                 )
     return PlanChoice(best, by_mode, left_out, limit_seconds(devices, model, work))
+
+
+def micro_batch_sizes(devices: Sequence[DeviceProfile], work: Workload) -> list[int]:
+    """Phase 1's micro-batch sizes to weigh: the workload's, and every other size all devices have measured."""
+    measured = [set(dict(d.micro_batch_factors)) for d in devices]
+    return sorted({work.micro_batch} | set.intersection(*measured))
 
 
 def best_for(

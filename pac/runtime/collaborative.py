@@ -34,6 +34,7 @@ from pac.errors import PacError
 from pac.methods.registry import BuildContext, get_method
 from pac.models.loading import cache_root, resolve_model
 from pac.net.dataplane import DataPlane, TorchDataPlane
+from pac.plan.costs import CACHE_MICRO_BATCH
 from pac.plan.placement import Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
@@ -44,6 +45,7 @@ from pac.runtime.prepare import PreparedData, adapter_meta_of, run_identity, tra
 from pac.runtime.run_dir import claim, run_fingerprint
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
+from pac.runtime.storage import disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 # How long a peer waits for an earlier process of the same run to leave its run directory: a peer whose
@@ -76,6 +78,7 @@ class Assignment:
             "schedule": self.plan.schedule,
             "micro_batches": self.plan.micro_batches,
             "shares": list(self.plan.shares) if self.plan.shares is not None else None,
+            "phase1_micro_batch": self.plan.phase1_micro_batch,
             "taps": self.taps,
             "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
@@ -99,6 +102,7 @@ class Assignment:
                     str(raw["schedule"]),
                     int(raw["micro_batches"]),
                     None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
+                    None if raw["phase1_micro_batch"] is None else int(raw["phase1_micro_batch"]),
                 ),
                 taps=[int(t) for t in raw["taps"]],
                 options=run_config_from_wire(raw["run"]),
@@ -172,20 +176,40 @@ def run_assignment(
         )
     init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
     try:
-        started = time.perf_counter()
-        plane = _data_plane(job, zmq_plane)
-        built = _phase_one(job, model_dir, splits, plane, progress, stop)
-        phase1 = {
-            "phase1_seconds": time.perf_counter() - started,
-            "phase1_bytes_sent": _sent(plane),
-            "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
-        }
-        dist.barrier()  # every owner's cache is complete before anyone trains
-        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
-        sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
-        return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
+        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop)
+    except Exception as exc:
+        if is_disk_full(exc):
+            prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
+            again = "resume the run (`pac-launch --resume` with its --out)"
+            raise PacError(disk_full_message(exc, opts, prepared, out, again)) from exc
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _both_phases(
+    job: Assignment,
+    model_dir: Path,
+    splits: dict[str, TokenizedSet],
+    label_names: list[str] | None,
+    out: Path,
+    zmq_plane: DataPlane | None,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> dict[str, Any]:
+    """run_assignment's work, inside the run's process group."""
+    started = time.perf_counter()
+    plane = _data_plane(job, zmq_plane)
+    built = _phase_one(job, model_dir, splits, plane, progress, stop)
+    phase1 = {
+        "phase1_seconds": time.perf_counter() - started,
+        "phase1_bytes_sent": _sent(plane),
+        "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
+    }
+    dist.barrier()  # every owner's cache is complete before anyone trains
+    summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
+    sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
+    return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
 
 
 def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrainer) -> bool:
@@ -237,7 +261,15 @@ def _phase_one(
         caches, done, total, forwarded = {}, 0, sum(len(d) for d in splits.values()), 0
         for name, data in splits.items():
             mine = data.subset(plan.owned_positions(len(data), rank))
-            built = build_cache(model_dir, mine, root, job.taps, opts.cache.dtype, desc=f"cache ({name})")
+            built = build_cache(
+                model_dir,
+                mine,
+                root,
+                job.taps,
+                opts.cache.dtype,
+                batch_size=plan.phase1_micro_batch or CACHE_MICRO_BATCH,
+                desc=f"cache ({name})",
+            )
             caches[name] = built.cache_dir
             forwarded += built.computed_samples
             done += len(data)
@@ -255,7 +287,7 @@ def _phase_one(
         job.taps,
         root,
         opts.cache.dtype,
-        micro_batch=opts.optim.batch_size,
+        micro_batch=plan.phase1_micro_batch or opts.optim.batch_size,
         progress=report,
         stop=stop,
     )

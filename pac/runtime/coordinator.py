@@ -567,7 +567,10 @@ class Coordinator:
         for rank, peer in enumerate(chosen):
             peer.rank = rank
         best = choice.best
-        return Plan(best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches, best.shares), chosen
+        plan = Plan(
+            best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches, best.shares, best.micro_batch
+        )
+        return plan, chosen
 
     def _grad_compression(self) -> str:
         """How data-parallel phase 2 sends its gradients: as asked, else as planned, else uncompressed."""
@@ -586,6 +589,7 @@ class Coordinator:
             "predicted_peak_bytes": best.peak_bytes,
             "predicted_sent_bytes": best.sent_bytes,
             "grad_compression": best.compression,
+            "phase1_micro_batch": best.micro_batch,
             "other_modes_seconds": {m: p.total_seconds for m, p in self.planned.by_mode.items()},
             "limit_seconds": self.planned.limit_seconds,
             "left_out": self.planned.left_out,

@@ -32,13 +32,13 @@ from pac.cache.fingerprint import model_fingerprint
 from pac.methods.registry import BuildContext, get_method
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import pac_home
-from pac.plan.costs import DeviceProfile, ModelCosts
+from pac.plan.costs import CACHE_MICRO_BATCH, DeviceProfile, ModelCosts
 from pac.runconfig import TrainOptions
 from pac.runtime.cpu import cpu_share
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 4  # 2: load and build times; 4: times sustained under a CPU quota
+PROFILE_VERSION = 5  # 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -90,6 +90,7 @@ def profile_device(
         for i in range(config.num_hidden_layers)
     ]
     side = _profile_step(model_dir, opts, config, repeats)
+    factors = _micro_batch_factors(model_dir, config, seq_len, micro, repeats)
     d, bytes_per_value = config.hidden_size, CACHE_DTYPE_BYTES[opts.cache.dtype]
     device = DeviceProfile(
         name,
@@ -99,6 +100,7 @@ def profile_device(
         side["eval_seconds"] / micro,
         layer_load_seconds=tuple(layer["load_seconds"] for layer in layers),
         build_seconds=side["build_seconds"],
+        micro_batch_factors=factors,
     )
     costs = ModelCosts(
         layer_weight_bytes=tuple(layer["weight_bytes"] for layer in layers),
@@ -150,11 +152,12 @@ def describe_profiles() -> str:
         m, d, layers = p["measured"], p["device"], p["layers"]
         per_layer = " ".join(f"{layer['seconds'] / m['micro_batch'] * 1e3:.2f}" for layer in layers)
         rates = [layer["flops_per_second"] / 1e9 for layer in layers if layer["flops_per_second"]]
+        sizes = "".join(f", x{f:.2f} in micro-batches of {size}" for size, f in d.get("micro_batch_factors", ()))
         blocks.append(
             f"{path.stem}: {m['method']}, {m['seq_len']} tokens, batch {m['micro_batch']}, {m['threads']} threads, "
             f"{m['processor']}, measured {m['at']}\n"
             f"  ms per sample through each layer: {per_layer}\n"
-            f"  whole model {sum(d['layer_seconds']) * 1e3:.1f} ms per sample, "
+            f"  whole model {sum(d['layer_seconds']) * 1e3:.1f} ms per sample{sizes}, "
             f"{min(rates, default=0):.1f}-{max(rates, default=0):.1f} GFLOP/s per layer\n"
             f"  training step {d['side_train_seconds'] * 1e3:.1f} ms and evaluation "
             f"{d['side_eval_seconds'] * 1e3:.1f} ms per sample"
@@ -167,6 +170,7 @@ def device_profile_of(profile: dict[str, Any], bandwidth: float, rtt: float) -> 
     device = dict(profile["device"])
     device["layer_seconds"] = tuple(device["layer_seconds"])
     device["layer_load_seconds"] = tuple(device["layer_load_seconds"])
+    device["micro_batch_factors"] = tuple((int(m), float(f)) for m, f in device.get("micro_batch_factors", ()))
     return DeviceProfile(**device, bandwidth=bandwidth, rtt=rtt)
 
 
@@ -234,6 +238,21 @@ def _profile_layer(model_dir: Path, index: int, seq_len: int, micro: int, vocab:
         "flops": flops,
         "flops_per_second": flops / seconds if seconds > 0 else 0.0,
     }
+
+
+def _micro_batch_factors(
+    model_dir: Path, config: Any, seq_len: int, micro: int, repeats: int
+) -> tuple[tuple[int, float], ...]:
+    """Phase 1's time per sample at CACHE_MICRO_BATCH against the run's micro-batch, on a middle layer (the
+    layers are alike): what the planner weighs against a pipeline's longer fill."""
+    if micro == CACHE_MICRO_BATCH:
+        return ()
+    middle = config.num_hidden_layers // 2
+    per_sample = {
+        size: _profile_layer(model_dir, middle, seq_len, size, config.vocab_size, repeats)["seconds"] / size
+        for size in (micro, CACHE_MICRO_BATCH)
+    }
+    return ((CACHE_MICRO_BATCH, per_sample[CACHE_MICRO_BATCH] / per_sample[micro]),)
 
 
 def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int) -> dict[str, Any]:
