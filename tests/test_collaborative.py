@@ -753,6 +753,14 @@ def test_the_rendezvous_listens_only_where_the_peers_reach_it(tiny_llama, topic_
         coordinator.close()
 
 
+def _wait_for_state(shown: io.StringIO, state: str, runner: threading.Thread) -> None:
+    """Until the coordinator running in `runner` has printed that it entered `state`."""
+    deadline = time.monotonic() + 120
+    while f"[pac-launch] {state}" not in shown.getvalue():
+        assert time.monotonic() < deadline and runner.is_alive(), shown.getvalue()
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])
 def test_a_killed_peer_is_named_within_seconds(mode, phase, tiny_llama, topic_jsonl, tmp_path):
     """SIGKILL one of three peers in phase 1 or phase 2: its closed connection and missed heartbeats name it
@@ -775,10 +783,7 @@ def test_a_killed_peer_is_named_within_seconds(mode, phase, tiny_llama, topic_js
     runner = threading.Thread(target=run)
     runner.start()
     try:
-        deadline = time.monotonic() + 120
-        while f"[pac-launch] {phase}" not in shown.getvalue():
-            assert time.monotonic() < deadline and runner.is_alive(), shown.getvalue()
-            time.sleep(0.05)
+        _wait_for_state(shown, phase, runner)
         peers.procs[1].kill()
         killed = time.monotonic()
         runner.join(timeout=60)
@@ -983,10 +988,7 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     runner = threading.Thread(target=lambda: outcome.append(coordinator.run()))
     runner.start()
     try:
-        deadline = time.monotonic() + 120
-        while f"[pac-launch] {phase}" not in shown.getvalue():
-            assert time.monotonic() < deadline and runner.is_alive(), shown.getvalue()
-            time.sleep(0.05)
+        _wait_for_state(shown, phase, runner)
         time.sleep(0.5)
         peers.procs[1].kill()
         runner.join(timeout=240)
