@@ -234,3 +234,20 @@ def test_the_planner_weighs_phase_one_micro_batches_against_the_pipeline_fill():
     assert plan(faster, MODEL, few, modes=("side-pipeline",)).best.micro_batch == 8
     # A size one device has not measured is not weighed.
     assert plan([faster[0], device("c")], MODEL, WORK, modes=("replicated",)).best.micro_batch == 8
+
+
+def test_the_read_out_of_a_side_pipeline_runs_on_its_last_stage():
+    """A language model's step spends most of its work in the head (the products with the whole vocabulary),
+    which a side pipeline's last stage runs alone: with 10% of the step in the side blocks, two equal stages
+    take the step at the last stage's pace (55% of it), not at half of it."""
+    from dataclasses import replace
+
+    devices = [device("a"), device("b")]
+    stages = [(0, 6), (6, 12)]
+    spread = predict("side-pipeline", devices, stages, MODEL, WORK).epoch_seconds
+    headed = predict("side-pipeline", devices, stages, replace(MODEL, side_blocks_share=0.1), WORK).epoch_seconds
+    assert headed > 1.5 * spread
+    # The data-parallel modes split whole steps between devices: the share changes nothing there.
+    for mode in ("replicated", "shuffle"):
+        plain = predict(mode, devices, stages, MODEL, WORK).epoch_seconds
+        assert predict(mode, devices, stages, replace(MODEL, side_blocks_share=0.1), WORK).epoch_seconds == plain

@@ -41,6 +41,8 @@ def test_a_profile_measures_every_layer_and_the_method_s_step_and_is_cached(tiny
     assert device["name"] == "desk" and device["memory"] == 2 * 10**9
     assert device["side_train_seconds"] > 0 and device["side_eval_seconds"] > 0
     assert profile["model"]["side_param_bytes"] > 0 and profile["measured"]["micro_batch"] == 4
+    # The side blocks' share of a step (a side pipeline spreads them; its last stage also runs the read-out).
+    assert 0 < profile["model"]["side_blocks_share"] < 1
     # Phase 1 per sample in micro-batches of 16 against the run's 4, for the planner to weigh.
     ((size, factor),) = device["micro_batch_factors"]
     assert size == 16 and 0 < factor < 10

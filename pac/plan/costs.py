@@ -16,7 +16,8 @@ What the prediction follows is what the runtime does (pac.runtime.collaborative)
   batch, then a ring all-reduce of the gradients (2 (n-1)/n of their bytes over each link) ends it; a gradient
   compression (torch's DDP hook: fp16) halves those bytes (`gradient_wire_bytes`).
 * phase 2 side-pipeline: a step's micro-batches pass the stages' side blocks (GPipe: micro-batches + stages - 1
-  slots of the slowest stage); only side states and their gradients cross the links.
+  slots of the slowest stage), the last stage also running the read-out and its loss; only side states and their
+  gradients cross the links.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class ModelCosts:
     side_param_bytes: int  # trainable parameters (float32)
     side_sample_bytes: int  # one sample's working memory in a phase-2 step (its taps, activations)
     runtime_bytes: int  # the process itself: interpreter, torch, tokenizer
+    # Of a phase-2 step's work, the share in the side blocks, which side-pipeline stages split by their taps; the
+    # rest (the read-out and its loss: for language modelling, the products with the whole vocabulary) runs on
+    # the last stage. Measured by FLOPs (pac.runtime.profiler).
+    side_blocks_share: float = 1.0
 
     @property
     def num_layers(self) -> int:
@@ -248,7 +253,8 @@ def _side_pipeline_epoch(
     train_slots, eval_slots = [], []
     for k, (device, stage) in enumerate(zip(devices, stages, strict=True)):
         taps = len(stage_taps(stage, work.taps))
-        share = (taps - 1 if k == 0 else taps) / blocks  # block j reads tap j + 1: tap 0 has none
+        own_blocks = (taps - 1 if k == 0 else taps) / blocks  # block j reads tap j + 1: tap 0 has none
+        share = model.side_blocks_share * own_blocks + (1 - model.side_blocks_share) * (k == n - 1)
         state = model.side_state_bytes * micro
         forward = _link_seconds(state, device, devices[k + 1]) if k < n - 1 else 0.0
         backward = _link_seconds(state, device, devices[k - 1]) if k > 0 else 0.0

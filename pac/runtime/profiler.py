@@ -38,7 +38,8 @@ from pac.runtime.cpu import cpu_share
 from pac.runtime.prepare import train_config
 from pac.runtime.step import BackpropStep
 
-PROFILE_VERSION = 5  # 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors
+# 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors; 6: the side blocks' share
+PROFILE_VERSION = 6
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -112,6 +113,7 @@ def profile_device(
         side_param_bytes=side["trainable_bytes"],
         side_sample_bytes=side["sample_bytes"],
         runtime_bytes=runtime_bytes,
+        side_blocks_share=side["blocks_share"],
     )
     profile = {
         "version": PROFILE_VERSION,
@@ -274,6 +276,7 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
     step = step or BackpropStep(model, task, source, config_loop)
     indices = list(range(micro))
     train_seconds = _timed(lambda: step(indices, 0), repeats)
+    blocks_share = _side_blocks_share(model, source.batch(indices))
     model.eval()
     batch = source.batch(indices)
     with torch.no_grad():
@@ -288,6 +291,7 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
     return {
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
+        "blocks_share": blocks_share,
         "build_seconds": build_seconds,
         "flops": counter.get_total_flops(),
         "trainable_bytes": sum(p.numel() * 4 for p in trainable),
@@ -296,6 +300,21 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
         # What one sample brings into a step: its inputs in float32, and activations about as large again.
         "sample_bytes": 2 * sum(t.numel() * 4 for t in sample.values()),
     }
+
+
+def _side_blocks_share(model: Any, batch: dict[str, Any]) -> float:
+    """The share of a training step's FLOPs (forward and backward) in the side network's blocks, which a side
+    pipeline spreads over its stages; 1.0 for a method without them."""
+    blocks = getattr(getattr(model, "side", None), "blocks", None)
+    if not blocks:
+        return 1.0
+    with FlopCounterMode(display=False) as counter:
+        model.loss_batch(batch).backward()
+    model.zero_grad(set_to_none=True)
+    counts = counter.get_flop_counts()  # by module class name: the side blocks are the only decoder layers run
+    total = sum(counts["Global"].values())
+    in_blocks = sum(sum(counts.get(name, {}).values()) for name in {type(b).__name__ for b in blocks})
+    return in_blocks / total if total else 1.0
 
 
 def _layer_activation_bytes(config: Any, seq_len: int) -> int:
