@@ -53,8 +53,9 @@ class Plan:
     def describe(self) -> str:
         return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
 
-    @property
+    @functools.cached_property
     def groups(self) -> list[tuple[Stage, tuple[int, ...]]]:
+        """The pipeline's stages with the ranks that run each (`stage_groups`), worked out once per plan."""
         return stage_groups(self.stages)
 
     def processor(self, group: int, micro: int) -> int:

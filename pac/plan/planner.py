@@ -220,6 +220,7 @@ def split_layers(
     cut = [[(0, 0)] * (num_layers + 1) for _ in range(n + 1)]
     best[0][0] = 0.0
     for k in range(1, n + 1):
+        following = devices[k] if k < n else None
         # Single devices first, and a group only where strictly faster: it holds more layers on each member.
         for first in range(k - 1, max(0, k - largest_group) - 1, -1):
             group = devices[first:k]
@@ -232,7 +233,6 @@ def split_layers(
                         continue
                     if any(peak_bytes(mode, d, stage, model, work) > d.memory for d in group):
                         continue
-                    following = devices[k] if k < n else None
                     pace = max(best[first][start], _group_pace(mode, group, following, n, stage, model, work))
                     if pace < best[k][end] * (1 - 1e-9):
                         best[k][end], cut[k][end] = pace, (first, start)
@@ -263,7 +263,7 @@ def _group_pace(
         out = model.hidden_bytes / min(device.bandwidth, following.bandwidth) if following is not None else 0.0
         if mode == "shuffle":
             out += len(stage_taps(stage, work.taps)) * model.tap_bytes * (n - 1) / n / device.bandwidth
-        paces.append(max(device.forward_seconds(stage), out))
+        paces.append(max(device.forward_seconds(stage, work.micro_batch), out))
     return max(paces) / len(group)
 
 

@@ -507,8 +507,8 @@ class Coordinator:
     def _without(self, lost: PeerLost, members: list[PeerState]) -> list[PeerState]:
         """After a member is lost: the others abandon the attempt (each agent starts afresh, so no thread stays
         stuck in the broken process group), join again, and the next attempt is planned over them. Their finished
-        cache shards and checkpoints are reused (pac.runtime.launch_record). A layout fixed by hand is not
-        re-planned: the run fails as before, naming the lost peer."""
+        cache shards and checkpoints are reused (pac.runtime.pipeline, pac.runtime.collaborative.run_directory).
+        A layout fixed by hand is not re-planned: the run fails as before, naming the lost peer."""
         survivors = [p for p in members if p is not lost.peer]
         if not survivors:
             self._fail(f"{lost.reason} (no peer is left)")
@@ -519,10 +519,10 @@ class Coordinator:
                 f"{lost.reason}; {', '.join(once)} serve(s) one run only (pac peer --once), so the run cannot "
                 "re-plan over them: run the peers as agents, and `pac-launch --resume` this run"
             )
-        names = ", ".join(p.host.name for p in survivors)
-        self._print(f"[pac-launch] {lost.reason}. Re-planning over {names}")
+        names = [p.host.name for p in survivors]
+        self._print(f"[pac-launch] {lost.reason}. Re-planning over {', '.join(names)}")
         self.lost.append(
-            {"peer": lost.peer.host.name, "state": self.state.value, "at": time.time(), "remaining": names.split(", ")}
+            {"peer": lost.peer.host.name, "state": self.state.value, "at": time.time(), "remaining": names}
         )
         if self.record is not None:
             self.record.update(lost=self.lost)

@@ -91,7 +91,7 @@ def profile_device(
         for i in range(config.num_hidden_layers)
     ]
     side = _profile_step(model_dir, opts, config, repeats)
-    factors = _micro_batch_factors(model_dir, config, seq_len, micro, repeats)
+    factors = _micro_batch_factors(model_dir, config, seq_len, micro, layers, repeats)
     d, bytes_per_value = config.hidden_size, CACHE_DTYPE_BYTES[opts.cache.dtype]
     device = DeviceProfile(
         name,
@@ -243,18 +243,15 @@ def _profile_layer(model_dir: Path, index: int, seq_len: int, micro: int, vocab:
 
 
 def _micro_batch_factors(
-    model_dir: Path, config: Any, seq_len: int, micro: int, repeats: int
+    model_dir: Path, config: Any, seq_len: int, micro: int, layers: list[dict[str, Any]], repeats: int
 ) -> tuple[tuple[int, float], ...]:
-    """Phase 1's time per sample at CACHE_MICRO_BATCH against the run's micro-batch, on a middle layer (the
-    layers are alike): what the planner weighs against a pipeline's longer fill."""
+    """Phase 1's time per sample at CACHE_MICRO_BATCH against the run's micro-batch (`layers`, as timed at it),
+    on a middle layer (the layers are alike): what the planner weighs against a pipeline's longer fill."""
     if micro == CACHE_MICRO_BATCH:
         return ()
     middle = config.num_hidden_layers // 2
-    per_sample = {
-        size: _profile_layer(model_dir, middle, seq_len, size, config.vocab_size, repeats)["seconds"] / size
-        for size in (micro, CACHE_MICRO_BATCH)
-    }
-    return ((CACHE_MICRO_BATCH, per_sample[CACHE_MICRO_BATCH] / per_sample[micro]),)
+    larger = _profile_layer(model_dir, middle, seq_len, CACHE_MICRO_BATCH, config.vocab_size, repeats)
+    return ((CACHE_MICRO_BATCH, (larger["seconds"] / CACHE_MICRO_BATCH) / (layers[middle]["seconds"] / micro)),)
 
 
 def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int) -> dict[str, Any]:

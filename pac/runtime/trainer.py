@@ -222,7 +222,7 @@ class Trainer:
     # ------------------------------------------------------------ training
     def _automatic_interval(self, seconds: float) -> int | None:
         """Steps between checkpoints for about CHECKPOINT_SECONDS of work, once the first steps are timed."""
-        if self._auto_every is None and len(self._step_seconds) < AUTO_CHECKPOINT_STEPS:
+        if self._auto_every is None:
             self._step_seconds.append(seconds)
             if len(self._step_seconds) == AUTO_CHECKPOINT_STEPS:
                 pace = self._agreed_seconds(max(self._step_seconds))
