@@ -157,6 +157,19 @@ def run_directory(
         yield path
 
 
+class Laps:
+    """Where a peer's assignment spent its time, step by step, for summary.json (and the cost model's check)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
+        self._last = now
+
+
 def run_assignment(
     job: Assignment,
     splits: dict[str, TokenizedSet],
@@ -174,9 +187,11 @@ def run_assignment(
             f"this device's copy of {opts.model or 'the bundled model'} ({model_dir}) differs from the "
             "coordinator's (fingerprint mismatch): give every device the same model files"
         )
+    laps = Laps()
     init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
+    laps.lap("process group")
     try:
-        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop)
+        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop, laps)
     except Exception as exc:
         if is_disk_full(exc):
             prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
@@ -196,6 +211,7 @@ def _both_phases(
     zmq_plane: DataPlane | None,
     progress: Progress | None,
     stop: threading.Event | None,
+    laps: Laps,
 ) -> dict[str, Any]:
     """run_assignment's work, inside the run's process group."""
     started = time.perf_counter()
@@ -206,10 +222,12 @@ def _both_phases(
         "phase1_bytes_sent": _sent(plane),
         "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
     }
+    laps.lap("phase 1")
     dist.barrier()  # every owner's cache is complete before anyone trains
-    summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress)
+    laps.lap("waiting for the other caches")
+    summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
     sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
-    return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb()}
+    return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
 
 
 def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrainer) -> bool:
@@ -302,6 +320,7 @@ def _phase_two(
     out: Path,
     plane: DataPlane | None,
     progress: Progress | None,
+    laps: Laps,
 ) -> dict[str, Any]:
     opts, plan, rank = job.options, job.plan, job.rank
     method = get_method(opts.method)
@@ -318,6 +337,7 @@ def _phase_two(
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p, src=0)
+    laps.lap("building the model")
     config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
     if plan.mode == "side-pipeline":
@@ -336,6 +356,7 @@ def _phase_two(
     else:
         if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
+            laps.lap("digesting the cache")
         sources = {name: ShardedSource(local[name], data.sample_ids) for name, data in splits.items()}
         trainer = DataParallelTrainer(
             model,
@@ -348,6 +369,7 @@ def _phase_two(
             compression=job.grad_compression,
         )
     epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
+    laps.lap("training")
     if isinstance(trainer, SidePipelineTrainer):
         trainer.gather_adapter()
     summary: dict[str, Any] = {
@@ -358,4 +380,5 @@ def _phase_two(
     if rank == 0:
         prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
         summary.update(epochs=epochs, **method.save(opts.method_options, model, out, adapter_meta_of(opts, prepared)))
+    laps.lap("saving the adapter")
     return summary

@@ -337,6 +337,8 @@ class PeerAgent:
                     progress=lambda phase, done, total: self.events.put(("progress", phase, done, total)),
                     stop=self.stop,
                 )
+            steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds_by_step"].items())
+            log.info("the assignment's time: %s", steps)
             self.events.put(("done", summary, out))
         except Exception as exc:  # reported to the coordinator, which fails the run with this reason
             log.error("assignment failed:\n%s", traceback.format_exc())
