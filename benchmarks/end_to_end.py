@@ -14,7 +14,8 @@ phone 20 Mbit 20 ms; deploy/home.py), all on this 2-core machine. Configurations
   pac-no-cache   the side network on the desktop alone with a backbone forward every step (no activation cache)
 
 With --compression, the gradient all-reduce over the home's links (issue 21, point 7), 3 epochs: pac replicated
-on all three devices (4:2:1) and LoRA data-parallel, each uncompressed and as fp16 (--grad-compression).
+on all three devices (4:2:1) and LoRA data-parallel, each uncompressed and as fp16 (--grad-compression), and pac
+replicated with its all-reduces over the encrypted data plane (--encrypt-gradients) rather than gloo.
 
 Every row is a real run; its wall time is the command's, from start to exit. Rows that ran fewer epochs than a
 column asks for are extrapolated from their own measured epochs (one-off costs measured, never extrapolated:
@@ -54,13 +55,15 @@ HOME_ARGS = {
     # Gradient compression where a run all-reduces gradients over the home's links (issue 21, point 7).
     "pac-replicated": REPLICATED,
     "pac-replicated-fp16": [*REPLICATED, "--grad-compression", "fp16"],
+    # The same all-reduces over the CURVE-encrypted data plane instead of gloo (issue 22, point 7).
+    "pac-replicated-encrypted": [*REPLICATED, "--grad-compression", "none", "--encrypt-gradients"],
     # its own uncompressed row: the compression rows ran after torch threads began to follow the CPU quota
     "lora-dp-none": [*LORA_DP, "--grad-compression", "none"],
     "lora-dp-fp16": [*LORA_DP, "--grad-compression", "fp16"],
 }
 DESKTOP_CONFIGS = ("lora-desktop", "full-desktop", "pac-no-cache")
 MAIN = ("pac", "lora-dp", *DESKTOP_CONFIGS)
-COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "lora-dp-none", "lora-dp-fp16")
+COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "pac-replicated-encrypted", "lora-dp-none", "lora-dp-fp16")
 # Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one is timed
 # and the rest extrapolated (the issue's sizing rule), except LoRA alone, whose 5 epochs give its quality; the
 # compression rows run 3 epochs.
@@ -71,7 +74,7 @@ EPOCHS_RUN = {
     "full-desktop": 1,
     "pac-no-cache": 1,
 }
-EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3}
+EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3, "pac-replicated-encrypted": 3}
 
 
 def _home():
@@ -324,9 +327,10 @@ def compression_report(rows: dict[str, Any]) -> str:
         if not configs:
             continue
         lines += [
-            f"\n### Gradient compression over the home's links: {task}, 3 epochs\n",
-            "| configuration | compression | wall (s) | training s/epoch | on the wire (MB) | validation | notes |",
-            "|---|---|---|---|---|---|---|",
+            f"\n### Gradient compression and encryption over the home's links: {task}, 3 epochs\n",
+            "| configuration | compression | all-reduced over | wall (s) | training s/epoch | on the wire (MB) "
+            "| validation | notes |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for config in configs:
             row = _row(rows, task, config, 3)
@@ -335,8 +339,10 @@ def compression_report(rows: dict[str, Any]) -> str:
             ran = row["epochs_run"]
             quality = _quality(task, row["final"]) + (f" (after {ran})" if ran != 3 else "")
             note = f"extrapolated from {ran} measured epoch(s)" if extrapolated else ""
+            over = "data plane (CURVE)" if "--encrypt-gradients" in HOME_ARGS[config] else "gloo (in clear)"
             lines.append(
-                f"| {config} | {row['grad_compression']} | {wall:.0f} | {epoch:.1f} | {wire_megabytes(row, 3):.1f} "
+                f"| {config} | {row['grad_compression']} | {over} | {wall:.0f} | {epoch:.1f} "
+                f"| {wire_megabytes(row, 3):.1f} "
                 f"| {quality} | {note} |"
             )
     return "\n".join(lines) + "\n"

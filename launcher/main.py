@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "else none",
     )
     plan.add_argument(
+        "--encrypt-gradients",
+        action="store_true",
+        help="send phase 2's gradients, losses and starting weights over the CURVE-encrypted data plane instead "
+        "of torch.distributed's gloo, which sends them in clear (README: What is encrypted); the shuffle and "
+        "replicated modes only. Costs little per epoch: benchmarks/results/encrypted_allreduce.md",
+    )
+    plan.add_argument(
         "--data-plane",
         choices=["zmq", "torch"],
         default="zmq",
@@ -197,6 +204,7 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
         micro_batches=args.micro_batches,
         shares=args.shares,
         grad_compression=args.grad_compression,
+        encrypt_gradients=args.encrypt_gradients,
         refresh_profiles=args.refresh_profiles,
         join_timeout=args.join_timeout,
         peer_timeout=args.peer_timeout,

@@ -89,6 +89,8 @@ class ClusterOptions:
     # Gradients of data-parallel phase 2 on the wire: none | fp16 (torch's DDP communication
     # hooks); None: the planner's choice where it plans, else none.
     grad_compression: str | None = None
+    # Data-parallel phase 2's all-reduces over the CURVE-encrypted data plane instead of gloo (which is in clear).
+    encrypt_gradients: bool = False
     join_timeout: float = 120.0
     peer_timeout: float = 60.0
     store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)

@@ -326,6 +326,15 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         assert [r["type"] for r in replies] == ["error"] * 5
         assert "msgpack" in replies[0]["reason"] and "nonce" in replies[3]["reason"]
         assert "not authenticated" in replies[4]["reason"]
+        # A token holder that says hello and then `refused` (the message that ends a peer) must prove it holds
+        # the token, as a welcome must: a proof over another nonce is rejected, and the peer serves on.
+        rogue.send(protocol.encode("hello", nonce=auth.new_nonce()))
+        joined = protocol.decode(rogue.recv())
+        assert joined["type"] == "join"
+        forged = auth.proof(token, "refusal", auth.new_nonce())
+        rogue.send(protocol.encode("refused", proof=forged, reason="go away"))
+        rejected = protocol.decode(rogue.recv())
+        assert rejected["type"] == "error" and "without a valid proof" in rejected["reason"]
         rogue.send(b"x" * (protocol.MAX_CONTROL_BYTES + 1))  # beyond MAXMSGSIZE: zmq drops the connection
         time.sleep(0.5)
         assert peer.poll() is None  # still serving
@@ -349,6 +358,9 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         assert replies[-1]["type"] == "error" and "msgpack" in replies[-1]["reason"]
         assert "rejected a message from fake" in caplog.text
         fake.close(0)
+        # With the proof over the peer's own nonce, the refusal is honoured: the one-run peer exits.
+        rogue.send(protocol.encode("refused", proof=auth.proof(token, "refusal", joined["nonce"]), reason="bye"))
+        assert peer.wait(timeout=15) == 2
     finally:
         peer.kill()
         rogue.close(0)
@@ -1035,3 +1047,28 @@ def test_a_peer_whose_disk_fills_up_stops_the_run_with_what_to_do_and_resume_con
     got = load_file(out / "adapter_model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def test_gradients_all_reduced_over_the_encrypted_data_plane(single_device, tiny_llama, topic_jsonl, tmp_path):
+    """--encrypt-gradients: phase 2's gradients, losses and starting weights go over the CURVE data plane, not
+    gloo; replicated mode sends nothing else there, so its phase-2 bytes are the ring's, and the adapter is one
+    device's (the ring adds up each gradient in another order than gloo: float rounding only)."""
+    out = tmp_path / "out"
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--mode", "replicated", "--encrypt-gradients") == 0
+    expected, _ = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((out / "summary.json").read_text())
+    peers = summary["peers"].values()
+    assert all(p["summary"]["phase1_bytes_sent"] == 0 for p in peers)
+    assert all(p["summary"]["phase2_bytes_sent"] > 0 for p in peers)
+
+
+def test_encrypted_gradients_are_refused_where_they_would_not_be_encrypted(tiny_llama, topic_jsonl, tmp_path, capsys):
+    for argv, complaint in (
+        (["--mode", "side-pipeline"], "not side-pipeline"),
+        (["--data-plane", "torch"], "drop --data-plane torch"),
+    ):
+        assert _launch(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c", "--encrypt-gradients", *argv) == 2
+        assert complaint in capsys.readouterr().err

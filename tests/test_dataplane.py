@@ -342,3 +342,46 @@ def test_torch_plane_needs_an_initialised_group():
         pytest.skip("another test left a process group initialised in this process")
     with pytest.raises(DataPlaneError, match="init_process_group"):
         TorchDataPlane(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_all_reduce_over_encrypted_planes_gives_every_rank_the_same_sums(world):
+    """The collectives that stand in for gloo's where nothing may cross in clear: each rank ends with bit-identical
+    sums (data-parallel replicas must stay the same), of float32, float16 and a tensor shorter than the ring."""
+    from pac.net.collective import PlaneCollectives
+
+    _, planes = curve_planes(world)
+    inputs = [
+        [torch.randn(1001, generator=torch.Generator().manual_seed(r)), torch.full((2,), float(r + 1))]
+        for r in range(world)
+    ]
+    inputs = [[*xs, xs[0][:77].half()] for xs in inputs]
+    results: list[list[torch.Tensor] | None] = [None] * world
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            ring = PlaneCollectives(planes[r], world, timeout=10)
+            mine = [x.clone() for x in inputs[r]]
+            results[r] = [ring.all_reduce(x) for x in mine] + [ring.broadcast(torch.full((3,), float(r)), src=1)]
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        for p in planes:
+            p.close()
+    assert not errors, errors
+    for k in range(3):
+        expected = sum(x[k].double() for x in inputs)
+        for r in range(world):
+            assert torch.equal(results[r][k], results[0][k])  # bit-identical on every rank
+            tolerance = 1e-2 if inputs[0][k].dtype == torch.float16 else 1e-5
+            torch.testing.assert_close(results[r][k].double(), expected, atol=tolerance, rtol=tolerance)
+    assert all(torch.equal(results[r][3], torch.full((3,), 1.0)) for r in range(world))
+    assert all(p.bytes_sent > 0 for p in planes)

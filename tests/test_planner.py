@@ -134,9 +134,10 @@ def test_the_data_parallel_epoch_is_the_batches_share_plus_a_ring_all_reduce():
     evaluation = 50 * 0.01
     assert got.epoch_seconds == pytest.approx(steps * (compute + ring) + evaluation)
     assert got.phase1_seconds == pytest.approx(250 * LAYERS * 0.01)  # each runs all layers on half of 500
-    assert got.sent_bytes["a"] == steps * 5 * 12_000_000
+    assert got.sent_bytes["a"] == steps * 5 * 12_000_000 + 12_000_000  # and the starting weights, once
     assert got.peak_bytes["a"] == peak_bytes("replicated", a, (0, LAYERS), MODEL, WORK)
-    assert got.total_seconds == pytest.approx(got.phase1_seconds + 5 * got.epoch_seconds)
+    weights = 12_000_000 / 1e6 + 0.001  # the starting weights to b, once
+    assert got.total_seconds == pytest.approx(got.phase1_seconds + weights + 5 * got.epoch_seconds)
 
 
 def test_uneven_devices_own_samples_in_proportion_to_their_speed():
@@ -159,8 +160,23 @@ def test_reading_the_layers_and_building_the_model_count_once():
     without = predict("shuffle", [device("a"), fast], [(0, 6), (6, LAYERS)], MODEL, WORK)
     got = predict("shuffle", [slow_disk, fast], [(0, 6), (6, LAYERS)], MODEL, WORK)
     assert got.phase1_seconds == pytest.approx(without.phase1_seconds + 6 * 0.5)  # its 6 layers, read once
-    assert got.phase2_seconds == pytest.approx(3.0 + 5 * got.epoch_seconds)
+    assert got.phase2_seconds == pytest.approx(3.0 + without.build_seconds + 5 * got.epoch_seconds)
     assert got.total_seconds == pytest.approx(without.total_seconds + 3.0 + 3.0)
+
+
+def test_phase_two_starts_with_one_broadcast_of_the_weights_and_a_side_pipeline_ends_with_one_gathering():
+    """Rank 0 sends its starting weights to each other rank over its own link; side-pipeline stages then sum their
+    parts into the adapter by a ring all-reduce (2 (n-1)/n of the bytes over the slowest link)."""
+    a, b, c = device("a"), device("b"), device("c", bandwidth=1e6)
+    rtt = 0.001
+    alone = predict("replicated", [a], [(0, LAYERS)], MODEL, WORK)
+    assert alone.build_seconds == 0.0
+    data_parallel = predict("replicated", [a, b, c], [(0, LAYERS)] * 3, MODEL, WORK)
+    assert data_parallel.build_seconds == pytest.approx(12_000_000 / 12.5e6 + 12_000_000 / 1e6 + rtt)
+    stages = [(0, 4), (4, 8), (8, LAYERS)]
+    pipelined = predict("side-pipeline", [a, b, c], stages, MODEL, WORK)
+    gathering = 2 * 2 / 3 * 12_000_000 / 1e6 + 4 * rtt
+    assert pipelined.build_seconds == pytest.approx(data_parallel.build_seconds + gathering)
 
 
 def test_gradient_compression_halves_the_all_reduce():
@@ -173,7 +189,8 @@ def test_gradient_compression_halves_the_all_reduce():
     )
     steps = 400 // 8
     assert plain.epoch_seconds - half.epoch_seconds == pytest.approx(steps * 6_000_000 / 1e6)
-    assert half.sent_bytes["a"] == plain.sent_bytes["a"] / 2 and half.compression == "fp16"
+    weights = 12_000_000  # rank 0's starting weights, in float32 either way
+    assert half.sent_bytes["a"] - weights == (plain.sent_bytes["a"] - weights) / 2 and half.compression == "fp16"
 
 
 def test_the_planner_compresses_gradients_only_where_the_plan_all_reduces_them():

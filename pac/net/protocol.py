@@ -11,7 +11,8 @@ The conversation of one run (C = coordinator, P = peer)::
     C -> P  hello      {nonce}                         C connects to P's endpoint and says hello
     P -> C  join       {name, profile, nonce, proof,   proof = HMAC(token, "peer" | C's nonce)
                         data_endpoint, data_key}
-    C -> P  welcome    {proof, rank}  or  refused       proof = HMAC(token, "coordinator" | P's nonce)
+    C -> P  welcome    {proof, rank}                    proof = HMAC(token, "coordinator" | P's nonce)
+         or refused    {proof, reason}                  proof = HMAC(token, "refusal" | P's nonce)
     C -> P  profile    {run, refresh}                   when planning: measure this device for the run
     P -> C  profiled   {profile}                        (pac.runtime.profiler; cached per device and model)
     C -> P  probe      {seq, payload}                   when planning: P echoes it, so C times the link
@@ -40,7 +41,9 @@ from pac.errors import PacError
 # 4: `profile`, `profiled` and `probe`, for the planner.
 # 5: `assign` carries the gradient compression of data-parallel phase 2.
 # 6: `assign` carries phase 1's planned micro-batch size; `join` profiles say whether the peer stays.
-PROTOCOL_VERSION = 6
+# 7: `refused` carries a proof of the join token (a client that only said hello cannot end an agent);
+#    `assign` says whether phase 2 all-reduces over the encrypted data plane.
+PROTOCOL_VERSION = 7
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket
@@ -65,7 +68,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "data_key": (bytes,),  # the CURVE public key of the peer's data plane
     },
     "welcome": {"proof": (bytes,), "rank": (int,)},
-    "refused": {"reason": (str,)},
+    "refused": {"proof": (bytes,), "reason": (str,)},
     "data": {
         "split": (str,),
         "sample_ids": (list,),

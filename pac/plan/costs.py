@@ -103,7 +103,9 @@ class Prediction:
     sent_bytes: dict[str, int]  # what each device sends over its link in the whole run
     shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
     shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
-    build_seconds: float = 0.0  # phase 2's one-off start: the slowest device's model build
+    # Phase 2's one-off costs: the slowest device's model build, the starting weights' broadcast and (side-pipeline)
+    # the adapter's gathering from the stages.
+    build_seconds: float = 0.0
     compression: str = "none"  # data-parallel phase 2's gradients on the wire (`gradient_wire_bytes`)
     micro_batch: int = 8  # phase 1's samples per forward
 
@@ -146,7 +148,7 @@ def predict(
         phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent, owned)
     # One-off: every device first reads its layers, and builds the method's model before phase 2.
     phase1 += max(d.load_seconds(s) for d, s in zip(devices, stages, strict=True))
-    build = max(d.build_seconds for d in devices)
+    build = max(d.build_seconds for d in devices) + _weight_sync_seconds(mode, devices, model, sent)
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:
@@ -167,6 +169,26 @@ def predict(
         compression if mode != "side-pipeline" else "none",
         work.micro_batch,
     )
+
+
+def _weight_sync_seconds(
+    mode: str, devices: Sequence[DeviceProfile], model: ModelCosts, sent: dict[str, float]
+) -> float:
+    """Phase 2's one-off traffic: rank 0's starting weights sent to each other rank in turn, and in side-pipeline
+    mode the stages' trained parts summed into the adapter at the end (a ring all-reduce)."""
+    n = len(devices)
+    if n == 1:
+        return 0.0
+    slowest = min(d.bandwidth for d in devices)
+    sent[devices[0].name] += (n - 1) * model.side_param_bytes
+    seconds = sum(_link_seconds(model.side_param_bytes, devices[0], d) for d in devices[1:])
+    seconds += max(d.rtt for d in devices)
+    if mode == "side-pipeline":
+        ring = 2 * (n - 1) / n * model.side_param_bytes
+        for d in devices:
+            sent[d.name] += ring
+        seconds += ring / slowest + 2 * (n - 1) * max(d.rtt for d in devices)
+    return seconds
 
 
 def _link_seconds(nbytes: float, sender: DeviceProfile, receiver: DeviceProfile) -> float:

@@ -33,6 +33,7 @@ from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.registry import BuildContext, get_method
 from pac.models.loading import cache_root, resolve_model
+from pac.net.collective import PlaneCollectives
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.costs import CACHE_MICRO_BATCH
 from pac.plan.placement import Plan
@@ -69,6 +70,8 @@ class Assignment:
     data_keys: dict[int, bytes] | None = None  # rank -> CURVE public key of that endpoint
     threads: int | None = None  # the hosts file's threads= for this peer
     grad_compression: str = "none"  # data-parallel phase 2 (pac.plan.costs.GRADIENT_COMPRESSIONS)
+    # Data-parallel phase 2's all-reduces (gradients, losses, starting weights) over the encrypted data plane.
+    encrypted_gradients: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class Assignment:
             "data_keys": {str(k): v for k, v in (self.data_keys or {}).items()},
             "threads": self.threads,
             "grad_compression": self.grad_compression,
+            "encrypted_gradients": self.encrypted_gradients,
         }
 
     @classmethod
@@ -114,6 +118,7 @@ class Assignment:
                 data_keys={int(k): bytes(v) for k, v in raw["data_keys"].items()},
                 threads=None if raw.get("threads") is None else int(raw["threads"]),
                 grad_compression=str(raw["grad_compression"]),
+                encrypted_gradients=bool(raw["encrypted_gradients"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PacError(f"malformed assignment from the coordinator ({type(exc).__name__}: {exc})") from None
@@ -225,6 +230,8 @@ def _both_phases(
     laps.lap("phase 1")
     dist.barrier()  # every owner's cache is complete before anyone trains
     laps.lap("waiting for the other caches")
+    if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
+        progress("train", 0, 0)
     summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
     sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
     return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
@@ -243,13 +250,25 @@ def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrain
     return same
 
 
+def _same_starting_weights(model: torch.nn.Module, collectives: PlaneCollectives | None) -> None:
+    """Rank 0's trainable weights on every rank (pruned init reads each rank's own samples), in one broadcast:
+    one per tensor pays a round trip each."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        flat = torch.cat([p.detach().view(-1) for p in trainable])
+        collectives.broadcast(flat) if collectives is not None else dist.broadcast(flat, src=0)
+        for p, whole in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):
+            p.copy_(whole.view_as(p))
+
+
 def _sent(plane: DataPlane | None) -> int:
     return plane.bytes_sent if plane is not None else 0
 
 
 def _data_plane(job: Assignment, zmq_plane: DataPlane | None) -> DataPlane | None:
-    """The plane between the stages: the peer's ZeroMQ sockets or the process group's send/recv."""
-    if job.plan.mode == "replicated":
+    """The plane between the stages (and for encrypted all-reduces): the peer's ZeroMQ sockets or the process
+    group's send/recv."""
+    if job.plan.mode == "replicated" and not job.encrypted_gradients:
         return None
     if job.data_plane == "torch":
         return TorchDataPlane(job.rank)
@@ -333,10 +352,8 @@ def _phase_two(
     ctx = BuildContext(model_dir, opts.data.task, label_names, opts.optim.seed, opts.data.max_length, local["train"])
     torch.manual_seed(opts.optim.seed)  # as `pac train` seeds: a method that draws its weights draws the same
     model = method.build(opts.method_options, ctx)
-    with torch.no_grad():  # one set of starting weights (pruned init reads this rank's own samples)
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p, src=0)
+    collectives = PlaneCollectives(plane, plan.world) if job.encrypted_gradients and plane is not None else None
+    _same_starting_weights(model, collectives)
     laps.lap("building the model")
     config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
@@ -367,6 +384,7 @@ def _phase_two(
             val=sources["val"],
             on_step=on_step,
             compression=job.grad_compression,
+            plane=collectives,
         )
     epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
     laps.lap("training")

@@ -143,6 +143,8 @@ class Coordinator:
         if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
         check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
+        if cluster.encrypt_gradients and cluster.data_plane != "zmq":
+            raise PacError("--encrypt-gradients sends over the ZeroMQ data plane: drop --data-plane torch")
         if cluster.grad_compression not in (None, "none") and cluster.mode == "side-pipeline":
             raise PacError("side-pipeline mode all-reduces no gradients: drop --grad-compression or pick another mode")
         if options.data.holdout or options.optim.early_stopping:
@@ -159,6 +161,11 @@ class Coordinator:
                     # Its stages would send bf16 states to each other; only the data-parallel modes take it.
                     raise PacError(
                         "--precision bf16 runs in the shuffle and replicated modes, not side-pipeline: drop one"
+                    )
+                if cluster.encrypt_gradients and mode == "side-pipeline":
+                    # Its stages' losses, norms and gathered weights are gloo all-reduces beside the data plane.
+                    raise PacError(
+                        "--encrypt-gradients runs in the shuffle and replicated modes, not side-pipeline: drop one"
                     )
                 if not method.cached and mode != "replicated":
                     raise PacError(
@@ -362,7 +369,9 @@ class Coordinator:
             peer.status = "refused"
             log.warning("refused peer %s at %s: wrong join token", peer.host.name, peer.host.endpoint)
             self._print(f"[pac-launch] refused {peer.host.name} ({peer.host.endpoint}): wrong join token")
-            self._send(peer, "refused", reason="wrong join token: set PAC_JOIN_TOKEN to the run's token")
+            proof = auth.proof(self.token, "refusal", message["nonce"])
+            reason = "wrong proof of the join token: set PAC_JOIN_TOKEN to the run's token"
+            self._send(peer, "refused", proof=proof, reason=reason)
             return
         memory = message["profile"].get("max_mem")
         if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
@@ -465,6 +474,7 @@ class Coordinator:
                 store=(self._store_host(peer), store_port),
                 data_plane=self.cluster.data_plane,
                 grad_compression=self._grad_compression(),
+                encrypted_gradients=self.cluster.encrypt_gradients,
                 data_endpoints=endpoints,
                 data_keys=keys,
                 threads=peer.host.threads,
@@ -727,6 +737,8 @@ class Coordinator:
             _, done, total, rate = p.progress
             if p.status == "cache":
                 parts.append(f"{p.host.name}: cache {done}/{total} samples ({rate:.1f}/s)")
+            elif p.status == "train" and not total:
+                parts.append(f"{p.host.name}: preparing to train")
             elif p.status == "train":
                 parts.append(f"{p.host.name}: training, step {done}/{total} ({rate:.1f}/s)")
             else:

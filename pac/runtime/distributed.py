@@ -6,7 +6,8 @@ the loss of the samples of that batch it owns (their taps are in its local cache
 all-reduce sums the gradients of the loss *sums* and the sample/token counts. Dividing by the global
 count gives exactly the gradient of the global batch's mean loss, so, up to float summation order,
 N peers take the same steps as one device with the same global batch and seed. The all-reduce is torch's
-DistributedDataParallel, with its communication hooks to compress gradients over a slow link.
+DistributedDataParallel, with its communication hooks to compress gradients over a slow link, and to send them
+over the encrypted data plane (pac.net.collective) where nothing derived from the data may cross in clear.
 
 The synchronisation is part of the training step (`DataParallelStep`, a pac.runtime.step.BackpropStep whose
 gradients are summed over the ranks): the loop is the plain Trainer's; only its evaluation sums over ranks too.
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pac.errors import PacError
 from pac.methods.base import MethodModel, loss_count, summarize
 from pac.net.addresses import interface_of, local_address_towards
+from pac.net.collective import PlaneCollectives
 from pac.plan.costs import GRADIENT_COMPRESSIONS
 from pac.runtime.step import BackpropStep, autocast
 from pac.runtime.trainer import BatchSource, TrainConfig, Trainer, evaluation_totals
@@ -76,19 +78,41 @@ class _SummedLoss(torch.nn.Module):
         return self.model.loss_batch(batch) * loss_count(self.task, batch["labels"])
 
 
-def _register_compression(ddp: DistributedDataParallel, compression: str, group: dist.ProcessGroup | None) -> None:
-    if compression == "none":
-        return
-    if compression == "fp16":
-        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
-    else:
+def _register_hook(
+    ddp: DistributedDataParallel, compression: str, group: dist.ProcessGroup | None, plane: PlaneCollectives | None
+) -> None:
+    if compression not in GRADIENT_COMPRESSIONS:
         raise PacError(f"unknown gradient compression {compression!r}: use one of {', '.join(GRADIENT_COMPRESSIONS)}")
+    if plane is not None:
+        ddp.register_comm_hook(plane, _hook_over_plane if compression == "none" else _fp16_hook_over_plane)
+    elif compression == "fp16":
+        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+
+
+def _hook_over_plane(plane: PlaneCollectives, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default all-reduce (a mean over the ranks), made over the encrypted data plane instead of gloo."""
+    buffer = bucket.buffer()
+    plane.all_reduce(buffer.div_(plane.world))
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(buffer)
+    return done
+
+
+def _fp16_hook_over_plane(plane: PlaneCollectives, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """torch's fp16_compress_hook (scaled, then cast, then summed), made over the encrypted data plane."""
+    buffer = bucket.buffer()
+    half = plane.all_reduce(buffer.div(plane.world).to(torch.float16))
+    buffer.copy_(half)
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(buffer)
+    return done
 
 
 class DataParallelStep(BackpropStep):
     """The default update, on gradients summed over the ranks of a process group by torch's
     DistributedDataParallel: its gradient buckets are all-reduced while the backward is still running, and its
-    communication hook (`compression`: an fp16 cast) halves what crosses a slow link."""
+    communication hook (`compression`: an fp16 cast) halves what crosses a slow link. With `plane`, the hook and
+    the loss totals go over the encrypted data plane rather than gloo, which sends them in clear."""
 
     source: ShardedSource
 
@@ -100,9 +124,10 @@ class DataParallelStep(BackpropStep):
         config: TrainConfig,
         group: dist.ProcessGroup | None = None,
         compression: str = "none",
+        plane: PlaneCollectives | None = None,
     ):
         super().__init__(model, task, source, config)
-        self.group = group
+        self.group, self.plane = group, plane
         # The ranks built the same weights (pac.runtime.collaborative broadcasts them): no start-up sync, which
         # would send every frozen buffer too; unused parameters (a head the task does not read) still all-reduce.
         self.ddp = DistributedDataParallel(
@@ -112,7 +137,7 @@ class DataParallelStep(BackpropStep):
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
-        _register_compression(self.ddp, compression, group)
+        _register_hook(self.ddp, compression, group, plane)
         self.world = dist.get_world_size(group)
 
     def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
@@ -124,9 +149,13 @@ class DataParallelStep(BackpropStep):
         # the ranks, so world / count turns them into the gradient of the global batch's mean loss.
         count = loss_count(self.task, batch["labels"]) if batch is not None else 0
         totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
-        pending = dist.all_reduce(totals, group=self.group, async_op=True)
-        loss_sum.backward()
-        pending.wait()
+        if self.plane is not None:
+            self.plane.all_reduce(totals)
+            loss_sum.backward()
+        else:
+            pending = dist.all_reduce(totals, group=self.group, async_op=True)
+            loss_sum.backward()
+            pending.wait()
         total = max(totals[1].item(), 1.0)
         for p in self.params:
             if p.grad is not None:
@@ -149,11 +178,12 @@ class DataParallelTrainer(Trainer):
         *,
         group: dist.ProcessGroup | None = None,
         compression: str = "none",
+        plane: PlaneCollectives | None = None,
         **kwargs: Any,
     ):
-        step = DataParallelStep(model, task, train, config, group, compression)
+        step = DataParallelStep(model, task, train, config, group, compression, plane)
         super().__init__(model, task, train, config, out_dir, train_step=step, **kwargs)
-        self.group = group
+        self.group, self.plane = group, plane
 
     def _agreed_seconds(self, seconds: float) -> float:
         return slowest_of_ranks(seconds, self.group)
@@ -163,7 +193,10 @@ class DataParallelTrainer(Trainer):
         totals = evaluation_totals(self.model, local) if len(local) else {}
         keys = ("loss_sum", "count", "correct") if self.task == "classify" else ("loss_sum", "count")
         summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
-        dist.all_reduce(summed, group=self.group)
+        if self.plane is not None:
+            self.plane.all_reduce(summed)
+        else:
+            dist.all_reduce(summed, group=self.group)
         return summarize(self.task, dict(zip(keys, summed.tolist(), strict=True)))
 
 

@@ -234,11 +234,8 @@ class PeerAgent:
             self._on_hello(sender, message)
         elif kind == "welcome":
             self._on_welcome(sender, message)
-        elif kind == "refused" and self.coordinator is None and sender in self.pending_nonce:
-            # Unauthenticated by nature (our token is the wrong one), so honoured only before joining a run.
-            log.error("the coordinator refused this peer: %s", message["reason"])
-            print(f"pac peer {self.settings.name}: refused: {message['reason']}", flush=True)
-            self.exit_code = 2
+        elif kind == "refused":
+            self._on_refused(sender, message)
         elif sender != self.coordinator:
             self._reject(sender, f"{kind}: not authenticated; send hello first")
         else:
@@ -262,6 +259,18 @@ class PeerAgent:
             data_endpoint=self.plane.endpoint,
             data_key=self.data_key,
         )
+
+    def _on_refused(self, sender: bytes, message: dict[str, Any]) -> None:
+        """A coordinator that read our join and found its proof wrong: it ends this peer only if it proves that it
+        holds the token itself, as `welcome` must (a client that has only said hello cannot stop an agent)."""
+        nonce = self.pending_nonce.get(sender)
+        proven = nonce is not None and auth.verify(self.settings.token, "refusal", nonce, message["proof"])
+        if self.coordinator is not None or not proven:
+            self._reject(sender, "refused without a valid proof of the join token: ignored")
+            return
+        log.error("the coordinator refused this peer: %s", message["reason"])
+        print(f"pac peer {self.settings.name}: refused: {message['reason']}", flush=True)
+        self.exit_code = 2
 
     def _on_welcome(self, sender: bytes, message: dict[str, Any]) -> None:
         nonce = self.pending_nonce.get(sender)

@@ -229,15 +229,20 @@ class SidePipelineTrainer(Trainer):
         return summarize(self.task, dict(zip(totals, summed.tolist(), strict=True)))
 
     def gather_adapter(self) -> None:
-        """Sum every stage's own part into one full set of weights, on every rank."""
+        """Sum every stage's own part into one full set of weights, on every rank: one all-reduce of them all,
+        as one call per tensor pays a round trip each."""
         with torch.no_grad():
+            parts = []
             for p in self.params:
                 owned = self.part.owns(p)
                 mine = p.clone() if owned is True else torch.zeros_like(p)
                 if isinstance(owned, torch.Tensor):
                     mine[owned] = p[owned]
-                dist.all_reduce(mine, group=self.group)
-                p.copy_(mine)
+                parts.append(mine)
+            summed = torch.cat([part.view(-1) for part in parts])
+            dist.all_reduce(summed, group=self.group)
+            for p, whole in zip(self.params, summed.split([p.numel() for p in self.params]), strict=True):
+                p.copy_(whole.view_as(p))
 
 
 def _chunks(indices: Sequence[int], count: int) -> list[Sequence[int]]:
