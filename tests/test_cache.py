@@ -474,3 +474,32 @@ def test_fingerprint_dir_and_json(tmp_path):
     assert fingerprint_files([d1], sidecar=side) != fingerprint_files([d2], sidecar=side)
     assert fingerprint_json({"a": 1, "b": (1, 2)}) == fingerprint_json({"b": [1, 2], "a": 1})
     assert fingerprint_json({"a": 1}) != fingerprint_json({"a": 2})
+
+
+def test_a_cache_of_a_larger_subset_adopts_the_verified_shards_of_a_smaller_one(tmp_path):
+    """A re-planned owner's new share holds its old one: the old cache's shards come in whole (linked, byte for
+    byte), only the new samples are pending, a damaged shard there is not trusted, and another model's cache
+    is never adopted from."""
+    root = tmp_path / "root"
+    old_ids = sample_ids(12)[::2]  # s000, s002, ... : the samples owned before
+    build(root, make_spec(data_fingerprint="a" * 64), old_ids)
+    _, other_model = build(root, make_spec(model_fingerprint="x" * 64, data_fingerprint="b" * 64), sample_ids(12))
+    damaged = CacheReader(cache_dir_for(root, make_spec(data_fingerprint="a" * 64)))._entries[-1]
+    shard = cache_dir_for(root, make_spec(data_fingerprint="a" * 64)) / damaged["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # its last shard (s008, s010) damaged, its size unchanged
+    shard.write_bytes(bytes(data))
+    ids = sample_ids(12)
+    writer = CacheWriter(root, make_spec(data_fingerprint="c" * 64), ids, shard_size=4)
+    assert writer.adopt() == 4  # s000-s006; the damaged shard's two samples are computed again
+    pending = [sid for group in writer.pending() for sid in group]
+    assert pending == [sid for sid in ids if sid not in ("s000", "s002", "s004", "s006")]
+    for group in writer.pending():
+        writer.write(group, *fake_batch(group))
+    reader = CacheReader(writer.finalize())
+    taps, mask, labels = fake_batch(ids)
+    got = reader.load(ids)
+    torch.testing.assert_close(got["taps"], taps.half().float())
+    assert torch.equal(got["labels"], labels)
+    assert not reader.verify()
+    assert writer.adopt() == 0  # nothing left to adopt: adopting twice changes nothing

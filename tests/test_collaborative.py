@@ -29,10 +29,12 @@ from safetensors.torch import load_file
 
 from launcher.local import LocalPeers, ephemeral_port_floor, free_port
 from launcher.main import main as launch
+from pac.cache.format import MANIFEST
 from pac.methods.parallel_adapters import ParallelAdapterOptions
 from pac.methods.registry import BuildContext, get_method
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
+from pac.plan.placement import owned_positions
 from pac.runconfig import ClusterOptions
 from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, RunFailed
@@ -358,7 +360,10 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         assert replies[-1]["type"] == "error" and "msgpack" in replies[-1]["reason"]
         assert "rejected a message from fake" in caplog.text
         fake.close(0)
-        # With the proof over the peer's own nonce, the refusal is honoured: the one-run peer exits.
+        # With the proof over the peer's own nonce, the refusal is honoured: the one-run peer exits. (The
+        # oversized frame cost the rogue its connection, so it says hello again and hears a fresh nonce.)
+        rogue.send(protocol.encode("hello", nonce=auth.new_nonce()))
+        joined = protocol.decode(rogue.recv())
         rogue.send(protocol.encode("refused", proof=auth.proof(token, "refusal", joined["nonce"]), reason="bye"))
         assert peer.wait(timeout=15) == 2
     finally:
@@ -997,17 +1002,38 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     coordinator = Coordinator(
         hosts, token, options, ClusterOptions(mode=mode, join_timeout=90), display=shown, record=record
     )
+    prepared = prepare_data(options.model, options.data)
+    lost_ids = {
+        split.sample_ids[p] for split in (prepared.train, prepared.val) for p in owned_positions(len(split), 1, 3)
+    }
     runner = threading.Thread(target=lambda: outcome.append(coordinator.run()))
     runner.start()
     try:
         _wait_for_state(shown, phase, runner)
         time.sleep(0.5)
         peers.procs[1].kill()
+        # The peers share one cache root here; the lost device's caches leave with it, the others' shards stay.
+        kept = set()
+        for manifest in (tmp_path / "cache").glob(f"*/{MANIFEST}"):
+            cache = json.loads(manifest.read_text())
+            if lost_ids.intersection(cache["sample_ids"]):
+                shutil.rmtree(manifest.parent)
+            else:
+                kept |= {shard["sha256"] for shard in cache["shards"]}
         runner.join(timeout=240)
     finally:
         peers.stop()
     assert outcome, shown.getvalue()
     summary = outcome[0]
+    # Every shard the survivors had finished is in the caches they trained from (adopted, never recomputed):
+    # each keeps the samples it owned, and only the lost peer's go through the backbone again.
+    final = set()
+    for manifest in (tmp_path / "cache").glob(f"*/{MANIFEST}"):
+        final |= {shard["sha256"] for shard in json.loads(manifest.read_text())["shards"]}
+    assert kept <= final
+    forwarded = sum(p["summary"]["phase1_forwarded_samples"] for p in summary["peers"].values())
+    if phase == "training":  # every cache was complete: exactly the lost peer's samples are forwarded again
+        assert forwarded == len(lost_ids)
     assert "peer local-1 (rank 1) is lost" in shown.getvalue()
     assert "Re-planning over local-0, local-2" in shown.getvalue()
     assert list(summary["peers"]) == ["local-0", "local-2"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import pytest
 
 from pac.net import auth, protocol
 from pac.net.addresses import interface_of, local_address_towards
 from pac.plan.placement import (
+    Inheritance,
     PlanError,
     make_plan,
     owned_positions,
@@ -63,7 +66,7 @@ def test_expected_messages_count_what_the_senders_send():
     taps = [0, 1, 2, 3, 4]
     # 10 samples in micro-batches of 4 -> 3 batches. Rank 1 owns samples 1, 4, 7 (none in the last batch),
     # so it hears from the 2 other stages for 2 batches; as a later stage it gets one hidden state per batch.
-    train = micro_batches(10, 4)
+    train = micro_batches(list(range(10)), 4)
     assert train == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert expected_messages(plan, 1, train, taps) == {"hidden": 3, "taps": 4}
     assert expected_messages(plan, 0, train, taps) == {"hidden": 0, "taps": 6}
@@ -74,7 +77,7 @@ def test_expected_messages_count_what_the_senders_send():
     # Ranks 0 and 1 take turns at layers 0-1 (micro-batches 0, 2 | 1 | ...); rank 2 runs layers 2-3 on all.
     # Over two splits of 10 and 6 samples the micro-batches are numbered 0-2 and 3-4.
     hybrid = make_plan("shuffle", 4, [1, 1, 1], "0-1,0-1,2-3")
-    both = micro_batches(10, 4) + micro_batches(6, 4)
+    both = micro_batches(list(range(10)), 4) + micro_batches(list(range(6)), 4)
     # Rank 2 gets every hidden state (5), and the group's taps for every micro-batch holding a sample it owns
     # (samples 2, 5, 8 of train: batches 0, 1, 2; sample 2, 5 of val: batches 3, 4).
     assert expected_messages(hybrid, 2, both, taps) == {"hidden": 5, "taps": 5}
@@ -139,3 +142,23 @@ def test_shares_interleave_owners_in_proportion():
         make_plan("side-pipeline", 30, [1, 1], shares=(2, 1))
     with pytest.raises(PlanError, match="at least 1"):
         share_pattern((2, 0))
+
+
+def test_a_re_plan_keeps_every_sample_with_its_owner_if_it_stayed():
+    """Three peers, rank 1 leaves: ranks 0 and 2 (now 0 and 1) keep every sample they owned, and rank 1's are
+    dealt out by the new plan's round-robin. Then a newcomer joins at rank 0 of a third plan: it owns nothing
+    that stayed. Ownership is a pure function of the membership history, and travels in the assignment."""
+    first = make_plan("replicated", 4, [1, 1, 1])
+    second = replace(make_plan("shuffle", 4, [1, 1]), inherited=Inheritance(3, None, (0, None, 1)))
+    for p in range(30):
+        before = first.owner(p)
+        assert second.owner(p) == {0: 0, 2: 1}.get(before, p % 2)
+    assert sorted(second.owned_positions(30, 0) + second.owned_positions(30, 1)) == list(range(30))
+    third = replace(
+        make_plan("replicated", 4, [1, 1, 1], shares=(1, 1, 2)),
+        inherited=Inheritance(2, None, (1, 2), second.inherited),
+    )
+    assert all(third.owner(p) == second.owner(p) + 1 for p in range(30))
+    assert third.owned_positions(30, 0) == []
+    wire = msgpack.unpackb(msgpack.packb(third.inherited.to_wire()))
+    assert Inheritance.from_wire(wire) == third.inherited

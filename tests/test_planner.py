@@ -179,6 +179,20 @@ def test_phase_two_starts_with_one_broadcast_of_the_weights_and_a_side_pipeline_
     assert pipelined.build_seconds == pytest.approx(data_parallel.build_seconds + gathering)
 
 
+def test_the_cache_s_digest_costs_each_device_its_own_samples_once_before_data_parallel_training():
+    digesting = [DeviceProfile(**{**device(n).__dict__, "digest_seconds": 0.1}) for n in "ab"]
+    plain = [device("a"), device("b")]
+    for mode, stages in (("replicated", [(0, LAYERS)] * 2), ("shuffle", [(0, 6), (6, LAYERS)])):
+        got = predict(mode, digesting, stages, MODEL, WORK, shares=(3, 1))
+        without = predict(mode, plain, stages, MODEL, WORK, shares=(3, 1))
+        assert got.build_seconds - without.build_seconds == pytest.approx(300 * 0.1)  # a owns 3/4 of 400
+        assert got.epoch_seconds == without.epoch_seconds
+    pipelined = [(0, 6), (6, LAYERS)]  # a side pipeline reads its taps as they are
+    assert predict("side-pipeline", digesting, pipelined, MODEL, WORK) == predict(
+        "side-pipeline", plain, pipelined, MODEL, WORK
+    )
+
+
 def test_gradient_compression_halves_the_all_reduce():
     """fp16 sends half the bytes of every step's all-reduce, and the epoch saves their time on the slow link."""
     assert gradient_wire_bytes(MODEL, "none") == 12_000_000

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from pac.methods.parallel_adapters import ParallelAdapterOptions
 from pac.models.backbone import load_backbone, load_config
 from pac.plan.costs import Workload
 from pac.plan.planner import plan
@@ -56,6 +57,25 @@ def test_a_profile_measures_every_layer_and_the_method_s_step_and_is_cached(tiny
     )
     profile_device(tiny_llama, longer, "desk", 10**9, repeats=1)
     assert len(list((pac_home / "profiles").glob("*.json"))) == 2
+
+
+def test_the_step_is_timed_as_phase_2_runs_it_on_shortlists_after_their_one_off_digest(tiny_llama, pac_home):
+    """Language modelling with shortlists: the profile times the step on the shortlisted cache, and the one-off
+    digest (each position's shortlist) per training sample, which the planner charges phase 2 once."""
+
+    def profile(shortlist: int) -> dict:
+        opts = TrainOptions(
+            model=str(tiny_llama),
+            data=DataOptions(task="lm", max_length=16),
+            optim=OptimOptions(batch_size=4),
+            method_options=ParallelAdapterOptions(shortlist=shortlist),
+        )
+        return profile_device(tiny_llama, opts, "desk", 2 * 10**9, repeats=1)["device"]
+
+    listed, whole = profile(8), profile(0)
+    # Without shortlists the training source is the cache as it is: nothing to digest but a wrapper's check.
+    assert listed["digest_seconds"] > 10 * whole["digest_seconds"]
+    assert listed["side_train_seconds"] > 0
 
 
 def test_profiles_feed_the_planner(tiny_llama, pac_home):

@@ -227,6 +227,57 @@ class CacheWriter:
         todo = [sid for sid, miss in zip(self.sample_ids, missing.tolist(), strict=True) if miss]
         return [todo[i : i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
 
+    def adopt(self) -> int:
+        """Take in the verified shards of other caches under this root that hold samples of this one for the same
+        model, tokenizer, length, taps and dtype: caches of other subsets of the data, such as a re-planned run's
+        owner built before its share changed (pac.plan.placement.Inheritance). A shard comes in whole, by hard
+        link (a copy across file systems), if all its samples are here and none of its taps is yet. Returns the
+        number of samples whose taps came in."""
+        adopted = 0
+        for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.cache_dir):
+            try:
+                theirs = read_manifest(other) if (other / MANIFEST).exists() else None
+            except CacheError:
+                continue  # a damaged cache is simply not adopted from
+            if theirs is None or theirs["_spec"].diff(self.spec) != ["data_fingerprint"]:
+                continue
+            for shard in theirs["shards"]:
+                adopted += self._adopt_shard(other, shard, theirs["label_kind"])
+        if adopted:
+            log.info("%s: %d samples' taps taken from earlier caches of other subsets", self.cache_dir, adopted)
+        return adopted
+
+    def _adopt_shard(self, other: Path, shard: dict, label_kind: str | None) -> int:
+        source = other / shard["file"]
+        rows = [self._index.get(sid) for sid in shard["sample_ids"]]
+        if None in rows or any(t not in self._tap_pos for t in shard["taps"]):
+            return 0
+        with dir_lock(self.cache_dir):
+            m = self._load()
+            cols = [self._tap_pos[t] for t in shard["taps"]]
+            covered = coverage(m, self.spec, self._index)[np.ix_(rows, cols)].any()
+            if covered or m["label_kind"] not in (None, label_kind):
+                return 0
+            target = self.cache_dir / f"adopted_{shard['file']}"
+            try:
+                if source.stat().st_size != shard["bytes"] or sha256_file(source) != shard["sha256"]:
+                    return 0  # a bad shard there: this cache computes those samples itself
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()  # a leftover of an adoption killed before its manifest entry
+                try:
+                    os.link(source, target)
+                except OSError:
+                    commit_temp(write_temp(target, source.read_bytes()), target)
+            except OSError:
+                return 0
+            st = target.stat()
+            self._verified[target.name] = (st.st_size, st.st_mtime_ns, shard["sha256"])  # hashed just now
+            m["shards"].append({**shard, "file": target.name})
+            m["label_kind"] = label_kind
+            m["complete"] = bool((coverage(m, self.spec, self._index) > 0).all())
+            write_manifest(self.cache_dir, m)
+        return len(rows)
+
     def write(
         self,
         sample_ids: list[str],

@@ -42,7 +42,7 @@ from pac.errors import PacError
 # 5: `assign` carries the gradient compression of data-parallel phase 2.
 # 6: `assign` carries phase 1's planned micro-batch size; `join` profiles say whether the peer stays.
 # 7: `refused` carries a proof of the join token (a client that only said hello cannot end an agent);
-#    `assign` says whether phase 2 all-reduces over the encrypted data plane.
+#    `assign` says whether phase 2 all-reduces over the encrypted data plane, and the ownership a re-plan inherits.
 PROTOCOL_VERSION = 7
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20

@@ -40,6 +40,9 @@ class DeviceProfile:
     rtt: float = 0.001  # seconds, to the coordinator
     layer_load_seconds: tuple[float, ...] = ()  # reading each layer's weights from disk (empty: not measured)
     build_seconds: float = 0.0  # building the method's model for phase 2 (its frozen head, its side network)
+    # Per training sample owned, before data-parallel phase 2's first epoch: the method's digest of its cache
+    # (language modelling: each position's shortlist, pac.models.shortlist).
+    digest_seconds: float = 0.0
     # Phase 1's time per sample at other micro-batch sizes, relative to layer_seconds' (measured at the run's
     # batch size): ((16, 0.93),) says micro-batches of 16 take 7% less per sample. Empty: not measured.
     micro_batch_factors: tuple[tuple[int, float], ...] = ()
@@ -103,8 +106,8 @@ class Prediction:
     sent_bytes: dict[str, int]  # what each device sends over its link in the whole run
     shortfall: dict[str, int] = field(default_factory=dict)  # bytes a device lacks; empty: it fits
     shares: tuple[int, ...] | None = None  # samples each device owns (pac.plan.placement.Plan.shares)
-    # Phase 2's one-off costs: the slowest device's model build, the starting weights' broadcast and (side-pipeline)
-    # the adapter's gathering from the stages.
+    # Phase 2's one-off costs: the slowest device's model build, the starting weights' broadcast, the digest of
+    # the cache (data-parallel) or the adapter's gathering from the stages (side-pipeline).
     build_seconds: float = 0.0
     compression: str = "none"  # data-parallel phase 2's gradients on the wire (`gradient_wire_bytes`)
     micro_batch: int = 8  # phase 1's samples per forward
@@ -149,6 +152,8 @@ def predict(
     # One-off: every device first reads its layers, and builds the method's model before phase 2.
     phase1 += max(d.load_seconds(s) for d, s in zip(devices, stages, strict=True))
     build = max(d.build_seconds for d in devices) + _weight_sync_seconds(mode, devices, model, sent)
+    if mode != "side-pipeline":  # each device digests the training samples it owns
+        build += max(math.ceil(work.train * f) * d.digest_seconds for d, f in zip(devices, owned, strict=True))
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pac.errors import PacError
 from pac.plan.schedule import TRAINING_SCHEDULES
@@ -23,6 +24,38 @@ Stage = tuple[int, int]
 
 class PlanError(PacError):
     pass
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """Who owned each sample before a re-plan, and where those owners are now: a sample whose owner stayed keeps
+    it (its taps are cached there), and only the samples of the peers that left are dealt out again, by the new
+    plan's round-robin. Chained through earlier re-plans, so ownership is a pure function of the membership
+    history, which the run's launch.json records."""
+
+    world: int  # the earlier plan's ranks
+    shares: tuple[int, ...] | None  # and their shares
+    ranks_now: tuple[int | None, ...]  # each earlier rank's rank in the new plan; None: it left
+    earlier: Inheritance | None = None  # the earlier plan's own inheritance
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "shares": list(self.shares) if self.shares is not None else None,
+            "ranks_now": list(self.ranks_now),
+            "earlier": self.earlier.to_wire() if self.earlier is not None else None,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any] | None) -> Inheritance | None:
+        if raw is None:
+            return None
+        return cls(
+            int(raw["world"]),
+            None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
+            tuple(None if r is None else int(r) for r in raw["ranks_now"]),
+            cls.from_wire(raw["earlier"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -38,13 +71,14 @@ class Plan:
     # Phase 1's samples per forward, as planned; None (a mode given by hand): the run's batch size in a
     # pipeline, pac.plan.costs.CACHE_MICRO_BATCH where each peer runs the whole model.
     phase1_micro_batch: int | None = None
+    inherited: Inheritance | None = None  # ownership before a re-plan (shuffle and replicated)
 
     def owner(self, position: int) -> int:
         """The rank that trains the sample at `position` of its split."""
-        return owner(position, self.world, self.shares)
+        return owner(position, self.world, self.shares, self.inherited)
 
     def owned_positions(self, num_samples: int, rank: int) -> list[int]:
-        return owned_positions(num_samples, rank, self.world, self.shares)
+        return owned_positions(num_samples, rank, self.world, self.shares, self.inherited)
 
     @property
     def world(self) -> int:
@@ -194,19 +228,31 @@ def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:
     return [t for t in taps if t in produced]
 
 
-def owner(position: int, world: int, shares: Sequence[int] | None = None) -> int:
-    """The rank that trains the sample at `position`: round-robin, or with `shares` a weighted round-robin
-    (interleaved, so every rank's share keeps the classes and lengths balanced as plain round-robin does)."""
+def owner(position: int, world: int, shares: Sequence[int] | None = None, inherited: Inheritance | None = None) -> int:
+    """The rank that trains the sample at `position`: its owner before a re-plan where that peer stayed
+    (`inherited`), else round-robin, or with `shares` a weighted round-robin (interleaved, so every rank's share
+    keeps the classes and lengths balanced as plain round-robin does)."""
+    if inherited is not None:
+        before = owner(position, inherited.world, inherited.shares, inherited.earlier)
+        now = inherited.ranks_now[before]
+        if now is not None:
+            return now
     if shares is None:
         return position % world
     pattern = _cycle(tuple(shares))
     return pattern[position % len(pattern)]
 
 
-def owned_positions(num_samples: int, rank: int, world: int, shares: Sequence[int] | None = None) -> list[int]:
-    if shares is None:
+def owned_positions(
+    num_samples: int,
+    rank: int,
+    world: int,
+    shares: Sequence[int] | None = None,
+    inherited: Inheritance | None = None,
+) -> list[int]:
+    if shares is None and inherited is None:
         return list(range(rank, num_samples, world))
-    return [p for p in range(num_samples) if owner(p, world, shares) == rank]
+    return [p for p in range(num_samples) if owner(p, world, shares, inherited) == rank]
 
 
 def share_pattern(shares: tuple[int, ...]) -> list[int]:

@@ -79,6 +79,7 @@ def build_cache(
     position = {sid: i for i, sid in enumerate(data.sample_ids)}
     backbone = None
     writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
+    writer.adopt()  # samples another subset's cache holds already
     pending = writer.pending()
     computed = 0
     total = sum(len(g) for g in pending)

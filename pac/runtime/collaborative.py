@@ -36,7 +36,7 @@ from pac.models.loading import cache_root, resolve_model
 from pac.net.collective import PlaneCollectives
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.costs import CACHE_MICRO_BATCH
-from pac.plan.placement import Plan
+from pac.plan.placement import Inheritance, Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
@@ -82,6 +82,7 @@ class Assignment:
             "micro_batches": self.plan.micro_batches,
             "shares": list(self.plan.shares) if self.plan.shares is not None else None,
             "phase1_micro_batch": self.plan.phase1_micro_batch,
+            "inherited": self.plan.inherited.to_wire() if self.plan.inherited is not None else None,
             "taps": self.taps,
             "run": run_config_to_wire(self.options),
             "model_fingerprint": self.model_fingerprint,
@@ -107,6 +108,7 @@ class Assignment:
                     int(raw["micro_batches"]),
                     None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
                     None if raw["phase1_micro_batch"] is None else int(raw["phase1_micro_batch"]),
+                    Inheritance.from_wire(raw["inherited"]),
                 ),
                 taps=[int(t) for t in raw["taps"]],
                 options=run_config_from_wire(raw["run"]),

@@ -43,6 +43,7 @@ from pac.net.hosts import PeerHost
 from pac.plan.costs import GRADIENT_COMPRESSIONS, DeviceProfile, Workload
 from pac.plan.placement import (
     MODES,
+    Inheritance,
     Plan,
     check_groups,
     check_schedule,
@@ -184,6 +185,7 @@ class Coordinator:
         self.planned: PlanChoice | None = None
         self.symptom: tuple[str, float] | None = None  # a peer's lost-connection failure, and when it came
         self.lost: list[dict[str, Any]] = []  # the peers lost and re-planned around, in order
+        self.assigned: tuple[Plan, list[str]] | None = None  # the last plan handed out, and its peers by rank
         self._probe_seq = 0
         self.reason = ""
         self.out = Path(options.out)
@@ -439,6 +441,7 @@ class Coordinator:
             plan = make_plan(
                 mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches, cluster.shares
             )
+        plan = self._inheriting(plan, members)
         self.options = with_defaults(replace(self.options, method_options=self.mode_options[plan.mode]))
         self._print(f"[pac-launch] plan ({plan.mode}): {plan.describe()}")
         if self.record is not None:
@@ -480,6 +483,7 @@ class Coordinator:
                 threads=peer.host.threads,
             )
             self._must_send(peer, "assign", assignment=job.to_wire())
+        self.assigned = (plan, [p.host.name for p in members])
         self._advance(RunState.CACHE_BUILD)
         self._wait(members, lambda: all(p.status in ("train", "finished") for p in members), RunState.TRAINING)
         self._wait(members, lambda: all(p.status == "finished" for p in members), RunState.EXPORT)
@@ -487,6 +491,19 @@ class Coordinator:
         self._advance(RunState.DONE)
         self._shutdown("run complete")
         return summary
+
+    def _inheriting(self, plan: Plan, members: list[PeerState]) -> Plan:
+        """A re-plan's ownership: every sample whose owner stayed stays with it, where its taps are cached
+        (pac.plan.placement.Inheritance); in side-pipeline mode a stage caches its layers of every sample."""
+        if self.assigned is None:
+            return plan
+        before, names = self.assigned
+        owning = ("shuffle", "replicated")
+        if before.mode not in owning or plan.mode not in owning:
+            return plan
+        now = {p.host.name: p.rank for p in members}
+        ranks_now = tuple(now.get(name) for name in names)
+        return replace(plan, inherited=Inheritance(before.world, before.shares, ranks_now, before.inherited))
 
     def _join(self, candidates: list[PeerState]) -> list[PeerState]:
         deadline = time.monotonic() + self.cluster.join_timeout

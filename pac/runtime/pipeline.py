@@ -126,13 +126,14 @@ def run_pipeline_stage(
     for name, data in splits.items():
         mine, spec = owned_cache(model_dir, data, plan, rank, taps, dtype)
         writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size)
+        writer.adopt()  # what this rank cached before its share changed (a re-plan) is kept
         owned[name] = _OwnedSplit(writer, mine, {b: writer.pending(b) for b in blocks if b})
     lacking = _lacking_anywhere(owned, splits)
+    # Only the samples some owner lacks go through the backbone: after a re-plan, the lost peer's share.
     micros = [
         _Micro(name, number, positions)
-        for name, data in splits.items()
-        for number, positions in enumerate(micro_batches(len(data), micro_batch))
-        if lacking[name].intersection(positions)
+        for name in splits
+        for number, positions in enumerate(micro_batches(sorted(lacking[name]), micro_batch))
     ]
     if micros:
         group = _group_of(plan, rank)
@@ -158,9 +159,9 @@ class PhaseOne:
     forwarded_samples: int  # samples that went through the backbone (0 when every cache was complete)
 
 
-def micro_batches(size: int, micro_batch: int) -> list[list[int]]:
-    """Positions of a split, micro-batch by micro-batch."""
-    return [list(range(start, min(start + micro_batch, size))) for start in range(0, size, micro_batch)]
+def micro_batches(positions: list[int], micro_batch: int) -> list[list[int]]:
+    """`positions` of a split, micro-batch by micro-batch."""
+    return [positions[start : start + micro_batch] for start in range(0, len(positions), micro_batch)]
 
 
 def _lacking_anywhere(owned: dict[str, _OwnedSplit], splits: dict[str, TokenizedSet]) -> dict[str, set[int]]:

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,10 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pac.cache import CacheReader
 from pac.cache.fingerprint import model_fingerprint
+from pac.cache.format import CacheSpec
+from pac.cache.writer import CacheWriter
 from pac.methods.registry import BuildContext, get_method
 from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import pac_home
@@ -36,10 +40,12 @@ from pac.plan.costs import CACHE_MICRO_BATCH, DeviceProfile, ModelCosts
 from pac.runconfig import TrainOptions
 from pac.runtime.cpu import cpu_share
 from pac.runtime.prepare import train_config
+from pac.runtime.sources import CachedTaps
 from pac.runtime.step import BackpropStep
 
-# 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors; 6: the side blocks' share
-PROFILE_VERSION = 6
+# 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors; 6: the side blocks' share;
+# 7: the step timed on the method's training source (shortlists), and that source's one-off digest
+PROFILE_VERSION = 7
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -101,6 +107,7 @@ def profile_device(
         side["eval_seconds"] / micro,
         layer_load_seconds=tuple(layer["load_seconds"] for layer in layers),
         build_seconds=side["build_seconds"],
+        digest_seconds=side["digest_seconds"],
         micro_batch_factors=factors,
     )
     costs = ModelCosts(
@@ -254,28 +261,50 @@ def _micro_batch_factors(
     return ((CACHE_MICRO_BATCH, (larger["seconds"] / CACHE_MICRO_BATCH) / (layers[middle]["seconds"] / micro)),)
 
 
+def _synthetic_cache(root: Path, batches: SyntheticBatches, dtype: str) -> CachedTaps:
+    """`batches` written as a real activation cache, so that what a run does with its cache (the method's
+    training source: shortlists for language modelling) is timed as it runs."""
+    spec = CacheSpec("synthetic", "synthetic", "synthetic", batches.seq_len, tuple(batches.taps), batches.width, dtype)
+    writer = CacheWriter(root, spec, batches.sample_ids)
+    every = batches.batch(list(range(len(batches))))
+    writer.write(batches.sample_ids, every["taps"], every["attention_mask"], every["labels"])
+    return CachedTaps(CacheReader(writer.finalize()))
+
+
 def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int) -> dict[str, Any]:
-    """The method's training step and evaluation on one batch of synthetic data of the run's shape."""
+    """The method's training step and evaluation on batches of synthetic data of the run's shape, read from a
+    synthetic cache through the method's training source, as phase 2 reads them."""
+    with tempfile.TemporaryDirectory(prefix="pac-profile-") as scratch:
+        return _profile_step_in(model_dir, opts, config, repeats, Path(scratch))
+
+
+def _profile_step_in(model_dir: Path, opts: TrainOptions, config: Any, repeats: int, scratch: Path) -> dict[str, Any]:
     method = get_method(opts.method)
     options, task, micro = method.resolved(opts.method_options, opts.data.task), opts.data.task, opts.optim.batch_size
     classes = 2
     taps = method.taps(options, task, config.num_hidden_layers) if method.cached else None
-    source = SyntheticBatches(
+    synthetic = SyntheticBatches(
         micro * 2, opts.data.max_length, config.vocab_size, task, classes, taps, config.hidden_size
     )
+    source: Any = _synthetic_cache(scratch, synthetic, opts.cache.dtype) if method.cached else synthetic
     labels = [f"class{i}" for i in range(classes)] if task == "classify" else None
     ctx = BuildContext(model_dir, task, labels, opts.optim.seed, opts.data.max_length, source)
     started = time.perf_counter()
     model = method.build(options, ctx)
     build_seconds = time.perf_counter() - started
+    indices = list(range(micro))
+    batch = source.batch(indices)  # what evaluation reads: the cache as it is
+    digest_seconds = 0.0
+    if method.training_source is not None:
+        started = time.perf_counter()
+        source = method.training_source(options, model, source)[0]
+        digest_seconds = (time.perf_counter() - started) / len(source)
     config_loop = train_config(opts)
     step = method.step(model, task, source, config_loop) if method.step is not None else None
     step = step or BackpropStep(model, task, source, config_loop)
-    indices = list(range(micro))
     train_seconds = _timed(lambda: step(indices, 0), repeats)
     blocks_share = _side_blocks_share(model, source.batch(indices))
     model.eval()
-    batch = source.batch(indices)
     with torch.no_grad():
         eval_seconds = _timed(lambda: model.metrics_batch(batch), repeats)
         with FlopCounterMode(display=False) as counter:
@@ -290,6 +319,7 @@ def _profile_step(model_dir: Path, opts: TrainOptions, config: Any, repeats: int
         "eval_seconds": eval_seconds,
         "blocks_share": blocks_share,
         "build_seconds": build_seconds,
+        "digest_seconds": digest_seconds,
         "flops": counter.get_total_flops(),
         "trainable_bytes": sum(p.numel() * 4 for p in trainable),
         "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
