@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="phase-1 transport: ZeroMQ (default) or torch.distributed send/recv",
     )
     plan.add_argument(
+        "--min-peers",
+        type=number(int, minimum=1),
+        metavar="N",
+        help="start once N peers have joined when --join-timeout passes, rather than fail; the others, and a lost "
+        "peer that comes back, are planned in when they answer, at the start of training or at its next "
+        "checkpoint (default: wait for every peer)",
+    )
+    plan.add_argument(
         "--join-timeout", type=number(float, above=0), default=120.0, help="seconds to wait for peers (default 120)"
     )
     plan.add_argument(
@@ -207,6 +215,7 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
         encrypt_gradients=args.encrypt_gradients,
         refresh_profiles=args.refresh_profiles,
         join_timeout=args.join_timeout,
+        min_peers=args.min_peers,
         peer_timeout=args.peer_timeout,
     )
     options = train_options(args)

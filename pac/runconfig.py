@@ -92,6 +92,9 @@ class ClusterOptions:
     # Data-parallel phase 2's all-reduces over the CURVE-encrypted data plane instead of gloo (which is in clear).
     encrypt_gradients: bool = False
     join_timeout: float = 120.0
+    # Start once this many peers have joined when the join timeout passes (None: all of them); the others are
+    # planned in when they answer, at the start of training or at a checkpoint of it.
+    min_peers: int | None = None
     peer_timeout: float = 60.0
     store_host: str | None = None  # the address peers reach the coordinator at (default: found per route)
 

@@ -581,7 +581,7 @@ def test_a_finished_run_resumes_from_its_checkpoints(single_device, tiny_llama, 
 
 def test_a_rerun_forwards_only_what_some_cache_lacks(single_device, tiny_llama, topic_jsonl, tmp_path):
     """Phase 1 pipelined: a rerun over complete caches sends nothing through the backbone; with one shard of
-    one peer's cache deleted, only the micro-batches holding that peer's samples of that split run again."""
+    one peer's cache deleted, only that shard's samples run again, in micro-batches of their own."""
     out, cache = tmp_path / "out", tmp_path / "cache"
 
     def forwarded(run_out: Path) -> list[int]:
@@ -597,7 +597,7 @@ def test_a_rerun_forwards_only_what_some_cache_lacks(single_device, tiny_llama, 
     shards = sorted(train_caches[0].glob("taps*.safetensors"))
     shards[0].unlink()
     assert _launch(tiny_llama, topic_jsonl, tmp_path / "third", cache, "--mode", "shuffle") == 0
-    assert forwarded(tmp_path / "third") == [48] * 3  # the owner's 16 samples sit in every training micro-batch
+    assert forwarded(tmp_path / "third") == [16] * 3  # the owner's 16 training samples, on every stage
     assert len(list(train_caches[0].glob("taps*.safetensors"))) == len(shards)  # rebuilt
     expected, _ = single_device
     got = load_file(tmp_path / "third" / "adapter_model.safetensors")
@@ -1098,3 +1098,49 @@ def test_encrypted_gradients_are_refused_where_they_would_not_be_encrypted(tiny_
     ):
         assert _launch(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "c", "--encrypt-gradients", *argv) == 2
         assert complaint in capsys.readouterr().err
+
+
+def test_a_peer_that_arrives_while_the_run_goes_is_planned_in_and_takes_work(tiny_llama, topic_jsonl, tmp_path):
+    """--min-peers 2: the run starts on the two agents that answer; a third, started while the run goes, is
+    greeted, joins, and at the start of training or its next checkpoint the run re-plans over all three, which
+    finish it from the checkpoint. The newcomer takes its round-robin share (and caches it); the others keep
+    theirs. Its arrival is in the live view, summary.json and launch.json; the adapter is one device's."""
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+    options.optim.epochs = 12  # long enough for a newcomer to start, join and be planned in
+    alone = train(replace(options, out=str(tmp_path / "alone")))
+    token = auth.new_token()
+    peers = LocalPeers(2, token, tmp_path / "peers", once=False)
+    hosts = peers.start()
+    late_host = PeerHost("127.0.0.1", free_port(), "late")
+    cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", late_host.endpoint, "--name", "late"]
+    cmd += ["--work-dir", str(tmp_path / "late"), "--coordinator-timeout", "20"]
+    shown, outcome, late = io.StringIO(), [], []
+    record = LaunchRecord(tmp_path / "out", ["--local", "2"])
+    cluster = ClusterOptions(mode="replicated", join_timeout=6, min_peers=2)
+    coordinator = Coordinator([*hosts, late_host], token, options, cluster, display=shown, record=record)
+    runner = threading.Thread(target=lambda: outcome.append(coordinator.run()))
+    runner.start()
+    try:
+        _wait_for_state(shown, "cache build", runner)
+        late.append(subprocess.Popen(cmd, env={**os.environ, auth.TOKEN_ENV: token}))
+        runner.join(timeout=240)
+    finally:
+        peers.stop()
+        for proc in late:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert outcome, shown.getvalue()
+    summary, said = outcome[0], shown.getvalue()
+    assert "starting with 2 of 3 peers" in said and "late arrived while the run was going" in said
+    assert "re-planning with late" in said
+    assert list(summary["peers"]) == ["local-0", "local-1", "late"]
+    assert [e["peer"] for e in summary["arrived_peers"]] == ["late"]
+    assert json.loads((tmp_path / "out" / "launch.json").read_text())["arrived"][0]["peer"] == "late"
+    taken = summary["peers"]["late"]["summary"]["cached_samples"]["train"]
+    assert taken == len(owned_positions(summary["split_sizes"]["train"], 2, 3))  # its round-robin third
+    assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 13))
+    expected = load_file(tmp_path / "alone" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])

@@ -16,6 +16,7 @@ from pac.plan.placement import (
     owned_positions,
     owner,
     parse_stages,
+    share_pattern,
     split_proportional,
     stage_taps,
 )
@@ -146,8 +147,9 @@ def test_shares_interleave_owners_in_proportion():
 
 def test_a_re_plan_keeps_every_sample_with_its_owner_if_it_stayed():
     """Three peers, rank 1 leaves: ranks 0 and 2 (now 0 and 1) keep every sample they owned, and rank 1's are
-    dealt out by the new plan's round-robin. Then a newcomer joins at rank 0 of a third plan: it owns nothing
-    that stayed. Ownership is a pure function of the membership history, and travels in the assignment."""
+    dealt out by the new plan's round-robin. Then a newcomer joins at rank 0 of a third plan: it takes what
+    the round-robin gives it, the others keep theirs. Ownership is a pure function of the membership history, and
+    travels in the assignment."""
     first = make_plan("replicated", 4, [1, 1, 1])
     second = replace(make_plan("shuffle", 4, [1, 1]), inherited=Inheritance(3, None, (0, None, 1)))
     for p in range(30):
@@ -156,9 +158,11 @@ def test_a_re_plan_keeps_every_sample_with_its_owner_if_it_stayed():
     assert sorted(second.owned_positions(30, 0) + second.owned_positions(30, 1)) == list(range(30))
     third = replace(
         make_plan("replicated", 4, [1, 1, 1], shares=(1, 1, 2)),
-        inherited=Inheritance(2, None, (1, 2), second.inherited),
+        inherited=Inheritance(2, None, (1, 2), second.inherited, newcomers=(0,)),
     )
-    assert all(third.owner(p) == second.owner(p) + 1 for p in range(30))
-    assert third.owned_positions(30, 0) == []
+    pattern = share_pattern((1, 1, 2))  # [2, 0, 1, 2]: the newcomer takes every fourth sample
+    for p in range(30):
+        assert third.owner(p) == (0 if pattern[p % 4] == 0 else second.owner(p) + 1)
+    assert third.owned_positions(30, 0) == [p for p in range(30) if p % 4 == 1]
     wire = msgpack.unpackb(msgpack.packb(third.inherited.to_wire()))
     assert Inheritance.from_wire(wire) == third.inherited

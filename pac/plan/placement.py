@@ -29,14 +29,15 @@ class PlanError(PacError):
 @dataclass(frozen=True)
 class Inheritance:
     """Who owned each sample before a re-plan, and where those owners are now: a sample whose owner stayed keeps
-    it (its taps are cached there), and only the samples of the peers that left are dealt out again, by the new
-    plan's round-robin. Chained through earlier re-plans, so ownership is a pure function of the membership
-    history, which the run's launch.json records."""
+    it (its taps are cached there), the peers that arrived take the samples the new plan's round-robin gives them,
+    and the samples of the peers that left are dealt out by that round-robin too. Chained through earlier
+    re-plans, so ownership is a pure function of the membership history, which the run's launch.json records."""
 
     world: int  # the earlier plan's ranks
     shares: tuple[int, ...] | None  # and their shares
     ranks_now: tuple[int | None, ...]  # each earlier rank's rank in the new plan; None: it left
     earlier: Inheritance | None = None  # the earlier plan's own inheritance
+    newcomers: tuple[int, ...] = ()  # ranks of the new plan that were not in the earlier one
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class Inheritance:
             "shares": list(self.shares) if self.shares is not None else None,
             "ranks_now": list(self.ranks_now),
             "earlier": self.earlier.to_wire() if self.earlier is not None else None,
+            "newcomers": list(self.newcomers),
         }
 
     @classmethod
@@ -55,6 +57,7 @@ class Inheritance:
             None if raw["shares"] is None else tuple(int(s) for s in raw["shares"]),
             tuple(None if r is None else int(r) for r in raw["ranks_now"]),
             cls.from_wire(raw["earlier"]),
+            tuple(int(r) for r in raw["newcomers"]),
         )
 
 
@@ -229,18 +232,19 @@ def stage_taps(stage: Stage, taps: Sequence[int]) -> list[int]:
 
 
 def owner(position: int, world: int, shares: Sequence[int] | None = None, inherited: Inheritance | None = None) -> int:
-    """The rank that trains the sample at `position`: its owner before a re-plan where that peer stayed
-    (`inherited`), else round-robin, or with `shares` a weighted round-robin (interleaved, so every rank's share
-    keeps the classes and lengths balanced as plain round-robin does)."""
-    if inherited is not None:
-        before = owner(position, inherited.world, inherited.shares, inherited.earlier)
-        now = inherited.ranks_now[before]
-        if now is not None:
-            return now
+    """The rank that trains the sample at `position`: round-robin, or with `shares` a weighted round-robin
+    (interleaved, so every rank's share keeps the classes and lengths balanced as plain round-robin does); after a
+    re-plan (`inherited`), a sample stays with its earlier owner if that peer stayed, unless the round-robin gives
+    it to a newcomer."""
     if shares is None:
-        return position % world
-    pattern = _cycle(tuple(shares))
-    return pattern[position % len(pattern)]
+        fresh = position % world
+    else:
+        pattern = _cycle(tuple(shares))
+        fresh = pattern[position % len(pattern)]
+    if inherited is None or fresh in inherited.newcomers:
+        return fresh
+    now = inherited.ranks_now[owner(position, inherited.world, inherited.shares, inherited.earlier)]
+    return fresh if now is None else now
 
 
 def owned_positions(

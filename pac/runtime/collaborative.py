@@ -359,6 +359,7 @@ def _phase_two(
     laps.lap("building the model")
     config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
+    on_checkpoint = (lambda step: progress("checkpoint", step, 0)) if progress else None
     if plan.mode == "side-pipeline":
         trainer: DataParallelTrainer | SidePipelineTrainer = SidePipelineTrainer(
             model,
@@ -368,6 +369,7 @@ def _phase_two(
             out,
             val=local["val"],
             on_step=on_step,
+            on_checkpoint=on_checkpoint,
             plane=plane,
             plan=plan,
             rank=rank,
@@ -385,6 +387,7 @@ def _phase_two(
             out,
             val=sources["val"],
             on_step=on_step,
+            on_checkpoint=on_checkpoint,
             compression=job.grad_compression,
             plane=collectives,
         )

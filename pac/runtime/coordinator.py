@@ -67,6 +67,7 @@ HEARTBEAT_S = 1.0
 # survivor that noticed, not the peer that is gone: for this long the coordinator looks for that peer first.
 LOST_CONNECTION = re.compile(r"connection (reset|closed|refused)|read error|broken pipe|end of file", re.IGNORECASE)
 BLAME_WAIT_S = 3 * HEARTBEAT_S
+LATECOMER_HELLO_S = 2.0  # how often a peer missing from the run is greeted while it goes on
 UNREACHABLE_GRACE_S = 5.0  # agents started with the run (pac-launch --local) take a few seconds to listen
 DATA_CHUNK_SAMPLES = 256
 LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
@@ -104,6 +105,14 @@ class PeerLost(Exception):
         self.peer, self.reason = peer, reason
 
 
+class PeersArrived(Exception):
+    """Peers joined while the run was going, and a checkpoint holds the work so far: the run re-plans with them."""
+
+    def __init__(self, peers: list[PeerState]):
+        super().__init__(", ".join(p.host.name for p in peers))
+        self.peers = peers
+
+
 @dataclass
 class PeerState:
     host: PeerHost
@@ -123,6 +132,8 @@ class PeerState:
     disconnected_at: float | None = None  # when its connection closed during the run
     run_profile: dict[str, Any] | None = None  # pac.runtime.profiler's, for this run
     echoes: dict[int, float] = field(default_factory=dict)  # link probe number -> when its echo arrived
+    checkpoint_at: float = 0.0  # when it last reported a phase-2 checkpoint
+    arrived_at: float | None = None  # when it joined
 
     @property
     def routing_id(self) -> bytes:
@@ -186,6 +197,8 @@ class Coordinator:
         self.symptom: tuple[str, float] | None = None  # a peer's lost-connection failure, and when it came
         self.lost: list[dict[str, Any]] = []  # the peers lost and re-planned around, in order
         self.assigned: tuple[Plan, list[str]] | None = None  # the last plan handed out, and its peers by rank
+        self.arrivals: list[dict[str, Any]] = []  # the peers planned in while the run was going, in order
+        self._next_latecomer_hello = 0.0
         self._probe_seq = 0
         self.reason = ""
         self.out = Path(options.out)
@@ -279,6 +292,8 @@ class Coordinator:
             log.warning("peer %s rejected a message: %s", peer.host.name, message["reason"])
         elif peer.status in ("connecting", "refused"):
             self._send(peer, "error", reason=f"{kind}: join first")
+        elif kind == "progress" and message["phase"] == "checkpoint":
+            peer.checkpoint_at = time.monotonic()
         elif kind == "progress":
             peer.status = message["phase"]
             peer.progress = (message["phase"], message["done"], message["total"], message["rate"])
@@ -330,7 +345,7 @@ class Coordinator:
         """A connection attempt was refused or found no route: said once it has gone on for a few seconds
         (ZeroMQ retries quietly until the join timeout), since the peer may still be starting."""
         peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
-        if peer is None or peer.status != "connecting" or peer.unreachable:
+        if peer is None or peer.status != "connecting" or peer.unreachable or self.state is not RunState.JOINING:
             return
         if time.monotonic() - self.entered[RunState.JOINING] < UNREACHABLE_GRACE_S:
             return  # ZeroMQ retries every 100 ms: a later refusal is reported
@@ -385,6 +400,12 @@ class Coordinator:
         host = f"[{peer.host.host}]" if ":" in peer.host.host else peer.host.host
         peer.data_endpoint, peer.data_key = f"tcp://{host}:{port}", message["data_key"]
         self._print(f"[pac-launch] {peer.host.name} joined: {_describe_profile(peer.profile)}")
+        peer.arrived_at = time.monotonic()
+        if self.state in (RunState.CACHE_BUILD, RunState.TRAINING):
+            self._print(
+                f"[pac-launch] {peer.host.name} arrived while the run was going: it is planned in at the next "
+                "checkpoint (the start of training, or a checkpoint of it)"
+            )
 
     # ------------------------------------------------------------------ phases
     def run(self, plan_only: bool = False) -> dict[str, Any]:
@@ -425,6 +446,8 @@ class Coordinator:
                 return self._attempt(members, prepared, num_layers, plan_only)
             except PeerLost as lost:
                 members = self._without(lost, members)
+            except PeersArrived as arrived:
+                members = self._with(arrived.peers, members)
 
     def _attempt(
         self, members: list[PeerState], prepared: PreparedData, num_layers: int, plan_only: bool
@@ -503,7 +526,9 @@ class Coordinator:
             return plan
         now = {p.host.name: p.rank for p in members}
         ranks_now = tuple(now.get(name) for name in names)
-        return replace(plan, inherited=Inheritance(before.world, before.shares, ranks_now, before.inherited))
+        newcomers = tuple(p.rank for p in members if p.host.name not in names)
+        inherited = Inheritance(before.world, before.shares, ranks_now, before.inherited, newcomers)
+        return replace(plan, inherited=inherited)
 
     def _join(self, candidates: list[PeerState]) -> list[PeerState]:
         deadline = time.monotonic() + self.cluster.join_timeout
@@ -512,6 +537,13 @@ class Coordinator:
             now = time.monotonic()
             if now > deadline:
                 missing = [f"{p.host.name} ({p.host.endpoint})" for p in candidates if p.status == "connecting"]
+                joined = sum(p.status == "joined" for p in candidates)
+                if self.cluster.min_peers and joined >= self.cluster.min_peers:
+                    self._print(
+                        f"[pac-launch] starting with {joined} of {len(candidates)} peers; {', '.join(missing)} "
+                        "will be planned in when they answer"
+                    )
+                    break
                 self._fail(
                     f"no answer within {self.cluster.join_timeout:.0f} s from {', '.join(missing)}: "
                     "is `pac peer` running there, with that port reachable?"
@@ -539,13 +571,8 @@ class Coordinator:
         survivors = [p for p in members if p is not lost.peer]
         if not survivors:
             self._fail(f"{lost.reason} (no peer is left)")
-        if self.cluster.stages or self.cluster.shares:
-            self._fail(f"{lost.reason}; --stages and --shares fix the layout for every peer: drop them to re-plan")
-        if once := [p.host.name for p in survivors if not p.profile.get("stays")]:
-            self._fail(
-                f"{lost.reason}; {', '.join(once)} serve(s) one run only (pac peer --once), so the run cannot "
-                "re-plan over them: run the peers as agents, and `pac-launch --resume` this run"
-            )
+        if why := self._fixed_layout(survivors):
+            self._fail(f"{lost.reason}; {why}")
         names = [p.host.name for p in survivors]
         self._print(f"[pac-launch] {lost.reason}. Re-planning over {', '.join(names)}")
         self.lost.append(
@@ -553,15 +580,65 @@ class Coordinator:
         )
         if self.record is not None:
             self.record.update(lost=self.lost)
-        for peer in survivors:
-            self._send(peer, "shutdown", reason=f"re-planning without {lost.peer.host.name}")
-        self.sock.disconnect(lost.peer.host.endpoint)
-        del self.peers[lost.peer.host.name]
+        # It may come back (its agent restarted, its device back on the network): then it is planned in again.
+        self.peers[lost.peer.host.name] = PeerState(lost.peer.host)
+        return self._rejoin(survivors, f"re-planning without {lost.peer.host.name}")
+
+    def _with(self, arrived: list[PeerState], members: list[PeerState]) -> list[PeerState]:
+        """Peers that joined while the run was going, at a checkpoint: every member abandons the attempt as after
+        a loss, and the next attempt is planned over them all (the planner may still leave a newcomer out)."""
+        names = [p.host.name for p in arrived]
+        self._print(f"[pac-launch] re-planning with {', '.join(names)}, which arrived while the run was going")
+        for peer in arrived:
+            self.arrivals.append({"peer": peer.host.name, "state": self.state.value, "at": time.time()})
+        if self.record is not None:
+            self.record.update(arrived=self.arrivals)
+        return self._rejoin([*members, *arrived], f"re-planning with {', '.join(names)}")
+
+    def _rejoin(self, peers: list[PeerState], reason: str) -> list[PeerState]:
+        """`peers` abandon the attempt (each agent starts afresh, so no thread stays stuck in a broken or outgrown
+        process group) and join again, as new: their agents come back as fresh processes on the same ports."""
+        for peer in peers:
+            self._send(peer, "shutdown", reason=reason)
         self.symptom = None
-        for peer in survivors:  # as new: their agents come back as fresh processes on the same ports
+        for peer in peers:
             self.peers[peer.host.name] = PeerState(peer.host, profile=peer.profile)
         self._advance(RunState.JOINING)
-        return self._join([self.peers[p.host.name] for p in survivors])
+        return self._join([self.peers[p.host.name] for p in peers])
+
+    def _fixed_layout(self, members: list[PeerState]) -> str | None:
+        """Why the run cannot be re-planned over other peers than `members` and itself, or None."""
+        if self.cluster.stages or self.cluster.shares:
+            return "--stages and --shares fix the layout for every peer: drop them to re-plan"
+        if once := [p.host.name for p in members if not p.profile.get("stays")]:
+            return (
+                f"{', '.join(once)} serve(s) one run only (pac peer --once), so the run cannot re-plan over them: "
+                "run the peers as agents, and `pac-launch --resume` this run"
+            )
+        return None
+
+    def _admit_arrivals(self, members: list[PeerState], now: float) -> None:
+        """Latecomers are greeted every few seconds; one that has joined is planned in (PeersArrived) once the run's
+        work is held: at the start of training, or once every member has checkpointed since it arrived."""
+        if now >= self._next_latecomer_hello:
+            self._next_latecomer_hello = now + LATECOMER_HELLO_S
+            for p in self.peers.values():
+                if p.status == "connecting" and all(p is not m for m in members):
+                    p.nonce = p.nonce or auth.new_nonce()
+                    self._send(p, "hello", nonce=p.nonce)
+        arrived = [p for p in self.peers.values() if p.status == "joined" and all(p is not m for m in members)]
+        if not arrived or self.state is not RunState.TRAINING:
+            return
+        if why := self._fixed_layout(members):
+            for p in arrived:
+                self._print(f"[pac-launch] {p.host.name} is not planned in: {why}")
+                self._send(p, "shutdown", reason=f"not planned in: {why}")
+                p.status = "left out"
+            return
+        starting = all(p.progress[0] == "train" and p.progress[1] == 0 for p in members)
+        since = max(p.arrived_at or 0.0 for p in arrived)
+        if starting or all(p.checkpoint_at > since for p in members):
+            raise PeersArrived(arrived)
 
     # ------------------------------------------------------------------ planning
     def _planned(self, members: list[PeerState], prepared: PreparedData) -> tuple[Plan, list[PeerState]]:
@@ -731,6 +808,7 @@ class Coordinator:
                 for p in members:
                     self._send(p, "heartbeat")
                 next_beat = now + HEARTBEAT_S
+            self._admit_arrivals(members, now)
             gone = self._gone(members, now)
             if gone is not None:
                 peer, silent = gone
@@ -760,6 +838,9 @@ class Coordinator:
                 parts.append(f"{p.host.name}: training, step {done}/{total} ({rate:.1f}/s)")
             else:
                 parts.append(f"{p.host.name}: {p.status}")
+        for p in self.peers.values():
+            if p.status == "joined" and all(p is not m for m in members):
+                parts.append(f"{p.host.name}: arrived, planned in at the next checkpoint")
         self._print("  " + " | ".join(parts))
 
     def _export(self, members: list[PeerState], plan: Plan) -> dict[str, Any]:
@@ -784,6 +865,7 @@ class Coordinator:
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
             "seconds_by_state": self._seconds_by_state(),  # of the last attempt, where a lost peer was re-planned
             "lost_peers": self.lost,
+            "arrived_peers": self.arrivals,
         }
         planned = self._compare_with_plan()
         if planned is not None:

@@ -89,7 +89,9 @@ def _register_hook(
         ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
 
 
-def _hook_over_plane(plane: PlaneCollectives, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+# The hooks' `bucket` goes unannotated: DDP checks that annotation against dist.GradBucket itself, and this
+# module's postponed annotations would hand it a string.
+def _hook_over_plane(plane: PlaneCollectives, bucket):
     """DDP's default all-reduce (a mean over the ranks), made over the encrypted data plane instead of gloo."""
     buffer = bucket.buffer()
     plane.all_reduce(buffer.div_(plane.world))
@@ -98,7 +100,7 @@ def _hook_over_plane(plane: PlaneCollectives, bucket: dist.GradBucket) -> torch.
     return done
 
 
-def _fp16_hook_over_plane(plane: PlaneCollectives, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _fp16_hook_over_plane(plane: PlaneCollectives, bucket):
     """torch's fp16_compress_hook (scaled, then cast, then summed), made over the encrypted data plane."""
     buffer = bucket.buffer()
     half = plane.all_reduce(buffer.div(plane.world).to(torch.float16))

@@ -120,6 +120,7 @@ class Trainer:
         on_step: Callable[[int, int], None] | None = None,
         clock: RunClock | None = None,
         train_step: TrainStep | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
     ):
         self.model, self.task, self.train_source = model, task, train
         # An empty validation split (a few rows at --val-size 10%) leaves nothing to validate on: the epochs
@@ -133,6 +134,7 @@ class Trainer:
         self.best: dict[str, float] | None = None  # {"epoch", "loss"} of the best holdout loss so far
         self.config, self.out_dir = config, Path(out_dir)
         self.on_epoch_end, self.on_step = on_epoch_end, on_step  # progress for whoever watches (a coordinator)
+        self.on_checkpoint = on_checkpoint  # told each step a checkpoint holds (a coordinator admits peers then)
         # The weights a checkpoint holds (whatever the step changes, it changes among these).
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -164,6 +166,8 @@ class Trainer:
         tmp.rename(target)
         for old in sorted(self.checkpoint_dir.glob("step-???????"))[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step)
         return target
 
     def latest_checkpoint(self) -> Path | None:
