@@ -68,6 +68,7 @@ HEARTBEAT_S = 1.0
 LOST_CONNECTION = re.compile(r"connection (reset|closed|refused)|read error|broken pipe|end of file", re.IGNORECASE)
 BLAME_WAIT_S = 3 * HEARTBEAT_S
 LATECOMER_HELLO_S = 2.0  # how often a peer missing from the run is greeted while it goes on
+REJOIN_S = 60.0  # the least a re-plan waits for its agents to start afresh and join again
 UNREACHABLE_GRACE_S = 5.0  # agents started with the run (pac-launch --local) take a few seconds to listen
 DATA_CHUNK_SAMPLES = 256
 LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
@@ -347,6 +348,8 @@ class Coordinator:
         peer = next((p for p in self.peers.values() if p.host.endpoint == endpoint), None)
         if peer is None or peer.status != "connecting" or peer.unreachable or self.state is not RunState.JOINING:
             return
+        if peer.profile:  # a member starting afresh for a re-plan: its agent is on its way back
+            return
         if time.monotonic() - self.entered[RunState.JOINING] < UNREACHABLE_GRACE_S:
             return  # ZeroMQ retries every 100 ms: a later refusal is reported
         peer.unreachable = True
@@ -530,8 +533,11 @@ class Coordinator:
         inherited = Inheritance(before.world, before.shares, ranks_now, before.inherited, newcomers)
         return replace(plan, inherited=inherited)
 
-    def _join(self, candidates: list[PeerState]) -> list[PeerState]:
-        deadline = time.monotonic() + self.cluster.join_timeout
+    def _join(self, candidates: list[PeerState], timeout: float | None = None) -> list[PeerState]:
+        """Greet `candidates` until all have joined, or `timeout` (--join-timeout) passes: then fail, or with
+        --min-peers start with those that joined. Returns the members, in rank order, welcomed."""
+        timeout = timeout or self.cluster.join_timeout
+        deadline = time.monotonic() + timeout
         next_hello = 0.0
         while any(p.status == "connecting" for p in candidates):
             now = time.monotonic()
@@ -545,7 +551,7 @@ class Coordinator:
                     )
                     break
                 self._fail(
-                    f"no answer within {self.cluster.join_timeout:.0f} s from {', '.join(missing)}: "
+                    f"no answer within {timeout:.0f} s from {', '.join(missing)}: "
                     "is `pac peer` running there, with that port reachable?"
                 )
             if now >= next_hello:  # ROUTER_MANDATORY makes a hello to a peer not yet reachable fail; retry
@@ -604,7 +610,9 @@ class Coordinator:
         for peer in peers:
             self.peers[peer.host.name] = PeerState(peer.host, profile=peer.profile)
         self._advance(RunState.JOINING)
-        return self._join([self.peers[p.host.name] for p in peers])
+        # An agent takes a few seconds to start afresh (an interpreter, torch): wait for it however short
+        # --join-timeout is, which was meant for the devices a run starts with.
+        return self._join([self.peers[p.host.name] for p in peers], max(self.cluster.join_timeout, REJOIN_S))
 
     def _fixed_layout(self, members: list[PeerState]) -> str | None:
         """Why the run cannot be re-planned over other peers than `members` and itself, or None."""
