@@ -14,8 +14,7 @@ phone 20 Mbit 20 ms; deploy/home.py), all on this 2-core machine. Configurations
   pac-no-cache   the side network on the desktop alone with a backbone forward every step (no activation cache)
 
 With --compression, the gradient all-reduce over the home's links (issue 21, point 7), 3 epochs: pac replicated
-on all three devices (4:2:1) and LoRA data-parallel, each uncompressed and as fp16 (--grad-compression), and pac
-replicated with its all-reduces over the encrypted data plane (--encrypt-gradients) rather than gloo.
+on all three devices (4:2:1) and LoRA data-parallel, each uncompressed and as fp16 (--grad-compression).
 
 Every row is a real run; its wall time is the command's, from start to exit. Rows that ran fewer epochs than a
 column asks for are extrapolated from their own measured epochs (one-off costs measured, never extrapolated:
@@ -55,15 +54,13 @@ HOME_ARGS = {
     # Gradient compression where a run all-reduces gradients over the home's links (issue 21, point 7).
     "pac-replicated": REPLICATED,
     "pac-replicated-fp16": [*REPLICATED, "--grad-compression", "fp16"],
-    # The same all-reduces over the CURVE-encrypted data plane instead of gloo (issue 22, point 7).
-    "pac-replicated-encrypted": [*REPLICATED, "--grad-compression", "none", "--encrypt-gradients"],
     # its own uncompressed row: the compression rows ran after torch threads began to follow the CPU quota
     "lora-dp-none": [*LORA_DP, "--grad-compression", "none"],
     "lora-dp-fp16": [*LORA_DP, "--grad-compression", "fp16"],
 }
 DESKTOP_CONFIGS = ("lora-desktop", "full-desktop", "pac-no-cache")
 MAIN = ("pac", "lora-dp", *DESKTOP_CONFIGS)
-COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "pac-replicated-encrypted", "lora-dp-none", "lora-dp-fp16")
+COMPRESSION = ("pac-replicated", "pac-replicated-fp16", "lora-dp-none", "lora-dp-fp16")
 # Epochs actually run: pac's are cheap and run in full; a baseline's epochs cost the same each, so one is timed
 # and the rest extrapolated (the issue's sizing rule), except LoRA alone, whose 5 epochs give its quality; the
 # compression rows run 3 epochs.
@@ -74,7 +71,7 @@ EPOCHS_RUN = {
     "full-desktop": 1,
     "pac-no-cache": 1,
 }
-EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3, "pac-replicated-encrypted": 3}
+EPOCHS_RUN |= {"lora-desktop": 5, "pac-replicated": 3, "pac-replicated-fp16": 3}
 
 
 def _home():
@@ -267,11 +264,17 @@ def _planned_note(row: dict[str, Any], wall: float) -> str:
     )
     states = row.get("seconds_by_state")
     if states and wall == row["wall_seconds"]:  # a whole run as measured (not cut at an earlier epoch)
-        # The plan is made after joining and planning, so the run's own prediction includes them as measured.
-        before = states["joining"] + states["planning"]
+        # The plan is made after start-up, joining and planning, so the run's own prediction includes them as
+        # measured; what the plan leaves out is the export and the process's exit.
+        before = states.get("starting", 0.0) + states["joining"] + states["planning"]
         rest = wall - before - measured
+        starting = f"starting {states['starting']:.0f} s, " if "starting" in states else ""
+        if "export" in states:
+            ending = f"export {states['export']:.0f} s and exit {rest - states['export']:.0f} s"
+        else:
+            ending = f"export and exit {rest:.0f} s"
         note += (
-            f"; joining {states['joining']:.0f} s, planning {states['planning']:.0f} s, export and exit {rest:.0f} s"
+            f"; {starting}joining {states['joining']:.0f} s, planning {states['planning']:.0f} s, {ending}"
             f"; end to end predicted {before + predicted:.0f} s / measured {wall:.0f} s "
             f"({wall / (before + predicted):.2f}x)"
         )
@@ -327,10 +330,9 @@ def compression_report(rows: dict[str, Any]) -> str:
         if not configs:
             continue
         lines += [
-            f"\n### Gradient compression and encryption over the home's links: {task}, 3 epochs\n",
-            "| configuration | compression | all-reduced over | wall (s) | training s/epoch | on the wire (MB) "
-            "| validation | notes |",
-            "|---|---|---|---|---|---|---|---|",
+            f"\n### Gradient compression over the home's links: {task}, 3 epochs\n",
+            "| configuration | compression | wall (s) | training s/epoch | on the wire (MB) | validation | notes |",
+            "|---|---|---|---|---|---|---|",
         ]
         for config in configs:
             row = _row(rows, task, config, 3)
@@ -339,10 +341,8 @@ def compression_report(rows: dict[str, Any]) -> str:
             ran = row["epochs_run"]
             quality = _quality(task, row["final"]) + (f" (after {ran})" if ran != 3 else "")
             note = f"extrapolated from {ran} measured epoch(s)" if extrapolated else ""
-            over = "data plane (CURVE)" if "--encrypt-gradients" in HOME_ARGS[config] else "gloo (in clear)"
             lines.append(
-                f"| {config} | {row['grad_compression']} | {over} | {wall:.0f} | {epoch:.1f} "
-                f"| {wire_megabytes(row, 3):.1f} "
+                f"| {config} | {row['grad_compression']} | {wall:.0f} | {epoch:.1f} | {wire_megabytes(row, 3):.1f} "
                 f"| {quality} | {note} |"
             )
     return "\n".join(lines) + "\n"

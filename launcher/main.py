@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from pac.errors import PacError
 from pac.plan.costs import GRADIENT_COMPRESSIONS
 
@@ -238,7 +240,9 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
     grace = 15.0  # for the peers to exit after the coordinator's shutdown
     record = None if args.plan_only else LaunchRecord(Path(options.out), argv, earlier)
     try:
-        summary = Coordinator(hosts, token, options, settings, record=record).run(plan_only=args.plan_only)
+        started_at = psutil.Process().create_time()  # this process's start-up counts in the run's timings
+        coordinator = Coordinator(hosts, token, options, settings, record=record, started_at=started_at)
+        summary = coordinator.run(plan_only=args.plan_only)
         if not args.plan_only:
             print_epochs(summary["epochs"])
         return 0

@@ -893,10 +893,11 @@ def test_the_coordinator_killed_in_phase_2_then_resume(single_device, tiny_llama
     assert "not the --out of a pac-launch run" in capsys.readouterr().err
 
 
-def _fuzz_frames(count: int, seed: int) -> list[bytes]:
-    """Random bytes, mutated and truncated valid messages, unknown kinds, wrong field types, replays."""
+def _fuzz_frames(count: int, seed: int, valid: list[bytes] | None = None) -> list[bytes]:
+    """Random bytes, mutated and truncated `valid` messages (by default what a coordinator sends), unknown kinds,
+    wrong field types, replays."""
     rng = random.Random(seed)
-    valid = [
+    valid = valid or [
         protocol.encode("heartbeat"),
         protocol.encode("hello", nonce=auth.new_nonce()),
         protocol.encode("welcome", proof=b"\x00" * 32, rank=0),
@@ -927,17 +928,64 @@ def _fuzz_frames(count: int, seed: int) -> list[bytes]:
     return frames
 
 
+def _fuzz_the_coordinator(token: str, done: threading.Event, sent: list[int]) -> PeerHost:
+    """A "peer" in the hosts file that holds the token and answers the coordinator's hello with 10,000 random and
+    mutated frames of what peers send (every 1,000th over the size limit), never a valid join."""
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.setsockopt(zmq.SNDHWM, 100_000)
+    auth.serve_encrypted(server, token)
+    host = PeerHost("127.0.0.1", server.bind_to_random_port("tcp://127.0.0.1"), "fuzz")
+
+    def flood() -> None:
+        coordinator = server.recv_multipart()[0]  # its first hello
+        valid = [
+            protocol.encode(
+                "join",
+                name="fuzz",
+                profile={"max_mem": 1},
+                nonce=b"n" * 16,
+                proof=b"\x00" * 32,
+                data_endpoint="tcp://127.0.0.1:1",
+                data_key=b"k" * 40,
+            ),
+            protocol.encode("progress", phase="train", done=1, total=2, rate=1.0),
+            protocol.encode("file", name="adapter_model.safetensors", offset=0, chunk=b"x", last=True),
+            protocol.encode("finished", summary={"epochs": []}),
+            protocol.encode("failed", reason="Connection reset by peer"),
+            protocol.encode("profiled", profile={}),
+        ]
+        for i, frame in enumerate(_fuzz_frames(10_000, seed=2, valid=valid)):
+            if i % 1000 == 999:
+                frame = b"\x00" * (protocol.MAX_CONTROL_BYTES + 1)
+            with contextlib.suppress(zmq.ZMQError):
+                server.send_multipart([coordinator, frame])
+            sent[0] += 1
+            while server.poll(0):  # its error replies
+                server.recv_multipart()
+            time.sleep(0.0005)
+        done.wait()
+        server.close(0)
+        ctx.term()
+
+    threading.Thread(target=flood, daemon=True).start()
+    return host
+
+
 def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_llama, topic_jsonl, tmp_path):
     """12,000 random and mutated frames (some over the size limit) at both peers' control sockets from a client
-    that holds the token, while a real run trains: the run ends with the single-device adapter, and the peers'
-    peak memory stays within 50 MB of the same run undisturbed."""
+    that holds the token, and 10,000 at the coordinator from a "peer" of the hosts file, while a real run
+    trains: the run ends with the single-device adapter, the peers' peak memory stays within 50 MB of the same
+    run undisturbed, and the coordinator's process grows no more than in that run, give or take 50 MB."""
     token = auth.new_token()
 
     def run(out: Path, fuzz: bool) -> dict:
         peers = LocalPeers(2, token, tmp_path / out.name)
         hosts = peers.start()
         options = _options(tiny_llama, topic_jsonl, out, tmp_path / "cache")
-        sent, done = [0], threading.Event()
+        sent, done, at_coordinator = [0], threading.Event(), [0]
+        rss_before = psutil.Process().memory_info().rss
 
         def fuzzer() -> None:
             ctx = zmq.Context()
@@ -963,16 +1011,20 @@ def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_ll
             ctx.term()
 
         thread = threading.Thread(target=fuzzer)
+        cluster = ClusterOptions(mode="replicated", join_timeout=90)
         try:
             if fuzz:
                 thread.start()
-            summary = Coordinator(hosts, token, options, ClusterOptions(mode="replicated", join_timeout=90)).run()
+                hosts = [*hosts, _fuzz_the_coordinator(token, done, at_coordinator)]
+                cluster = replace(cluster, join_timeout=10, min_peers=2)  # it never joins: start without it
+            summary = Coordinator(hosts, token, options, cluster).run()
         finally:
             done.set()
             if fuzz:
                 thread.join(timeout=60)
             peers.stop()
-        assert not fuzz or sent[0] == 12_000
+        assert not fuzz or (sent[0] == 12_000 and at_coordinator[0] == 10_000)
+        summary["coordinator_growth_mb"] = (psutil.Process().memory_info().rss - rss_before) / 2**20
         return summary
 
     calm = run(tmp_path / "calm", fuzz=False)
@@ -983,6 +1035,8 @@ def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_ll
         torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
     for name, peer in fuzzed["peers"].items():
         assert peer["summary"]["peak_rss_mb"] < calm["peers"][name]["summary"]["peak_rss_mb"] + 50, name
+    assert list(fuzzed["peers"]) == ["local-0", "local-1"]
+    assert fuzzed["coordinator_growth_mb"] < calm["coordinator_growth_mb"] + 50
     assert "rejected a message" in (tmp_path / "fuzzed" / "peers" / "local-0" / "peer.log").read_text()
 
 

@@ -187,8 +187,12 @@ def test_the_cache_s_digest_costs_each_device_its_own_samples_once_before_data_p
         without = predict(mode, plain, stages, MODEL, WORK, shares=(3, 1))
         assert got.build_seconds - without.build_seconds == pytest.approx(300 * 0.1)  # a owns 3/4 of 400
         assert got.epoch_seconds == without.epoch_seconds
-    pipelined = [(0, 6), (6, LAYERS)]  # a side pipeline reads its taps as they are
-    assert predict("side-pipeline", digesting, pipelined, MODEL, WORK) == predict(
+    faster = [DeviceProfile(**{**d.__dict__, "digested_train_seconds": 0.01}) for d in digesting]
+    got = predict("replicated", faster, [(0, LAYERS)] * 2, MODEL, WORK)
+    slower = predict("replicated", digesting, [(0, LAYERS)] * 2, MODEL, WORK)
+    assert slower.epoch_seconds - got.epoch_seconds == pytest.approx(50 * 4 * (0.03 - 0.01))  # its step, 50 a epoch
+    pipelined = [(0, 6), (6, LAYERS)]  # a side pipeline reads its taps as they are: neither digest nor its step
+    assert predict("side-pipeline", faster, pipelined, MODEL, WORK) == predict(
         "side-pipeline", plain, pipelined, MODEL, WORK
     )
 

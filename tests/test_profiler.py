@@ -75,6 +75,8 @@ def test_the_step_is_timed_as_phase_2_runs_it_on_shortlists_after_their_one_off_
     listed, whole = profile(8), profile(0)
     # Without shortlists the training source is the cache as it is: nothing to digest but a wrapper's check.
     assert listed["digest_seconds"] > 10 * whole["digest_seconds"]
+    assert listed["digested_train_seconds"] > 0 and whole["digested_train_seconds"] == 0
+    # A side pipeline's stages train on the cache as it is: that step is timed too.
     assert listed["side_train_seconds"] > 0
 
 

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TOPICS
+from safetensors.torch import load_file
 
 PAC = str(Path(sys.executable).parent / "pac")
 # Chat template of the tiny model: a user turn, then the assistant's header where generation starts.
@@ -228,6 +230,45 @@ def test_plain_text_notes_train_a_language_model(tiny_llama, tmp_path, home):
     assert result.returncode == 0, result.stderr
     assert "training on 19, validating on 2" in result.stdout
     assert json.loads((out / "summary.json").read_text())["prompt_format"]["format"] == "plain"
+
+
+def _pages(path: Path) -> int:
+    """The 4 kB pages a tmpfs spends on the files under `path`."""
+    return sum(-(-f.stat().st_size // 4096) for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
+def test_a_disk_that_fills_up_at_a_checkpoint_stops_and_the_same_command_resumes(tiny_llama, news_csv, tmp_path, home):
+    """--out on a tmpfs with room for the run's log and one and a half checkpoints: the second checkpoint cannot be
+    written. The run stops saying the disk is full and where, leaves no half-written checkpoint that a resume
+    would trust, and once there is room the same command resumes from the first checkpoint and ends with the
+    adapter of a run that never stopped."""
+    argv = ["train", "--model", str(tiny_llama), "--data", str(news_csv), "--text-field", "body", "--label-field",
+            "topic", "--epochs", "3", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    reference = pac(*argv, "--out", str(tmp_path / "reference"), home=home)
+    assert reference.returncode == 0, reference.stderr
+    checkpoint = max((tmp_path / "reference" / "checkpoints").glob("step-*"))
+    pages = _pages(tmp_path / "reference" / "metrics.jsonl") + 3 * _pages(checkpoint) // 2 + 1
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={4 * pages}k", "tmpfs", str(small)]).returncode:
+        pytest.skip("no tmpfs mount here")
+    try:
+        stopped = pac(*argv, "--out", str(small), home=home)
+        kept = sorted(p.name for p in (small / "checkpoints").glob("step-???????"))
+        trusted = [name for name in kept if (small / "checkpoints" / name / "trainer.json").exists()]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)  # room made
+        resumed = pac(*argv, "--out", str(small), home=home)
+        got = load_file(small / "adapter_model.safetensors")
+        expected = load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert stopped.returncode == 2, stopped.stderr
+    assert "the disk is full" in stopped.stderr and str(small) in stopped.stderr and "Traceback" not in stopped.stderr
+    assert kept == trusted and len(kept) == 1  # the first checkpoint, whole; the second never trusted
+    assert resumed.returncode == 0, resumed.stderr
+    assert "epoch 1/3:" not in resumed.stdout and "epoch 3/3:" in resumed.stdout  # from the first checkpoint on
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")

@@ -174,7 +174,8 @@ def _best_shares(
     candidates: list[tuple[int, ...] | None] = [None]
     if mode != "side-pipeline" and len(devices) > 1:
         whole = (0, model.num_layers)
-        for seconds in ([d.forward_seconds(whole) for d in devices], [d.side_train_seconds for d in devices]):
+        trains = [d.data_parallel_train_seconds for d in devices]
+        for seconds in ([d.forward_seconds(whole) for d in devices], trains):
             candidates.append(whole_shares([1 / max(s, 1e-12) for s in seconds]))
     # Compression changes nothing alone or in side-pipeline mode (no gradient all-reduce there).
     ways = dict.fromkeys(compressions) if mode != "side-pipeline" and len(devices) > 1 else {"none": None}

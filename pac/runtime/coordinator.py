@@ -150,8 +150,12 @@ class Coordinator:
         cluster: ClusterOptions,
         display: TextIO | None = None,
         record: LaunchRecord | None = None,
+        started_at: float | None = None,
     ):
-        """`record`: the run's launch.json (pac.runtime.launch_record), rewritten at every change of state."""
+        """`record`: the run's launch.json (pac.runtime.launch_record), rewritten at every change of state.
+        `started_at`: when the process running this coordinator started (time.time()), so that its start-up
+        counts in summary.json's seconds_by_state (pac-launch passes its own)."""
+        self.starting = time.time() - started_at if started_at is not None else None
         method = get_method(options.method)
         if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
@@ -878,15 +882,18 @@ class Coordinator:
         planned = self._compare_with_plan()
         if planned is not None:
             summary["planned"] = planned
+        summary["seconds_by_state"]["export"] = time.monotonic() - self.entered[RunState.EXPORT]
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         write_model_card(self.out, summary)
         self._print(f"[pac-launch] adapter, metrics and logs in {self.out}")
         return summary
 
     def _seconds_by_state(self) -> dict[str, float]:
-        """How long the run has spent in each state it left (joining, planning, cache build, training)."""
+        """How long the run has spent in each state it left (joining, planning, cache build, training), after
+        the process's start-up (starting) where it is known."""
         passed = list(self.entered.items())
-        return {state.value: after - since for (state, since), (_, after) in itertools.pairwise(passed)}
+        states = {state.value: after - since for (state, since), (_, after) in itertools.pairwise(passed)}
+        return {"starting": self.starting, **states} if self.starting is not None else states
 
     def _shutdown(self, reason: str) -> None:
         for p in self.peers.values():
