@@ -503,3 +503,28 @@ def test_a_cache_of_a_larger_subset_adopts_the_verified_shards_of_a_smaller_one(
     assert torch.equal(got["labels"], labels)
     assert not reader.verify()
     assert writer.adopt() == 0  # nothing left to adopt: adopting twice changes nothing
+
+
+def test_adopted_shards_cut_along_other_stages_leave_only_the_taps_they_lack_to_write(tmp_path):
+    """After a re-plan the stages, and so the tap blocks, change: a sample whose taps 0-1 came in from an earlier
+    cache is pending for the block 0-3, and writing that block stores only its taps 2-3; the result reads back
+    whole, and taps this cache wrote itself are still never written twice."""
+    root = tmp_path / "root"
+    old_ids = sample_ids(8)[::2]
+    earlier = CacheWriter(root, make_spec(data_fingerprint="a" * 64), old_ids, shard_size=4)
+    earlier.write(old_ids, *fake_batch(old_ids, taps=(0, 1)), tap_block=(0, 1))  # its first stage's taps only
+    ids = sample_ids(8)
+    writer = CacheWriter(root, make_spec(data_fingerprint="b" * 64), ids, shard_size=4)
+    assert writer.adopt() == 4
+    assert [sid for group in writer.pending() for sid in group] == ids  # every sample lacks some of 0-3
+    writer.write(ids, *fake_batch(ids))
+    reader = CacheReader(writer.finalize())
+    manifest = json.loads((reader.cache_dir / "manifest.json").read_text())
+    blocks = sorted((tuple(s["taps"]), len(s["sample_ids"])) for s in manifest["shards"])
+    assert blocks == [((0, 1), 4), ((0, 1, 2, 3), 4), ((2, 3), 4)]
+    taps, _, labels = fake_batch(ids)
+    got = reader.load(ids)
+    torch.testing.assert_close(got["taps"], taps.half().float())
+    assert torch.equal(got["labels"], labels)
+    with pytest.raises(CacheError, match="pending"):
+        writer.write(ids[:1], *fake_batch(ids[:1]))

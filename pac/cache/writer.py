@@ -47,6 +47,7 @@ from pac.cache.quant import DEFAULT_OUTLIERS, DEFAULT_SCHEME, quantize
 from pac.errors import CacheError
 
 log = logging.getLogger(__name__)
+ADOPTED_PREFIX = "adopted_"  # shard files another cache of this root wrote (CacheWriter.adopt)
 
 FP16_MAX = 65504.0
 TAPS_KEY = "taps"
@@ -258,7 +259,7 @@ class CacheWriter:
             covered = coverage(m, self.spec, self._index)[np.ix_(rows, cols)].any()
             if covered or m["label_kind"] not in (None, label_kind):
                 return 0
-            target = self.cache_dir / f"adopted_{shard['file']}"
+            target = self.cache_dir / f"{ADOPTED_PREFIX}{shard['file']}"
             try:
                 if source.stat().st_size != shard["bytes"] or sha256_file(source) != shard["sha256"]:
                     return 0  # a bad shard there: this cache computes those samples itself
@@ -300,9 +301,41 @@ class CacheWriter:
         if len(set(ids)) != len(ids):
             raise CacheError("write() got the same sample id twice")
         taps, mask, labels = self._check_tensors(ids, block, taps, attention_mask, labels)
-        for i in range(0, len(ids), self.shard_size):
-            sl = slice(i, i + self.shard_size)
-            self._write_shard(ids[sl], block, taps[sl], mask[sl], labels[sl])
+        for rows, start, end in self._missing_parts(ids, block):
+            part = torch.tensor(rows)
+            for i in range(0, len(rows), self.shard_size):
+                sl = part[i : i + self.shard_size]
+                group = [ids[r] for r in sl.tolist()]
+                self._write_shard(group, block[start:end], taps[sl, start:end], mask[sl], labels[sl])
+
+    def _missing_parts(self, ids: list[str], block: tuple[int, ...]) -> list[tuple[list[int], int, int]]:
+        """(rows of `ids`, taps block[start:end]) still to write: all of it, but where adopted shards (cut along
+        another plan's stages) hold some of the block's taps already, only the runs of taps they lack. Taps this
+        cache wrote itself are never written twice (CacheError)."""
+        with dir_lock(self.cache_dir):
+            m = self._load()
+        rows = [self._index[i] for i in ids]
+        cols = [self._tap_pos[t] for t in block]
+        own = {**m, "shards": [s for s in m["shards"] if not s["file"].startswith(ADOPTED_PREFIX)]}
+        if coverage(own, self.spec, self._index)[np.ix_(rows, cols)].any():
+            raise CacheError(
+                f"some of these samples already have taps {block} in the cache at {self.cache_dir}: "
+                "write only the groups returned by pending()"
+            )
+        held = coverage(m, self.spec, self._index)[np.ix_(rows, cols)] > 0
+        by_pattern: dict[tuple[bool, ...], list[int]] = {}
+        for row, pattern in enumerate(map(tuple, held.tolist())):
+            by_pattern.setdefault(pattern, []).append(row)
+        parts = []
+        for pattern, members in by_pattern.items():
+            start = None
+            for j, have in enumerate((*pattern, True)):  # a sentinel closes the last run
+                if not have and start is None:
+                    start = j
+                elif have and start is not None:
+                    parts.append((members, start, j))
+                    start = None
+        return parts
 
     def _check_tensors(self, ids, block, taps, mask, labels):
         spec = self.spec
