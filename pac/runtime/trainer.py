@@ -16,6 +16,7 @@ would have seen after step k.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
 
 from pac.methods.base import MethodModel, summarize
@@ -158,8 +159,12 @@ class Trainer:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self._weights(), tmp / "trainable.safetensors")
-        torch.save(self.train_step.state_dict(), tmp / "state.pt")
+        # Serialised in memory, then written by Python: a full disk is then an OSError (ENOSPC) that says so,
+        # where torch.save's own writer fails with "unexpected pos" (pac.runtime.storage tells the user).
+        (tmp / "trainable.safetensors").write_bytes(save(self._weights()))
+        buffer = io.BytesIO()
+        torch.save(self.train_step.state_dict(), buffer)
+        (tmp / "state.pt").write_bytes(buffer.getbuffer())
         state = {"step": self.step, "config": asdict(self.config), "best": self.best, "step_kind": self._step_kind}
         (tmp / "trainer.json").write_text(json.dumps(state))
         shutil.rmtree(target, ignore_errors=True)
