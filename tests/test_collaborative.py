@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -893,142 +892,55 @@ def test_the_coordinator_killed_in_phase_2_then_resume(single_device, tiny_llama
     assert "not the --out of a pac-launch run" in capsys.readouterr().err
 
 
-def _fuzz_frames(count: int, seed: int, valid: list[bytes] | None = None) -> list[bytes]:
-    """Random bytes, mutated and truncated `valid` messages (by default what a coordinator sends), unknown kinds,
-    wrong field types, replays."""
-    rng = random.Random(seed)
-    valid = valid or [
-        protocol.encode("heartbeat"),
-        protocol.encode("hello", nonce=auth.new_nonce()),
-        protocol.encode("welcome", proof=b"\x00" * 32, rank=0),
-        protocol.encode("assign", assignment={"rank": 0}),
-        protocol.encode("shutdown", reason="go away"),
-        protocol.encode("probe", seq=1, payload=b"x"),
-    ]
-    frames = []
-    for i in range(count):
-        kind = i % 6
-        if kind == 0:
-            frames.append(rng.randbytes(rng.randint(0, 300)))
-        elif kind == 1:  # one valid message with a few bytes flipped
-            raw = bytearray(rng.choice(valid))
-            for _ in range(rng.randint(1, 4)):
-                raw[rng.randrange(len(raw))] = rng.randrange(256)
-            frames.append(bytes(raw))
-        elif kind == 2:
-            raw = rng.choice(valid)
-            frames.append(raw[: rng.randrange(len(raw))])
-        elif kind == 3:
-            frames.append(msgpack.packb({"type": f"kind-{rng.randrange(1000)}", "version": protocol.PROTOCOL_VERSION}))
-        elif kind == 4:
-            fields = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "nonce": rng.choice([7, "x", None, [1]])}
-            frames.append(msgpack.packb(fields))
-        else:
-            frames.append(rng.choice(valid))  # replayed, from a sender that never joined
-    return frames
+def _fuzzer(*argv: str, token: str) -> subprocess.Popen:
+    """tests/control_fuzzer.py in a process of its own: what it holds is not the coordinator's memory."""
+    cmd = [sys.executable, str(Path(__file__).with_name("control_fuzzer.py")), *argv]
+    env = {**os.environ, auth.TOKEN_ENV: token}
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def _fuzz_the_coordinator(token: str, done: threading.Event, sent: list[int]) -> PeerHost:
-    """A "peer" in the hosts file that holds the token and answers the coordinator's hello with 10,000 random and
-    mutated frames of what peers send (every 1,000th over the size limit), never a valid join."""
-    ctx = zmq.Context()
-    server = ctx.socket(zmq.ROUTER)
-    server.setsockopt(zmq.LINGER, 0)
-    server.setsockopt(zmq.SNDHWM, 100_000)
-    auth.serve_encrypted(server, token)
-    host = PeerHost("127.0.0.1", server.bind_to_random_port("tcp://127.0.0.1"), "fuzz")
-
-    def flood() -> None:
-        coordinator = server.recv_multipart()[0]  # its first hello
-        valid = [
-            protocol.encode(
-                "join",
-                name="fuzz",
-                profile={"max_mem": 1},
-                nonce=b"n" * 16,
-                proof=b"\x00" * 32,
-                data_endpoint="tcp://127.0.0.1:1",
-                data_key=b"k" * 40,
-            ),
-            protocol.encode("progress", phase="train", done=1, total=2, rate=1.0),
-            protocol.encode("file", name="adapter_model.safetensors", offset=0, chunk=b"x", last=True),
-            protocol.encode("finished", summary={"epochs": []}),
-            protocol.encode("failed", reason="Connection reset by peer"),
-            protocol.encode("profiled", profile={}),
-        ]
-        for i, frame in enumerate(_fuzz_frames(10_000, seed=2, valid=valid)):
-            if i % 1000 == 999:
-                frame = b"\x00" * (protocol.MAX_CONTROL_BYTES + 1)
-            with contextlib.suppress(zmq.ZMQError):
-                server.send_multipart([coordinator, frame])
-            sent[0] += 1
-            while server.poll(0):  # its error replies
-                server.recv_multipart()
-            time.sleep(0.0005)
-        done.wait()
-        server.close(0)
-        ctx.term()
-
-    threading.Thread(target=flood, daemon=True).start()
-    return host
+def _sent(fuzzer: subprocess.Popen) -> int:
+    """The frames a fuzzer sent; then it is let go."""
+    sent = int(fuzzer.stdout.readline())
+    fuzzer.stdin.close()
+    fuzzer.wait(timeout=30)
+    return sent
 
 
 def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_llama, topic_jsonl, tmp_path):
     """12,000 random and mutated frames (some over the size limit) at both peers' control sockets from a client
-    that holds the token, and 10,000 at the coordinator from a "peer" of the hosts file, while a real run
-    trains: the run ends with the single-device adapter, the peers' peak memory stays within 50 MB of the same
-    run undisturbed, and the coordinator's process grows no more than in that run, give or take 50 MB."""
+    that holds the token, and 10,000 at the coordinator from a "peer" of the hosts file that answers its hello
+    with them, while a real run trains: the run ends with the single-device adapter, the peers' peak memory stays
+    within 50 MB of the same run undisturbed, and the coordinator's process grows no more than in that run, give
+    or take 50 MB (the fuzzers are processes of their own)."""
     token = auth.new_token()
 
     def run(out: Path, fuzz: bool) -> dict:
         peers = LocalPeers(2, token, tmp_path / out.name)
         hosts = peers.start()
         options = _options(tiny_llama, topic_jsonl, out, tmp_path / "cache")
-        sent, done, at_coordinator = [0], threading.Event(), [0]
-        rss_before = psutil.Process().memory_info().rss
-
-        def fuzzer() -> None:
-            ctx = zmq.Context()
-            sockets = []
-            for host in hosts:
-                rogue = ctx.socket(zmq.DEALER)
-                rogue.setsockopt(zmq.LINGER, 0)
-                rogue.setsockopt(zmq.SNDHWM, 100_000)
-                auth.connect_encrypted(rogue, token)
-                rogue.connect(host.endpoint)
-                sockets.append(rogue)
-            frames = _fuzz_frames(6000, seed=1)
-            for i, frame in enumerate(frames):
-                if i % 1000 == 999:
-                    frame = b"\x00" * (protocol.MAX_CONTROL_BYTES + 1)  # ZeroMQ drops it and the connection
-                for rogue in sockets:
-                    rogue.send(frame)
-                    sent[0] += 1
-                time.sleep(0.0005)
-            done.wait()
-            for rogue in sockets:
-                rogue.close(0)
-            ctx.term()
-
-        thread = threading.Thread(target=fuzzer)
         cluster = ClusterOptions(mode="replicated", join_timeout=90)
+        fuzzers = []
+        rss_before = psutil.Process().memory_info().rss
         try:
             if fuzz:
-                thread.start()
-                hosts = [*hosts, _fuzz_the_coordinator(token, done, at_coordinator)]
+                fuzzers.append(_fuzzer("peers", "6000", "1", *(h.endpoint for h in hosts), token=token))
+                fuzzers.append(_fuzzer("coordinator", "10000", "2", token=token))
+                port = int(fuzzers[1].stdout.readline())
+                hosts = [*hosts, PeerHost("127.0.0.1", port, "fuzz")]
                 cluster = replace(cluster, join_timeout=10, min_peers=2)  # it never joins: start without it
             summary = Coordinator(hosts, token, options, cluster).run()
+            summary["coordinator_growth_mb"] = (psutil.Process().memory_info().rss - rss_before) / 2**20
+            summary["fuzzed_frames"] = [_sent(f) for f in fuzzers]
         finally:
-            done.set()
-            if fuzz:
-                thread.join(timeout=60)
+            for f in fuzzers:
+                f.kill()
             peers.stop()
-        assert not fuzz or (sent[0] == 12_000 and at_coordinator[0] == 10_000)
-        summary["coordinator_growth_mb"] = (psutil.Process().memory_info().rss - rss_before) / 2**20
         return summary
 
     calm = run(tmp_path / "calm", fuzz=False)
     fuzzed = run(tmp_path / "fuzzed", fuzz=True)
+    assert fuzzed["fuzzed_frames"] == [12_000, 10_000]
     expected, _ = single_device
     got = load_file(tmp_path / "fuzzed" / "adapter_model.safetensors")
     for name in expected:
