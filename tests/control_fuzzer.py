@@ -1,7 +1,7 @@
 """Random and mutated control frames at a run's processes, from a process of their own (so that what it holds is
 not counted as theirs when their memory is measured). Used by test_collaborative.
 
-    python control_fuzzer.py peers COUNT SEED ENDPOINT...   COUNT frames at each peer's control socket
+    python control_fuzzer.py peers COUNT SEED ENDPOINT...   prints "ready", then sends COUNT frames at each peer
     python control_fuzzer.py coordinator COUNT SEED         a "peer" the coordinator reaches: prints its port,
                                                             answers the coordinator's hello with COUNT frames
 The join token comes from $PAC_JOIN_TOKEN. Every 1,000th frame is over the size limit. When done it prints how
@@ -86,6 +86,7 @@ def at_peers(count: int, seed: int, endpoints: list[str], token: str) -> int:
         auth.connect_encrypted(rogue, token)
         rogue.connect(endpoint)
         sockets.append(rogue)
+    print("ready", flush=True)
     sent = 0
     for i, frame in enumerate(fuzz_frames(count, seed)):
         for rogue in sockets:

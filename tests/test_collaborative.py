@@ -926,9 +926,11 @@ def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_ll
             if fuzz:
                 fuzzers.append(_fuzzer("peers", "6000", "1", *(h.endpoint for h in hosts), token=token))
                 fuzzers.append(_fuzzer("coordinator", "10000", "2", token=token))
+                assert fuzzers[0].stdout.readline() == "ready\n"  # the peers' fuzz goes on as the run starts
                 port = int(fuzzers[1].stdout.readline())
                 hosts = [*hosts, PeerHost("127.0.0.1", port, "fuzz")]
-                cluster = replace(cluster, join_timeout=10, min_peers=2)  # it never joins: start without it
+                # It never joins: its first mutated join is refused, and the run starts without it.
+                cluster = replace(cluster, join_timeout=30, min_peers=2)
             summary = Coordinator(hosts, token, options, cluster).run()
             summary["coordinator_growth_mb"] = (psutil.Process().memory_info().rss - rss_before) / 2**20
             summary["fuzzed_frames"] = [_sent(f) for f in fuzzers]
