@@ -93,6 +93,7 @@ def at_peers(count: int, seed: int, endpoints: list[str], token: str) -> int:
             rogue.send(_oversized(i, frame))
             sent += 1
         time.sleep(0.0005)
+    _until_released(sent)  # the sockets stay open meanwhile: what they queue still goes out
     return sent
 
 
@@ -111,18 +112,22 @@ def at_coordinator(count: int, seed: int, token: str) -> int:
         while server.poll(0):  # its error replies
             server.recv_multipart()
         time.sleep(0.0005)
+    _until_released(sent)
     return sent
+
+
+def _until_released(sent: int) -> None:
+    print(sent, flush=True)
+    sys.stdin.read()  # until the test is done with the run
 
 
 def main() -> None:
     mode, count, seed, *endpoints = sys.argv[1:]
     token = auth.token_from_env()
     if mode == "peers":
-        sent = at_peers(int(count), int(seed), endpoints, token)
+        at_peers(int(count), int(seed), endpoints, token)
     else:
-        sent = at_coordinator(int(count), int(seed), token)
-    print(sent, flush=True)
-    sys.stdin.read()  # until the test is done with the run
+        at_coordinator(int(count), int(seed), token)
 
 
 if __name__ == "__main__":
