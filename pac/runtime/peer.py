@@ -39,6 +39,7 @@ from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.runconfig import run_config_from_wire
 from pac.runtime.collaborative import Assignment, run_assignment, run_directory
+from pac.runtime.pipeline import RECEIVER_THREAD
 from pac.runtime.profiler import profile_device
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,16 @@ class PeerAgent:
             self.stop.set()
             if self.worker is not None:
                 self.worker.join(timeout=10)
-            self.close()
+            # libzmq aborts the process when a socket is closed under another thread's call: the data plane's
+            # receiver sees `stop` within a poll; work still stuck (a collective of a broken group) keeps its
+            # sockets, which the process's end (exit, or an agent's exec afresh) closes.
+            users = [t for t in threading.enumerate() if t.name == RECEIVER_THREAD]
+            for thread in users:
+                thread.join(timeout=2)
+            if any(t.is_alive() for t in [*users, *([self.worker] if self.worker else [])]):
+                log.warning("the run's work did not stop in time: its sockets close as this process ends")
+            else:
+                self.close()
 
     def close(self) -> None:
         """Release the sockets (the monitor first: ZeroMQ aborts the process on a monitor left behind)."""

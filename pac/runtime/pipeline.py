@@ -41,6 +41,7 @@ from pac.runtime.cache_build import cache_spec
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (samples done, total)
+RECEIVER_THREAD = "pac-data-plane"  # the thread that drains the data plane (pac.runtime.peer waits for it)
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}  # int8 quantises at the owner
 
 
@@ -188,7 +189,7 @@ class _Receiver:
         self.hidden: queue.Queue = queue.Queue()
         self.early: dict[tuple[str, int], tuple[dict, torch.Tensor]] = {}  # arrived before their turn
         self.failure: list[BaseException] = []
-        self.thread = threading.Thread(target=self._receive, name="pac-data-plane", daemon=True)
+        self.thread = threading.Thread(target=self._receive, name=RECEIVER_THREAD, daemon=True)
         self.thread.start()
 
     def _receive(self) -> None:
