@@ -106,7 +106,8 @@ def test_three_peers_train_the_same_adapter_as_one_device(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == mode and len(summary["peers"]) == 3
     timeline = summary["seconds_by_state"]  # where the run's time went, state by state
-    assert list(timeline) == ["joining", "planning", "cache build", "training"] and min(timeline.values()) > 0
+    states = ["starting", "joining", "planning", "cache build", "training", "export"]  # starting: pac-launch's own
+    assert list(timeline) == states and min(timeline.values()) > 0
     # Each peer trained only its own third of the samples, yet the metrics are those of the whole set.
     cached = [p["summary"]["cached_samples"]["train"] for p in summary["peers"].values()]
     if mode == "side-pipeline":  # every stage holds its layers of every sample
@@ -954,6 +955,15 @@ def test_a_run_goes_to_the_end_while_its_peers_are_fuzzed(single_device, tiny_ll
     assert "rejected a message" in (tmp_path / "fuzzed" / "peers" / "local-0" / "peer.log").read_text()
 
 
+def _trained_as_alone(tmp_path: Path, summary: dict, alone: dict) -> None:
+    """The run in tmp_path/out trained the adapter the single device did in tmp_path/alone, to its accuracy."""
+    expected = load_file(tmp_path / "alone" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
+
+
 @pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])
 def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny_llama, topic_jsonl, tmp_path):
     """SIGKILL one of three peers in phase 1 or phase 2: the coordinator names it within seconds, the two others
@@ -1008,11 +1018,7 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     assert [(e["peer"], e["state"]) for e in summary["lost_peers"]] == [("local-1", phase)]
     assert json.loads((tmp_path / "out" / "launch.json").read_text())["lost"][0]["peer"] == "local-1"
     assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 7))
-    expected = load_file(tmp_path / "alone" / "adapter_model.safetensors")
-    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
-    assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
+    _trained_as_alone(tmp_path, summary, alone)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")
@@ -1107,8 +1113,42 @@ def test_a_peer_that_arrives_while_the_run_goes_is_planned_in_and_takes_work(tin
     taken = summary["peers"]["late"]["summary"]["cached_samples"]["train"]
     assert taken == len(owned_positions(summary["split_sizes"]["train"], 2, 3))  # its round-robin third
     assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 13))
-    expected = load_file(tmp_path / "alone" / "adapter_model.safetensors")
-    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
-    assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
+    _trained_as_alone(tmp_path, summary, alone)
+
+
+def test_a_peer_killed_and_started_again_rejoins_and_takes_work(tiny_llama, topic_jsonl, tmp_path):
+    """SIGKILL one of three agents in training: the run re-plans over two. Its agent started again on the same
+    port is greeted (a lost peer stays a candidate), joins, and is planned in at the next checkpoint; the run
+    ends on all three with the single device's adapter, the loss and the return both on record."""
+    options = _options(tiny_llama, topic_jsonl, tmp_path / "out", tmp_path / "cache")
+    options.optim.epochs = 12
+    alone = train(replace(options, out=str(tmp_path / "alone")))
+    token = auth.new_token()
+    peers = LocalPeers(3, token, tmp_path / "peers", once=False)
+    hosts = peers.start()
+    shown, outcome, again = io.StringIO(), [], []
+    coordinator = Coordinator(hosts, token, options, ClusterOptions(mode="replicated", join_timeout=90), display=shown)
+    runner = threading.Thread(target=lambda: outcome.append(coordinator.run()))
+    runner.start()
+    try:
+        _wait_for_state(shown, "training", runner)
+        peers.procs[2].kill()
+        _wait_for_state(shown, "peer local-2 (rank 2) is lost", runner)  # then the re-plan over the two others
+        cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", hosts[2].endpoint, "--name", "local-2"]
+        cmd += ["--work-dir", str(tmp_path / "peers" / "local-2"), "--threads", str(peers.threads)]
+        again.append(subprocess.Popen(cmd, env={**os.environ, auth.TOKEN_ENV: token}))
+        runner.join(timeout=240)
+    finally:
+        peers.stop()
+        for proc in again:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert outcome, shown.getvalue()
+    summary, said = outcome[0], shown.getvalue()
+    assert "peer local-2 (rank 2) is lost" in said and "re-planning with local-2" in said
+    assert [e["peer"] for e in summary["lost_peers"]] == ["local-2"]
+    assert [e["peer"] for e in summary["arrived_peers"]] == ["local-2"]
+    assert sorted(summary["peers"]) == ["local-0", "local-1", "local-2"]
+    assert summary["peers"]["local-2"]["summary"]["cached_samples"]["train"] > 0  # it took work again
+    assert [e["epoch"] for e in summary["epochs"]] == list(range(1, 13))
+    _trained_as_alone(tmp_path, summary, alone)
