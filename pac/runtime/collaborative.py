@@ -258,7 +258,10 @@ def _same_starting_weights(model: torch.nn.Module, collectives: PlaneCollectives
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         flat = torch.cat([p.detach().view(-1) for p in trainable])
-        collectives.broadcast(flat) if collectives is not None else dist.broadcast(flat, src=0)
+        if collectives is not None:
+            collectives.broadcast(flat)
+        else:
+            dist.broadcast(flat, src=0)
         for p, whole in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):
             p.copy_(whole.view_as(p))
 

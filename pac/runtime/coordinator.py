@@ -647,6 +647,8 @@ class Coordinator:
                 self._send(p, "shutdown", reason=f"not planned in: {why}")
                 p.status = "left out"
             return
+        if any(0 < total <= done for _, done, total, _ in (p.progress for p in members)):
+            return  # the last step is done: the run ends before a newcomer could help
         starting = all(p.progress[0] == "train" and p.progress[1] == 0 for p in members)
         since = max(p.arrived_at or 0.0 for p in arrived)
         if starting or all(p.checkpoint_at > since for p in members):
