@@ -528,3 +528,24 @@ def test_adopted_shards_cut_along_other_stages_leave_only_the_taps_they_lack_to_
     assert torch.equal(got["labels"], labels)
     with pytest.raises(CacheError, match="pending"):
         writer.write(ids[:1], *fake_batch(ids[:1]))
+
+
+def test_a_cache_of_more_layers_adopts_the_shards_of_a_stage_that_held_fewer(tmp_path):
+    """A side-pipeline stage whose layer range grew after a re-plan: its new cache takes in the old one's shards
+    (taps 1-2 of every sample) and is left to write the taps they do not hold; a cache with a tap the new one
+    does not have is left alone."""
+    root = tmp_path / "root"
+    ids = sample_ids(8)
+    old = CacheWriter(root, make_spec(taps=(1, 2)), ids, shard_size=4)
+    for group in old.pending():
+        old.write(group, *fake_batch(group, taps=(1, 2), all_taps=(1, 2)))
+    wider = CacheWriter(root, make_spec(taps=(0, 1, 2, 3, 4)), ids, shard_size=4)
+    other = CacheWriter(root, make_spec(taps=(5,)), ids, shard_size=4)  # another stage's, of a tap not wanted
+    other.write(ids, *fake_batch(ids, taps=(5,), all_taps=(5,)))
+    assert wider.adopt() == 8
+    writer = CacheWriter(root, make_spec(), ids, shard_size=4)  # taps 0-3: holds 1-2, so adopts them too
+    assert writer.adopt() == 8
+    for group in writer.pending():
+        writer.write(group, *fake_batch(group))
+    got = CacheReader(writer.finalize()).load(ids)
+    torch.testing.assert_close(got["taps"][:, 1:3], fake_batch(ids, taps=(1, 2), all_taps=(1, 2))[0].half().float())

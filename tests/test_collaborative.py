@@ -33,7 +33,7 @@ from pac.methods.parallel_adapters import ParallelAdapterOptions
 from pac.methods.registry import BuildContext, get_method
 from pac.net import auth, protocol
 from pac.net.hosts import PeerHost
-from pac.plan.placement import owned_positions
+from pac.plan.placement import owned_positions, stage_taps
 from pac.runconfig import ClusterOptions
 from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, RunFailed
@@ -964,7 +964,9 @@ def _trained_as_alone(tmp_path: Path, summary: dict, alone: dict) -> None:
     assert summary["epochs"][-1]["val_accuracy"] == pytest.approx(alone["epochs"][-1]["val_accuracy"])
 
 
-@pytest.mark.parametrize("mode, phase", [("replicated", "training"), ("shuffle", "cache build")])
+@pytest.mark.parametrize(
+    "mode, phase", [("replicated", "training"), ("shuffle", "cache build"), ("side-pipeline", "training")]
+)
 def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny_llama, topic_jsonl, tmp_path):
     """SIGKILL one of three peers in phase 1 or phase 2: the coordinator names it within seconds, the two others
     abandon the attempt, join again, are planned over, and finish the run, resuming from their checkpoints in
@@ -991,10 +993,15 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
         time.sleep(0.5)
         peers.procs[1].kill()
         # The peers share one cache root here; the lost device's caches leave with it, the others' shards stay.
+        # Its caches are those of the samples it owned, or in side-pipeline mode of the layers it ran.
+        plan, names = coordinator.assigned
+        lost_stage = plan.stages[names.index("local-1")]
         kept = set()
         for manifest in (tmp_path / "cache").glob(f"*/{MANIFEST}"):
             cache = json.loads(manifest.read_text())
-            if lost_ids.intersection(cache["sample_ids"]):
+            taps = cache["spec"]["taps"]
+            ran = stage_taps(lost_stage, taps) == taps
+            if ran if mode == "side-pipeline" else lost_ids.intersection(cache["sample_ids"]):
                 shutil.rmtree(manifest.parent)
             else:
                 kept |= {shard["sha256"] for shard in cache["shards"]}
@@ -1010,7 +1017,7 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
         final |= {shard["sha256"] for shard in json.loads(manifest.read_text())["shards"]}
     assert kept <= final
     forwarded = sum(p["summary"]["phase1_forwarded_samples"] for p in summary["peers"].values())
-    if phase == "training":  # every cache was complete: exactly the lost peer's samples are forwarded again
+    if mode == "replicated":  # every cache was complete: exactly the lost peer's samples are forwarded again
         assert forwarded == len(lost_ids)
     assert "peer local-1 (rank 1) is lost" in shown.getvalue()
     assert "Re-planning over local-0, local-2" in shown.getvalue()

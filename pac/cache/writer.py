@@ -229,18 +229,20 @@ class CacheWriter:
         return [todo[i : i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
 
     def adopt(self) -> int:
-        """Take in the verified shards of other caches under this root that hold samples of this one for the same
-        model, tokenizer, length, taps and dtype: caches of other subsets of the data, such as a re-planned run's
-        owner built before its share changed (pac.plan.placement.Inheritance). A shard comes in whole, by hard
-        link (a copy across file systems), if all its samples are here and none of its taps is yet. Returns the
-        number of samples whose taps came in."""
+        """Take in the verified shards of other caches under this root that hold samples and taps of this one for
+        the same model, tokenizer, length and dtype: caches of other subsets of the data, such as a re-planned
+        run's owner built before its share changed (pac.plan.placement.Inheritance), or of other layers, such as
+        a side-pipeline stage's before its range grew. A shard comes in whole, by hard link (a copy across file
+        systems), if all its samples and taps are here and none of them is held yet. Returns the number of
+        samples whose taps came in."""
         adopted = 0
         for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.cache_dir):
             try:
                 theirs = read_manifest(other) if (other / MANIFEST).exists() else None
             except CacheError:
                 continue  # a damaged cache is simply not adopted from
-            if theirs is None or theirs["_spec"].diff(self.spec) != ["data_fingerprint"]:
+            # Other samples, or other layers of the same model and length (a side pipeline's stage that grew).
+            if theirs is None or not set(theirs["_spec"].diff(self.spec)) <= {"data_fingerprint", "taps"}:
                 continue
             for shard in theirs["shards"]:
                 adopted += self._adopt_shard(other, shard, theirs["label_kind"])
