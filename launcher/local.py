@@ -63,33 +63,37 @@ class LocalPeers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> list[PeerHost]:
-        hosts = []
-        env = {**os.environ, TOKEN_ENV: self.token, "TQDM_DISABLE": "1"}
-        for i in range(self.count):
-            name, port = f"local-{i}", free_port()
-            work = self.log_dir / name
-            work.mkdir(parents=True, exist_ok=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "pac.cli",
-                "peer",
-                "--listen",
-                f"tcp://127.0.0.1:{port}",
-                "--name",
-                name,
-                "--threads",
-                str(self.threads),
-                "--work-dir",
-                str(work),
-                "--coordinator-timeout",
-                str(self.coordinator_timeout),
-                *(["--once"] if self.once else []),
-            ]
-            with (work / "stdout.log").open("w") as log:
-                self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            hosts.append(PeerHost("127.0.0.1", port, name, threads=self.threads))
+        hosts = [PeerHost("127.0.0.1", free_port(), f"local-{i}", threads=self.threads) for i in range(self.count)]
+        for host in hosts:
+            self.launch(host)
         return hosts
+
+    def launch(self, host: PeerHost) -> subprocess.Popen:
+        """Start the agent of `host` (a loopback port and a name; its work directory under log_dir), or start it
+        again after it was killed; stop() ends it with the others."""
+        work = self.log_dir / host.name
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pac.cli",
+            "peer",
+            "--listen",
+            host.endpoint,
+            "--name",
+            host.name,
+            "--threads",
+            str(self.threads),
+            "--work-dir",
+            str(work),
+            "--coordinator-timeout",
+            str(self.coordinator_timeout),
+            *(["--once"] if self.once else []),
+        ]
+        env = {**os.environ, TOKEN_ENV: self.token, "TQDM_DISABLE": "1"}
+        with (work / "stdout.log").open("w") as log:
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        return self.procs[-1]
 
     def stop(self, grace: float = 15.0) -> list[int]:
         """Wait up to `grace` seconds in all for the peers to exit after the coordinator's shutdown (agents, which

@@ -318,13 +318,13 @@ class CacheWriter:
             m = self._load()
         rows = [self._index[i] for i in ids]
         cols = [self._tap_pos[t] for t in block]
+        held = coverage(m, self.spec, self._index)[np.ix_(rows, cols)] > 0
         own = {**m, "shards": [s for s in m["shards"] if not s["file"].startswith(ADOPTED_PREFIX)]}
-        if coverage(own, self.spec, self._index)[np.ix_(rows, cols)].any():
+        if held.any() and coverage(own, self.spec, self._index)[np.ix_(rows, cols)].any():
             raise CacheError(
                 f"some of these samples already have taps {block} in the cache at {self.cache_dir}: "
                 "write only the groups returned by pending()"
             )
-        held = coverage(m, self.spec, self._index)[np.ix_(rows, cols)] > 0
         by_pattern: dict[tuple[bool, ...], list[int]] = {}
         for row, pattern in enumerate(map(tuple, held.tolist())):
             by_pattern.setdefault(pattern, []).append(row)

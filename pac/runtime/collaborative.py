@@ -43,6 +43,7 @@ from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_pro
 from pac.runtime.heap import peak_rss_mb
 from pac.runtime.pipeline import PhaseOne, run_pipeline_stage
 from pac.runtime.prepare import PreparedData, adapter_meta_of, run_identity, train_config
+from pac.runtime.progress import Stopwatch
 from pac.runtime.run_dir import claim, run_fingerprint
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
@@ -169,12 +170,10 @@ class Laps:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._watch = Stopwatch()
 
     def lap(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
-        self._last = now
+        self.seconds[step] = self.seconds.get(step, 0.0) + self._watch.lap()
 
 
 def run_assignment(
@@ -221,15 +220,14 @@ def _both_phases(
     laps: Laps,
 ) -> dict[str, Any]:
     """run_assignment's work, inside the run's process group."""
-    started = time.perf_counter()
     plane = _data_plane(job, zmq_plane)
     built = _phase_one(job, model_dir, splits, plane, progress, stop)
+    laps.lap("phase 1")
     phase1 = {
-        "phase1_seconds": time.perf_counter() - started,
+        "phase1_seconds": laps.seconds["phase 1"],
         "phase1_bytes_sent": _sent(plane),
         "phase1_forwarded_samples": built.forwarded_samples,  # 0: every cache was there already
     }
-    laps.lap("phase 1")
     dist.barrier()  # every owner's cache is complete before anyone trains
     laps.lap("waiting for the other caches")
     if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned

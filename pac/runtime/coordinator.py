@@ -629,16 +629,19 @@ class Coordinator:
             )
         return None
 
+    def _outside(self, members: list[PeerState], status: str) -> list[PeerState]:
+        """The peers of the hosts file in `status` that are not members of the run's attempt."""
+        return [p for p in self.peers.values() if p.status == status and all(p is not m for m in members)]
+
     def _admit_arrivals(self, members: list[PeerState], now: float) -> None:
         """Latecomers are greeted every few seconds; one that has joined is planned in (PeersArrived) once the run's
         work is held: at the start of training, or once every member has checkpointed since it arrived."""
         if now >= self._next_latecomer_hello:
             self._next_latecomer_hello = now + LATECOMER_HELLO_S
-            for p in self.peers.values():
-                if p.status == "connecting" and all(p is not m for m in members):
-                    p.nonce = p.nonce or auth.new_nonce()
-                    self._send(p, "hello", nonce=p.nonce)
-        arrived = [p for p in self.peers.values() if p.status == "joined" and all(p is not m for m in members)]
+            for p in self._outside(members, "connecting"):
+                p.nonce = p.nonce or auth.new_nonce()
+                self._send(p, "hello", nonce=p.nonce)
+        arrived = self._outside(members, "joined")
         if not arrived or self.state is not RunState.TRAINING:
             return
         if why := self._fixed_layout(members):
@@ -852,9 +855,8 @@ class Coordinator:
                 parts.append(f"{p.host.name}: training, step {done}/{total} ({rate:.1f}/s)")
             else:
                 parts.append(f"{p.host.name}: {p.status}")
-        for p in self.peers.values():
-            if p.status == "joined" and all(p is not m for m in members):
-                parts.append(f"{p.host.name}: arrived, planned in at the next checkpoint")
+        for p in self._outside(members, "joined"):
+            parts.append(f"{p.host.name}: arrived, planned in at the next checkpoint")
         self._print("  " + " | ".join(parts))
 
     def _export(self, members: list[PeerState], plan: Plan) -> dict[str, Any]:

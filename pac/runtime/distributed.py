@@ -94,17 +94,17 @@ def _register_hook(
 def _hook_over_plane(plane: PlaneCollectives, bucket):
     """DDP's default all-reduce (a mean over the ranks), made over the encrypted data plane instead of gloo."""
     buffer = bucket.buffer()
-    plane.all_reduce(buffer.div_(plane.world))
-    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    done.set_result(buffer)
-    return done
+    return _done(plane.all_reduce(buffer.div_(plane.world)))
 
 
 def _fp16_hook_over_plane(plane: PlaneCollectives, bucket):
     """torch's fp16_compress_hook (scaled, then cast, then summed), made over the encrypted data plane."""
     buffer = bucket.buffer()
-    half = plane.all_reduce(buffer.div(plane.world).to(torch.float16))
-    buffer.copy_(half)
+    return _done(buffer.copy_(plane.all_reduce(buffer.div(plane.world).to(torch.float16))))
+
+
+def _done(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """The bucket's all-reduced gradients, as the future DDP waits on (the ring has already run)."""
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(buffer)
     return done
