@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, minimum=1),
         help="CPU threads for torch (default: all cores, or one per core of a CPU quota: a container's --cpus)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,peer,plan}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,export,peer,plan}")
 
     t = sub.add_parser(
         "train",
@@ -400,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="show what this device measured for the runs it was profiled for (kept in $PAC_HOME/profiles; a "
         "coordinator planning a run asks for them, `pac-launch --refresh-profiles` measures again) and exit",
     )
+    x = sub.add_parser(
+        "export",
+        help="write an adapter merged into its base model, as transformers loads it (taskedge, lora, dora, full)",
+        description="Merge an adapter's changes into its base model's weights and save the model (safetensors, "
+        "config, tokenizer) where `AutoModelForCausalLM.from_pretrained(OUT)` loads it; a classification "
+        "adapter's head is saved beside it.",
+    )
+    x.add_argument("--adapter", required=True, help="directory written by `pac train --out`")
+    x.add_argument("--out", required=True, help="directory for the merged model")
+    x.add_argument("--model", help="base model, if not where the adapter was trained")
     sub.add_parser(
         "plan",
         help="plan a collaborative run without running it: `pac plan --peers hosts.txt [pac-launch options]`",
@@ -618,6 +628,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pac.workflow import export_merged
+
+    written = export_merged(args.adapter, args.out, args.model)
+    print(f"pac: wrote {written['method']} merged into its base model to {written['out']}", file=sys.stderr)
+    print(json.dumps(written, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Progress lines reach a log file as they are printed, not when a block buffer fills.
     if hasattr(sys.stdout, "reconfigure"):
@@ -647,7 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "peer": cmd_peer}
+        commands = {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "generate": cmd_generate,
+            "export": cmd_export,
+            "peer": cmd_peer,
+        }
         return commands[args.command](args)
     except PacError as exc:
         print(f"pac: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from pac.data.split import check_labels
 from pac.data.tokenize import prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import MethodModel
-from pac.methods.registry import BuildContext, Method, adapter_config, get_method
+from pac.methods.registry import BuildContext, Loaded, Method, adapter_config, get_method, methods
 from pac.model_card import write_model_card
 from pac.models.backbone import Backbone, load_backbone, load_config
 from pac.models.families import family_for
@@ -322,6 +322,33 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
         loaded.label_names,
         **_recorded(config),
     )
+
+
+def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = None) -> dict[str, Any]:
+    """The adapter merged into its base model, written where transformers loads it (`from_pretrained(out)`):
+    safetensors weights, config and tokenizer; a classification adapter's head goes beside them
+    (classification_head.safetensors, with its label names in pac_head.json)."""
+    from safetensors.torch import save_file
+
+    method, _ = adapter_config(adapter_dir)
+    if method.merged is None:
+        mergeable = ", ".join(m.name for m in methods().values() if m.merged is not None)
+        raise PacError(
+            f"{method.name} adapters are not merged into the model's weights (they run beside it): `pac export` "
+            f"takes adapters of {mergeable}"
+        )
+    out = Path(out)
+    loaded = load_for_inference(adapter_dir, model, retrieval=False)
+    network = method.merged(Loaded(loaded.model, None, loaded.task, loaded.max_length, loaded.label_names))
+    network.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out)
+    written = {"out": str(out), "method": method.name, "task": loaded.task}
+    head = getattr(loaded.model, "head", None)
+    if head is not None:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, out / "classification_head.safetensors")
+        (out / "pac_head.json").write_text(json.dumps({"label_names": loaded.label_names}, indent=2) + "\n")
+        written["head"] = "classification_head.safetensors"
+    return written
 
 
 class _BaseLM(MethodModel):

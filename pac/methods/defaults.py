@@ -34,5 +34,7 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
     "lm": {"lr": 1e-3, "reduction": 8, "side_init": "random", "readout_hidden": 0, "retrieval": True, "shortlist": 256},
 }
 LORA_LR = 5e-4
+# TaskEdge's packed entries (and its sparse LoRA factors) take LoRA's step: a first guess, not yet tuned (issue 23).
+TASKEDGE_LR = 5e-4
 # Full fine-tuning steps every pretrained weight, not a small update beside them: the usual 1e-5..5e-5 (not tuned here).
 FULL_LR = 2e-5

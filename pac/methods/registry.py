@@ -104,6 +104,7 @@ class BuildContext:
     seed: int
     max_length: int
     train_source: Any = None  # the training batches (cached taps or token ids), for data-dependent initialisation
+    whole_train: Any = None  # the whole training set where train_source is one peer's share (token ids), else None
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Method:
     lm_logits: Callable[[Loaded, Any, Any], Any] | None = None  # (loaded, ids, mask) -> next-token logits
     generate: Callable[..., Any] | None = None  # own decoding (peft's); None: pac.generate over taps
     generates: bool = True  # False: its adapters cannot generate (pac generate refuses them)
+    merged: Callable[[Loaded], Any] | None = None  # loaded -> the base transformers model with the adapter merged in
     # (options, task, placement mode) -> the options a cluster run trains with; raises PacError for what cannot
     # run there. None: single-device only. `data_parallel_only` serves a method with no pipelined stage.
     collaborative: Callable[[Any, str, str], Any] | None = None
@@ -182,7 +184,7 @@ def unregister_method(name: str) -> None:
 
 
 # pac's own, listed first wherever methods are listed
-BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "full")
+BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "taskedge", "full")
 
 
 PLUGINS_ENV = "PAC_METHODS"
@@ -194,6 +196,7 @@ def _load_builtin() -> None:
     import pac.methods.full  # noqa: F401
     import pac.methods.lora  # noqa: F401
     import pac.methods.parallel_adapters  # noqa: F401
+    import pac.methods.taskedge  # noqa: F401
 
     for spec in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
         if spec not in _PLUGINS_LOADED:

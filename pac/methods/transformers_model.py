@@ -58,6 +58,11 @@ def lm_logits(loaded: Loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return loaded.model.network(input_ids=ids, attention_mask=mask).logits
 
 
+def merged(loaded: Loaded) -> PreTrainedModel:
+    """`Method.merged` of a method whose loaded network already holds its changes (full, taskedge)."""
+    return loaded.model.network
+
+
 def generate(
     loaded: Loaded, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, seed: int
 ) -> torch.Tensor:

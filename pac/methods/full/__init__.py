@@ -36,6 +36,7 @@ METHOD = register_method(
         load=lazy(f"{RUN}:load"),
         lm_logits=lazy(f"{MODEL}:lm_logits"),
         generate=lazy(f"{MODEL}:generate"),
+        merged=lazy(f"{MODEL}:merged"),
         collaborative=data_parallel_only,  # the whole model on each peer's own samples: no stage to pipeline
     )
 )

@@ -58,6 +58,7 @@ for _name, _title, _summary in (
             load=lazy(f"{RUN}:load"),
             lm_logits=lazy(f"{MODEL}:lm_logits"),
             generate=lazy(f"{MODEL}:generate"),
+            merged=lazy(f"{RUN}:merged"),
             collaborative=data_parallel_only,  # `pac-launch --mode replicated`: LoRA data-parallel over the peers
         )
     )

@@ -43,3 +43,8 @@ def load(adapter_dir: Path, raw: dict[str, Any], model_dir: Path, retrieval: boo
     lora = LoraModel(model_dir, settings, adapter_dir=adapter_dir)
     lora.load_head(adapter_dir)
     return Loaded(lora.eval(), None, raw["task"], raw["max_length"], raw["label_names"])
+
+
+def merged(loaded: Loaded) -> Any:
+    """`Method.merged`: peft folds B·A into the base weights and unwraps the model."""
+    return loaded.model.peft.merge_and_unload()
