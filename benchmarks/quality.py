@@ -118,6 +118,18 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         ["--method", "boundary", "--boundary-layer", "27", "--boundary-side-below", "--lora-r", "0"],
     ),
     "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
+    # TaskEdge (issue 23): sparse fine-tuning of a fraction of the backbone's weights, at LoRA's learning rate.
+    "taskedge": ("TaskEdge 0.1%: |W|·‖X‖ top entries of every output neuron", ["--method", "taskedge"]),
+    "taskedge-0.01": ("TaskEdge 0.01%", ["--method", "taskedge", "--budget-percent", "0.01"]),
+    "taskedge-1": ("TaskEdge 1%", ["--method", "taskedge", "--budget-percent", "1"]),
+    "taskedge-global": ("0.1%, the same scores, global top-k", ["--method", "taskedge", "--selection", "global"]),
+    "taskedge-magnitude": ("0.1%, |W| alone per output neuron", ["--method", "taskedge", "--selection", "magnitude"]),
+    "taskedge-random": ("0.1%, random entries per output neuron", ["--method", "taskedge", "--selection", "random"]),
+    "taskedge-nm24": ("TaskEdge 0.1% in a 2:4 pattern", ["--method", "taskedge", "--nm", "2:4"]),
+    "taskedge-sparse-lora": (
+        "sparse LoRA r=8: B·A read only at TaskEdge's 0.1%",
+        ["--method", "taskedge", "--sparse-lora-r", "8"],
+    ),
 }
 # Every parallel-adapters configuration but pac-default (the side-* levers, and the baselines probe, head+norm
 # and readout576) starts from the same naive side network, pinned here so that changing pac's defaults never
@@ -245,6 +257,8 @@ def run(task: str, name: str, seed: int, args: argparse.Namespace) -> dict:
         "best_epoch": summary.get("best_epoch"),
         "retrieval": summary.get("retrieval"),
         "shortlist": summary.get("shortlist"),
+        "calibration_seconds": summary.get("calibration_seconds"),
+        "selected_weights": summary.get("selected_weights"),
         "wall_seconds": time.perf_counter() - started,
     }
 
