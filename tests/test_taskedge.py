@@ -17,8 +17,8 @@ from pac.errors import PacError
 from pac.methods.base import ADAPTER_WEIGHTS
 from pac.methods.registry import BuildContext, data_parallel_only, get_method
 from pac.methods.taskedge import TaskEdgeOptions, nm_pattern
-from pac.methods.taskedge.model import SparseDelta, selected_gradient
 from pac.methods.taskedge.select import global_top, importance, layer_shares, nm_limited, per_row, select
+from pac.methods.taskedge.sparse import SparseDelta, selected_gradient
 from pac.methods.transformers_model import TransformersModel
 from pac.workflow import load_for_inference
 
@@ -181,3 +181,27 @@ def test_no_frozen_weight_takes_a_gradient(tiny_llama, topic_jsonl):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".values") for n in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def test_two_peers_train_the_weights_one_device_trains(tiny_llama, topic_jsonl, tmp_path):
+    """`pac-launch --method taskedge`: every peer holds the whole model, calibrates on the same samples of the
+    whole training set (so all choose the same entries), and DDP all-reduces the packed values and the head
+    alone; the sum of the peers' shares is one device's batch, so the weights match one device's."""
+    from launcher.main import main as launch
+
+    options = ["--method", "taskedge", "--budget-percent", "1", "--lr", "1e-2", "--max-length", "32"]
+    single, _ = _trained(tiny_llama, topic_jsonl, tmp_path / "one", "classify", "--batch-size", "8")
+    out = tmp_path / "two"
+    argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--join-timeout", "90", "--epochs", "2", "--val-size", "12"]
+    assert launch([*argv, "--batch-size", "8", *options]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "replicated"
+    assert summary["trainable_params"] == json.loads((single / "summary.json").read_text())["trainable_params"]
+    expected, got = load_file(single / ADAPTER_WEIGHTS), load_file(out / ADAPTER_WEIGHTS)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if name.endswith(".index"):
+            assert torch.equal(got[name], tensor), name  # the same entries chosen
+        else:
+            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)

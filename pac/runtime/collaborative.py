@@ -353,6 +353,8 @@ def _phase_two(
         else:  # its own share of the token ids
             local[name] = Tokens(data.subset(plan.owned_positions(len(data), rank)))
     ctx = BuildContext(model_dir, opts.data.task, label_names, opts.optim.seed, opts.data.max_length, local["train"])
+    if not method.cached:  # every peer holds the token ids: a method may calibrate on the whole set, as one device
+        ctx.whole_train = Tokens(splits["train"])
     torch.manual_seed(opts.optim.seed)  # as `pac train` seeds: a method that draws its weights draws the same
     model = method.build(opts.method_options, ctx)
     collectives = PlaneCollectives(plane, plan.world) if job.encrypted_gradients and plane is not None else None

@@ -112,4 +112,4 @@ METHOD = register_method(
     )
 )
 
-__getattr__ = lazy_attributes(f"{__name__}.model", ("SparseDelta", "TaskEdgeModel"))
+__getattr__ = lazy_attributes(f"{__name__}.model", ("TaskEdgeModel",))
