@@ -461,6 +461,19 @@ def write_learning_curve(task: str, curves: dict[str, dict[int, dict]], stem: Pa
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def record(path: Path, key: str, name: str, seed: int, result: dict) -> dict:
+    """Add one finished run to the results file, re-read under a lock: harnesses running side by side (one
+    thread each) keep each other's runs."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = json.loads(path.read_text()) if path.exists() else {}
+        store.setdefault(key, {}).setdefault(name, {})[str(seed)] = result
+        path.write_text(json.dumps(store, indent=2) + "\n")
+    return store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["classify", "lm"], required=True)
@@ -481,8 +494,9 @@ def main() -> None:
             for seed in [0] if name == "zero-shot" else args.seeds:
                 if str(seed) in runs.get(name, {}):
                     continue
-                runs.setdefault(name, {})[str(seed)] = run(args.task, name, seed, args)
-                path.write_text(json.dumps(store, indent=2) + "\n")  # keep every finished run
+                runs.setdefault(name, {})[str(seed)] = result = run(args.task, name, seed, args)
+                store = record(path, key, name, seed, result)
+                runs = store[key]
     table = report(args.task, runs)
     print(table)
     # The tables and plot are the main setting's; a run at another size (a learning-curve point) only prints its
