@@ -34,6 +34,8 @@ examples:
   pac train                                   # the bundled demo: train, evaluate, save to runs/adapter
   pac train --data notes.jsonl --task lm --out runs/notes
   pac train --method lora                     # the LoRA baseline on the same model and data
+  pac train --method taskedge --out runs/sparse   # only the 0.1% of weights that matter change
+  pac export --adapter runs/sparse --out runs/merged   # merged into the model, for transformers
   pac eval --adapter runs/adapter             # accuracy / perplexity on the validation split
   pac generate --adapter runs/notes --prompt "Summarise my week"
   pac generate --base --prompt "Summarise my week"          # the same prompt to the base model

@@ -13,6 +13,7 @@ CLI (docs/architecture.md, "Adding a method"):
   save / load  the adapter directory: it writes its weights and config; `pac_adapter_config.json` names the
                method under "pac_method", so loading finds it here again
   lm_logits    its next-token output (generation, `pac eval --retain`); None: it cannot generate
+  merged       the base model with the adapter folded into its weights (`pac export`); None: it runs beside them
   collaborative  whether and how `pac-launch` runs it across devices: its options for a placement mode
 
 Methods outside pac register when their module is imported: before calling pac in Python, or, for the `pac`
