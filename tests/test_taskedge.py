@@ -60,7 +60,7 @@ def test_nm_keeps_at_most_n_of_every_m_inputs():
 def test_global_top_k_may_leave_a_layer_empty_where_the_spread_does_not():
     scores = {"small": torch.full((2, 2), 0.1), "big": torch.full((2, 2), 5.0)}
     assert global_top(scores, 3)["small"].numel() == 0
-    spread = select("taskedge", scores, 4)
+    spread = select("taskedge", scores.__getitem__, {name: (2, 2) for name in scores}, 4)
     assert spread["small"].numel() == 2 and spread["big"].numel() == 2
 
 

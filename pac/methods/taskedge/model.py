@@ -91,13 +91,21 @@ class TaskEdgeModel(TransformersModel):
         how = self.settings.selection
         if how in ("taskedge", "global"):
             sums = input_square_sums(self.body(), linears, batches)
-            scores = {name: importance(m.weight, sums[name]) for name, m in linears.items()}
+
+            def scores(name: str) -> torch.Tensor:
+                return importance(linears[name].weight, sums[name])
         elif how == "magnitude":
-            scores = {name: m.weight.detach().abs() for name, m in linears.items()}
+
+            def scores(name: str) -> torch.Tensor:
+                return linears[name].weight.detach().abs()
         else:
-            generator = torch.Generator().manual_seed(seed)
-            scores = {name: torch.rand(m.weight.shape, generator=generator) for name, m in linears.items()}
-        chosen = select(how, scores, self.budget(), self.settings.nm)
+            draws = {name: torch.Generator().manual_seed(seed + i) for i, name in enumerate(linears)}
+
+            def scores(name: str) -> torch.Tensor:
+                return torch.rand(linears[name].weight.shape, generator=draws[name])
+
+        shapes = {name: tuple(m.weight.shape) for name, m in linears.items()}
+        chosen = select(how, scores, shapes, self.budget(), self.settings.nm)
         return chosen, time.perf_counter() - started
 
     def install(self, chosen: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,8 @@ except the global one. An N:M pattern keeps at most N entries in each block of M
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pac.errors import PacError
@@ -77,17 +79,21 @@ def global_top(scores: dict[str, torch.Tensor], count: int) -> dict[str, torch.T
 
 def select(
     selection: str,
-    scores: dict[str, torch.Tensor],
+    scores: Callable[[str], torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
     total: int,
     nm: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Flat indices per layer of `total` entries under `selection`, given each layer's scores (importance for
-    taskedge and global, |W| for magnitude, uniform draws for random)."""
+    """Flat indices per layer of `total` entries under `selection`. `scores(name)` gives a layer's scores
+    (importance for taskedge and global, |W| for magnitude, uniform draws for random); it is asked one layer at
+    a time, so only the global top-k holds every layer's scores at once (in float32)."""
     if selection not in SELECTIONS:
         raise PacError(f"--selection must be one of {', '.join(SELECTIONS)}, not {selection!r}")
-    if nm is not None:
-        scores = {name: nm_limited(s, *nm) for name, s in scores.items()}
+
+    def limited(name: str) -> torch.Tensor:
+        return scores(name) if nm is None else nm_limited(scores(name), *nm)
+
     if selection == "global":
-        return global_top(scores, total)
-    shares = layer_shares({name: s.numel() for name, s in scores.items()}, total)
-    return {name: per_row(s, shares[name]) for name, s in scores.items()}
+        return global_top({name: limited(name).float() for name in shapes}, total)
+    shares = layer_shares({name: rows * cols for name, (rows, cols) in shapes.items()}, total)
+    return {name: per_row(limited(name), shares[name]) for name in shapes}
