@@ -205,3 +205,24 @@ def test_two_peers_train_the_weights_one_device_trains(tiny_llama, topic_jsonl, 
             assert torch.equal(got[name], tensor), name  # the same entries chosen
         else:
             torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_export_merges_lora_and_full_adapters_and_refuses_a_side_network(
+    method, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    out = tmp_path / method
+    argv = train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", method, "--task", "lm")
+    assert main([*argv, "--max-length", "32", "--epochs", "1", "--lr", "1e-2"]) == 0
+    assert main(["export", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    loaded = load_for_inference(out)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    expected = get_method(method).lm_logits(loaded, ids, torch.ones_like(ids))
+    torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+    side = tmp_path / "side"
+    assert main([*train_argv(tiny_llama, topic_jsonl, side, tmp_path / "cache"), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(side), "--out", str(tmp_path / "no")]) == 2
+    assert "parallel-adapters adapters are not merged into the model's weights" in capsys.readouterr().err
