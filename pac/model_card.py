@@ -181,6 +181,9 @@ def _usage(method: str, task: str, base: str, out: str, data: dict[str, Any]) ->
     lines.append(evaluate)
     if task == "lm":
         lines.append(f'pac generate --adapter {out} --prompt "..."')
+    known = methods().get(method)
+    if known is not None and known.merged is not None:
+        lines.append(f"pac export --adapter {out} --out merged  # the base model with this adapter in its weights")
     lines += [
         "```",
         "",

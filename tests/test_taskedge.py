@@ -114,6 +114,7 @@ def test_taskedge_changes_only_its_selected_entries_and_its_adapter_scores_as_tr
     head = sum(p.numel() for p in base.head.parameters()) if base.head is not None else 0
     assert summary["trainable_params"] == summary["selected_weights"] + head  # the state is sized to the selection
     assert summary["calibration_seconds"] > 0
+    assert f"pac export --adapter {out}" in (out / "README.md").read_text()  # the model card says how to merge
 
     loaded = load_for_inference(out)
     assert loaded.kind == "taskedge" and loaded.backbone is None
