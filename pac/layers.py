@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "pac.methods.boundary.run": 4,
     "pac.methods.full.run": 4,
     "pac.methods.taskedge.run": 4,
+    "pac.methods.zo.step": 4,  # the step interface is the train layer's
+    "pac.methods.zo.run": 4,
     "pac.retain": 3,  # retain-mix answers: prompts, cached base-model answers
     "pac.generate": 3,  # decoding with a trained adapter
     "pac.model_card": 3,  # README and GGUF notes for an exported adapter

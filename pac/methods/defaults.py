@@ -36,5 +36,7 @@ PARALLEL_ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {
 LORA_LR = 5e-4
 # TaskEdge's packed entries (and its sparse LoRA factors) take LoRA's step: a first guess, not yet tuned (issue 23).
 TASKEDGE_LR = 5e-4
+# Zeroth-order LoRA-FA: MeZO's and P-RGE's rate for LoRA (they run 20k steps; issue 24 measures what fewer give).
+ZO_LR = 5e-5
 # Full fine-tuning steps every pretrained weight, not a small update beside them: the usual 1e-5..5e-5 (not tuned here).
 FULL_LR = 2e-5

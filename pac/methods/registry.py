@@ -185,7 +185,7 @@ def unregister_method(name: str) -> None:
 
 
 # pac's own, listed first wherever methods are listed
-BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "taskedge", "full")
+BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "taskedge", "zo", "full")
 
 
 PLUGINS_ENV = "PAC_METHODS"
@@ -198,6 +198,7 @@ def _load_builtin() -> None:
     import pac.methods.lora  # noqa: F401
     import pac.methods.parallel_adapters  # noqa: F401
     import pac.methods.taskedge  # noqa: F401
+    import pac.methods.zo  # noqa: F401
 
     for spec in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
         if spec not in _PLUGINS_LOADED:

@@ -1,0 +1,61 @@
+"""What a run does with zeroth-order LoRA-FA: build the model, the step, and save the adapter as a peft LoRA
+(lora_A, lora_B and the head), which pac's LoRA loader, peft and `pac export` read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pac.methods.base import ADAPTER_CONFIG
+from pac.methods.lora.model import LoraModel, LoraSettings
+from pac.methods.registry import METHOD_KEY, BuildContext
+from pac.methods.zo import ZerothOrderOptions
+from pac.methods.zo.model import ZerothOrderModel
+from pac.methods.zo.step import ZerothOrderStep
+from pac.runtime.trainer import BatchSource, TrainConfig
+
+
+def build(options: ZerothOrderOptions, ctx: BuildContext) -> ZerothOrderModel:
+    model = ZerothOrderModel(
+        ctx.model_dir, ctx.task, options.pooling, ctx.label_names, options.rank, options.target_modules
+    )
+    model.options = options  # the step's settings
+    return model
+
+
+def step(model: ZerothOrderModel, task: str, source: BatchSource, config: TrainConfig) -> ZerothOrderStep:
+    options = model.options
+    return ZerothOrderStep(model, source, config, options.perturbations, options.eps, options.mode == "batched")
+
+
+def save(options: ZerothOrderOptions, model: ZerothOrderModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A peft LoRA with r = rank, alpha = 2r, no dropout, over the same linear maps, holding A and B."""
+    targets = sorted({name.rpartition(".")[2] for name in model.layers})
+    settings = LoraSettings(
+        task=model.task,
+        r=options.rank,
+        alpha=2 * options.rank,
+        dropout=0.0,
+        pooling=options.pooling,
+        label_names=meta["label_names"],
+        target_modules=targets,
+    )
+    peft = LoraModel(model.model_dir, settings)
+    with torch.no_grad():
+        for name, layer in model.layers.items():
+            target = peft.peft.get_base_model().get_submodule(name)
+            target.lora_A["default"].weight.copy_(layer.lora_A)
+            target.lora_B["default"].weight.copy_(layer.lora_B)
+        if model.head is not None:
+            peft.head.load_state_dict(model.head.state_dict())
+    peft.save(out, meta["base_model_name_or_path"])
+    config = {**meta, "pooling": options.pooling, "r": options.rank, METHOD_KEY: "zo"}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    trained = sum(t.numel() for t in model.trained())
+    return {
+        "trainable_params": trained,
+        "forward_passes_per_step": 1 if options.mode == "batched" else 2 * options.perturbations,
+    }
