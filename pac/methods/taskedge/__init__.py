@@ -98,7 +98,7 @@ METHOD = register_method(
     Method(
         name="taskedge",
         title="TaskEdge",
-        summary="task-aware sparse fine-tuning: only the weights that matter most for the task (0.1 percent by default) change",
+        summary="task-aware sparse fine-tuning: only the weights that matter most for the task change (0.1 percent)",
         options=TaskEdgeOptions,
         resolve=resolve,
         default_lr=lambda task: TASKEDGE_LR,
