@@ -1,13 +1,16 @@
-"""Peak memory and step time of TaskEdge's training step against LoRA's and full fine-tuning's.
+"""Peak memory and step time of one training step, method by method, at the same batch.
 
 Each configuration runs in a fresh process: SmolLM2-135M-Instruct built by its method (TaskEdge calibrates on
-64 samples first), then 4 training steps (pac's BackpropStep: backward, clipping, AdamW) on batches of 8 x 128
-tokens, the harness's batch and length. Reported: the process's peak resident memory, its resident memory once
-the model is built (so the difference is what training adds), the trainable numbers and the optimizer state
-they carry (gradient + AdamW's two moments), and the median step time (the first step, which allocates, left
-out). Writes benchmarks/results/taskedge_memory.{json,md}.
+64 samples first), then 4 training steps of the method's own step (backprop + AdamW, or the zeroth-order step)
+on batches of 8 x 128 tokens, the quality harness's batch and length. "inference" is the floor: forward passes
+of the base model under no_grad over the same batch, and "inference x16" over the batch tiled 16 times, what a
+zeroth-order step with q = 8 evaluates in one forward. Reported: the process's peak resident memory, its
+resident memory once the model is built (the difference is what the step adds), the trainable numbers and the
+state they carry (weight, gradient and AdamW's two moments for backprop; the weight alone for zeroth-order),
+and the median step time (the first step, which allocates, left out). Writes
+benchmarks/results/step_memory.{json,md}.
 
-    python benchmarks/taskedge_memory.py
+    python benchmarks/step_memory.py
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pac.methods.registry import BuildContext, get_method
 from pac.models.loading import resolve_model
 from pac.runtime.step import BackpropStep
 from pac.runtime.trainer import TrainConfig
+from pac.methods.transformers_model import TransformersModel
 
 task, method_name, options_json = sys.argv[1], sys.argv[2], sys.argv[3]
 def rss_mb():
@@ -41,25 +45,43 @@ class Source:  # token ids of the harness's shape; memory does not depend on whi
         labels = self.labels[indices] if task == "classify" else ids
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-method = get_method(method_name)
-options = method.resolved(method.options(**json.loads(options_json)), task)
 labels = ["a", "b", "c", "d", "e"] if task == "classify" else None
 source = Source(64)
-ctx = BuildContext(resolve_model(None), task, labels, 0, 128, train_source=source)
-model = method.build(options, ctx)
+config = TrainConfig(epochs=1, lr=5e-4)
+if method_name.startswith("inference"):  # the floor: forwards of the base model, the batch tiled `copies` times
+    copies = json.loads(options_json)["copies"]
+    model = TransformersModel(resolve_model(None), task, "mean", labels).eval()
+    def run(indices, i):  # as a zeroth-order forward reads it: the LM head over one copy's tokens at a time
+        batch = source.batch(indices)
+        ids, mask = batch["input_ids"].repeat(copies, 1), batch["attention_mask"].repeat(copies, 1)
+        with torch.no_grad():
+            hidden = model.body()(input_ids=ids, attention_mask=mask).last_hidden_state
+            for h, m in zip(hidden.split(len(indices)), mask.split(len(indices))):
+                model.head(h, m) if model.head is not None else model.network.get_output_embeddings()(h)
+    trainable, state_floats = 0, 0
+else:
+    method = get_method(method_name)
+    options = method.resolved(method.options(**json.loads(options_json)), task)
+    ctx = BuildContext(resolve_model(None), task, labels, 0, 128, train_source=source)
+    model = method.build(options, ctx)
+    run = method.step(model, task, source, config) if method.step else BackpropStep(model, task, source, config)
+    if method.step:  # zeroth-order: the trained tensors alone, no gradient, no optimizer state
+        trainable = sum(t.numel() for t in model.trained())
+        state_floats = trainable
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        state_floats = 4 * trainable  # weight, gradient, AdamW's two moments
 built = rss_mb()
-step = BackpropStep(model, task, source, TrainConfig(epochs=1, lr=5e-4))
 seconds = []
 for i in range(4):
     started = time.perf_counter()
-    step(list(range(8 * i, 8 * i + 8)), i)
+    run(list(range(8 * i, 8 * i + 8)), i)
     seconds.append(time.perf_counter() - started)
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print(json.dumps({
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "built_rss_mb": built,
     "trainable_params": trainable,
-    "trainable_state_mb": 4 * trainable * 4 / 2**20,  # weight, gradient, AdamW's two moments (fp32)
+    "trainable_state_mb": state_floats * 4 / 2**20,
     "step_seconds": sorted(seconds[1:])[1],
     "calibration_seconds": getattr(model, "calibration_seconds", None),
 }))
@@ -72,6 +94,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "taskedge-1": ("taskedge", {"budget_percent": 1.0}),
     "taskedge-nm24": ("taskedge", {"nm": [2, 4]}),
     "taskedge-sparse-lora": ("taskedge", {"sparse_lora_r": 8}),
+    "zo q=1": ("zo", {"perturbations": 1}),
+    "zo q=4": ("zo", {"perturbations": 4}),
+    "zo q=8": ("zo", {"perturbations": 8}),
+    "inference": ("inference", {"copies": 1}),
+    "inference x16": ("inference", {"copies": 16}),
 }
 
 
@@ -100,7 +127,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def main() -> None:
-    path = RESULTS / "taskedge_memory.json"
+    path = RESULTS / "step_memory.json"
     results: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.exists() else {}
     for task in ("classify", "lm"):
         for name, (method, options) in CONFIGS.items():
@@ -111,10 +138,10 @@ def main() -> None:
             path.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     note = (
-        'Batch 8 x 128 tokens, fp32, one process per row (`python benchmarks/taskedge_memory.py`). "Added by '
+        'Batch 8 x 128 tokens, fp32, one process per row (`python benchmarks/step_memory.py`). "Added by '
         'training" is the peak less the resident memory once the model was built.\n\n'
     )
-    (RESULTS / "taskedge_memory.md").write_text(note + text)
+    (RESULTS / "step_memory.md").write_text(note + text)
     print(text)
 
 
