@@ -29,7 +29,7 @@ from pac.runtime.step import BackpropStep
 from pac.runtime.trainer import TrainConfig
 from pac.methods.transformers_model import TransformersModel
 
-task, method_name, options_json = sys.argv[1], sys.argv[2], sys.argv[3]
+task, method_name, options_json, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def rss_mb():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
 
@@ -61,7 +61,10 @@ if method_name.startswith("inference"):  # the floor: forwards of the base model
     trainable, state_floats = 0, 0
 else:
     method = get_method(method_name)
-    options = method.resolved(method.options(**json.loads(options_json)), task)
+    raw = json.loads(options_json)
+    if "nm" in raw:
+        raw["nm"] = tuple(raw["nm"])
+    options = method.resolved(method.options(**raw), task)
     ctx = BuildContext(resolve_model(None), task, labels, 0, 128, train_source=source)
     model = method.build(options, ctx)
     run = method.step(model, task, source, config) if method.step else BackpropStep(model, task, source, config)
@@ -73,52 +76,54 @@ else:
         state_floats = 4 * trainable  # weight, gradient, AdamW's two moments
 built = rss_mb()
 seconds = []
-for i in range(4):
+for i in range(3):
     started = time.perf_counter()
-    run(list(range(8 * i, 8 * i + 8)), i)
+    run(list(range(batch_size * i, batch_size * (i + 1))), i)
     seconds.append(time.perf_counter() - started)
 print(json.dumps({
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "built_rss_mb": built,
     "trainable_params": trainable,
     "trainable_state_mb": state_floats * 4 / 2**20,
-    "step_seconds": sorted(seconds[1:])[1],
+    "step_seconds": sum(seconds[1:]) / 2,
     "calibration_seconds": getattr(model, "calibration_seconds", None),
 }))
 """
-CONFIGS: dict[str, tuple[str, dict]] = {
-    "full": ("full", {}),
-    "lora": ("lora", {}),
-    "taskedge-0.01": ("taskedge", {"budget_percent": 0.01}),
-    "taskedge": ("taskedge", {}),
-    "taskedge-1": ("taskedge", {"budget_percent": 1.0}),
-    "taskedge-nm24": ("taskedge", {"nm": [2, 4]}),
-    "taskedge-sparse-lora": ("taskedge", {"sparse_lora_r": 8}),
-    "zo q=1": ("zo", {"perturbations": 1}),
-    "zo q=4": ("zo", {"perturbations": 4}),
-    "zo q=8": ("zo", {"perturbations": 8}),
-    "inference": ("inference", {"copies": 1}),
-    "inference x16": ("inference", {"copies": 16}),
+# name -> (method, options, batch size). The zeroth-order rows and their references run at batch 2 per copy:
+# q = 4 evaluates 2q = 8 copies, 16 sequences per forward, on two cores.
+CONFIGS: dict[str, tuple[str, dict, int]] = {
+    "full": ("full", {}, 8),
+    "lora": ("lora", {}, 8),
+    "taskedge-0.01": ("taskedge", {"budget_percent": 0.01}, 8),
+    "taskedge": ("taskedge", {}, 8),
+    "taskedge-1": ("taskedge", {"budget_percent": 1.0}, 8),
+    "taskedge-nm24": ("taskedge", {"nm": [2, 4]}, 8),
+    "taskedge-sparse-lora": ("taskedge", {"sparse_lora_r": 8}, 8),
+    "inference": ("inference", {"copies": 1}, 8),
+    "lora, batch 2": ("lora", {}, 2),
+    "zo q=1, batch 2": ("zo", {"perturbations": 1}, 2),
+    "zo q=4, batch 2": ("zo", {"perturbations": 4}, 2),
+    "inference, batch 2": ("inference", {"copies": 1}, 2),
+    "inference, batch 2 tiled 8 (= zo q=4)": ("inference", {"copies": 8}, 2),
 }
 
 
-def measure(task: str, method: str, options: dict) -> dict:
-    if "nm" in options:
-        options = {**options, "nm": tuple(options["nm"])}
-    cmd = [sys.executable, "-c", PROBE, task, method, json.dumps(options)]
+def measure(task: str, method: str, options: dict, batch_size: int) -> dict:
+    cmd = [sys.executable, "-c", PROBE, task, method, json.dumps(options), str(batch_size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     lines = [
-        "| task | configuration | peak RSS | added by training | trainable | their state | s/step | vs LoRA's peak |",
+        "| task | configuration | peak RSS | added by the step | trainable | their state | s/step "
+        "| vs LoRA's peak (same batch) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for task, rows in results.items():
-        lora = rows.get("lora")
         for name, r in rows.items():
-            ratio = f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x" if lora else "—"
+            same_batch = [x for n, x in rows.items() if n.startswith("lora") and x["batch_size"] == r["batch_size"]]
+            ratio = f"{r['peak_rss_mb'] / same_batch[0]['peak_rss_mb']:.2f}x" if same_batch else "—"
             added = (r["peak_rss_mb"] - r["built_rss_mb"]) / 1024
             cells = [task, name, f"{r['peak_rss_mb'] / 1024:.2f} GB", f"{added:.2f} GB", f"{r['trainable_params']:,}"]
             cells += [f"{r['trainable_state_mb']:.1f} MB", f"{r['step_seconds']:.2f}", ratio]
@@ -130,16 +135,19 @@ def main() -> None:
     path = RESULTS / "step_memory.json"
     results: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.exists() else {}
     for task in ("classify", "lm"):
-        for name, (method, options) in CONFIGS.items():
+        for name, (method, options, batch_size) in CONFIGS.items():
             if name in results.get(task, {}):
                 continue
             print(f"{task} {name} ...", flush=True)
-            results.setdefault(task, {})[name] = measure(task, method, options)
+            results.setdefault(task, {})[name] = {
+                **measure(task, method, options, batch_size),
+                "batch_size": batch_size,
+            }
             path.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     note = (
-        'Batch 8 x 128 tokens, fp32, one process per row (`python benchmarks/step_memory.py`). "Added by '
-        'training" is the peak less the resident memory once the model was built.\n\n'
+        "Batch 8 (or 2, where named) x 128 tokens, fp32, one process per row (`python benchmarks/step_memory.py`). "
+        '"Added by the step" is the peak less the resident memory once the model and its step were built.\n\n'
     )
     (RESULTS / "step_memory.md").write_text(note + text)
     print(text)
