@@ -549,3 +549,23 @@ def test_a_cache_of_more_layers_adopts_the_shards_of_a_stage_that_held_fewer(tmp
         writer.write(group, *fake_batch(group))
     got = CacheReader(writer.finalize()).load(ids)
     torch.testing.assert_close(got["taps"][:, 1:3], fake_batch(ids, taps=(1, 2), all_taps=(1, 2))[0].half().float())
+
+
+def test_a_cache_of_fewer_layers_or_samples_copies_what_it_wants_out_of_larger_shards(tmp_path):
+    """A side-pipeline stage whose layer range shrank after a re-plan, and an owner whose share shrank: their new
+    caches take the taps and samples they want out of the old caches' shards (which hold more), read back the
+    values those held, and leave nothing pending; a copy is never made twice."""
+    root = tmp_path / "root"
+    ids = sample_ids(12)
+    old = CacheWriter(root, make_spec(taps=(0, 1, 2, 3, 4), data_fingerprint="a" * 64), ids, shard_size=4)
+    for group in old.pending():
+        old.write(group, *fake_batch(group, all_taps=(0, 1, 2, 3, 4)))
+    old.finalize()
+    narrower = CacheWriter(root, make_spec(taps=(1, 2), data_fingerprint="b" * 64), ids[:6], shard_size=4)
+    assert narrower.adopt() == 6
+    assert narrower.pending() == []
+    got = CacheReader(narrower.finalize()).load(ids[:6])
+    expected, mask, labels = fake_batch(ids[:6], taps=(1, 2), all_taps=(0, 1, 2, 3, 4))
+    torch.testing.assert_close(got["taps"], expected.half().float())
+    assert torch.equal(got["labels"], labels) and torch.equal(got["attention_mask"], mask)
+    assert narrower.adopt() == 0

@@ -44,6 +44,7 @@ from pac.cache.format import (
     write_temp,
 )
 from pac.cache.quant import DEFAULT_OUTLIERS, DEFAULT_SCHEME, quantize
+from pac.cache.reader import CacheReader
 from pac.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,9 @@ class CacheWriter:
         the same model, tokenizer, length and dtype: caches of other subsets of the data, such as a re-planned
         run's owner built before its share changed (pac.plan.placement.Inheritance), or of other layers, such as
         a side-pipeline stage's before its range grew. A shard comes in whole, by hard link (a copy across file
-        systems), if all its samples and taps are here and none of them is held yet. Returns the number of
-        samples whose taps came in."""
+        systems), if all its samples and taps are here and none of them is held yet; a shard of a complete cache
+        that holds more samples or taps than wanted (a stage whose range shrank) has the wanted ones copied out.
+        Returns the number of samples whose taps came in."""
         adopted = 0
         for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.cache_dir):
             try:
@@ -244,8 +246,12 @@ class CacheWriter:
             # Other samples, or other layers of the same model and length (a side pipeline's stage that grew).
             if theirs is None or not set(theirs["_spec"].diff(self.spec)) <= {"data_fingerprint", "taps"}:
                 continue
+            reader: list[CacheReader] = []  # opened for the first shard that must be cut
             for shard in theirs["shards"]:
-                adopted += self._adopt_shard(other, shard, theirs["label_kind"])
+                taken = self._adopt_shard(other, shard, theirs["label_kind"])
+                if not taken and theirs["complete"]:
+                    taken = self._adopt_part(other, shard, reader)
+                adopted += taken
         if adopted:
             log.info("%s: %d samples' taps taken from earlier caches of other subsets", self.cache_dir, adopted)
         return adopted
@@ -280,6 +286,46 @@ class CacheWriter:
             m["complete"] = bool((coverage(m, self.spec, self._index) > 0).all())
             write_manifest(self.cache_dir, m)
         return len(rows)
+
+    def _adopt_part(self, other: Path, shard: dict, reader: list[CacheReader]) -> int:
+        """The samples and taps of `shard` that this cache wants and holds none of, copied out of it (read and
+        verified through its cache's reader, then written as an adopted shard of this cache): a shard that holds
+        more samples or layers than this cache wants, such as a side-pipeline stage's before its range shrank."""
+        ids = [sid for sid in shard["sample_ids"] if sid in self._index]
+        taps = [t for t in shard["taps"] if t in self._tap_pos]
+        if not ids or not taps:
+            return 0
+        with dir_lock(self.cache_dir):
+            cov = coverage(self._load(), self.spec, self._index)
+        taken: set[str] = set()
+        for block in self._contiguous_runs(taps):
+            cols = [self._tap_pos[t] for t in block]
+            free = [sid for sid in ids if not cov[self._index[sid], cols].any()]
+            if not free:
+                continue
+            try:
+                if not reader:
+                    reader.append(CacheReader(other))
+                batch = reader[0].load(free, taps=block)
+            except CacheError:
+                return len(taken)  # a damaged or changed cache there: this one computes those samples itself
+            for i in range(0, len(free), self.shard_size):
+                rows = slice(i, i + self.shard_size)
+                parts = (batch["taps"][rows], batch["attention_mask"][rows], batch["labels"][rows])
+                self._write_shard(free[rows], block, *parts, adopted=True)
+            taken.update(free)
+        return len(taken)
+
+    def _contiguous_runs(self, taps: list[int]) -> list[tuple[int, ...]]:
+        """`taps` (all of this cache's) as the runs that are contiguous in this cache's tap order."""
+        positions = sorted(self._tap_pos[t] for t in taps)
+        runs: list[list[int]] = []
+        for j in positions:
+            if runs and runs[-1][-1] == j - 1:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        return [tuple(self.spec.taps[j] for j in run) for run in runs]
 
     def write(
         self,
@@ -387,7 +433,7 @@ class CacheWriter:
         q = quantize(taps, DEFAULT_SCHEME, k=DEFAULT_OUTLIERS)
         return {f"{TAPS_KEY}.{k}": v.contiguous() for k, v in q.items()}, {"int8_scheme": DEFAULT_SCHEME}
 
-    def _write_shard(self, ids, block, taps, mask, labels) -> None:
+    def _write_shard(self, ids, block, taps, mask, labels, adopted: bool = False) -> None:
         tensors, meta = self._encode_taps(taps, block)
         tensors["attention_mask"] = mask.contiguous()
         tensors["labels"] = labels.contiguous()
@@ -402,7 +448,8 @@ class CacheWriter:
         digest = hashlib.sha256(data).hexdigest()
         first = self._index[ids[0]]
         ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:8]
-        fname = f"taps{block[0]:03d}-{block[-1]:03d}_{first:07d}_{ids_hash}{SHARD_SUFFIX}"
+        prefix = ADOPTED_PREFIX if adopted else ""
+        fname = f"{prefix}taps{block[0]:03d}-{block[-1]:03d}_{first:07d}_{ids_hash}{SHARD_SUFFIX}"
         final = self.cache_dir / fname
         tmp = write_temp(final, data)  # the slow part, outside the lock
         kind = "sample" if labels.dim() == 1 else "token"
