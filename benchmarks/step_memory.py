@@ -15,6 +15,7 @@ benchmarks/results/step_memory.{json,md}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -132,9 +133,12 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=["classify", "lm"], default=["classify", "lm"])
+    args = parser.parse_args()
     path = RESULTS / "step_memory.json"
     results: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.exists() else {}
-    for task in ("classify", "lm"):
+    for task in args.tasks:
         for name, (method, options, batch_size) in CONFIGS.items():
             if name in results.get(task, {}):
                 continue
