@@ -5,7 +5,7 @@ one step evaluates 2q perturbed copies: in one forward over the batch tiled 2q t
 parallelism) or in 2q forwards (sequential). Two series:
   per copy 1   one row per copy: the work grows with q, and the question is how much of it batching hides
   q x rows 16  P-RGE's setting (q x batch = 16): every step reads 16 rows, spread over q directions
-One warm-up step, then one timed (on a quiet machine the two differ by a few percent). Writes benchmarks/results/zo_scaling.{json,md,png}.
+One warm-up step, then one timed. Writes benchmarks/results/zo_scaling.{json,md,png}.
 
     python benchmarks/zo_scaling.py
 """
