@@ -66,8 +66,13 @@ def fake_batch(ids: list[str], taps=None, seq_len=T, per_token=True, all_taps=TA
     return torch.stack(xs), torch.stack(ms), torch.stack(ls)
 
 
+def digests(ids: list[str], version: str = "") -> list[str]:
+    """What fake_batch's samples are (their data is a function of the id), as TokenizedSet.sample_digests."""
+    return [f"{sid}{version}" for sid in ids]
+
+
 def build(root, spec, ids, shard_size=4, per_token=True):
-    w = CacheWriter(root, spec, ids, shard_size=shard_size)
+    w = CacheWriter(root, spec, ids, shard_size=shard_size, sample_digests=digests(ids))
     for group in w.pending():
         w.write(group, *fake_batch(group, per_token=per_token))
     return w, w.finalize()
@@ -490,7 +495,7 @@ def test_a_cache_of_a_larger_subset_adopts_the_verified_shards_of_a_smaller_one(
     data[-1] ^= 0xFF  # its last shard (s008, s010) damaged, its size unchanged
     shard.write_bytes(bytes(data))
     ids = sample_ids(12)
-    writer = CacheWriter(root, make_spec(data_fingerprint="c" * 64), ids, shard_size=4)
+    writer = CacheWriter(root, make_spec(data_fingerprint="c" * 64), ids, shard_size=4, sample_digests=digests(ids))
     assert writer.adopt() == 4  # s000-s006; the damaged shard's two samples are computed again
     pending = [sid for group in writer.pending() for sid in group]
     assert pending == [sid for sid in ids if sid not in ("s000", "s002", "s004", "s006")]
@@ -511,10 +516,12 @@ def test_adopted_shards_cut_along_other_stages_leave_only_the_taps_they_lack_to_
     whole, and taps this cache wrote itself are still never written twice."""
     root = tmp_path / "root"
     old_ids = sample_ids(8)[::2]
-    earlier = CacheWriter(root, make_spec(data_fingerprint="a" * 64), old_ids, shard_size=4)
+    earlier = CacheWriter(
+        root, make_spec(data_fingerprint="a" * 64), old_ids, shard_size=4, sample_digests=digests(old_ids)
+    )
     earlier.write(old_ids, *fake_batch(old_ids, taps=(0, 1)), tap_block=(0, 1))  # its first stage's taps only
     ids = sample_ids(8)
-    writer = CacheWriter(root, make_spec(data_fingerprint="b" * 64), ids, shard_size=4)
+    writer = CacheWriter(root, make_spec(data_fingerprint="b" * 64), ids, shard_size=4, sample_digests=digests(ids))
     assert writer.adopt() == 4
     assert [sid for group in writer.pending() for sid in group] == ids  # every sample lacks some of 0-3
     writer.write(ids, *fake_batch(ids))
@@ -536,14 +543,18 @@ def test_a_cache_of_more_layers_adopts_the_shards_of_a_stage_that_held_fewer(tmp
     does not have is left alone."""
     root = tmp_path / "root"
     ids = sample_ids(8)
-    old = CacheWriter(root, make_spec(taps=(1, 2)), ids, shard_size=4)
+    old = CacheWriter(root, make_spec(taps=(1, 2)), ids, shard_size=4, sample_digests=digests(ids))
     for group in old.pending():
         old.write(group, *fake_batch(group, taps=(1, 2), all_taps=(1, 2)))
-    wider = CacheWriter(root, make_spec(taps=(0, 1, 2, 3, 4)), ids, shard_size=4)
-    other = CacheWriter(root, make_spec(taps=(5,)), ids, shard_size=4)  # another stage's, of a tap not wanted
+    wider = CacheWriter(root, make_spec(taps=(0, 1, 2, 3, 4)), ids, shard_size=4, sample_digests=digests(ids))
+    other = CacheWriter(
+        root, make_spec(taps=(5,)), ids, shard_size=4, sample_digests=digests(ids)
+    )  # another stage's, of a tap not wanted
     other.write(ids, *fake_batch(ids, taps=(5,), all_taps=(5,)))
     assert wider.adopt() == 8
-    writer = CacheWriter(root, make_spec(), ids, shard_size=4)  # taps 0-3: holds 1-2, so adopts them too
+    writer = CacheWriter(
+        root, make_spec(), ids, shard_size=4, sample_digests=digests(ids)
+    )  # taps 0-3: holds 1-2, so adopts them too
     assert writer.adopt() == 8
     for group in writer.pending():
         writer.write(group, *fake_batch(group))
@@ -557,11 +568,13 @@ def test_a_cache_of_fewer_layers_or_samples_copies_what_it_wants_out_of_larger_s
     values those held, and leave nothing pending; a copy is never made twice."""
     root = tmp_path / "root"
     ids = sample_ids(12)
-    old = CacheWriter(root, make_spec(taps=(0, 1, 2, 3, 4), data_fingerprint="a" * 64), ids, shard_size=4)
+    spec = make_spec(taps=(0, 1, 2, 3, 4), data_fingerprint="a" * 64)
+    old = CacheWriter(root, spec, ids, shard_size=4, sample_digests=digests(ids))
     for group in old.pending():
         old.write(group, *fake_batch(group, all_taps=(0, 1, 2, 3, 4)))
     old.finalize()
-    narrower = CacheWriter(root, make_spec(taps=(1, 2), data_fingerprint="b" * 64), ids[:6], shard_size=4)
+    spec = make_spec(taps=(1, 2), data_fingerprint="b" * 64)
+    narrower = CacheWriter(root, spec, ids[:6], shard_size=4, sample_digests=digests(ids[:6]))
     assert narrower.adopt() == 6
     assert narrower.pending() == []
     got = CacheReader(narrower.finalize()).load(ids[:6])
@@ -569,3 +582,22 @@ def test_a_cache_of_fewer_layers_or_samples_copies_what_it_wants_out_of_larger_s
     torch.testing.assert_close(got["taps"], expected.half().float())
     assert torch.equal(got["labels"], labels) and torch.equal(got["attention_mask"], mask)
     assert narrower.adopt() == 0
+
+
+def test_a_sample_whose_content_changed_or_whose_labels_differ_is_never_adopted(tmp_path):
+    """Sample ids name rows of a file: an edited file (or the same rows labelled for another task) keeps its ids
+    but not its content, and a cache adopts a sample only where the digests of what the model sees agree; a
+    cache without digests (from before them) is not adopted from at all."""
+    root = tmp_path / "root"
+    ids = sample_ids(8)
+    old = CacheWriter(root, make_spec(data_fingerprint="a" * 64), ids, shard_size=4, sample_digests=digests(ids))
+    old.write(ids, *fake_batch(ids))
+    old.finalize()
+    edited = digests(ids[:4]) + digests(ids[4:], version="-edited")  # rows 4-7 of the file changed since
+    writer = CacheWriter(root, make_spec(data_fingerprint="b" * 64), ids, shard_size=4, sample_digests=edited)
+    assert writer.adopt() == 4
+    assert [sid for group in writer.pending() for sid in group] == ids[4:]
+    blind = CacheWriter(root, make_spec(data_fingerprint="c" * 64), ids, shard_size=4)  # knows no digests
+    assert blind.adopt() == 0
+    with pytest.raises(CacheError, match="one per sample"):
+        CacheWriter(root, make_spec(data_fingerprint="d" * 64), ids, sample_digests=digests(ids[:3]))

@@ -187,12 +187,14 @@ def temp_owner_pid(name: str) -> int | None:
         return None
 
 
-def new_manifest(spec: CacheSpec, sample_ids: list[str]) -> dict[str, Any]:
+def new_manifest(spec: CacheSpec, sample_ids: list[str], sample_digests: list[str] | None = None) -> dict[str, Any]:
     t = now_iso()
     return {
         "version": FORMAT_VERSION,
         "spec": spec.to_dict(),
         "sample_ids": list(sample_ids),
+        # What each sample was (TokenizedSet.sample_digests): another cache adopts a sample only if it agrees.
+        "sample_digests": None if sample_digests is None else list(sample_digests),
         "num_samples": len(sample_ids),
         "label_kind": None,
         "shards": [],
@@ -251,6 +253,9 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
                     raise ValueError(f"shard entry without a valid {k!r}")
             if Path(s["file"]).name != s["file"]:
                 raise ValueError(f"shard file name {s['file']!r} is not a plain file name")
+        digests = m.setdefault("sample_digests", None)
+        if digests is not None and (not isinstance(digests, list) or len(digests) != len(ids)):
+            raise ValueError("sample_digests is not one digest per sample")
         m.setdefault("label_kind", None)
         m["complete"] = bool(m.get("complete", False))
     except (KeyError, TypeError, ValueError, CacheError) as e:

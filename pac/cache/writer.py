@@ -97,7 +97,14 @@ def coverage(manifest: dict, spec: CacheSpec, index: dict[str, int]) -> np.ndarr
 class CacheWriter:
     """Writes one cache (``root/<spec key>/``); see the module docstring."""
 
-    def __init__(self, root: Path, spec: CacheSpec, sample_ids: list[str], shard_size: int = 32):
+    def __init__(
+        self,
+        root: Path,
+        spec: CacheSpec,
+        sample_ids: list[str],
+        shard_size: int = 32,
+        sample_digests: list[str] | None = None,
+    ):
         # Zero samples is a valid (complete, empty) cache: a peer's share of a small split can be empty.
         ids = [str(s) for s in sample_ids]
         if len(set(ids)) != len(ids):
@@ -114,13 +121,19 @@ class CacheWriter:
         self._index = {s: i for i, s in enumerate(ids)}
         self._tap_pos = {t: j for j, t in enumerate(spec.taps)}
         self._verified: dict[str, tuple[int, int, str]] = {}  # file -> (size, mtime_ns, sha256) hashed OK
+        if sample_digests is not None and len(sample_digests) != len(ids):
+            raise CacheError(f"{len(sample_digests)} sample digests for {len(ids)} samples: pass one per sample")
+        self._digest = dict(zip(ids, sample_digests, strict=True)) if sample_digests is not None else {}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with dir_lock(self.cache_dir):
             if (self.cache_dir / MANIFEST).exists():
                 m = read_manifest(self.cache_dir)
                 self._check_same(m)
+                if m["sample_digests"] is None and sample_digests is not None:  # a cache from before digests
+                    m["sample_digests"] = list(sample_digests)  # the same spec: the same data, so the same samples
+                    write_manifest(self.cache_dir, m)
             else:
-                write_manifest(self.cache_dir, new_manifest(spec, ids))
+                write_manifest(self.cache_dir, new_manifest(spec, ids, sample_digests))
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _check_same(self, m: dict) -> None:
@@ -233,10 +246,11 @@ class CacheWriter:
         """Take in the verified shards of other caches under this root that hold samples and taps of this one for
         the same model, tokenizer, length and dtype: caches of other subsets of the data, such as a re-planned
         run's owner built before its share changed (pac.plan.placement.Inheritance), or of other layers, such as
-        a side-pipeline stage's before its range grew. A shard comes in whole, by hard link (a copy across file
-        systems), if all its samples and taps are here and none of them is held yet; a shard of a complete cache
-        that holds more samples or taps than wanted (a stage whose range shrank) has the wanted ones copied out.
-        Returns the number of samples whose taps came in."""
+        a side-pipeline stage's before its range grew. Only samples whose digests agree with this cache's come in
+        (a sample id names a row of a file, which may since have changed). A shard comes in whole, by hard link
+        (a copy across file systems), if all its samples and taps are here and none of them is held yet; a shard
+        of a complete cache that holds more samples or taps than wanted (a stage whose range shrank) has the
+        wanted ones copied out. Returns the number of samples whose taps came in."""
         adopted = 0
         for other in sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.cache_dir):
             try:
@@ -246,19 +260,30 @@ class CacheWriter:
             # Other samples, or other layers of the same model and length (a side pipeline's stage that grew).
             if theirs is None or not set(theirs["_spec"].diff(self.spec)) <= {"data_fingerprint", "taps"}:
                 continue
+            same = self._same_samples(theirs)
+            if not same:
+                continue
             reader: list[CacheReader] = []  # opened for the first shard that must be cut
             for shard in theirs["shards"]:
-                taken = self._adopt_shard(other, shard, theirs["label_kind"])
+                taken = self._adopt_shard(other, shard, theirs["label_kind"], same)
                 if not taken and theirs["complete"]:
-                    taken = self._adopt_part(other, shard, reader)
+                    taken = self._adopt_part(other, shard, reader, same)
                 adopted += taken
         if adopted:
             log.info("%s: %d samples' taps taken from earlier caches of other subsets", self.cache_dir, adopted)
         return adopted
 
-    def _adopt_shard(self, other: Path, shard: dict, label_kind: str | None) -> int:
+    def _same_samples(self, theirs: dict) -> set[str]:
+        """The sample ids of another cache whose tokens, mask and labels are this cache's (by digest): only these
+        may be adopted. None without digests on either side (a cache from before them: nothing is trusted)."""
+        digests = theirs["sample_digests"]
+        if not self._digest or digests is None:
+            return set()
+        return {sid for sid, d in zip(theirs["sample_ids"], digests, strict=True) if self._digest.get(sid) == d}
+
+    def _adopt_shard(self, other: Path, shard: dict, label_kind: str | None, same: set[str]) -> int:
         source = other / shard["file"]
-        rows = [self._index.get(sid) for sid in shard["sample_ids"]]
+        rows = [self._index.get(sid) if sid in same else None for sid in shard["sample_ids"]]
         if None in rows or any(t not in self._tap_pos for t in shard["taps"]):
             return 0
         with dir_lock(self.cache_dir):
@@ -287,11 +312,11 @@ class CacheWriter:
             write_manifest(self.cache_dir, m)
         return len(rows)
 
-    def _adopt_part(self, other: Path, shard: dict, reader: list[CacheReader]) -> int:
+    def _adopt_part(self, other: Path, shard: dict, reader: list[CacheReader], same: set[str]) -> int:
         """The samples and taps of `shard` that this cache wants and holds none of, copied out of it (read and
         verified through its cache's reader, then written as an adopted shard of this cache): a shard that holds
         more samples or layers than this cache wants, such as a side-pipeline stage's before its range shrank."""
-        ids = [sid for sid in shard["sample_ids"] if sid in self._index]
+        ids = [sid for sid in shard["sample_ids"] if sid in same and sid in self._index]
         taps = [t for t in shard["taps"] if t in self._tap_pos]
         if not ids or not taps:
             return 0

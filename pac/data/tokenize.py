@@ -41,6 +41,15 @@ class TokenizedSet:
             h.update(t.to(torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes())
         return h.hexdigest()
 
+    def sample_digests(self) -> list[str]:
+        """Per sample, a digest of what the model sees of it (its tokens, mask and labels): a cache takes in
+        another cache's activations of a sample only where the digests agree (pac.cache.writer.adopt), since a
+        sample id names a row of a file, which may have changed."""
+        labels = self.labels.reshape(len(self), -1)
+        rows = torch.cat([self.input_ids, self.attention_mask, labels], dim=1).to(torch.int64)
+        data = rows.contiguous().numpy().astype("<i8", copy=False)
+        return [hashlib.sha256(b"%d\0" % labels.shape[1] + row.tobytes()).hexdigest()[:32] for row in data]
+
     def subset(self, idx: Sequence[int] | torch.Tensor | slice) -> TokenizedSet:
         """Rows `idx` (indices, a bool mask, or a slice), in that order, as a new set."""
         if isinstance(idx, slice):

@@ -78,7 +78,7 @@ def build_cache(
 
     position = {sid: i for i, sid in enumerate(data.sample_ids)}
     backbone = None
-    writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
+    writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size, data.sample_digests())
     writer.adopt()  # samples another subset's cache holds already
     pending = writer.pending()
     computed = 0
@@ -104,7 +104,7 @@ def build_cache(
             # Before anything is written: switch (e.g. fp16 -> bf16) when values exceed the range.
             log.warning("activations reach %.0f, beyond %s: caching as %s", stacked.abs().max(), spec.dtype, safe)
             spec = cache_spec(model_dir, data, taps, safe)
-            writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size)
+            writer = CacheWriter(cache_root, spec, data.sample_ids, shard_size, data.sample_digests())
         writer.write(group, stacked, data.attention_mask[rows], data.labels[rows])
         computed += len(group)
     bar.close()

@@ -126,7 +126,7 @@ def run_pipeline_stage(
     owned: dict[str, _OwnedSplit] = {}
     for name, data in splits.items():
         mine, spec = owned_cache(model_dir, data, plan, rank, taps, dtype)
-        writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size)
+        writer = CacheWriter(cache_root, spec, mine.sample_ids, shard_size, mine.sample_digests())
         writer.adopt()  # what this rank cached before its share changed (a re-plan) is kept
         owned[name] = _OwnedSplit(writer, mine, {b: writer.pending(b) for b in blocks if b})
     lacking = _lacking_anywhere(owned, splits)
