@@ -84,8 +84,15 @@ def test_profiles_feed_the_planner(tiny_llama, pac_home):
     opts = TrainOptions(model=str(tiny_llama), data=DataOptions(max_length=16), optim=OptimOptions(batch_size=4))
     profile = profile_device(tiny_llama, opts, "a", 2 * 10**9, repeats=1)
     devices = [device_profile_of({**profile, "device": {**profile["device"], "name": n}}, 12.5e6, 0.001) for n in "ab"]
+    # Phase 1's micro-batch is the batch the profile was measured at (4), as a run's is; the planner weighs it
+    # against the 16 the profile also timed (left at Workload's default 8, the test passed or failed by timing).
     work = Workload(
-        train=48, val=12, epochs=2, batch=4, taps=tuple(range(load_config(tiny_llama).num_hidden_layers + 1))
+        train=48,
+        val=12,
+        epochs=2,
+        batch=4,
+        taps=tuple(range(load_config(tiny_llama).num_hidden_layers + 1)),
+        micro_batch=4,
     )
     choice = plan(devices, model_costs_of(profile), work)
     assert choice.best.total_seconds > 0 and choice.best.mode in choice.describe()
