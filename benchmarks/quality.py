@@ -119,7 +119,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     ),
     "pac-default": ("`--method parallel-adapters` as shipped (its per-task defaults)", []),
     # TaskEdge (issue 23): sparse fine-tuning of a fraction of the backbone's weights, at its default rate (2e-3).
-    "taskedge": ("TaskEdge 0.1%: |W|·‖X‖ top entries of every output neuron", ["--method", "taskedge"]),
+    "taskedge": ("TaskEdge 0.1%: top abs(W)·‖X‖ entries of every output neuron", ["--method", "taskedge"]),
     "taskedge-lr5e-4": ("TaskEdge 0.1% at LoRA's learning rate (5e-4)", ["--method", "taskedge", "--lr", "5e-4"]),
     "taskedge-0.01": ("TaskEdge 0.01%", ["--method", "taskedge", "--budget-percent", "0.01"]),
     "taskedge-1": ("TaskEdge 1%", ["--method", "taskedge", "--budget-percent", "1"]),
