@@ -5,7 +5,7 @@ Runs go through the quality harness (benchmarks/quality.py: its split, seeds, re
   sweep  400 / 400 articles, 1 epoch, seed 0: budgets (0.01%, 0.1%, 1%), selections at 0.1% (TaskEdge,
          global top-k, magnitude alone, random), the 2:4 pattern, sparse LoRA and LoRA's learning rate (5e-4),
          with LoRA for reference
-Peak memory and step time against LoRA and full fine-tuning at one batch: benchmarks/taskedge_memory.py.
+Peak memory and step time against LoRA and full fine-tuning at one batch: benchmarks/step_memory.py.
 
     python benchmarks/taskedge.py            # run what is not recorded yet, then the report
     python benchmarks/taskedge.py --report   # the report alone: taskedge.{md,png}
