@@ -39,15 +39,15 @@ def input_square_sums(
 
     def hook(name: str):  # noqa: ANN202
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].double() * mask[0].unsqueeze(-1)
-            sums[name] += x.pow(2).sum((0, 1))
+            # Squares summed over a batch's tokens in the activations' precision, batches added up in float64.
+            sums[name] += (inputs[0].pow(2) * mask[0].unsqueeze(-1)).sum((0, 1)).double()
 
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
     try:
         for batch in batches:
-            mask[:] = [batch["attention_mask"].double()]
+            mask[:] = [batch["attention_mask"].float()]
             body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in handles:
