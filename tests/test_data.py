@@ -626,3 +626,17 @@ def test_a_peer_s_share_is_matched_to_the_split_by_sample_id(tokenizer):
     assert torch.equal(share.local.batch(local)["input_ids"], split.input_ids[[1, 3]])
     with pytest.raises(ValueError, match="not in the split"):
         ShardedSource(Tokens(split.subset([3, 1])), split.sample_ids[:2])
+
+
+def test_sample_digests_tell_apart_what_the_model_sees_and_an_empty_share_has_none():
+    from pac.data.tokenize import TokenizedSet
+
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    mask = torch.ones_like(ids)
+    classify = TokenizedSet(["a", "b"], ids, mask, torch.tensor([0, 1]), ["x", "y"])
+    lm = TokenizedSet(["a", "b"], ids, mask, ids.clone(), None)
+    first, second = classify.sample_digests()
+    assert first != second  # the same tokens under other labels
+    assert set(lm.sample_digests()).isdisjoint(classify.sample_digests())  # per-token labels are not a class
+    assert classify.subset([]).sample_digests() == []
+    assert classify.subset([1]).sample_digests() == [second]

@@ -45,6 +45,8 @@ class TokenizedSet:
         """Per sample, a digest of what the model sees of it (its tokens, mask and labels): a cache takes in
         another cache's activations of a sample only where the digests agree (pac.cache.writer.adopt), since a
         sample id names a row of a file, which may have changed."""
+        if not len(self):  # an empty share (a peer with no rows of a small split)
+            return []
         labels = self.labels.reshape(len(self), -1)
         rows = torch.cat([self.input_ids, self.attention_mask, labels], dim=1).to(torch.int64)
         data = rows.contiguous().numpy().astype("<i8", copy=False)
