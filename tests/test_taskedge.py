@@ -158,6 +158,18 @@ def test_nm_and_sparse_lora_variants_keep_their_structure(tiny_llama, topic_json
     assert main(["train", "--method", "taskedge", "--nm", "3"]) == 2  # refused as it is parsed
 
 
+def test_target_modules_that_name_no_linear_map_are_refused_with_the_names_there_are(tiny_llama, topic_jsonl, tmp_path):
+    out = tmp_path / "typo"
+    argv = train_argv(
+        tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", "taskedge", "--target-modules", "qproj"
+    )
+    with pytest.raises(PacError, match="names none of this model's linear maps: pick from .*q_proj"):
+        get_method("taskedge").build(
+            TaskEdgeOptions(target_modules=["qproj"]), BuildContext(tiny_llama, "lm", None, 0, 16)
+        )
+    assert main(argv) == 2
+
+
 def test_taskedge_is_listed_and_runs_data_parallel_only():
     method = get_method("taskedge")
     assert method.collaborative is data_parallel_only and method.merged is not None

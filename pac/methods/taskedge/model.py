@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pac.errors import PacError
 from pac.methods.lora.model import DEFAULT_TARGETS
 from pac.methods.taskedge.select import importance, select
 from pac.methods.taskedge.sparse import SparseDelta
@@ -22,11 +23,15 @@ from pac.methods.transformers_model import TransformersModel
 def target_linears(network: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
     """The linear maps whose last name is one of `targets` (q_proj, ...), by qualified name."""
     wanted = set(targets)
-    return {
-        name: module
-        for name, module in network.named_modules()
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in wanted
-    }
+    linears = {name: m for name, m in network.named_modules() if isinstance(m, nn.Linear)}
+    found = {name: m for name, m in linears.items() if name.rpartition(".")[2] in wanted}
+    if not found:
+        names = sorted({name.rpartition(".")[2] for name in linears})
+        raise PacError(
+            f"--target-modules {','.join(sorted(wanted))} names none of this model's linear maps: pick from "
+            f"{','.join(names)}"
+        )
+    return found
 
 
 @torch.no_grad()
@@ -77,6 +82,7 @@ class TaskEdgeModel(TransformersModel):
         self.network.requires_grad_(False)
         self.backbone_params = sum(p.numel() for p in self.network.parameters())
         self.deltas: dict[str, SparseDelta] = {}
+        self.targets()  # names no linear map: refused before any calibration
 
     def targets(self) -> dict[str, nn.Linear]:
         return target_linears(self.network, self.settings.targets or DEFAULT_TARGETS[self.causal])
