@@ -124,7 +124,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "taskedge-0.01": ("TaskEdge 0.01%", ["--method", "taskedge", "--budget-percent", "0.01"]),
     "taskedge-1": ("TaskEdge 1%", ["--method", "taskedge", "--budget-percent", "1"]),
     "taskedge-global": ("0.1%, the same scores, global top-k", ["--method", "taskedge", "--selection", "global"]),
-    "taskedge-magnitude": ("0.1%, |W| alone per output neuron", ["--method", "taskedge", "--selection", "magnitude"]),
+    "taskedge-magnitude": ("0.1%, abs(W) per output neuron", ["--method", "taskedge", "--selection", "magnitude"]),
     "taskedge-random": ("0.1%, random entries per output neuron", ["--method", "taskedge", "--selection", "random"]),
     "taskedge-nm24": ("TaskEdge 0.1% in a 2:4 pattern", ["--method", "taskedge", "--nm", "2:4"]),
     "taskedge-sparse-lora": (
