@@ -275,7 +275,7 @@ class CacheWriter:
 
     def _same_samples(self, theirs: dict) -> set[str]:
         """The sample ids of another cache whose tokens, mask and labels are this cache's (by digest): only these
-        may be adopted. None without digests on either side (a cache from before them: nothing is trusted)."""
+        may be adopted; none without digests on either side (a cache from before them: nothing is trusted)."""
         digests = theirs["sample_digests"]
         if not self._digest or digests is None:
             return set()
