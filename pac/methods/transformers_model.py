@@ -8,6 +8,7 @@ Backward runs through the whole backbone, and every epoch re-runs it: the cost p
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -51,6 +52,20 @@ class TransformersModel(MethodModel):
             return self.network(input_ids=ids, attention_mask=mask).logits
         # The body alone: classification skips the vocabulary-wide LM head.
         return self.head(self.body()(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+
+def target_linears(network: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
+    """The linear maps whose last name is one of `targets` (q_proj, ...), by qualified name."""
+    wanted = set(targets)
+    linears = {name: m for name, m in network.named_modules() if isinstance(m, nn.Linear)}
+    found = {name: m for name, m in linears.items() if name.rpartition(".")[2] in wanted}
+    if not found:
+        names = sorted({name.rpartition(".")[2] for name in linears})
+        raise PacError(
+            f"--target-modules {','.join(sorted(wanted))} names none of this model's linear maps: pick from "
+            f"{','.join(names)}"
+        )
+    return found
 
 
 def lm_logits(loaded: Loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

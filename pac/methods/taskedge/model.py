@@ -13,25 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pac.errors import PacError
 from pac.methods.lora.model import DEFAULT_TARGETS
 from pac.methods.taskedge.select import importance, select
 from pac.methods.taskedge.sparse import SparseDelta
-from pac.methods.transformers_model import TransformersModel
-
-
-def target_linears(network: nn.Module, targets: Iterable[str]) -> dict[str, nn.Linear]:
-    """The linear maps whose last name is one of `targets` (q_proj, ...), by qualified name."""
-    wanted = set(targets)
-    linears = {name: m for name, m in network.named_modules() if isinstance(m, nn.Linear)}
-    found = {name: m for name, m in linears.items() if name.rpartition(".")[2] in wanted}
-    if not found:
-        names = sorted({name.rpartition(".")[2] for name in linears})
-        raise PacError(
-            f"--target-modules {','.join(sorted(wanted))} names none of this model's linear maps: pick from "
-            f"{','.join(names)}"
-        )
-    return found
+from pac.methods.transformers_model import TransformersModel, target_linears
 
 
 @torch.no_grad()

@@ -19,8 +19,7 @@ from torch import nn
 
 from pac.data.tokenize import IGNORE_INDEX
 from pac.methods.lora.model import DEFAULT_TARGETS
-from pac.methods.taskedge.model import target_linears
-from pac.methods.transformers_model import TransformersModel
+from pac.methods.transformers_model import TransformersModel, target_linears
 from pac.models.heads import pool
 
 
