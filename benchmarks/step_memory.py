@@ -70,7 +70,7 @@ else:
     model = method.build(options, ctx)
     run = method.step(model, task, source, config) if method.step else BackpropStep(model, task, source, config)
     if method.step:  # zeroth-order: the trained tensors alone, no gradient, no optimizer state
-        trainable = sum(t.numel() for t in model.trained())
+        trainable = sum(t.numel() for t in model.trained().values())
         state_floats = trainable
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,11 +13,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pac.cli import main
+from pac.methods.base import loss_count
 from pac.methods.registry import BuildContext, get_method
 from pac.methods.zo import ZerothOrderOptions
-from pac.methods.zo.step import ZerothOrderStep, direction, direction_seed
+from pac.methods.zo.step import ZerothOrderStep, direction, direction_seeds
 from pac.runtime.step import lr_factor
-from pac.runtime.trainer import TrainConfig
+from pac.runtime.trainer import TrainConfig, Trainer
 from pac.workflow import load_for_inference
 
 
@@ -64,33 +65,35 @@ def test_the_batched_estimate_equals_the_sequential_one_and_autograd(task, tiny_
     torch.testing.assert_close(batched, sequential, rtol=1e-5, atol=1e-6)
     # without perturbation, a copy's loss is the model's own loss
     with torch.no_grad():
-        alone = model.copy_losses(batch, [t.unsqueeze(0) for t in model.trained()])
-        torch.testing.assert_close(alone[0], model.loss_batch(batch), rtol=1e-5, atol=1e-6)
+        alone = step._loss_sums(batch, {name: t.unsqueeze(0) for name, t in model.trained().items()})
+        count = loss_count(task, batch["labels"])
+        torch.testing.assert_close(alone[0] / count, model.loss_batch(batch), rtol=1e-5, atol=1e-6)
 
     # each projected gradient is the directional derivative grad(L) . z_i (central differences)
     trained = model.trained()
-    for t in trained:
+    for t in trained.values():
         t.requires_grad_(True)
     model.loss_batch(batch).backward()
     projected = (batched[0::2] - batched[1::2]) / (2 * step.eps)
-    for i in range(step.q):
-        z = direction(trained, direction_seed(step.config.seed, 7, i))
-        exact = sum(float((t.grad * z_k).sum()) for t, z_k in zip(trained, z, strict=True))
+    for i, seed in enumerate(direction_seeds(step.config.seed, 7, step.q)):
+        z = direction(trained, seed)
+        exact = sum(float((t.grad * z[name]).sum()) for name, t in trained.items())
         assert float(projected[i]) == pytest.approx(exact, rel=0.02, abs=1e-3)
 
 
 def test_a_step_moves_theta_along_its_directions_without_any_graph(tiny_llama, monkeypatch):
     model, source, step = _model_and_step(tiny_llama, "classify")
     monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: pytest.fail("zeroth-order never runs backward"))
-    before = [t.clone() for t in model.trained()]
+    before = {name: t.clone() for name, t in model.trained().items()}
     losses = step.losses(source.batch([0, 1, 2]), step=0)
     result = step([0, 1, 2], 0)
     projected = (losses[0::2] - losses[1::2]) / (2 * step.eps)
-    lr = step.config.lr * lr_factor(0, step.total, step.warmup, step.config.schedule)
-    for k, (theta, start) in enumerate(zip(model.trained(), before, strict=True)):
-        expected = start.clone()
-        for i in range(step.q):
-            expected -= lr * float(projected[i]) / step.q * direction(before, direction_seed(0, 0, i))[k]
+    update = step.update
+    lr = step.config.lr * lr_factor(0, update.total, update.warmup, step.config.schedule)
+    for name, theta in model.trained().items():
+        expected = before[name].clone()
+        for i, seed in enumerate(direction_seeds(0, 0, step.q)):
+            expected -= lr * float(projected[i]) / step.q * direction(before, seed)[name]
         torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-7)
     assert result.loss == pytest.approx(float(losses.mean()))
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
@@ -120,3 +123,25 @@ def test_zo_trains_through_pac_and_saves_a_peft_lora(task, tiny_llama, topic_jso
         assert moved  # B started at zero: the zeroth-order steps moved it
         argv = ["generate", "--adapter", str(out), "--prompt", "the market", "--no-chat", "--max-new-tokens", "4"]
         assert main(argv) == 0 and capsys.readouterr().out.strip()
+
+
+def test_a_stopped_run_resumes_to_the_weights_of_an_unbroken_one(tiny_llama, tmp_path):
+    """The checkpoint holds what the step moves (B and the head), though none of it requires a gradient."""
+    method, source = get_method("zo"), Rows("classify")
+    config = TrainConfig(epochs=2, batch_size=3, lr=1e-2)
+
+    def trainer(out):
+        model = method.build(ZerothOrderOptions(rank=4), BuildContext(tiny_llama, "classify", ["a", "b", "c"], 0, 10))
+        step = method.step(model, "classify", source, config)
+        return model, Trainer(model, "classify", source, config, out, train_step=step)
+
+    whole, run = trainer(tmp_path / "whole")
+    run.fit()
+    _, cut = trainer(tmp_path / "cut")
+    cut.fit(stop_after_steps=3)
+    resumed, run = trainer(tmp_path / "cut")
+    run.fit()
+    assert run.names == list(whole.trained())
+    for name, tensor in whole.trained().items():
+        assert tensor.abs().max() > 0, name  # every B moved from zero
+        torch.testing.assert_close(resumed.trained()[name], tensor, rtol=0, atol=0, msg=name)

@@ -82,6 +82,11 @@ class MethodModel(nn.Module, ABC):
         """Optimizer groups: every trainable parameter at `lr`, unless a method's parts want other rates."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """What training changes, by name: what a checkpoint holds. Every parameter that requires a gradient,
+        unless a method trains without gradients (zeroth-order) and says what it moves."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
 
 def save_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,8 @@ class Trainer:
         self.on_epoch_end, self.on_step = on_epoch_end, on_step  # progress for whoever watches (a coordinator)
         self.on_checkpoint = on_checkpoint  # told each step a checkpoint holds (a coordinator admits peers then)
         # The weights a checkpoint holds (whatever the step changes, it changes among these).
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        weights = model.trained_weights()
+        self.names, self.params = list(weights), list(weights.values())
         self.train_step = train_step if train_step is not None else BackpropStep(model, task, train, config)
         self.steps_per_epoch = steps_per_epoch(len(train), config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs

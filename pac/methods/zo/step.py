@@ -1,36 +1,75 @@
 """The zeroth-order step: P-RGE's estimate from 2q perturbed copies, and the update, with no backward.
 
-Each step's perturbations come from seeds derived from (run seed, step, direction), so nothing about them is
-stored between steps (the state is empty: a resumed run draws the same z) and any process that knows the step
-can draw the same z_i; each z_i is drawn again, tensor by tensor in a fixed order, where it is needed.
+Each step's perturbations come from seeds derived from (run seed, step, direction), and each tensor's part of a
+direction from that seed and the tensor's name, so nothing about them is stored between steps (a resumed run draws
+the same z) and any process that knows the step draws the same z_i for the tensors it holds: a pipeline stage
+updates its own B with the z one device would use (pac.runtime.zo_pipeline). Each z_i is drawn again where it is
+needed, never kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
-from pac.methods.zo.model import ZerothOrderModel
+from pac.methods.base import loss_count
+from pac.methods.zo.model import Copies, ZerothOrderModel, derived_seed, seeded
 from pac.runtime.step import StepResult, lr_factor, steps_per_epoch
 from pac.runtime.trainer import BatchSource, TrainConfig
 
 
-def direction_seed(run_seed: int, step: int, direction: int) -> int:
-    digest = hashlib.blake2b(f"{run_seed}:{step}:{direction}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def direction_seeds(run_seed: int, step: int, q: int) -> list[int]:
+    """The seeds of a step's q directions."""
+    return [derived_seed(run_seed, step, i) for i in range(q)]
 
 
-def direction(tensors: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """z: one standard normal draw per tensor, in order, from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in tensors]
+def direction(tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """z: a standard normal draw for each tensor, from `seed` and the tensor's name."""
+    return {name: torch.randn(t.shape, generator=seeded(seed, name), dtype=t.dtype) for name, t in tensors.items()}
+
+
+def perturbed_copies(trained: dict[str, torch.Tensor], seeds: list[int], eps: float) -> Copies:
+    """theta + eps z_0, theta - eps z_0, theta + eps z_1, ... stacked per tensor: (2q, *shape)."""
+    copies: dict[str, list[torch.Tensor]] = {name: [] for name in trained}
+    for seed in seeds:
+        for name, z in direction(trained, seed).items():
+            copies[name] += [trained[name] + eps * z, trained[name] - eps * z]
+    return {name: torch.stack(c) for name, c in copies.items()}
+
+
+def projected_gradients(losses: torch.Tensor, eps: float) -> torch.Tensor:
+    """(L(theta + eps z_i) - L(theta - eps z_i)) / 2eps, one per direction, from the 2q losses in copy order."""
+    return (losses[0::2] - losses[1::2]) / (2 * eps)
+
+
+class ZerothOrderUpdate:
+    """theta <- theta - lr * ((1/q) sum_i g_i z_i + weight_decay * theta), under the run's learning-rate schedule:
+    one device's step and every pipeline stage's make it on the tensors they hold."""
+
+    def __init__(self, config: TrainConfig, num_samples: int):
+        self.config = config
+        self.total = steps_per_epoch(num_samples, config.batch_size) * config.epochs
+        self.warmup = int(config.warmup_ratio * self.total)
+        self.lr = self.rate(0)
+
+    def rate(self, step: int) -> float:
+        return self.config.lr * lr_factor(step, self.total, self.warmup, self.config.schedule)
+
+    @torch.no_grad()
+    def apply(self, trained: dict[str, torch.Tensor], projected: torch.Tensor, seeds: list[int], step: int) -> None:
+        lr = self.rate(step)
+        if self.config.weight_decay:
+            for theta in trained.values():
+                theta.mul_(1 - lr * self.config.weight_decay)
+        for g, seed in zip(projected.tolist(), seeds, strict=True):
+            for name, z in direction(trained, seed).items():
+                trained[name].add_(z, alpha=-lr * g / len(seeds))
+        self.lr = self.rate(step + 1)
 
 
 class ZerothOrderStep:
-    """theta <- theta - lr * ((1/q) sum_i g_i z_i + weight_decay * theta), g_i = (L(+eps z_i) - L(-eps z_i)) / 2eps,
-    the 2q losses from one forward over the tiled batch (`batched`) or from 2q forwards."""
+    """One device's step: the 2q losses from one forward over the tiled batch (`batched`) or from 2q forwards."""
 
     def __init__(
         self,
@@ -43,42 +82,32 @@ class ZerothOrderStep:
     ):
         self.model, self.source, self.config = model, source, config
         self.q, self.eps, self.batched = perturbations, eps, batched
-        self.total = steps_per_epoch(len(source), config.batch_size) * config.epochs
-        self.warmup = int(config.warmup_ratio * self.total)
-        self._lr = config.lr * lr_factor(0, self.total, self.warmup, config.schedule)
+        self.update = ZerothOrderUpdate(config, len(source))
 
     @property
     def lr(self) -> float:
-        return self._lr
+        return self.update.lr
 
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """[L(theta + eps z_0), L(theta - eps z_0), L(theta + eps z_1), ...] for this step's directions."""
-        trained = self.model.trained()
-        copies: list[list[torch.Tensor]] = [[] for _ in trained]
-        for i in range(self.q):
-            z = direction(trained, direction_seed(self.config.seed, step, i))
-            for k, (theta, z_k) in enumerate(zip(trained, z, strict=True)):
-                copies[k] += [theta + self.eps * z_k, theta - self.eps * z_k]
+        copies = perturbed_copies(self.model.trained(), direction_seeds(self.config.seed, step, self.q), self.eps)
+        count = loss_count(self.model.task, batch["labels"])
         if self.batched:
-            return self.model.copy_losses(batch, [torch.stack(c) for c in copies])
-        return torch.cat(
-            [self.model.copy_losses(batch, [c[j].unsqueeze(0) for c in copies]) for j in range(2 * self.q)]
-        )
+            return self._loss_sums(batch, copies) / count
+        singles = [{name: c[j : j + 1] for name, c in copies.items()} for j in range(2 * self.q)]
+        return torch.cat([self._loss_sums(batch, one) for one in singles]) / count
+
+    def _loss_sums(self, batch: dict[str, torch.Tensor], copies: Copies) -> torch.Tensor:
+        groups = next(iter(copies.values())).shape[0]
+        ids, mask = batch["input_ids"].repeat(groups, 1), batch["attention_mask"].repeat(groups, 1)
+        return self.model.loss_sums(self.model.run(ids, mask, copies), batch, copies)
 
     @torch.no_grad()
     def __call__(self, indices: list[int], step: int) -> StepResult:
         self.model.eval()  # no dropout: every copy must see the same function but for its perturbation
         losses = self.losses(self.source.batch(indices), step)
-        projected = (losses[0::2] - losses[1::2]) / (2 * self.eps)  # one projected gradient per direction
-        lr = self.config.lr * lr_factor(step, self.total, self.warmup, self.config.schedule)
-        trained = self.model.trained()
-        if self.config.weight_decay:
-            for theta in trained:
-                theta.mul_(1 - lr * self.config.weight_decay)
-        for i in range(self.q):
-            for theta, z_k in zip(trained, direction(trained, direction_seed(self.config.seed, step, i)), strict=True):
-                theta.add_(z_k, alpha=-lr * float(projected[i]) / self.q)
-        self._lr = self.config.lr * lr_factor(step + 1, self.total, self.warmup, self.config.schedule)
+        projected = projected_gradients(losses, self.eps)
+        self.update.apply(self.model.trained(), projected, direction_seeds(self.config.seed, step, self.q), step)
         return StepResult(float(losses.mean()), {"projected_grad": float(projected.abs().mean())})
 
     def state_dict(self) -> dict[str, Any]:
