@@ -61,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan = parser.add_argument_group("placement")
     plan.add_argument(
         "--mode",
-        choices=["shuffle", "side-pipeline", "replicated"],
+        choices=["shuffle", "side-pipeline", "replicated", "pipeline"],
         help="shuffle: phase 1 pipelined over the peers' layer ranges, taps streamed to the peer training each "
         "sample, phase 2 data-parallel; side-pipeline: taps stay where computed and phase 2 runs the side network "
         "as a pipeline too (no cache traffic); replicated: every peer runs the whole model on its own samples (no "
-        "phase-1 traffic, but every peer holds all layers). Default: planned — every peer measures itself for this "
-        "run, the links are timed, and the mode, layer ranges and peers with the least predicted time are chosen "
-        "(shuffle when --stages is given)",
+        "phase-1 traffic, but every peer holds all layers; LoRA, DoRA, TaskEdge and full fine-tuning run so); "
+        "pipeline: the model itself pipelined over the peers' layer ranges, forward passes only, and only hidden "
+        "states and 2q losses on the wire (--method zo, its default). Default: planned — every peer measures itself "
+        "for this run, the links are timed, and the mode, layer ranges and peers with the least predicted time are "
+        "chosen (shuffle when --stages is given)",
     )
     plan.add_argument(
         "--stages",
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, minimum=1),
         default=2,
         metavar="N",
-        help="side-pipeline: micro-batches each batch is cut into, so that stages work at once (default 2)",
+        help="side-pipeline and pipeline: micro-batches each batch is cut into, so that stages work at once "
+        "(default 2)",
     )
     plan.add_argument(
         "--grad-compression",

@@ -39,7 +39,16 @@ from pac.runtime.cache_build import build_cache
 from pac.runtime.coordinator import Coordinator, RunFailed
 from pac.runtime.launch_record import LaunchRecord
 from pac.runtime.sources import CachedTaps
-from pac.workflow import CacheOptions, DataOptions, OptimOptions, TrainOptions, prepare_data, train, with_defaults
+from pac.workflow import (
+    CacheOptions,
+    DataOptions,
+    OptimOptions,
+    TrainOptions,
+    load_for_inference,
+    prepare_data,
+    train,
+    with_defaults,
+)
 
 COMMON = ["--epochs", "2", "--val-size", "12", "--reduction", "4", "--batch-size", "8"]
 
@@ -375,6 +384,51 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
     assert (tmp_path / "target" / "peer.log").read_text().count("failed the encrypted handshake") == 1
 
 
+def test_a_result_file_named_by_a_path_is_refused_and_lands_nowhere(tiny_llama, topic_jsonl, tmp_path):
+    """Rank 0's result files are written into --out under the names its peer sends: a joined device that names
+    one ../escaped hears an error, and nothing is written outside --out."""
+    token = auth.new_token()
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.RCVTIMEO, 15000)
+    fake.setsockopt(zmq.LINGER, 0)
+    auth.serve_encrypted(fake, token)
+    host = PeerHost("127.0.0.1", fake.bind_to_random_port("tcp://127.0.0.1"), "fake")
+    errors = []
+
+    def join_then_send_a_path() -> None:
+        routing, raw = fake.recv_multipart()
+        proof = auth.proof(token, "peer", protocol.decode(raw)["nonce"])
+        profile = {"max_mem": 1 << 30}
+        join = protocol.encode(
+            "join", name="fake", profile=profile, nonce=auth.new_nonce(), proof=proof,
+            data_endpoint="tcp://127.0.0.1:1", data_key=b"k" * 40,
+        )  # fmt: skip
+        fake.send_multipart([routing, join])
+        name = "../escaped"
+        fake.send_multipart([routing, protocol.encode("file", name=name, offset=0, chunk=b"x", last=True)])
+        fake.send_multipart([routing, protocol.encode("finished", summary={})])
+        while not errors:
+            message = protocol.decode(fake.recv_multipart()[1])
+            if message["type"] == "error":
+                errors.append(message["reason"])
+
+    worker = threading.Thread(target=join_then_send_a_path)
+    worker.start()
+    out = tmp_path / "run" / "out"
+    options = _options(tiny_llama, topic_jsonl, out, tmp_path / "c")
+    cluster = ClusterOptions(mode="replicated", join_timeout=10, peer_timeout=3)
+    try:
+        with pytest.raises(RunFailed):
+            Coordinator([host], token, options, cluster).run()
+        worker.join()
+    finally:
+        fake.close(0)
+        ctx.term()
+    assert errors == ["file '../escaped': not a plain file name"]
+    assert not (tmp_path / "run" / "escaped").exists()
+
+
 def _join_then_vanish(host: PeerHost, token: str) -> None:
     """A coordinator that joins the peer (hello, its join, a welcome) and then says nothing more."""
     ctx = zmq.Context()
@@ -708,6 +762,10 @@ def test_lora_runs_data_parallel_over_the_peers_as_on_one_device(
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=0.05)
     changed = [name for name in expected if "lora_B" in name and got[name].abs().max() > 0]
     assert changed  # B starts at zero: the peers' steps moved it
+    # Every file of the adapter came back, as one device saves it (peft's config, the head): it loads.
+    for name in ("adapter_config.json", "head.safetensors", "pac_adapter_config.json"):
+        assert (out / name).exists(), name
+    assert load_for_inference(out).kind == "lora"
 
 
 def test_a_method_on_token_ids_is_refused_a_pipelined_mode(tiny_llama, topic_jsonl, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 from pac.net import auth, protocol
 from pac.net.addresses import interface_of, local_address_towards
 from pac.plan.placement import (
+    PIPELINE,
     Inheritance,
     PlanError,
     make_plan,
@@ -20,6 +21,7 @@ from pac.plan.placement import (
     split_proportional,
     stage_taps,
 )
+from pac.plan.schedule import split_batch
 from pac.runtime.pipeline import expected_messages, micro_batches
 
 
@@ -60,6 +62,26 @@ def test_plans_and_ownership():
     assert stage_taps((10, 20), [0, 15, 30]) == [15]
     assert [owner(p, 3) for p in range(5)] == [0, 1, 2, 0, 1]
     assert owned_positions(7, 1, 3) == [1, 4]
+
+
+def test_a_forward_only_pipeline_plan():
+    """`pipeline` (zeroth-order): layer ranges in proportion to memory or by hand, one peer per range, every stage
+    sees every sample, micro-batches but no training schedule (forward passes only)."""
+    assert make_plan(PIPELINE, 30, [2, 1], micro_batches=3).stages == ((0, 20), (20, 30))
+    assert make_plan(PIPELINE, 30, [1, 1], "0-9,10-29").describe() == "rank 0: layers 0-9, rank 1: layers 10-29"
+    for bad, hint in [
+        ({"stages_spec": "0-19,0-19,20-29"}, "pipeline needs one peer per stage"),
+        ({"shares": (2, 1, 1)}, "in pipeline every stage has every sample"),
+        ({"schedule": "1f1b"}, "forward passes only: drop --schedule"),
+    ]:
+        with pytest.raises(PlanError, match=hint):
+            make_plan(PIPELINE, 30, [1, 1, 1], **bad)
+
+
+def test_a_batch_splits_into_near_equal_micro_batches():
+    assert split_batch([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert split_batch([1, 2], 3) == [[1], [2]]  # fewer than asked when the batch is smaller
+    assert split_batch([7], 1) == [[7]]
 
 
 def test_expected_messages_count_what_the_senders_send():

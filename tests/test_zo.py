@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import eval_on_validation, train_argv
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pac.cli import main
@@ -145,3 +146,59 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_unbroken_one(tiny_llama, tmp
     for name, tensor in whole.trained().items():
         assert tensor.abs().max() > 0, name  # every B moved from zero
         torch.testing.assert_close(resumed.trained()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft asks
+@pytest.mark.parametrize("peers, task", [(2, "classify"), (3, "lm")])
+def test_peers_pipelining_the_model_train_the_adapter_one_device_trains(
+    peers, task, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """`pac-launch --method zo`: each peer runs its layer range with their LoRA-FA adapters, forward only; the last
+    sends the 2q losses, every stage updates its own B from the shared seeds: one device's adapter, and per step
+    only hidden states and a few numbers on the wire."""
+    from launcher.main import main as launch
+
+    options = ["--method", "zo", "--task", task, "--zo-rank", "4", "--perturbations", "2", "--lr", "1e-2"]
+    options += ["--max-length", "32", "--batch-size", "8"]
+    single = tmp_path / "one"
+    assert main(train_argv(tiny_llama, topic_jsonl, single, tmp_path / "cache", *options)) == 0
+    out = tmp_path / "peers"
+    argv = ["--local", str(peers), "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--join-timeout", "90", "--epochs", "2", "--val-size", "12"]
+    capsys.readouterr()
+    assert launch([*argv, *options]) == 0
+    assert "[pac-launch] the model pipelined forward-only, 2 micro-batches per batch" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "pipeline" and len(summary["plan"]) == peers
+    files = ["adapter_model.safetensors"] + (["head.safetensors"] if task == "classify" else [])
+    for file in files:
+        expected, got = load_file(single / file), load_file(out / file)
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():  # the losses agree to float rounding, which 1/2eps (50) magnifies
+            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    ours, theirs = summary["epochs"], json.loads((single / "summary.json").read_text())["epochs"]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert load_for_inference(out).kind == "zo"
+
+
+@pytest.mark.parametrize(
+    "method, extra, refusal",
+    [
+        ("zo", ["--mode", "replicated"], "--method zo runs across devices as a forward-only pipeline"),
+        ("zo", ["--zo-mode", "sequential"], "--zo-mode sequential is for comparison on one device"),
+        ("zo", ["--mode", "pipeline", "--grad-compression", "fp16"], "pipeline mode all-reduces no gradients"),
+        ("lora", ["--mode", "pipeline"], "this one runs backward through the whole model on each peer"),
+        ("parallel-adapters", ["--mode", "pipeline"], "--method parallel-adapters trains from phase 1's cache"),
+    ],
+)
+def test_the_pipeline_mode_is_for_forward_only_methods(
+    method, extra, refusal, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """Refused before any peer is waited for, saying what to use instead."""
+    from launcher.main import main as launch
+
+    argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(tmp_path / "out")]
+    assert launch([*argv, "--method", method, *extra]) == 2
+    assert refusal in capsys.readouterr().err

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pac.errors import PacError
+from pac.plan.placement import PIPELINE
 
 METHOD_KEY = "pac_method"  # the key of pac_adapter_config.json that names an adapter's method
 
@@ -106,6 +107,9 @@ class BuildContext:
     max_length: int
     train_source: Any = None  # the training batches (cached taps or token ids), for data-dependent initialisation
     whole_train: Any = None  # the whole training set where train_source is one peer's share (token ids), else None
+    # The layers [start, end) this peer holds where the model itself is pipelined over the peers (`pipeline` mode,
+    # forward-only methods); None: the whole model.
+    stage: tuple[int, int] | None = None
 
 
 @dataclass
@@ -230,6 +234,11 @@ def data_parallel_only(options: Any, task: str, mode: str) -> Any:
     """`Method.collaborative` for a method with no pipelined stage: the data-parallel modes, as it is."""
     if mode == "side-pipeline":
         raise PacError("this method has no pipelined stage: use --mode shuffle or replicated")
+    if mode == PIPELINE:
+        raise PacError(
+            "--mode pipeline runs forward-only methods (--method zo); this one runs backward through the whole model "
+            "on each peer: use --mode replicated"
+        )
     return options
 
 

@@ -18,7 +18,11 @@ from typing import Any
 from pac.errors import PacError
 from pac.plan.schedule import TRAINING_SCHEDULES
 
-MODES = ("shuffle", "replicated", "side-pipeline")
+MODES = ("shuffle", "replicated", "side-pipeline")  # the modes of cached methods, which the planner chooses between
+# The model itself pipelined over the peers' layer ranges, forward passes only: the mode of methods that train
+# without backward (zeroth-order, pac.runtime.zo_pipeline). Each step splits into micro-batches, which overlap.
+PIPELINE = "pipeline"
+PIPELINED = ("shuffle", "side-pipeline", PIPELINE)  # the modes that give each peer a layer range
 Stage = tuple[int, int]
 
 
@@ -177,8 +181,10 @@ def split_proportional(num_layers: int, weights: Sequence[float]) -> list[Stage]
 
 
 def check_schedule(mode: str | None, schedule: str, micro_batches: int) -> None:
-    """The side pipeline's settings, checked before any peer is waited for (mode None: the planner picks it)."""
-    if mode not in (None, "side-pipeline") and (schedule, micro_batches) != ("gpipe", 2):
+    """The phase-2 pipelines' settings, checked before any peer is waited for (mode None: the planner picks it)."""
+    if mode == PIPELINE and schedule != "gpipe":
+        raise PlanError("--mode pipeline runs forward passes only: drop --schedule (it takes --micro-batches)")
+    if mode not in (None, "side-pipeline", PIPELINE) and (schedule, micro_batches) != ("gpipe", 2):
         raise PlanError("--schedule and --micro-batches apply to --mode side-pipeline (its phase 2 is a pipeline)")
     if schedule not in TRAINING_SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {schedule!r}: use one of {', '.join(TRAINING_SCHEDULES)}")
@@ -195,20 +201,20 @@ def make_plan(
     micro_batches: int = 2,
     shares: Sequence[int] | None = None,
 ) -> Plan:
-    if mode not in MODES:
-        raise PlanError(f"unknown placement mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode not in (*MODES, PIPELINE):
+        raise PlanError(f"unknown placement mode {mode!r}: use one of {', '.join((*MODES, PIPELINE))}")
     check_schedule(mode, schedule, micro_batches)
     world = len(memories)
     if shares is not None:
         if len(shares) != world:
             raise PlanError(f"--shares gives {len(shares)} weights for {world} peers: give one per peer")
-        if mode == "side-pipeline":
-            raise PlanError("--shares applies to shuffle and replicated: in side-pipeline every stage has every sample")
+        if mode in ("side-pipeline", PIPELINE):
+            raise PlanError(f"--shares applies to shuffle and replicated: in {mode} every stage has every sample")
         share_pattern(tuple(shares))
         shares = tuple(shares)
     if mode == "replicated":
         if stages_spec:
-            raise PlanError("--stages applies to the pipelined modes (shuffle, side-pipeline), not replicated")
+            raise PlanError(f"--stages applies to the pipelined modes ({', '.join(PIPELINED)}), not replicated")
         return Plan(mode, tuple((0, num_layers) for _ in range(world)), schedule, micro_batches, shares)
     stages = parse_stages(stages_spec, num_layers, world) if stages_spec else split_proportional(num_layers, memories)
     check_groups(mode, stages)
@@ -216,11 +222,11 @@ def make_plan(
 
 
 def check_groups(mode: str, stages: Sequence[Stage]) -> None:
-    """Stage groups serve shuffle mode only: a side-pipeline stage trains its own side blocks alone."""
-    if mode == "side-pipeline" and len(stage_groups(stages)) < len(stages):
+    """Stage groups serve shuffle mode only: a side-pipeline or pipeline stage trains its own part alone."""
+    if mode in ("side-pipeline", PIPELINE) and len(stage_groups(stages)) < len(stages):
         raise PlanError(
             "a range given to two peers makes a data-parallel group inside a stage, which --mode shuffle runs; "
-            "side-pipeline needs one peer per stage: give each peer its own range"
+            f"{mode} needs one peer per stage: give each peer its own range"
         )
 
 

@@ -20,7 +20,7 @@ plays every stage's actions against each other and fails on a receive that can n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -187,6 +187,18 @@ def in_flight(actions: list[Action]) -> int:
         alive += (a.op == FORWARD) - (a.op == BACKWARD)
         peak = max(peak, alive)
     return peak
+
+
+def split_batch(indices: Sequence[int], count: int) -> list[Sequence[int]]:
+    """A batch's micro-batches: `count` near-equal contiguous parts (fewer when the batch is smaller)."""
+    count = max(1, min(count, len(indices)))
+    size, extra = divmod(len(indices), count)
+    parts, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        parts.append(indices[start:end])
+        start = end
+    return parts
 
 
 class ForwardStage(Protocol):

@@ -8,6 +8,8 @@ Placement modes (docs/architecture.md, "Placement modes"):
   replicated  every peer holds the whole backbone and caches its own samples; no phase-1 traffic.
   side-pipeline  phase 1 as in shuffle, but taps stay where they were computed; phase 2 runs the side
               network itself as a pipeline (pac.runtime.side_pipeline).
+  pipeline    no phase 1: the model itself runs as a forward-only pipeline over the peers' layer ranges, for
+              methods that train without backward (zeroth-order, pac.runtime.zo_pipeline).
 In shuffle and replicated mode every peer ends phase 1 holding the complete taps of the samples it
 owns, so phase 2 is data-parallel training (pac.runtime.distributed).
 """
@@ -36,7 +38,7 @@ from pac.models.loading import cache_root, resolve_model
 from pac.net.collective import PlaneCollectives
 from pac.net.dataplane import DataPlane, TorchDataPlane
 from pac.plan.costs import CACHE_MICRO_BATCH
-from pac.plan.placement import Inheritance, Plan
+from pac.plan.placement import PIPELINE, Inheritance, Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
@@ -48,6 +50,8 @@ from pac.runtime.run_dir import claim, run_fingerprint
 from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
 from pac.runtime.storage import disk_full_message, is_disk_full
+from pac.runtime.trainer import Trainer
+from pac.runtime.zo_pipeline import ZerothOrderPipelineTrainer
 
 log = logging.getLogger(__name__)
 # How long a peer waits for an earlier process of the same run to leave its run directory: a peer whose
@@ -139,12 +143,13 @@ def run_directory(
     per run identity (model, data, method and options), so an agent serving run after run resumes only the run
     that wrote a checkpoint. Data-parallel checkpoints are the same on every rank and the global batches do not
     depend on the ranks, so in those modes a run resumed on other peers or another plan finds its own; a
-    side-pipeline stage's checkpoint holds its part, so there the identity includes the stages and the rank.
+    side-pipeline or pipeline stage's checkpoint holds its part, so there the identity includes the stages and the
+    rank.
     A peer process of the same run still working there (its coordinator gone, it has not noticed yet) is
     waited for, up to `wait` seconds: two trainers never write one directory."""
     prepared = PreparedData(resolve_model(job.options.model), None, splits["train"], splits["val"], label_names)
     identity = run_identity(job.options, prepared)
-    if job.plan.mode == "side-pipeline":
+    if job.plan.mode in ("side-pipeline", PIPELINE):
         identity["placement"] = {"stages": [list(s) for s in job.plan.stages], "rank": job.rank}
     path = root / run_fingerprint(identity)[:16]
     claim(path, identity, overwrite=job.options.overwrite)
@@ -237,7 +242,7 @@ def _both_phases(
     return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
 
 
-def _same_checkpoint_everywhere(trainer: DataParallelTrainer | SidePipelineTrainer) -> bool:
+def _same_checkpoint_everywhere(trainer: Trainer) -> bool:
     """Resume only when every rank holds a checkpoint of the same step (a crash may land between saves);
     otherwise ranks would start at different steps and their collectives would not pair up."""
     latest = trainer.latest_checkpoint()
@@ -350,21 +355,43 @@ def _phase_two(
     for name, data in splits.items():  # each cache was built (and verified) by this run's phase 1
         if method.cached:
             local[name] = CachedTaps(CacheReader(caches[name]))
+        elif plan.mode == PIPELINE:  # every stage runs its layers over every sample
+            local[name] = Tokens(data)
         else:  # its own share of the token ids
             local[name] = Tokens(data.subset(plan.owned_positions(len(data), rank)))
     ctx = BuildContext(model_dir, opts.data.task, label_names, opts.optim.seed, opts.data.max_length, local["train"])
     if not method.cached:  # every peer holds the token ids: a method may calibrate on the whole set, as one device
         ctx.whole_train = Tokens(splits["train"])
+    if plan.mode == PIPELINE:
+        ctx.stage = plan.stages[rank]
     torch.manual_seed(opts.optim.seed)  # as `pac train` seeds: a method that draws its weights draws the same
     model = method.build(opts.method_options, ctx)
     collectives = PlaneCollectives(plane, plan.world) if job.encrypted_gradients and plane is not None else None
-    _same_starting_weights(model, collectives)
+    if plan.mode != PIPELINE:  # a stage draws its own part from the run seed (pac.methods.zo.model)
+        _same_starting_weights(model, collectives)
     laps.lap("building the model")
     config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
     on_checkpoint = (lambda step: progress("checkpoint", step, 0)) if progress else None
-    if plan.mode == "side-pipeline":
-        trainer: DataParallelTrainer | SidePipelineTrainer = SidePipelineTrainer(
+    trainer: DataParallelTrainer | SidePipelineTrainer | ZerothOrderPipelineTrainer
+    if plan.mode == PIPELINE:
+        trainer = ZerothOrderPipelineTrainer(
+            model,
+            opts.data.task,
+            local["train"],
+            config,
+            out,
+            val=local["val"],
+            on_step=on_step,
+            on_checkpoint=on_checkpoint,
+            plane=plane,
+            plan=plan,
+            rank=rank,
+            perturbations=opts.method_options.perturbations,
+            eps=opts.method_options.eps,
+        )
+    elif plan.mode == "side-pipeline":
+        trainer = SidePipelineTrainer(
             model,
             opts.data.task,
             local["train"],
@@ -396,7 +423,7 @@ def _phase_two(
         )
     epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
     laps.lap("training")
-    if isinstance(trainer, SidePipelineTrainer):
+    if isinstance(trainer, SidePipelineTrainer | ZerothOrderPipelineTrainer):
         trainer.gather_adapter()
     summary: dict[str, Any] = {
         "rank": rank,

@@ -43,6 +43,7 @@ from pac.net.hosts import PeerHost
 from pac.plan.costs import GRADIENT_COMPRESSIONS, DeviceProfile, Workload
 from pac.plan.placement import (
     MODES,
+    PIPELINE,
     Inheritance,
     Plan,
     check_groups,
@@ -162,14 +163,16 @@ class Coordinator:
         check_schedule(cluster.mode, cluster.schedule, cluster.micro_batches)
         if cluster.encrypt_gradients and cluster.data_plane != "zmq":
             raise PacError("--encrypt-gradients sends over the ZeroMQ data plane: drop --data-plane torch")
-        if cluster.grad_compression not in (None, "none") and cluster.mode == "side-pipeline":
-            raise PacError("side-pipeline mode all-reduces no gradients: drop --grad-compression or pick another mode")
+        if cluster.grad_compression not in (None, "none") and cluster.mode in ("side-pipeline", PIPELINE):
+            raise PacError(
+                f"{cluster.mode} mode all-reduces no gradients: drop --grad-compression or pick another mode"
+            )
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
         # The method's options for each mode it may run in: the one given, or (planned) every mode that can.
         modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages or cluster.shares else list(MODES)
-        if not method.cached:  # nothing to pipeline: each peer runs the whole model on its own token ids
-            modes = [cluster.mode or "replicated"]
+        if not method.cached:  # token ids: the whole model on every peer, or pipelined forward-only (zo)
+            modes = [cluster.mode] if cluster.mode else [PIPELINE, "replicated"]
         self.mode_options: dict[str, Any] = {}
         refusals = []
         for mode in modes:
@@ -184,10 +187,15 @@ class Coordinator:
                     raise PacError(
                         "--encrypt-gradients runs in the shuffle and replicated modes, not side-pipeline: drop one"
                     )
-                if not method.cached and mode != "replicated":
+                if not method.cached and mode not in ("replicated", PIPELINE):
                     raise PacError(
                         f"--method {options.method} trains on token ids, so every peer runs the whole model: "
                         "use --mode replicated"
+                    )
+                if method.cached and mode == PIPELINE:
+                    raise PacError(
+                        f"--mode pipeline runs forward-only methods (--method zo); --method {options.method} trains "
+                        "from phase 1's cache: use --mode shuffle, side-pipeline or replicated"
                     )
                 self.mode_options[mode] = method.collaborative(options.options, options.data.task, mode)
             except PacError as exc:
@@ -302,6 +310,8 @@ class Coordinator:
         elif kind == "progress":
             peer.status = message["phase"]
             peer.progress = (message["phase"], message["done"], message["total"], message["rate"])
+        elif kind == "file" and not _plain_file_name(message["name"]):  # written into --out: a path leaves it
+            self._send(peer, "error", reason=f"file {message['name']!r}: not a plain file name")
         elif kind == "file":
             buffer = peer.files.setdefault(message["name"], bytearray())
             if message["offset"] != len(buffer):
@@ -481,6 +491,8 @@ class Coordinator:
             self._print(f"[pac-launch] phase 2 pipelined {plan.schedule}, {plan.micro_batches} micro-batches per batch")
             schedule = training_schedule(plan.schedule, plan.world, plan.micro_batches)
             log.info("phase 2 schedule per full batch:\n%s", format_schedule(schedule))
+        if plan.mode == PIPELINE:
+            self._print(f"[pac-launch] the model pipelined forward-only, {plan.micro_batches} micro-batches per batch")
         if plan_only:
             self._shutdown("only planning")
             return {"mode": plan.mode, "plan": [list(s) for s in plan.stages], "planned": self._planned_summary()}
@@ -876,7 +888,7 @@ class Coordinator:
             "task": self.options.data.task,
             "options": summary_options(self.options),
             "mode": plan.mode,
-            "grad_compression": self._grad_compression() if plan.mode != "side-pipeline" else None,
+            "grad_compression": self._grad_compression() if plan.mode not in ("side-pipeline", PIPELINE) else None,
             "plan": [list(s) for s in plan.stages],
             "peers": {p.host.name: {"rank": p.rank, "profile": p.profile, "summary": p.summary} for p in members},
             "seconds_by_state": self._seconds_by_state(),  # of the last attempt, where a lost peer was re-planned
@@ -903,6 +915,10 @@ class Coordinator:
         for p in self.peers.values():
             if p.status not in ("connecting", "refused"):
                 self._send(p, "shutdown", reason=reason)
+
+
+def _plain_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _memory(peer: PeerState) -> float:

@@ -32,7 +32,6 @@ from zmq.utils.monitor import recv_monitor_message
 from pac import __version__
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
-from pac.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pac.models.loading import resolve_model
 from pac.net import auth, codec, protocol
 from pac.net.codec import CodecError
@@ -41,13 +40,20 @@ from pac.runconfig import run_config_from_wire
 from pac.runtime.collaborative import Assignment, run_assignment, run_directory
 from pac.runtime.pipeline import RECEIVER_THREAD
 from pac.runtime.profiler import profile_device
+from pac.runtime.run_dir import RUN_FILE
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
-RESULT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "metrics.jsonl")
 LOG_TAIL_BYTES = 1 << 20  # of this peer's log, what goes into the run's --out (the whole log stays here)
 HANDSHAKE_LOG_EVERY_S = 60.0
+
+
+def result_files(out: Path) -> list[Path]:
+    """What the run left in this peer's run directory for --out: on rank 0 the adapter as its method saved it
+    (weights, pac's and peft's configs, a head), and the metrics; every plain file but the directory's own
+    bookkeeping (its lock, its identity)."""
+    return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != RUN_FILE)
 
 
 @dataclass
@@ -388,8 +394,8 @@ class PeerAgent:
                 self._send(self.coordinator, "failed", reason=event[1])
 
     def _send_results(self, out: Path) -> None:
-        """The adapter files (rank 0) and this peer's log, in chunks under the control-message limit."""
-        files = [out / name for name in RESULT_FILES if (out / name).exists()]
+        """The adapter files (rank 0), the metrics and this peer's log, in chunks under the control-message limit."""
+        files = result_files(out)
         log_file = self.settings.work_dir / "peer.log"
         if log_file.exists():
             files.append(log_file)

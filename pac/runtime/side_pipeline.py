@@ -22,7 +22,7 @@ which keeps the optimizer and learning-rate schedule); the loop is the plain Tra
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ from pac.methods.base import batch_metrics, loss_count, summarize
 from pac.methods.parallel_adapters import ParallelAdapterModel
 from pac.net.dataplane import DataPlane, QueuedSends
 from pac.plan.placement import Plan, stage_taps
-from pac.plan.schedule import forward_only, run, training_schedule
+from pac.plan.schedule import forward_only, run, split_batch, training_schedule
 from pac.runtime.distributed import slowest_of_ranks
+from pac.runtime.stage_messages import StageMessages
 from pac.runtime.step import BackpropStep
 from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
 
@@ -68,13 +69,12 @@ class StagePart:
 class SideStage:
     """One stage's side network on the micro-batches of one pass: run, send and receive them by number.
 
-    A pass is started with `begin`; a schedule then calls forward/backward/send_*/recv_* (pac.plan.schedule.run).
-    Messages carry (kind, pass, micro-batch); one that arrives ahead of the one awaited (under 1F1B a gradient
-    from the next stage can overtake a state from the previous one) waits in a stash."""
+    A pass is started with `begin`; a schedule then calls forward/backward/send_*/recv_* (pac.plan.schedule.run),
+    and the stages' messages go by (kind, pass, micro-batch) (pac.runtime.stage_messages)."""
 
     def __init__(self, model: ParallelAdapterModel, task: str, part: StagePart, plane: DataPlane, rank: int):
         self.model, self.task, self.part, self.plane, self.rank = model, task, part, plane, rank
-        self._stash: dict[tuple, tuple[dict, dict[str, torch.Tensor]]] = {}
+        self.messages = StageMessages(plane, {"state": {rank - 1}, "grad": {rank + 1}}, "side pipeline")
 
     def begin(
         self,
@@ -129,38 +129,20 @@ class SideStage:
 
     def send_forward(self, micro: int) -> None:
         state = self.outputs[micro] if self.train else self.outputs.pop(micro)
-        self.sends.send(self.rank + 1, self._header("state", micro), {"state": state.detach()})
+        self.messages.send(self.sends, self.rank + 1, "state", self.tag, micro, {"state": state.detach()})
 
     def recv_forward(self, micro: int) -> None:
-        self.inputs[micro] = self._recv("state", micro, self.rank - 1)["state"].requires_grad_(self.train)
+        self.inputs[micro] = self.messages.recv("state", self.tag, micro)["state"].requires_grad_(self.train)
 
     def send_backward(self, micro: int) -> None:
-        self.sends.send(self.rank - 1, self._header("grad", micro), {"grad": self.inputs.pop(micro).grad})
+        self.messages.send(self.sends, self.rank - 1, "grad", self.tag, micro, {"grad": self.inputs.pop(micro).grad})
 
     def recv_backward(self, micro: int) -> None:
-        self.grads[micro] = self._recv("grad", micro, self.rank + 1)["grad"]
+        self.grads[micro] = self.messages.recv("grad", self.tag, micro)["grad"]
 
     def _add(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.metrics[k] += v
-
-    def _header(self, kind: str, micro: int) -> dict[str, Any]:
-        return {"kind": kind, "pass": self.tag, "micro": micro}
-
-    def _recv(self, kind: str, micro: int, src: int) -> dict[str, torch.Tensor]:
-        wanted = self._header(kind, micro)
-        key = (kind, tuple(self.tag), micro)
-        while key not in self._stash:
-            header, tensors = self.plane.recv()
-            try:
-                got = (header["kind"], tuple(header["pass"]), header["micro"])
-            except (KeyError, TypeError):
-                raise RuntimeError(f"side pipeline: a message that is not a stage's: {header}") from None
-            expected_src = {"state": self.rank - 1, "grad": self.rank + 1}.get(got[0])
-            if header.get("src") != expected_src or got in self._stash:
-                raise RuntimeError(f"side pipeline out of step: expected {wanted} from rank {src}, got {header}")
-            self._stash[got] = (header, tensors)
-        return self._stash.pop(key)[1]
 
 
 class SidePipelineTrainer(Trainer):
@@ -192,7 +174,7 @@ class SidePipelineTrainer(Trainer):
 
     def _train_step(self, indices: list[int], step: int) -> tuple[float, float]:
         """The step's gradients (`step` is self.step): this stage's part of the batch's, clipped by the global norm."""
-        batches = [self.train_source.batch(list(p)) for p in _chunks(indices, self.plan.micro_batches)]
+        batches = [self.train_source.batch(list(p)) for p in split_batch(indices, self.plan.micro_batches)]
         total = sum(loss_count(self.task, b["labels"]) for b in batches)
         actions = training_schedule(self.plan.schedule, self.plan.world, len(batches))[self.rank]
         with QueuedSends(self.stage.plane) as sends:
@@ -243,15 +225,3 @@ class SidePipelineTrainer(Trainer):
             dist.all_reduce(summed, group=self.group)
             for p, whole in zip(self.params, summed.split([p.numel() for p in self.params]), strict=True):
                 p.copy_(whole.view_as(p))
-
-
-def _chunks(indices: Sequence[int], count: int) -> list[Sequence[int]]:
-    """`count` near-equal contiguous parts (fewer when the batch is smaller)."""
-    count = max(1, min(count, len(indices)))
-    size, extra = divmod(len(indices), count)
-    parts, start = [], 0
-    for i in range(count):
-        end = start + size + (i < extra)
-        parts.append(indices[start:end])
-        start = end
-    return parts

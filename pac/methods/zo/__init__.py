@@ -6,6 +6,8 @@ perturbations, g = (1/q) sum_i [(L(theta + eps z_i) - L(theta - eps z_i)) / 2 ep
 from the step's seed instead of stored. The 2q perturbed copies run in one batched forward: the batch is tiled
 once per copy and each copy reads its own B (`--zo-mode sequential`: 2q separate forwards, the same estimate).
 No backward pass, no gradient and no autograd graph ever exist. The adapter saves as a peft LoRA (A and B).
+Across devices (`pac-launch --method zo`) the model itself is pipelined over the peers' layer ranges, forward
+only: per step just hidden states and 2q losses cross the network (pac.runtime.zo_pipeline).
 
 This module is the registration (light: no torch); the model is in `.model`, the step in `.step`, what a run
 does with them in `.run`.
@@ -16,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pac.argtypes import number
+from pac.errors import PacError
 from pac.methods.defaults import ZO_LR
 from pac.methods.parallel_adapters import POOLING_HELP
 from pac.methods.registry import Method, lazy, method_option, register_method
 from pac.methods.taskedge import names
+from pac.plan.placement import PIPELINE
 
 
 @dataclass
@@ -54,6 +58,18 @@ class ZerothOrderOptions:
     pooling: str = method_option("mean", POOLING_HELP, choices=["mean", "last"])
 
 
+def collaborative(options: ZerothOrderOptions, task: str, mode: str) -> ZerothOrderOptions:
+    """Across devices the model runs as a forward-only pipeline over the peers (`pipeline` mode)."""
+    if mode != PIPELINE:
+        raise PacError(
+            f"--method zo runs across devices as a forward-only pipeline of the model over the peers: use --mode "
+            f"{PIPELINE} (the default), not {mode}"
+        )
+    if options.mode == "sequential":
+        raise PacError("--zo-mode sequential is for comparison on one device: drop it (pipelines run batched)")
+    return options
+
+
 RUN = f"{__name__}.run"
 LORA_RUN = "pac.methods.lora.run"  # saved as a peft LoRA: loaded, decoded and merged as one
 MODEL = "pac.methods.transformers_model"
@@ -71,5 +87,6 @@ METHOD = register_method(
         lm_logits=lazy(f"{MODEL}:lm_logits"),
         generate=lazy(f"{MODEL}:generate"),
         merged=lazy(f"{LORA_RUN}:merged"),
+        collaborative=collaborative,
     )
 )

@@ -159,11 +159,14 @@ class ZerothOrderModel(MethodModel):
             ]
         )
 
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the unperturbed model from the last layer's output (last stage)."""
+        normed = self.backbone.final_norm(hidden)
+        return self.head(normed, attention_mask) if self.head is not None else self.backbone.logits(normed)
+
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the unperturbed model (one device: every layer)."""
-        mask = batch["attention_mask"]
-        normed = self.backbone.final_norm(self.run(batch["input_ids"], mask))
-        return self.head(normed, mask) if self.head is not None else self.backbone.logits(normed)
+        return self.logits(self.run(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
 
 
 def _seeded_linear(linear: nn.Linear, generator: torch.Generator) -> None:

@@ -19,8 +19,17 @@ from pac.runtime.trainer import BatchSource, TrainConfig
 
 
 def build(options: ZerothOrderOptions, ctx: BuildContext) -> ZerothOrderModel:
+    start, end = ctx.stage or (0, None)
     model = ZerothOrderModel(
-        ctx.model_dir, ctx.task, options.pooling, ctx.label_names, options.rank, ctx.seed, options.target_modules
+        ctx.model_dir,
+        ctx.task,
+        options.pooling,
+        ctx.label_names,
+        options.rank,
+        ctx.seed,
+        options.target_modules,
+        start,
+        end,
     )
     model.options = options  # the step's settings
     return model
