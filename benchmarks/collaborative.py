@@ -60,8 +60,9 @@ def run(name: str, peers: int, mode: str, args: argparse.Namespace) -> dict:
     return measure(json.loads((out / "summary.json").read_text()), wall)
 
 
-def with_network(cmd: list[str], peers: int, rate: str, work: Path) -> None:
-    """The run with every peer in its own network namespace, behind a `rate` link (deploy/home.py)."""
+def with_network(cmd: list[str], peers: int, rate: str, work: Path, delay_ms: float = 0.0) -> None:
+    """The run with every peer in its own network namespace, behind a `rate` link with `delay_ms` each way
+    (deploy/home.py)."""
     sys.path.insert(0, str(HERE.parent / "deploy"))
     from home import Device, SimulatedHome
 
@@ -69,7 +70,7 @@ def with_network(cmd: list[str], peers: int, rate: str, work: Path) -> None:
 
     env = {**os.environ, TOKEN_ENV: new_token(), "TQDM_DISABLE": "1"}
     threads = max(1, (os.cpu_count() or 1) // peers)
-    with SimulatedHome([Device(f"device_{d}", rate=rate) for d in range(peers)]) as net:
+    with SimulatedHome([Device(f"device_{d}", rate=rate, delay_ms=delay_ms) for d in range(peers)]) as net:
         lines = []
         for d in range(peers):
             name = net.devices[d].name
@@ -79,7 +80,7 @@ def with_network(cmd: list[str], peers: int, rate: str, work: Path) -> None:
             lines.append(f"{net.address(d)}:29600 name={name}")
         (work / "hosts.txt").write_text("\n".join(lines) + "\n")
         cmd = [*cmd, "--peers", str(work / "hosts.txt")]
-        print("$", " ".join(cmd[2:]), f"(each peer behind {rate})", flush=True)
+        print("$", " ".join(cmd[2:]), f"(each peer behind {rate}, {delay_ms:g} ms)", flush=True)
         subprocess.run(cmd, check=True, env=env)
 
 

@@ -181,6 +181,13 @@ def test_peers_pipelining_the_model_train_the_adapter_one_device_trains(
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     assert load_for_inference(out).kind == "zo"
+    # What the steps sent: each stage but the last its hidden states, 2q copies x 8 rows x T tokens x 64 floats
+    # (T at most --max-length 32); the last stage only the 2q losses to each other stage (headers included).
+    by_rank = sorted((p["summary"]["rank"], p["summary"]) for p in summary["peers"].values())
+    sent = [peer["step_bytes_sent"] / peer["steps_taken"] for _, peer in by_rank]
+    hidden_per_token = 4 * 8 * 64 * 4
+    assert all(hidden_per_token <= s <= 32 * hidden_per_token * 1.05 for s in sent[:-1]), sent
+    assert sent[-1] < 400 * (peers - 1), sent
 
 
 @pytest.mark.parametrize(

@@ -430,6 +430,8 @@ def _phase_two(
         "cached_samples": {k: len(s) for k, s in local.items()},
         "split_sizes": {k: len(d) for k, d in splits.items()},
     }
+    if isinstance(trainer, ZerothOrderPipelineTrainer):  # what its training steps alone sent (no evaluation)
+        summary.update(steps_taken=trainer.train_step.taken, step_bytes_sent=trainer.train_step.sent_bytes)
     if rank == 0:
         prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
         summary.update(epochs=epochs, **method.save(opts.method_options, model, out, adapter_meta_of(opts, prepared)))

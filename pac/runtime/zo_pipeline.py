@@ -102,6 +102,7 @@ class PipelinedZerothOrderStep:
         self.stage, self.source, self.config, self.plan = stage, source, config, plan
         self.q, self.eps = q, eps
         self.update = ZerothOrderUpdate(config, len(source))
+        self.taken = self.sent_bytes = 0  # steps this process took, and what its data plane sent for them
 
     @property
     def lr(self) -> float:
@@ -113,11 +114,13 @@ class PipelinedZerothOrderStep:
         seeds = direction_seeds(self.config.seed, step, self.q)
         trained = model.trained()
         batches = [self.source.batch(list(part)) for part in split_batch(indices, self.plan.micro_batches)]
+        sent = stage.plane.bytes_sent
         with QueuedSends(stage.plane) as sends:
             stage.begin(["train", step], batches.__getitem__, sends, perturbed_copies(trained, seeds, self.eps))
             run(forward_only(self.plan.world, len(batches))[stage.rank], stage)
             means = stage.loss_sums / max(stage.totals["count"], 1) if model.last else None
             losses = stage.result(means)
+        self.taken, self.sent_bytes = self.taken + 1, self.sent_bytes + stage.plane.bytes_sent - sent
         projected = projected_gradients(losses, self.eps)
         self.update.apply(trained, projected, seeds, step)
         return StepResult(float(losses.mean()), {"projected_grad": float(projected.abs().mean())})
