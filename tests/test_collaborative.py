@@ -318,7 +318,7 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
     auth.connect_encrypted(outsider, "not-the-token")
     outsider.connect(host.endpoint)
     rogue = ctx.socket(zmq.DEALER)  # knows the token (a buggy device of the run), sends garbage
-    rogue.setsockopt(zmq.RCVTIMEO, 15000)
+    rogue.setsockopt(zmq.RCVTIMEO, 60000)  # the first reply waits for the peer process to start (slow under load)
     rogue.setsockopt(zmq.LINGER, 0)
     auth.connect_encrypted(rogue, token)
     rogue.connect(host.endpoint)
