@@ -162,11 +162,11 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-size", type=int, default=64)
-    parser.add_argument("--val-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--q", type=int, default=4, help="perturbations per step")
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=32)
+    parser.add_argument("--val-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--q", type=int, default=2, help="perturbations per step")
+    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--network", metavar="RATE", help="peers behind RATE links in namespaces, e.g. 100mbit")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="with --network: one-way delay per link")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")

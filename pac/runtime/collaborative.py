@@ -373,37 +373,16 @@ def _phase_two(
     config = train_config(opts)
     on_step = (lambda step, total: progress("train", step, total)) if progress else None
     on_checkpoint = (lambda step: progress("checkpoint", step, 0)) if progress else None
+    watched: dict[str, Any] = {"on_step": on_step, "on_checkpoint": on_checkpoint}
+    staged: dict[str, Any] = {"val": local["val"], **watched, "plane": plane, "plan": plan, "rank": rank}
     trainer: DataParallelTrainer | SidePipelineTrainer | ZerothOrderPipelineTrainer
     if plan.mode == PIPELINE:
+        zo = opts.method_options
         trainer = ZerothOrderPipelineTrainer(
-            model,
-            opts.data.task,
-            local["train"],
-            config,
-            out,
-            val=local["val"],
-            on_step=on_step,
-            on_checkpoint=on_checkpoint,
-            plane=plane,
-            plan=plan,
-            rank=rank,
-            perturbations=opts.method_options.perturbations,
-            eps=opts.method_options.eps,
+            model, opts.data.task, local["train"], config, out, perturbations=zo.perturbations, eps=zo.eps, **staged
         )
     elif plan.mode == "side-pipeline":
-        trainer = SidePipelineTrainer(
-            model,
-            opts.data.task,
-            local["train"],
-            config,
-            out,
-            val=local["val"],
-            on_step=on_step,
-            on_checkpoint=on_checkpoint,
-            plane=plane,
-            plan=plan,
-            rank=rank,
-        )
+        trainer = SidePipelineTrainer(model, opts.data.task, local["train"], config, out, **staged)
     else:
         if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
@@ -416,8 +395,7 @@ def _phase_two(
             config,
             out,
             val=sources["val"],
-            on_step=on_step,
-            on_checkpoint=on_checkpoint,
+            **watched,
             compression=job.grad_compression,
             plane=collectives,
         )
