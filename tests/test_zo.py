@@ -66,7 +66,7 @@ def test_the_batched_estimate_equals_the_sequential_one_and_autograd(task, tiny_
     torch.testing.assert_close(batched, sequential, rtol=1e-5, atol=1e-6)
     # without perturbation, a copy's loss is the model's own loss
     with torch.no_grad():
-        alone = step._loss_sums(batch, {name: t.unsqueeze(0) for name, t in model.trained().items()})
+        alone = model.copy_loss_sums(batch, {name: t.unsqueeze(0) for name, t in model.trained().items()})
         count = loss_count(task, batch["labels"])
         torch.testing.assert_close(alone[0] / count, model.loss_batch(batch), rtol=1e-5, atol=1e-6)
 
@@ -194,7 +194,8 @@ def test_peers_pipelining_the_model_train_the_adapter_one_device_trains(
     "method, extra, refusal",
     [
         ("zo", ["--mode", "replicated"], "--method zo runs across devices as a forward-only pipeline"),
-        ("zo", ["--zo-mode", "sequential"], "--zo-mode sequential is for comparison on one device"),
+        ("zo", ["--zo-mode", "sequential"], "--zo-mode sequential and --zo-engine executorch run on one device"),
+        ("zo", ["--zo-engine", "executorch"], "--zo-mode sequential and --zo-engine executorch run on one device"),
         ("zo", ["--mode", "pipeline", "--grad-compression", "fp16"], "pipeline mode all-reduces no gradients"),
         ("lora", ["--mode", "pipeline"], "this one runs backward through the whole model on each peer"),
         ("parallel-adapters", ["--mode", "pipeline"], "--method parallel-adapters trains from phase 1's cache"),
@@ -209,3 +210,21 @@ def test_the_pipeline_mode_is_for_forward_only_methods(
     argv = ["--local", "2", "--model", str(tiny_llama), "--data", str(topic_jsonl), "--out", str(tmp_path / "out")]
     assert launch([*argv, "--method", method, *extra]) == 2
     assert refusal in capsys.readouterr().err
+
+
+def test_executorch_trains_the_adapter_pytorch_trains(tiny_llama, topic_jsonl, tmp_path):
+    """`--zo-engine executorch`: the forward of the copies, exported once per batch shape and run by ExecuTorch's
+    runtime, gives PyTorch's losses, so the steps and the adapter are PyTorch's. 48 training rows in batches of
+    10 make two shapes, two programs, used in turn."""
+    pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed (`pip install executorch`)")
+    options = ["--method", "zo", "--zo-rank", "4", "--perturbations", "2", "--lr", "1e-2", "--max-length", "32"]
+    options += ["--batch-size", "10", "--epochs", "1"]
+    runs = {}
+    for engine in ("eager", "executorch"):
+        out = tmp_path / engine
+        assert main(train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", *options, "--zo-engine", engine)) == 0
+        runs[engine] = load_file(out / "adapter_model.safetensors"), json.loads((out / "summary.json").read_text())
+    (eager, _), (exported, summary) = runs["eager"], runs["executorch"]
+    assert summary["engine_lowering_seconds"] > 0
+    for name, tensor in eager.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -49,6 +49,13 @@ class ZerothOrderOptions:
         flag="--zo-mode",
         choices=["batched", "sequential"],
     )
+    engine: str = method_option(
+        "eager",
+        "what runs the perturbed forward: eager (PyTorch, default) or executorch (exported once per batch shape, "
+        "lowered to XNNPACK where it applies, run by ExecuTorch's runtime: `pip install executorch`)",
+        flag="--zo-engine",
+        choices=["eager", "executorch"],
+    )
     target_modules: list[str] | None = method_option(
         None,
         "linear maps that take part, comma-separated last names (default: the attention and MLP projections)",
@@ -65,8 +72,11 @@ def collaborative(options: ZerothOrderOptions, task: str, mode: str) -> ZerothOr
             f"--method zo runs across devices as a forward-only pipeline of the model over the peers: use --mode "
             f"{PIPELINE} (the default), not {mode}"
         )
-    if options.mode == "sequential":
-        raise PacError("--zo-mode sequential is for comparison on one device: drop it (pipelines run batched)")
+    if options.mode == "sequential" or options.engine != "eager":
+        raise PacError(
+            "--zo-mode sequential and --zo-engine executorch run on one device: drop them (a pipeline's stages run "
+            "batched, in PyTorch)"
+        )
     return options
 
 

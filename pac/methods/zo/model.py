@@ -159,6 +159,12 @@ class ZerothOrderModel(MethodModel):
             ]
         )
 
+    def copy_loss_sums(self, batch: dict[str, torch.Tensor], copies: Copies) -> torch.Tensor:
+        """Each copy's summed loss over `batch`, from one forward over the batch tiled C times (one device)."""
+        groups = next(iter(copies.values())).shape[0]
+        ids, mask = batch["input_ids"].repeat(groups, 1), batch["attention_mask"].repeat(groups, 1)
+        return self.loss_sums(self.run(ids, mask, copies), batch, copies)
+
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the unperturbed model from the last layer's output (last stage)."""
         normed = self.backbone.final_norm(hidden)

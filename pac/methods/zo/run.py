@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from pac.errors import PacError
 from pac.methods.base import ADAPTER_CONFIG
 from pac.methods.lora.model import LoraModel, LoraSettings
 from pac.methods.registry import METHOD_KEY, BuildContext
 from pac.methods.zo import ZerothOrderOptions
+from pac.methods.zo.engine import ExecuTorchLosses
 from pac.methods.zo.model import HEAD_BIAS, HEAD_WEIGHT, ZerothOrderModel
 from pac.methods.zo.step import ZerothOrderStep
 from pac.runtime.trainer import BatchSource, TrainConfig
@@ -37,7 +39,12 @@ def build(options: ZerothOrderOptions, ctx: BuildContext) -> ZerothOrderModel:
 
 def step(model: ZerothOrderModel, task: str, source: BatchSource, config: TrainConfig) -> ZerothOrderStep:
     options = model.options
-    return ZerothOrderStep(model, source, config, options.perturbations, options.eps, options.mode == "batched")
+    batched = options.mode == "batched"
+    if options.engine == "executorch" and not batched:
+        raise PacError("--zo-engine executorch runs the batched forward: drop --zo-mode sequential")
+    engine = ExecuTorchLosses(model) if options.engine == "executorch" else None
+    model.engine = engine  # its lowering time goes into the summary
+    return ZerothOrderStep(model, source, config, options.perturbations, options.eps, batched, engine)
 
 
 def save(options: ZerothOrderOptions, model: ZerothOrderModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +74,10 @@ def save(options: ZerothOrderOptions, model: ZerothOrderModel, out: Path, meta: 
     config = {**meta, "pooling": options.pooling, "r": options.rank, METHOD_KEY: "zo"}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     trained = sum(t.numel() for name, t in tensors.items() if not name.endswith(".lora_A"))
-    return {
+    summary = {
         "trainable_params": trained,
         "forward_passes_per_step": 1 if options.mode == "batched" else 2 * options.perturbations,
     }
+    if getattr(model, "engine", None) is not None:
+        summary["engine_lowering_seconds"] = model.engine.lowering_seconds
+    return summary

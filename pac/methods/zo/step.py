@@ -9,6 +9,7 @@ needed, never kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,9 +80,12 @@ class ZerothOrderStep:
         perturbations: int,
         eps: float,
         batched: bool = True,
+        engine: Callable[[dict[str, torch.Tensor], Copies], torch.Tensor] | None = None,
     ):
+        """`engine`: what computes each copy's summed loss (pac.methods.zo.engine); None: the model, eagerly."""
         self.model, self.source, self.config = model, source, config
         self.q, self.eps, self.batched = perturbations, eps, batched
+        self.loss_sums = engine or model.copy_loss_sums
         self.update = ZerothOrderUpdate(config, len(source))
 
     @property
@@ -93,14 +97,9 @@ class ZerothOrderStep:
         copies = perturbed_copies(self.model.trained(), direction_seeds(self.config.seed, step, self.q), self.eps)
         count = loss_count(self.model.task, batch["labels"])
         if self.batched:
-            return self._loss_sums(batch, copies) / count
+            return self.loss_sums(batch, copies) / count
         singles = [{name: c[j : j + 1] for name, c in copies.items()} for j in range(2 * self.q)]
-        return torch.cat([self._loss_sums(batch, one) for one in singles]) / count
-
-    def _loss_sums(self, batch: dict[str, torch.Tensor], copies: Copies) -> torch.Tensor:
-        groups = next(iter(copies.values())).shape[0]
-        ids, mask = batch["input_ids"].repeat(groups, 1), batch["attention_mask"].repeat(groups, 1)
-        return self.model.loss_sums(self.model.run(ids, mask, copies), batch, copies)
+        return torch.cat([self.loss_sums(batch, one) for one in singles]) / count
 
     @torch.no_grad()
     def __call__(self, indices: list[int], step: int) -> StepResult:
