@@ -127,6 +127,11 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "taskedge-magnitude": ("0.1%, abs(W) per output neuron", ["--method", "taskedge", "--selection", "magnitude"]),
     "taskedge-random": ("0.1%, random entries per output neuron", ["--method", "taskedge", "--selection", "random"]),
     "taskedge-nm24": ("TaskEdge 0.1% in a 2:4 pattern", ["--method", "taskedge", "--nm", "2:4"]),
+    # At 0.1% a row keeps about one entry, which no 2:4 block refuses: at 1% (about 9 a row) the pattern binds.
+    "taskedge-1-nm24": (
+        "TaskEdge 1% in a 2:4 pattern",
+        ["--method", "taskedge", "--budget-percent", "1", "--nm", "2:4"],
+    ),
     "taskedge-sparse-lora": (
         "sparse LoRA r=8: B·A read only at TaskEdge's 0.1%",
         ["--method", "taskedge", "--sparse-lora-r", "8"],

@@ -68,13 +68,14 @@ else:
     options = method.resolved(method.options(**raw), task)
     ctx = BuildContext(resolve_model(None), task, labels, 0, 128, train_source=source)
     model = method.build(options, ctx)
-    run = method.step(model, task, source, config) if method.step else BackpropStep(model, task, source, config)
     if method.step:  # zeroth-order: the trained tensors alone, no gradient, no optimizer state
+        run = method.step(options, model, task, source, config)
         trainable = sum(t.numel() for t in model.trained().values())
         state_floats = trainable
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         state_floats = 4 * trainable  # weight, gradient, AdamW's two moments
+        run = BackpropStep(model, task, source, config)
 built = rss_mb()
 seconds = []
 for i in range(3):

@@ -36,6 +36,7 @@ SWEEP_RUNS = [
     "taskedge-magnitude",
     "taskedge-random",
     "taskedge-nm24",
+    "taskedge-1-nm24",
     "taskedge-sparse-lora",
     "lora",
 ]

@@ -6,8 +6,9 @@ about 80 s at one thread): 100 training articles, 100 validation articles, 64 to
 each, validated after each), seeds 0 and 1. Zeroth-order runs q = 2 (4 copies per forward) at a learning rate of
 1e-3, 20x P-RGE's 5e-5, which is set for 20,000 steps; LoRA and parallel adapters run at their defaults.
 
-Reported: validation accuracy after every epoch against steps and against cumulative training seconds, and the
-steps and seconds zeroth-order needs to reach LoRA's first-epoch accuracy, or that it does not within the budget.
+Reported: validation accuracy after every epoch (mean over the seeds, ± half their range) against steps and against
+cumulative training seconds, and the steps and seconds zeroth-order needs to reach LoRA's first-epoch accuracy, or
+that it does not within the budget.
 
     python benchmarks/zo_quality.py [--report]
 Writes benchmarks/results/zo_quality.{json,md,png}.
@@ -76,13 +77,15 @@ def report(store: dict[str, dict]) -> str:
         f"articles, 64 tokens, batch 4, {STEPS_PER_EPOCH} steps per epoch, seeds {', '.join(map(str, SEEDS))}; "
         "one thread per run, runs side by side on 2 cores (seconds comparable between rows only roughly).",
         "",
-        "| method | trainable | " + " | ".join(f"after {p['steps']} steps" for p in next(iter(curves.values()))) + " |",
-        "|---|---|" + "---|" * len(next(iter(curves.values()))),
+        "| method | seeds | trainable | "
+        + " | ".join(f"after {p['steps']} steps" for p in next(iter(curves.values())))
+        + " |",
+        "|---|---|---|" + "---|" * len(next(iter(curves.values()))),
     ]
     for name, points in curves.items():
         trainable = next(iter(store[name].values()))["trainable_params"]
-        cells = " | ".join(f"{p['accuracy']:.3f} (±{p['spread'] / 2:.3f}), {p['seconds']:.0f} s" for p in points)
-        lines.append(f"| {name}: {CONFIGS[name][0]} | {trainable:,} | {cells} |")
+        cells = " | ".join(f"{p['accuracy']:.3f} (± {p['spread'] / 2:.3f}), {p['seconds']:.0f} s" for p in points)
+        lines.append(f"| {name}: {CONFIGS[name][0]} | {len(store[name])} | {trainable:,} | {cells} |")
     if "lora" in curves and "zo" in curves:
         target = curves["lora"][0]
         reached = next((p for p in curves["zo"] if p["accuracy"] >= target["accuracy"]), None)

@@ -133,7 +133,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         training_source, built_extras = method.training_source(options, model, train_source)
         extras.update(built_extras)
     config = train_config(opts)
-    step = method.step(model, task, training_source, config) if method.step is not None else None
+    step = method.step(options, model, task, training_source, config) if method.step is not None else None
     trainer = Trainer(
         model,
         task,

@@ -212,7 +212,7 @@ def norm_only_method():
     name = "toy-norm-only-step"
     method = register_method(
         dataclasses.replace(
-            toy(name), step=lambda model, task, source, config: NormOnlyStep(model, task, source, config)
+            toy(name), step=lambda options, model, task, source, config: NormOnlyStep(model, task, source, config)
         )
     )
     yield method

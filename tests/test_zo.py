@@ -132,8 +132,9 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_unbroken_one(tiny_llama, tmp
     config = TrainConfig(epochs=2, batch_size=3, lr=1e-2)
 
     def trainer(out):
-        model = method.build(ZerothOrderOptions(rank=4), BuildContext(tiny_llama, "classify", ["a", "b", "c"], 0, 10))
-        step = method.step(model, "classify", source, config)
+        options = ZerothOrderOptions(rank=4)
+        model = method.build(options, BuildContext(tiny_llama, "classify", ["a", "b", "c"], 0, 10))
+        step = method.step(options, model, "classify", source, config)
         return model, Trainer(model, "classify", source, config, out, train_step=step)
 
     whole, run = trainer(tmp_path / "whole")

@@ -136,7 +136,8 @@ class Method:
     default_lr: Callable[[str], float]  # task -> the learning rate when --lr is not given
     taps: Callable[[Any, str, int], list[int]] | None = None  # (options, task, num_layers); None: token ids
     resolve: Callable[[Any, str], Any] | None = None  # (options, task) -> options with task defaults, checked
-    step: Callable[..., Any] | None = None  # (model, task, batches, train config) -> a TrainStep; None: backprop
+    # (options, model, task, batches, train config) -> a TrainStep; None: backprop
+    step: Callable[..., Any] | None = None
     training_source: Callable[[Any, Any, Any], Any] | None = None  # (options, model, batches) -> batches
     after_training: Callable[..., dict[str, Any]] | None = None  # (options, model, context, out, evaluate_val)
     lm_logits: Callable[[Loaded, Any, Any], Any] | None = None  # (loaded, ids, mask) -> next-token logits

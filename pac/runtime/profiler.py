@@ -303,7 +303,7 @@ def _profile_step_in(model_dir: Path, opts: TrainOptions, config: Any, repeats: 
     config_loop = train_config(opts)
 
     def step_seconds(source: Any) -> float:
-        step = method.step(model, task, source, config_loop) if method.step is not None else None
+        step = method.step(options, model, task, source, config_loop) if method.step is not None else None
         step = step or BackpropStep(model, task, source, config_loop)
         return _timed(lambda: step(indices, 0), repeats)
 

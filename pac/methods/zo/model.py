@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,6 +98,8 @@ class ZerothOrderModel(MethodModel):
             parent, _, attr = name.rpartition(".")
             setattr(self.backbone.layers.get_submodule(parent), attr, self.layers[key])
         self.gathered: dict[str, torch.Tensor] = {}  # the other stages' adapter tensors, on the rank that saves
+        # What computes each copy's summed loss when not this model eagerly (pac.methods.zo.engine)
+        self.engine: Callable[[dict[str, torch.Tensor], Copies], torch.Tensor] | None = None
         self.head = None
         if task == "classify" and self.last:
             self.head = ClassificationHead(self.backbone.hidden_size, len(label_names), pooling)

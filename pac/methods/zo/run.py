@@ -33,18 +33,18 @@ def build(options: ZerothOrderOptions, ctx: BuildContext) -> ZerothOrderModel:
         start,
         end,
     )
-    model.options = options  # the step's settings
+    if options.engine == "executorch":
+        if options.mode != "batched":
+            raise PacError("--zo-engine executorch runs the batched forward: drop --zo-mode sequential")
+        model.engine = ExecuTorchLosses(model)
     return model
 
 
-def step(model: ZerothOrderModel, task: str, source: BatchSource, config: TrainConfig) -> ZerothOrderStep:
-    options = model.options
+def step(
+    options: ZerothOrderOptions, model: ZerothOrderModel, task: str, source: BatchSource, config: TrainConfig
+) -> ZerothOrderStep:
     batched = options.mode == "batched"
-    if options.engine == "executorch" and not batched:
-        raise PacError("--zo-engine executorch runs the batched forward: drop --zo-mode sequential")
-    engine = ExecuTorchLosses(model) if options.engine == "executorch" else None
-    model.engine = engine  # its lowering time goes into the summary
-    return ZerothOrderStep(model, source, config, options.perturbations, options.eps, batched, engine)
+    return ZerothOrderStep(model, source, config, options.perturbations, options.eps, batched, model.engine)
 
 
 def save(options: ZerothOrderOptions, model: ZerothOrderModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +78,6 @@ def save(options: ZerothOrderOptions, model: ZerothOrderModel, out: Path, meta: 
         "trainable_params": trained,
         "forward_passes_per_step": 1 if options.mode == "batched" else 2 * options.perturbations,
     }
-    if getattr(model, "engine", None) is not None:
+    if model.engine is not None:
         summary["engine_lowering_seconds"] = model.engine.lowering_seconds
     return summary
