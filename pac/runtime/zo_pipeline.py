@@ -19,7 +19,6 @@ on the same schedule. Up to float summation order this takes the steps one devic
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from pac.runtime.stage_messages import StageMessages
 from pac.runtime.step import StepResult
 from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
 
-log = logging.getLogger(__name__)
 METRICS = ("loss_sum", "count", "correct")
 
 
