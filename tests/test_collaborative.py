@@ -1048,7 +1048,8 @@ def test_a_lost_peer_is_re_planned_around_and_the_run_finishes(mode, phase, tiny
     runner.start()
     try:
         _wait_for_state(shown, phase, runner)
-        time.sleep(0.5)
+        # In phase 1 at once: the survivors adopt the single device's caches, so theirs can be done in half a second.
+        time.sleep(0.5 if phase == "training" else 0.0)
         peers.procs[1].kill()
         # The peers share one cache root here; the lost device's caches leave with it, the others' shards stay.
         # Its caches are those of the samples it owned, or in side-pipeline mode of the layers it ran.

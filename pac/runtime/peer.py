@@ -52,7 +52,9 @@ HANDSHAKE_LOG_EVERY_S = 60.0
 def result_files(out: Path) -> list[Path]:
     """What the run left in this peer's run directory for --out: on rank 0 the adapter as its method saved it
     (weights, pac's and peft's configs, a head), and the metrics; every plain file but the directory's own
-    bookkeeping (its lock, its identity)."""
+    bookkeeping (its lock, its identity); nothing where the run left no directory."""
+    if not out.is_dir():
+        return []
     return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != RUN_FILE)
 
 
