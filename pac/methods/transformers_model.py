@@ -22,6 +22,13 @@ from pac.models.backbone import load_config
 from pac.models.families import family_for
 from pac.models.heads import ClassificationHead
 
+# The linear maps LoRA, TaskEdge and zeroth-order adapt by default, by causal or not: every linear map of a layer,
+# as in the measured anchor (q,k,v,o,gate,up,down); BERT's query, key, value and dense.
+DEFAULT_TARGETS = {
+    True: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    False: ["query", "key", "value", "dense"],
+}
+
 
 class TransformersModel(MethodModel):
     """The causal LM (or, for classification, an encoder too) loaded whole in float32, with pac's classification

@@ -26,7 +26,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from pac.errors import PacError
 from pac.methods.base import MethodModel
-from pac.methods.lora.model import DEFAULT_TARGETS
+from pac.methods.transformers_model import DEFAULT_TARGETS
 from pac.models.backbone import Backbone
 from pac.models.heads import ClassificationHead
 from pac.models.side import SideNetwork

@@ -17,13 +17,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from pac.methods.transformers_model import TransformersModel
+from pac.methods.transformers_model import DEFAULT_TARGETS, TransformersModel
 
-# Every linear map of a layer, as in the measured anchor (q,k,v,o,gate,up,down).
-DEFAULT_TARGETS = {
-    True: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    False: ["query", "key", "value", "dense"],  # BERT
-}
 HEAD_FILE = "head.safetensors"
 
 

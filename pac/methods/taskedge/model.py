@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pac.methods.lora.model import DEFAULT_TARGETS
 from pac.methods.taskedge.select import importance, select
 from pac.methods.taskedge.sparse import SparseDelta
-from pac.methods.transformers_model import TransformersModel, target_linears
+from pac.methods.transformers_model import DEFAULT_TARGETS, TransformersModel, target_linears
 
 
 @torch.no_grad()

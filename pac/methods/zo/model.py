@@ -26,8 +26,7 @@ from torch import nn
 from pac.data.tokenize import IGNORE_INDEX
 from pac.errors import PacError
 from pac.methods.base import MethodModel
-from pac.methods.lora.model import DEFAULT_TARGETS
-from pac.methods.transformers_model import target_linears
+from pac.methods.transformers_model import DEFAULT_TARGETS, target_linears
 from pac.models.backbone import load_backbone
 from pac.models.heads import ClassificationHead, pool
 
