@@ -37,7 +37,7 @@ from pac.plan.schedule import forward_only, run, split_batch, training_schedule
 from pac.runtime.distributed import slowest_of_ranks
 from pac.runtime.stage_messages import StageMessages
 from pac.runtime.step import BackpropStep
-from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
+from pac.runtime.trainer import BatchSource, TrainConfig, Trainer, evaluation_batches
 
 log = logging.getLogger(__name__)
 
@@ -194,16 +194,12 @@ class SidePipelineTrainer(Trainer):
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        starts = range(0, len(source), EVAL_BATCH)
+        parts = evaluation_batches(len(source))
         self._evaluations += 1
-
-        def batch(m: int) -> dict[str, torch.Tensor]:
-            return source.batch(list(range(starts[m], min(starts[m] + EVAL_BATCH, len(source)))))
-
         with torch.no_grad(), QueuedSends(self.stage.plane) as sends:
-            self.stage.begin(["eval", self._evaluations], batch, sends, train=False)
-            if starts:
-                run(forward_only(self.plan.world, len(starts))[self.rank], self.stage)
+            self.stage.begin(["eval", self._evaluations], lambda m: source.batch(parts[m]), sends, train=False)
+            if parts:
+                run(forward_only(self.plan.world, len(parts))[self.rank], self.stage)
         self.model.train(was_training)
         totals = self.stage.metrics
         summed = torch.tensor(list(totals.values()), dtype=torch.float64)

@@ -91,15 +91,19 @@ def evaluate(model: MethodModel, source: BatchSource, task: str, batch_size: int
     return summarize(task, evaluation_totals(model, source, batch_size))
 
 
+def evaluation_batches(size: int, batch_size: int = EVAL_BATCH) -> list[list[int]]:
+    """The positions of an evaluation pass over `size` samples, batch by batch, in order."""
+    return [list(range(start, min(start + batch_size, size))) for start in range(0, size, batch_size)]
+
+
 def evaluation_totals(model: MethodModel, source: BatchSource, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Sums over `source` (loss_sum, count, correct): totals of several shards add up to the whole."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     with torch.inference_mode():
-        for start in range(0, len(source), batch_size):
-            batch = source.batch(list(range(start, min(start + batch_size, len(source)))))
-            for k, v in model.metrics_batch(batch).items():
+        for positions in evaluation_batches(len(source), batch_size):
+            for k, v in model.metrics_batch(source.batch(positions)).items():
                 totals[k] = totals.get(k, 0) + v
     model.train(was_training)
     return totals

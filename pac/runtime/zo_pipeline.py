@@ -27,14 +27,13 @@ import torch
 
 from pac.methods.base import batch_metrics, loss_count, summarize
 from pac.methods.zo.model import Copies, ZerothOrderModel
-from pac.methods.zo.step import ZerothOrderUpdate, direction_seeds, perturbed_copies, projected_gradients
+from pac.methods.zo.step import ZerothOrderStep, direction_seeds, perturbed_copies
 from pac.net.dataplane import DataPlane, QueuedSends
 from pac.plan.placement import Plan
 from pac.plan.schedule import forward_only, run, split_batch
 from pac.runtime.distributed import slowest_of_ranks
 from pac.runtime.stage_messages import StageMessages
-from pac.runtime.step import StepResult
-from pac.runtime.trainer import EVAL_BATCH, BatchSource, TrainConfig, Trainer
+from pac.runtime.trainer import BatchSource, TrainConfig, Trainer, evaluation_batches
 
 METRICS = ("loss_sum", "count", "correct")
 
@@ -90,44 +89,29 @@ class ZerothOrderStage:
         return value
 
 
-class PipelinedZerothOrderStep:
-    """A training step of the zeroth-order pipeline (a pac.runtime.step.TrainStep): this stage's part of the 2q
-    perturbed forwards, then the update of its own tensors from the last stage's losses."""
+class PipelinedZerothOrderStep(ZerothOrderStep):
+    """A training step of the zeroth-order pipeline: this stage's part of the 2q perturbed forwards, whose losses
+    the last stage sends; the update of this stage's own tensors is one device's (ZerothOrderStep)."""
 
     def __init__(
         self, stage: ZerothOrderStage, source: BatchSource, config: TrainConfig, plan: Plan, q: int, eps: float
     ):
-        self.stage, self.source, self.config, self.plan = stage, source, config, plan
-        self.q, self.eps = q, eps
-        self.update = ZerothOrderUpdate(config, len(source))
+        super().__init__(stage.model, source, config, q, eps)
+        self.stage, self.plan = stage, plan
         self.taken = self.sent_bytes = 0  # steps this process took, and what its data plane sent for them
 
-    @property
-    def lr(self) -> float:
-        return self.update.lr
-
-    @torch.no_grad()
-    def __call__(self, indices: list[int], step: int) -> StepResult:
-        model, stage = self.stage.model, self.stage
-        seeds = direction_seeds(self.config.seed, step, self.q)
-        trained = model.trained()
+    def step_losses(self, indices: list[int], step: int) -> torch.Tensor:
+        stage = self.stage
+        copies = perturbed_copies(self.model.trained(), direction_seeds(self.config.seed, step, self.q), self.eps)
         batches = [self.source.batch(list(part)) for part in split_batch(indices, self.plan.micro_batches)]
         sent = stage.plane.bytes_sent
         with QueuedSends(stage.plane) as sends:
-            stage.begin(["train", step], batches.__getitem__, sends, perturbed_copies(trained, seeds, self.eps))
+            stage.begin(["train", step], batches.__getitem__, sends, copies)
             run(forward_only(self.plan.world, len(batches))[stage.rank], stage)
-            means = stage.loss_sums / max(stage.totals["count"], 1) if model.last else None
+            means = stage.loss_sums / max(stage.totals["count"], 1) if self.model.last else None
             losses = stage.result(means)
         self.taken, self.sent_bytes = self.taken + 1, self.sent_bytes + stage.plane.bytes_sent - sent
-        projected = projected_gradients(losses, self.eps)
-        self.update.apply(trained, projected, seeds, step)
-        return StepResult(float(losses.mean()), {"projected_grad": float(projected.abs().mean())})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the directions come from (seed, step); the weights ride in the stage's checkpoint
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        return losses
 
 
 class ZerothOrderPipelineTrainer(Trainer):
@@ -159,16 +143,12 @@ class ZerothOrderPipelineTrainer(Trainer):
         return slowest_of_ranks(seconds)
 
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
-        starts = range(0, len(source), EVAL_BATCH)
+        parts = evaluation_batches(len(source))
         self._evaluations += 1
-
-        def batch(m: int) -> dict[str, torch.Tensor]:
-            return source.batch(list(range(starts[m], min(starts[m] + EVAL_BATCH, len(source)))))
-
         stage = self.stage
         with torch.no_grad(), QueuedSends(stage.plane) as sends:
-            stage.begin(["eval", self._evaluations], batch, sends, copies=None)
-            run(forward_only(self.plan.world, len(starts))[self.rank], stage)
+            stage.begin(["eval", self._evaluations], lambda m: source.batch(parts[m]), sends, copies=None)
+            run(forward_only(self.plan.world, len(parts))[self.rank], stage)
             totals = torch.tensor([stage.totals[k] for k in METRICS], dtype=torch.float64)
             totals = stage.result(totals if self.stage.model.last else None)
         return summarize(self.task, dict(zip(METRICS, totals.tolist(), strict=True)))

@@ -70,7 +70,8 @@ class ZerothOrderUpdate:
 
 
 class ZerothOrderStep:
-    """One device's step: the 2q losses from one forward over the tiled batch (`batched`) or from 2q forwards."""
+    """One device's step: the 2q losses from one forward over the tiled batch (`batched`) or from 2q forwards, then
+    the update. A pipeline stage's step (pac.runtime.zo_pipeline) finds its losses otherwise (`step_losses`)."""
 
     def __init__(
         self,
@@ -101,16 +102,20 @@ class ZerothOrderStep:
         singles = [{name: c[j : j + 1] for name, c in copies.items()} for j in range(2 * self.q)]
         return torch.cat([self.loss_sums(batch, one) for one in singles]) / count
 
+    def step_losses(self, indices: list[int], step: int) -> torch.Tensor:
+        """The 2q losses of the step's batch."""
+        return self.losses(self.source.batch(indices), step)
+
     @torch.no_grad()
     def __call__(self, indices: list[int], step: int) -> StepResult:
         self.model.eval()  # no dropout: every copy must see the same function but for its perturbation
-        losses = self.losses(self.source.batch(indices), step)
+        losses = self.step_losses(indices, step)
         projected = projected_gradients(losses, self.eps)
         self.update.apply(self.model.trained(), projected, direction_seeds(self.config.seed, step, self.q), step)
         return StepResult(float(losses.mean()), {"projected_grad": float(projected.abs().mean())})
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the directions come from (seed, step); the weights ride in the model's checkpoint
+        return {}  # the directions come from (seed, step); the weights ride in the model's (or stage's) checkpoint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
