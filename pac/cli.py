@@ -15,7 +15,7 @@ from typing import Any
 from pac import __version__
 from pac.argtypes import layer_list, number  # noqa: F401  (layer_list: the CLI's, for tests and callers)
 from pac.errors import PacError
-from pac.methods.defaults import TASKS
+from pac.methods.defaults import ALL_TASKS
 from pac.methods.registry import get_method, methods, option_flag, option_key
 from pac.runconfig import DEFAULT_METHOD
 
@@ -40,6 +40,8 @@ examples:
   pac generate --adapter runs/notes --prompt "Summarise my week"
   pac generate --base --prompt "Summarise my week"          # the same prompt to the base model
   pac eval --adapter runs/notes --retain      # how much the adapter changed the model off its data
+  pac train --task image-classify --data digits:pretrain --model resnet18 --method full --out runs/cnn
+  pac train --task image-classify --data digits:unseen --model resnet18:runs/cnn --method lora --out runs/cnn-lora
 """
 
 NO_RETRIEVAL_HELP = "use a language-model adapter without its memory of the training text (retrieval.safetensors)"
@@ -51,6 +53,8 @@ data formats (--data):
   folder  one sub-folder per class, holding .txt files (the folder name is the label); for --task lm,
           a folder of .txt files
   hf:FORMAT:PATH   a local file through the `datasets` library, e.g. hf:parquet:train.parquet
+  --task image-classify: digits (the bundled 8x8 digits), digits:pretrain|unseen|shift (five classes each:
+          0-4, 5-9, 0-4 corrupted), or a folder with one sub-folder of images per class
 """
 
 
@@ -64,7 +68,11 @@ def val_size(text: str) -> int | float:
 
 def _add_data_args(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--model", help="Hugging Face id, model directory or .gguf file (default: bundled SmolLM2)")
+    g.add_argument(
+        "--model",
+        help="Hugging Face id, model directory or .gguf file (default: bundled SmolLM2); for --task image-classify "
+        "a CNN: mobilenet_v2 or resnet18, fresh or NAME:CHECKPOINT (a torchvision state dict or an earlier pac run)",
+    )
     g.add_argument(
         "--data",
         help="JSONL, CSV, .txt, a folder or hf:FORMAT:PATH (default: the bundled BBC News corpus)"
@@ -72,9 +80,10 @@ def _add_data_args(p: argparse.ArgumentParser, evaluating: bool = False) -> None
     )
     g.add_argument(
         "--task",
-        choices=["classify", "lm"],
+        choices=list(ALL_TASKS),
         default="classify",
-        help="classify: predict the label; lm: learn to write like the text (default: classify)",
+        help="classify: predict the label; lm: learn to write like the text; image-classify: fine-tune an edge CNN "
+        "on images (default: classify)",
     )
     g.add_argument(
         "--max-length",
@@ -134,11 +143,10 @@ def _default_lrs() -> str:
     """Each method's default learning rate, per task where it differs: '1e-3 for lm' style, for --lr's help."""
     parts = []
     for name, method in methods().items():
-        rates = {task: method.default_lr(task) for task in TASKS}
+        rates = {task: method.default_lr(task) for task in method.tasks}
         same = len(set(rates.values())) == 1
-        parts.append(
-            f"{name} {rates['lm']:g}" if same else f"{name} " + ", ".join(f"{r:g} for {t}" for t, r in rates.items())
-        )
+        per_task = ", ".join(f"{r:g} for {t}" for t, r in rates.items())
+        parts.append(f"{name} {next(iter(rates.values())):g}" if same else f"{name} {per_task}")
     return "; ".join(parts)
 
 
@@ -592,11 +600,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     meta = {} if args.zero_shot else adapter_meta(args.adapter)
     opts = _data_options(args, meta.get("data_fields"))
+    if not args.zero_shot:
+        opts.task = meta["task"]  # the adapter's own; --task is for --zero-shot
     split = default_split(opts, args.split)
     if args.zero_shot:
         result = evaluate_zero_shot(args.model, opts, split)
     else:
-        opts.task = meta["task"]  # the adapter's own; --task is for --zero-shot
         records = evaluation_records(opts, split)  # read and checked before the model loads
         loaded = load_for_inference(args.adapter, args.model, not args.no_retrieval)
         result = evaluate_adapter(loaded, opts, split, records)

@@ -128,8 +128,9 @@ def with_defaults(opts: TrainOptions) -> TrainOptions:
         if opts.data.task != "lm":
             raise PacError("--retain-mix adds prompt/completion rows: it is for --task lm")
         check_retain_mix(opts.data.retain_mix)
+    options = method.resolved(opts.method_options, opts.data.task)  # first: it refuses a task the method lacks
     optim = replace(opts.optim, lr=opts.optim.lr or method.default_lr(opts.data.task))
-    return replace(opts, optim=optim, method_options=method.resolved(opts.method_options, opts.data.task))
+    return replace(opts, optim=optim, method_options=options)
 
 
 def summary_options(opts: TrainOptions) -> dict[str, Any]:

@@ -21,10 +21,12 @@ import torch
 
 from pac.cache import cache_bytes_per_sample
 from pac.cache.fingerprint import model_fingerprint
+from pac.data.images import ImageSet, is_digits, read_image_data, read_images
 from pac.data.records import Record
 from pac.data.sources import data_digest
 from pac.data.split import check_labels
-from pac.data.tokenize import prompt_format, tokenize_records
+from pac.data.tasks import IMAGE_TASK
+from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import MethodModel
 from pac.methods.registry import BuildContext, Loaded, Method, adapter_config, get_method, methods
@@ -116,6 +118,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
     """Phase 1 where the method trains from cached taps, then the loop on its model and step, then its save."""
     options, task = opts.method_options, opts.data.task
     ctx = BuildContext(data.model_dir, task, data.label_names, opts.optim.seed, opts.data.max_length)
+    ctx.network = data.network
     extras: dict[str, Any] = {}
     if method.cached:
         num_layers = load_config(data.model_dir).num_hidden_layers
@@ -123,9 +126,9 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         train_source, val_source, holdout_source = _cached_sources(built, data)
         extras.update(_cache_summary(built))
     else:
-        train_source = Tokens(data.train.subset(data.train_rows(holdout=False)))
-        val_source = Tokens(data.val)
-        holdout_source = Tokens(data.train.subset(data.train_rows(holdout=True))) if data.holdout_ids else None
+        train_source = _batches(data.train.subset(data.train_rows(holdout=False)))
+        val_source = _batches(data.val)
+        holdout_source = _batches(data.train.subset(data.train_rows(holdout=True))) if data.holdout_ids else None
     ctx.train_source = train_source
     model = method.build(options, ctx)
     training_source = train_source
@@ -153,6 +156,11 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
             extras.update(method.after_training(options, model, ctx, out, lambda m: evaluate(m, val_source, task)))
     saved = method.save(options, model, out, adapter_meta_of(opts, data))
     return {"epochs": epochs, **saved, **extras}
+
+
+def _batches(part: TokenizedSet | ImageSet) -> Tokens | ImageSet:
+    """The trainer's batch source of a data part: token ids, or images (an ImageSet is a source itself)."""
+    return Tokens(part) if isinstance(part, TokenizedSet) else part
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
@@ -309,7 +317,8 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
     """A saved adapter with its base model, ready for evaluation or generation; `retrieval=False` leaves a
     language-model adapter's memory of its training text (retrieval.safetensors) unloaded."""
     method, config = adapter_config(adapter_dir)
-    model_dir = _base_model_dir(config, model)
+    images = config["task"] == IMAGE_TASK  # its CNN is named in the adapter's config (pac.methods.vision_model)
+    model_dir = None if images else _base_model_dir(config, model)
     loaded = method.load(Path(adapter_dir), config, model_dir, retrieval)
     return LoadedAdapter(
         method.name,
@@ -317,7 +326,7 @@ def load_for_inference(adapter_dir: str | Path, model: str | None = None, retrie
         model_dir,
         loaded.model,
         loaded.backbone,
-        load_tokenizer(model_dir),
+        None if images else load_tokenizer(model_dir),
         loaded.max_length,
         loaded.label_names,
         **_recorded(config),
@@ -394,20 +403,25 @@ def evaluate_zero_shot(model: str | None, opts: DataOptions, split: str | None =
 
 
 def default_split(opts: DataOptions, split: str | None) -> str:
-    """`pac eval` scores a file it is given whole, and the bundled corpus's validation split."""
-    return split or ("val" if opts.data is None else "all")
+    """`pac eval` scores a file or folder it is given whole, and the bundled data's validation split."""
+    bundled = opts.data is None or opts.task == IMAGE_TASK and is_digits(opts.data)
+    return split or ("val" if bundled else "all")
 
 
-def evaluation_records(opts: DataOptions, split: str) -> list[Record]:
+def evaluation_records(opts: DataOptions, split: str) -> list[Record] | ImageSet:
     """The rows `pac eval` scores: every row of --data (split "all"), or its validation split ("val"),
-    made as `pac train` made it with the same --split-seed and --val-size."""
+    made as `pac train` made it with the same --split-seed and --val-size (images: an ImageSet)."""
+    if opts.task == IMAGE_TASK:
+        if split == "all":
+            return read_images(opts.data)
+        return read_image_data(opts.data, opts.seed, opts.val_size, opts.train_size)["val"]
     records = read_records(opts)
     check_labels(records, opts.task)
     return split_data(opts, records)[1] if split == "val" else records
 
 
 def evaluate_adapter(
-    loaded: LoadedAdapter, opts: DataOptions, split: str | None = None, records: list[Record] | None = None
+    loaded: LoadedAdapter, opts: DataOptions, split: str | None = None, records: list[Record] | ImageSet | None = None
 ) -> dict[str, Any]:
     """Metrics of a saved adapter on every row of the data, or on its validation split (the bundled corpus's
     default), computed from raw text through the live backbone (no cache). `records`: the rows, if already
@@ -415,6 +429,15 @@ def evaluate_adapter(
     opts = DataOptions(**{**asdict(opts), "task": loaded.task, "max_length": loaded.max_length})
     split = default_split(opts, split)
     records = records if records is not None else evaluation_records(opts, split)
+    if isinstance(records, ImageSet):
+        if records.label_names != loaded.label_names:
+            raise PacError(
+                f"the adapter tells apart {', '.join(loaded.label_names)}, and these images are labelled "
+                f"{', '.join(records.label_names)}: score it on the classes it was trained on"
+            )
+        started = time.perf_counter()
+        metrics = evaluate(loaded.model, records, loaded.task)
+        return {**metrics, "samples": len(records), "split": split, "seconds": time.perf_counter() - started}
     if split == "all" and loaded.training_data_sha256 in ("", data_digest(opts.data)):
         trained = "may include" if not loaded.training_data_sha256 else "include"
         memory = " and the adapter's memory holds their text" if getattr(loaded.model, "memory", None) else ""

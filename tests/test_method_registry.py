@@ -245,7 +245,7 @@ def test_method_options_are_generated_grouped_and_refused_for_other_methods(toy_
     assert f"--method {TOY} options:" in shown and "--norm-scale NORM_SCALE" in shown
     assert "--method parallel-adapters options:" in shown and "--method boundary options:" in shown
     # --pooling, listed once (argparse may break the line inside a hyphenated name)
-    assert "[also--methodlora,dora,boundary,taskedge,zo,full,toy-head-norm]" in "".join(shown.split())
+    assert "[also--methodlora,dora,boundary,taskedge,zo,galore,full,toy-head-norm]" in "".join(shown.split())
     # An option of one method given to another is refused before anything loads, naming its owner.
     assert main(["train", "--method", "lora", "--norm-scale", "2"]) == 2
     assert "--norm-scale is an option of --method toy-head-norm, not of lora" in capsys.readouterr().err

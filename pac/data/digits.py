@@ -2,40 +2,31 @@
 fine-tuning edge CNNs (issue 25).
 
 The images are upsampled to `size` x `size` (bilinear) and repeated over three channels, so ImageNet-shaped networks
-take them; pixels scale to [-1, 1]. Three tasks share the images:
+take them; pixels scale to [-1, 1]. Four tasks share the images:
 
+    all        digits 0-9
     pretrain   digits 0-4                    what a network learns first
     unseen     digits 5-9, labelled 0-4      adaptation to classes it never saw
     shift      digits 0-4, corrupted         adaptation to a distribution shift: noise, blur and low contrast
 
-Each task splits into train and val by `split_seed`, stratified by class (shift's split is pretrain's); the
-corruption is drawn from the split seed too, so a task is the same tensors on every run and every device.
+The corruption is drawn from a fixed seed, so a task is the same tensors on every run and every device; `pac train`
+splits it into train and val (pac.data.images.read_image_data), so shift's split by a seed is pretrain's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from pac.data.images import IMAGE_SIZE, ImageSet
 from pac.errors import DataError
 
-TASKS = ("pretrain", "unseen", "shift")
+TASKS = ("all", "pretrain", "unseen", "shift")
 NOISE_STD, CONTRAST, BLUR_SIGMA = 0.4, 0.5, 1.0  # on [-1, 1] pixels; the blur's Gaussian in upsampled pixels
+CORRUPTION_SEED = 1_000_003
 
 
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # [N, 3, size, size], float32 in [-1, 1] (corrupted ones may leave it)
-    labels: torch.Tensor  # [N], int64
-    label_names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def digit_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Every digit as a [N, 3, size, size] tensor in [-1, 1], and its digit 0-9."""
     from sklearn.datasets import load_digits  # ships its data inside the package: no download
 
@@ -45,31 +36,18 @@ def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return upsampled.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(digits.target).long()
 
 
-def digits_task(task: str, split_seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> dict[str, ImageSet]:
-    """The train and val splits of one of TASKS."""
+def digits_task(task: str, size: int = IMAGE_SIZE) -> ImageSet:
+    """Every image of one of TASKS, labelled 0..classes-1 (sample ids: the digit's index in scikit-learn's set)."""
     if task not in TASKS:
-        raise DataError(f"unknown digits task {task!r}: use one of {', '.join(TASKS)}")
-    if not 0 < val_fraction < 1:
-        raise DataError(f"the validation fraction must be between 0 and 1, not {val_fraction}")
+        raise DataError(f"unknown digits task {task!r}: use one of {', '.join(TASKS)} (--data digits:TASK)")
     images, digits = digit_images(size)
-    first = 5 if task == "unseen" else 0
-    keep = (digits >= first) & (digits < first + 5)
+    first, classes = (5, 5) if task == "unseen" else (0, 10 if task == "all" else 5)
+    keep = ((digits >= first) & (digits < first + classes)).nonzero().reshape(-1)
     images, labels = images[keep], digits[keep] - first
-    if task == "shift":  # its own generator: the split stays pretrain's, so shift's val is pretrain's, corrupted
-        images = corrupt(images, torch.Generator().manual_seed(split_seed + 1_000_003))
-    generator = torch.Generator().manual_seed(split_seed)
-    names = [str(first + k) for k in range(5)]
-    train, val = [], []
-    for label in range(5):  # stratified: every class keeps its share in both splits
-        members = (labels == label).nonzero().reshape(-1)
-        members = members[torch.randperm(len(members), generator=generator)]
-        cut = round(len(members) * val_fraction)
-        val.append(members[:cut])
-        train.append(members[cut:])
-    return {
-        name: ImageSet(images[index], labels[index], names)
-        for name, index in (("train", torch.cat(train).sort().values), ("val", torch.cat(val).sort().values))
-    }
+    if task == "shift":
+        images = corrupt(images, torch.Generator().manual_seed(CORRUPTION_SEED))
+    names = [str(first + k) for k in range(classes)]
+    return ImageSet(images, labels, names, [f"digit-{i}" for i in keep.tolist()])
 
 
 def corrupt(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

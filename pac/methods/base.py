@@ -32,9 +32,14 @@ LEGACY_ADAPTER_CONFIG = "adapter_config.json"
 LEGACY_PEFT_TYPES = ("PARALLEL_ADAPTERS", "BOUNDARY_LORA")
 
 
+def predicts_class(task: str) -> bool:
+    """Whether a task's logits are one row of classes per sample (classify, image-classify), not next tokens."""
+    return task != "lm"
+
+
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy: over classes, or over next tokens (labels -100 carry no loss)."""
-    if task == "classify":
+    if predicts_class(task):
         return F.cross_entropy(logits.float(), labels, reduction=reduction)
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
@@ -42,13 +47,13 @@ def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor, reduction: 
 
 def loss_count(task: str, labels: torch.Tensor) -> int:
     """What a batch's mean loss averages over: samples (classify) or next-token targets (lm)."""
-    return labels.shape[0] if task == "classify" else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return labels.shape[0] if predicts_class(task) else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Sums, so batches of any size add up exactly: loss_sum / count is the mean."""
     metrics = {"loss_sum": task_loss(task, logits, labels, reduction="sum").item(), "count": loss_count(task, labels)}
-    if task == "classify":
+    if predicts_class(task):
         metrics["correct"] = (logits.argmax(-1) == labels).sum().item()
     return metrics
 
@@ -56,7 +61,7 @@ def batch_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict
 def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:
     """Accuracy for classification; mean token loss and perplexity for language modelling."""
     loss = totals["loss_sum"] / max(totals["count"], 1)
-    if task == "classify":
+    if predicts_class(task):
         return {"loss": loss, "accuracy": totals["correct"] / max(totals["count"], 1)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -64,7 +69,7 @@ def summarize(task: str, totals: dict[str, float]) -> dict[str, float]:
 class MethodModel(nn.Module, ABC):
     """The model of a fine-tuning method, as the training step and evaluation see it."""
 
-    task: str  # "classify" or "lm"
+    task: str  # "classify", "lm" or "image-classify"
 
     @abstractmethod
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("classify", "lm")  # what an adapter can be trained for
+from pac.data.tasks import IMAGE_TASK, TEXT_TASKS
+
+TASKS = TEXT_TASKS  # what a language-model adapter can be trained for
+ALL_TASKS = (*TEXT_TASKS, IMAGE_TASK)  # and edge CNNs (pac.methods.vision_model)
 
 # Defaults of --method parallel-adapters per task, chosen by the quality harness (benchmarks/quality.py,
 # SmolLM2-135M on BBC News, 400 training / 400 validation articles, 3 seeds; tables in benchmarks/results/).
@@ -41,3 +44,13 @@ TASKEDGE_LR = 2e-3
 ZO_LR = 5e-5
 # Full fine-tuning steps every pretrained weight, not a small update beside them: the usual 1e-5..5e-5 (not tuned here).
 FULL_LR = 2e-5
+# Edge CNNs on images (--task image-classify): Adam's usual 1e-3 for every method; the adapters and the fresh head
+# start at zero or small, and the digits runs of benchmarks/cnn_peft.py train in a few hundred steps.
+IMAGE_LR = 1e-3
+# GaLore on a language model: full fine-tuning's rate times GaLore's scale is what reaches the weights.
+GALORE_LR = 1e-4
+
+
+def lr_for(task: str, text_lr: float) -> float:
+    """A method's default rate: `text_lr` on text, IMAGE_LR on images."""
+    return IMAGE_LR if task == IMAGE_TASK else text_lr

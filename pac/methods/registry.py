@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pac.errors import PacError
+from pac.methods.defaults import TASKS
 from pac.plan.placement import PIPELINE
 
 METHOD_KEY = "pac_method"  # the key of pac_adapter_config.json that names an adapter's method
@@ -110,6 +111,7 @@ class BuildContext:
     # The layers [start, end) this peer holds where the model itself is pipelined over the peers (`pipeline` mode,
     # forward-only methods); None: the whole model.
     stage: tuple[int, int] | None = None
+    network: Any = None  # an image task's CNN (pac.models.vision.NetworkSpec); model_dir is then None
 
 
 @dataclass
@@ -147,6 +149,7 @@ class Method:
     # (options, task, placement mode) -> the options a cluster run trains with; raises PacError for what cannot
     # run there. None: single-device only. `data_parallel_only` serves a method with no pipelined stage.
     collaborative: Callable[[Any, str, str], Any] | None = None
+    tasks: tuple[str, ...] = TASKS  # the --task values it trains
 
     @property
     def cached(self) -> bool:
@@ -165,6 +168,9 @@ class Method:
         return {option_key(f): getattr(options, f.name) for f in dataclasses.fields(options)}
 
     def resolved(self, options: Any, task: str) -> Any:
+        if task not in self.tasks:
+            able = ", ".join(m.name for m in methods().values() if task in m.tasks)
+            raise PacError(f"--method {self.name} does not train --task {task}: the methods that do are {able}")
         options = options if options is not None else self.default_options()
         if not isinstance(options, self.options):
             raise PacError(f"--method {self.name} takes {self.options.__name__} options, not {type(options).__name__}")
@@ -190,7 +196,7 @@ def unregister_method(name: str) -> None:
 
 
 # pac's own, listed first wherever methods are listed
-BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "taskedge", "zo", "full")
+BUILTIN = ("parallel-adapters", "lora", "dora", "boundary", "taskedge", "zo", "galore", "head-bn", "full")
 
 
 PLUGINS_ENV = "PAC_METHODS"
@@ -200,6 +206,8 @@ def _load_builtin() -> None:
     # pac's own methods register on import; importing them here keeps the registry complete wherever it is read.
     import pac.methods.boundary  # noqa: F401
     import pac.methods.full  # noqa: F401
+    import pac.methods.galore  # noqa: F401
+    import pac.methods.head_bn  # noqa: F401
     import pac.methods.lora  # noqa: F401
     import pac.methods.parallel_adapters  # noqa: F401
     import pac.methods.taskedge  # noqa: F401

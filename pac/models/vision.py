@@ -5,11 +5,18 @@ torch), so pac defines the two networks itself. Every parameter and buffer carri
 (`features.3.conv.1.0.weight`, `layer2.0.downsample.1.running_mean`, ...), so a torchvision ImageNet checkpoint
 (a state dict saved by `torch.save(model.state_dict())`) loads as it is: `load_torchvision_weights`. A checkpoint
 for another number of classes loads all but the classifier, which is then drawn fresh.
+
+`pac train --task image-classify --model NAME[:CHECKPOINT]` names the network and what it starts from
+(`NetworkSpec`): fresh weights, a torchvision state dict, or the --out directory of an earlier pac run that saved
+the whole network (`--method full` or `galore`, e.g. pretraining on digits 0-4).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,6 +139,81 @@ def build_network(name: str, num_classes: int) -> nn.Module:
     if name not in NETWORKS:
         raise ModelError(f"unknown network {name!r}: pac defines {', '.join(NETWORKS)}")
     return NETWORKS[name](num_classes)
+
+
+DEFAULT_NETWORK = "mobilenet_v2"
+# A pac run directory that holds a whole network: its config says so (pac.methods.vision_model writes both).
+RUN_CONFIG, RUN_WEIGHTS, WHOLE_NETWORK_KEY = "pac_adapter_config.json", "adapter_model.safetensors", "whole_network"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A network to fine-tune and where its weights come from (`--model NAME[:CHECKPOINT]`)."""
+
+    name: str
+    checkpoint: Path | None = None  # a torchvision state dict, or a pac run directory; None: fresh weights
+
+    @property
+    def label(self) -> str:
+        return self.name if self.checkpoint is None else f"{self.name}:{self.checkpoint}"
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the network's name and its starting weights' bytes."""
+        h = hashlib.sha256(f"pac.NetworkSpec.v1\0{self.name}\0".encode())
+        if self.checkpoint is not None:
+            file = self.checkpoint / RUN_WEIGHTS if self.checkpoint.is_dir() else self.checkpoint
+            h.update(file.read_bytes())
+        return h.hexdigest()
+
+
+def parse_network(model: str | None) -> NetworkSpec:
+    """`--model` of an image task: NAME (fresh weights) or NAME:CHECKPOINT."""
+    name, _, checkpoint = (model or DEFAULT_NETWORK).partition(":")
+    if name not in NETWORKS:
+        raise ModelError(
+            f"--task image-classify fine-tunes one of pac's CNNs: --model {' or '.join(NETWORKS)}[:CHECKPOINT], "
+            f"not {model!r}"
+        )
+    if not checkpoint:
+        return NetworkSpec(name)
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: no such checkpoint (a torchvision state dict, or a pac run's --out directory)")
+    return NetworkSpec(name, path.resolve())
+
+
+def load_network(spec: NetworkSpec, label_names: list[str]) -> tuple[nn.Module, list[str]]:
+    """The network with one output per label, its weights from the spec's checkpoint; returns it and the names
+    of what starts fresh (the head, where the checkpoint was trained for other classes)."""
+    network = build_network(spec.name, len(label_names))
+    if spec.checkpoint is None:
+        return network, sorted(network.state_dict())
+    if not spec.checkpoint.is_dir():
+        return network, load_torchvision_weights(network, spec.checkpoint)
+    return network, _load_run_weights(network, spec, label_names)
+
+
+def _load_run_weights(network: nn.Module, spec: NetworkSpec, label_names: list[str]) -> list[str]:
+    from safetensors.torch import load_file
+
+    config_file = spec.checkpoint / RUN_CONFIG
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if not config.get(WHOLE_NETWORK_KEY):
+        raise ModelError(
+            f"{spec.checkpoint} does not hold a whole network to start from: pretrain with --method full or galore "
+            "(an adapter of lora, dora or head-bn is a change of its own base network)"
+        )
+    if config.get("network") != spec.name:
+        raise ModelError(
+            f"{spec.checkpoint} holds a {config.get('network')}, not a {spec.name}: "
+            f"--model {config.get('network')}:{spec.checkpoint}"
+        )
+    state = load_file(spec.checkpoint / RUN_WEIGHTS)
+    head = {f"{name}.{p}" for name, m in network.named_modules() if m is network.head for p in ("weight", "bias")}
+    # Other classes: the head starts fresh; the same classes (a distribution shift) keep the trained one.
+    fresh = sorted(head) if config.get("label_names") != label_names else []
+    network.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=not fresh)
+    return fresh
 
 
 def load_torchvision_weights(model: nn.Module, checkpoint: Path) -> list[str]:

@@ -28,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from pac.errors import PacError
-from pac.methods.base import MethodModel, loss_count, summarize
+from pac.methods.base import MethodModel, loss_count, predicts_class, summarize
 from pac.net.addresses import interface_of, local_address_towards
 from pac.net.collective import PlaneCollectives
 from pac.plan.costs import GRADIENT_COMPRESSIONS
@@ -193,7 +193,7 @@ class DataParallelTrainer(Trainer):
     def _evaluate(self, source: BatchSource) -> dict[str, float]:
         local = source.local if isinstance(source, ShardedSource) else source
         totals = evaluation_totals(self.model, local) if len(local) else {}
-        keys = ("loss_sum", "count", "correct") if self.task == "classify" else ("loss_sum", "count")
+        keys = ("loss_sum", "count", "correct") if predicts_class(self.task) else ("loss_sum", "count")
         summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
         if self.plane is not None:
             self.plane.all_reduce(summed)

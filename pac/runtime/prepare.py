@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from pac.cache.fingerprint import model_fingerprint
+from pac.data.images import ImageSet, is_digits, read_image_data, stratified_split
 from pac.data.records import Record
 from pac.data.sources import bundled_bbc_news_dir, data_digest, load_records
 from pac.data.split import check_labels, split_records
+from pac.data.tasks import IMAGE_TASK
 from pac.data.tokenize import TokenizedSet, pad_with_eos, prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.registry import get_method
 from pac.models.backbone import load_backbone
 from pac.models.loading import model_name, resolve_model
+from pac.models.vision import NetworkSpec, parse_network
 from pac.runconfig import PLACEMENT_OPTIONS, DataOptions, TrainOptions, flat_options
 from pac.runtime.trainer import TrainConfig
 
@@ -28,15 +31,20 @@ SUMMARY = "summary.json"  # what a run wrote, in --out
 
 @dataclass
 class PreparedData:
-    model_dir: Path
+    model_dir: Path | None  # None for an image task, which names its CNN in `network`
     tokenizer: Any
-    train: TokenizedSet
-    val: TokenizedSet
+    train: TokenizedSet | ImageSet
+    val: TokenizedSet | ImageSet
     label_names: list[str] | None
     holdout_ids: list[str] = field(default_factory=list)  # part of `train` that is never trained on
     prompt_format: dict[str, Any] = field(default_factory=lambda: prompt_format(None, chat=False))
     split_note: str = ""  # how the data was split, in the words of the options that choose it
     data_sha256: str = ""  # of the training data's bytes (pac.data.sources.data_digest), where they were read
+    network: NetworkSpec | None = None  # the CNN of an image task (pac.models.vision)
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.network.fingerprint() if self.network is not None else model_fingerprint(self.model_dir)
 
     def train_rows(self, holdout: bool) -> list[int]:
         """Rows of `train` in the holdout part (holdout=True) or in the part that trains."""
@@ -101,7 +109,9 @@ def describe_split(opts: DataOptions, train: int, val: int, holdout: int) -> str
 
 def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     """Read, check and split the data (before any model is loaded, so bad data fails in a second), then
-    resolve the model and tokenise both parts to fixed length."""
+    resolve the model and tokenise both parts to fixed length (images: `prepare_images`)."""
+    if opts.task == IMAGE_TASK:
+        return prepare_images(model, opts)
     records = read_records(opts)
     check_labels(records, opts.task)
     train, val = split_data(opts, records)
@@ -145,6 +155,36 @@ def prepare_data(model: str | None, opts: DataOptions) -> PreparedData:
     )
 
 
+def prepare_images(model: str | None, opts: DataOptions) -> PreparedData:
+    """An image task's train and val images (pac.data.images) and its CNN (`--model NAME[:CHECKPOINT]`)."""
+    for given, flag in ((opts.val_data, "--val-data"), (opts.retain_mix, "--retain-mix"), (opts.chat, "--chat")):
+        if given:
+            raise PacError(f"{flag} is for text tasks: an image task holds out --val-size of its images to validate")
+    network = parse_network(model)
+    parts = read_image_data(opts.data, opts.seed, opts.val_size, opts.train_size)
+    train, val = parts["train"], parts["val"]
+    holdout: list[str] = []
+    if opts.holdout:
+        held = stratified_split(train.labels, opts.holdout, opts.seed, len(train.label_names))[1]
+        holdout = [train.sample_ids[i] for i in held.tolist()]
+    source = f"digits ({opts.data or 'digits'})" if is_digits(opts.data) else opts.data
+    note = f"training on {len(train) - len(holdout)} images of {source}, validating on {len(val)}"
+    if holdout:
+        note += f"; {len(holdout)} more held out to pick the epoch (--holdout)"
+    return PreparedData(
+        None,
+        None,
+        train,
+        val,
+        train.label_names,
+        holdout,
+        prompt_format(None, chat=False),
+        note,
+        train.fingerprint(),
+        network,
+    )
+
+
 def retain_mix_records(model_dir: Path, n: int, chat: bool) -> list[Record]:
     """`--retain-mix N`: the base model's own greedy answers to N general prompts bundled with pac, as
     prompt/completion rows rendered as training renders them, so the adapter also learns to keep answering
@@ -185,7 +225,7 @@ def run_identity(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
     options = {k: v for k, v in flat_options(opts).items() if k not in PLACEMENT_OPTIONS}
     options["data"] = {k: v for k, v in options["data"].items() if k not in ("data", "val_data")}
     return {
-        "model": model_fingerprint(data.model_dir),
+        "model": data.model_fingerprint,
         "data": {"train": data.train.fingerprint(), "validation": data.val.fingerprint()},
         "options": options,
     }
@@ -198,8 +238,8 @@ def adapter_meta_of(opts: TrainOptions, data: PreparedData) -> dict[str, Any]:
         "task": opts.data.task,
         "label_names": data.label_names,
         "max_length": opts.data.max_length,
-        "base_model_name_or_path": model_name(opts.model),
-        "base_model_fingerprint": model_fingerprint(data.model_dir),
+        "base_model_name_or_path": data.network.label if data.network is not None else model_name(opts.model),
+        "base_model_fingerprint": data.model_fingerprint,
         "prompt_format": data.prompt_format,
         "data_fields": {"text_field": opts.data.text_field, "label_field": opts.data.label_field},
         "training_data_sha256": data.data_sha256,

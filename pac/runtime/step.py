@@ -32,6 +32,8 @@ PRECISIONS = ("fp32", "bf16")
 
 # Fills p.grad with one batch's gradients, clipped: (the batch's mean loss, grad norm before clipping).
 GradientFn = Callable[[list[int], int], tuple[float, float]]
+# Makes the optimizer from the model's parameter groups and the run's settings (default: AdamW); e.g. GaLore's.
+OptimizerFn = Callable[[list[dict[str, Any]], "TrainConfig"], torch.optim.Optimizer]
 
 
 @dataclass
@@ -86,7 +88,8 @@ class BackpropStep:
     and the learning rate warmed up then decayed (cosine, linear or constant) over the whole run.
 
     How a batch's gradients are made can change without touching the update: a subclass overrides
-    `gradients`, or passes `gradients` (a pipeline that runs the batch across stages)."""
+    `gradients`, or passes `gradients` (a pipeline that runs the batch across stages); a method with an optimizer
+    of its own (GaLore) passes `optimizer`."""
 
     def __init__(
         self,
@@ -95,11 +98,15 @@ class BackpropStep:
         source: BatchSource,
         config: TrainConfig,
         gradients: GradientFn | None = None,
+        optimizer: OptimizerFn | None = None,
     ):
         self.model, self.task, self.source, self.config = model, task, source, config
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = model.param_groups(config.lr)
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        if optimizer is None:
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = optimizer(groups, config)
         total = steps_per_epoch(len(source), config.batch_size) * config.epochs
         warmup = int(config.warmup_ratio * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

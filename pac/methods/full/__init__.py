@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pac.methods.defaults import FULL_LR
+from pac.methods.defaults import ALL_TASKS, FULL_LR, lr_for
 from pac.methods.parallel_adapters import POOLING_HELP
 from pac.methods.registry import Method, data_parallel_only, lazy, method_option, register_method
 
@@ -30,7 +30,8 @@ METHOD = register_method(
         title="full fine-tuning",
         summary="every weight of the model and the head trains, by backprop and AdamW without peft: the baseline",
         options=FullOptions,
-        default_lr=lambda task: FULL_LR,
+        default_lr=lambda task: lr_for(task, FULL_LR),
+        tasks=ALL_TASKS,
         build=lazy(f"{RUN}:build"),
         save=lazy(f"{RUN}:save"),
         load=lazy(f"{RUN}:load"),

@@ -8,14 +8,19 @@ from typing import Any
 
 import torch
 
+from pac.data.tasks import IMAGE_TASK
 from pac.errors import PacError
+from pac.methods import vision_model
 from pac.methods.base import load_adapter, save_adapter
 from pac.methods.full import FullOptions
 from pac.methods.registry import METHOD_KEY, BuildContext, Loaded
 from pac.methods.transformers_model import TransformersModel
+from pac.methods.vision_model import VisionModel, VisionSettings
 
 
-def build(options: FullOptions, ctx: BuildContext) -> TransformersModel:
+def build(options: FullOptions, ctx: BuildContext) -> TransformersModel | VisionModel:
+    if ctx.task == IMAGE_TASK:
+        return vision_model.build(VisionSettings("full"), ctx)
     return TransformersModel(ctx.model_dir, ctx.task, options.pooling, ctx.label_names)
 
 
@@ -24,13 +29,20 @@ def _weights(model: TransformersModel) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def save(options: FullOptions, model: TransformersModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def save(
+    options: FullOptions, model: TransformersModel | VisionModel, out: Path, meta: dict[str, Any], name: str = "full"
+) -> dict[str, Any]:
+    """Every weight (a CNN's whole state dict, as pac.methods.vision_model saves it); `name`: the method saving."""
+    if isinstance(model, VisionModel):
+        return vision_model.save(model, out, meta)
     weights = _weights(model)
-    save_adapter(out, {**meta, "pooling": options.pooling, METHOD_KEY: "full"}, weights)
+    save_adapter(out, {**meta, "pooling": options.pooling, METHOD_KEY: name}, weights)
     return {"trainable_params": sum(w.numel() for w in weights.values())}
 
 
 def load(adapter_dir: Path, raw: dict[str, Any], model_dir: Path, retrieval: bool) -> Loaded:
+    if raw["task"] == IMAGE_TASK:
+        return vision_model.load(adapter_dir, raw)
     model = TransformersModel(model_dir, raw["task"], raw["pooling"], raw["label_names"])
     saved = load_adapter(adapter_dir)[1]
     expected = _weights(model)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pac.argtypes import number
 from pac.errors import PacError
-from pac.methods.defaults import LORA_LR
+from pac.methods.defaults import ALL_TASKS, LORA_LR, lr_for
 from pac.methods.parallel_adapters import POOLING_HELP
 from pac.methods.registry import (
     Method,
@@ -31,6 +31,12 @@ class LoraOptions:
 
     r: int = method_option(8, RANK_HELP, flag="--lora-r", parse=number(int, minimum=0))
     pooling: str = method_option("mean", POOLING_HELP, choices=["mean", "last"])
+    depthwise: str = method_option(
+        "frozen",
+        "--task image-classify: LoRA on depthwise convolutions too (lora), at the rank peft allows there (a multiple "
+        "of the channels: a pair larger than the layer), or leave them frozen (default)",
+        choices=["frozen", "lora"],
+    )
 
 
 def resolve(options: LoraOptions, task: str) -> LoraOptions:
@@ -52,7 +58,8 @@ for _name, _title, _summary in (
             summary=_summary,
             options=LoraOptions,
             resolve=resolve,
-            default_lr=lambda task: LORA_LR,
+            default_lr=lambda task: lr_for(task, LORA_LR),
+            tasks=ALL_TASKS,
             build=lazy(f"{RUN}:build_{_name}"),
             save=lazy(f"{RUN}:save"),
             load=lazy(f"{RUN}:load"),

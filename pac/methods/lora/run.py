@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pac.data.tasks import IMAGE_TASK
+from pac.methods import vision_model
 from pac.methods.base import ADAPTER_CONFIG
 from pac.methods.lora import LoraOptions
 from pac.methods.lora.model import LoraModel, LoraSettings
 from pac.methods.registry import METHOD_KEY, BuildContext, Loaded
+from pac.methods.vision_model import VisionModel, VisionSettings
 
 
 def _settings(options: LoraOptions, task: str, label_names: list[str] | None, use_dora: bool) -> LoraSettings:
@@ -20,17 +23,26 @@ def _settings(options: LoraOptions, task: str, label_names: list[str] | None, us
     )
 
 
-def build_lora(options: LoraOptions, ctx: BuildContext) -> LoraModel:
-    return LoraModel(ctx.model_dir, _settings(options, ctx.task, ctx.label_names, use_dora=False))
+def _build(options: LoraOptions, ctx: BuildContext, use_dora: bool) -> LoraModel | VisionModel:
+    if ctx.task == IMAGE_TASK:
+        settings = VisionSettings("dora" if use_dora else "lora", options.r, options.depthwise)
+        return vision_model.build(settings, ctx)
+    return LoraModel(ctx.model_dir, _settings(options, ctx.task, ctx.label_names, use_dora=use_dora))
 
 
-def build_dora(options: LoraOptions, ctx: BuildContext) -> LoraModel:
-    return LoraModel(ctx.model_dir, _settings(options, ctx.task, ctx.label_names, use_dora=True))
+def build_lora(options: LoraOptions, ctx: BuildContext) -> LoraModel | VisionModel:
+    return _build(options, ctx, use_dora=False)
 
 
-def save(options: LoraOptions, model: LoraModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def build_dora(options: LoraOptions, ctx: BuildContext) -> LoraModel | VisionModel:
+    return _build(options, ctx, use_dora=True)
+
+
+def save(options: LoraOptions, model: LoraModel | VisionModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """peft's own files (adapter_config.json names the base model as the user gave it), the head, and pac's
-    config beside them."""
+    config beside them; a CNN's adapter as pac.methods.vision_model saves it."""
+    if isinstance(model, VisionModel):
+        return vision_model.save(model, out, meta)
     model.save(out, meta["base_model_name_or_path"])
     method = "dora" if model.settings.use_dora else "lora"
     config = {**meta, "pooling": options.pooling, "r": options.r, METHOD_KEY: method}
@@ -39,6 +51,8 @@ def save(options: LoraOptions, model: LoraModel, out: Path, meta: dict[str, Any]
 
 
 def load(adapter_dir: Path, raw: dict[str, Any], model_dir: Path, retrieval: bool) -> Loaded:
+    if raw["task"] == IMAGE_TASK:
+        return vision_model.load(adapter_dir, raw)
     settings = LoraSettings(task=raw["task"], pooling=raw["pooling"], label_names=raw["label_names"])
     lora = LoraModel(model_dir, settings, adapter_dir=adapter_dir)
     lora.load_head(adapter_dir)
