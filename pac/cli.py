@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from pac import __version__
@@ -294,6 +295,46 @@ def add_train_arguments(t: argparse.ArgumentParser, launch: bool = False) -> Non
     )
 
 
+PROFILE_HELP = """\
+Before training: what one training step of a method costs on a model, measured on a synthetic batch of the
+run's shape, each method in a fresh process. FLOPs per step split into forward, backward and the optimizer
+step (torch's FlopCounterMode); memory at the step's peak by category: parameters, gradients, optimizer state,
+activations, temporaries (torch's MemTracker), over the runtime's own floor; the predicted peak resident memory
+of a training run; trainable against total parameters per layer type (depthwise, pointwise and standard
+convolutions, linear maps...).
+
+examples:
+  pac profile --method lora                                   # the bundled SmolLM2, LoRA, batch 8 x 128 tokens
+  pac profile --task image-classify --model mobilenet_v2 --compare lora,dora,galore,full,head-bn --out prof/
+  pac profile --task image-classify --model resnet18 --compare lora,full --lora-r 4 --batch-size 64
+"""
+
+
+def add_profile_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="what a training step of each method costs on a model (FLOPs, memory), before training",
+        description=PROFILE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        help="a model as `pac train --model` takes it (default: bundled SmolLM2; image-classify: mobilenet_v2)",
+    )
+    p.add_argument("--task", choices=list(ALL_TASKS), default="classify", help="the run's task (default: classify)")
+    p.add_argument("--max-length", type=number(int, minimum=2), default=128, help="tokens per sample (default 128)")
+    p.add_argument("--batch-size", type=number(int, minimum=1), default=8, help="samples per step (default 8)")
+    p.add_argument("--method", choices=list(methods()), default=DEFAULT_METHOD, help="the method to profile")
+    p.add_argument(
+        "--compare",
+        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+        metavar="M1,M2,...",
+        help="profile these methods side by side instead (a method option given applies to each that takes it)",
+    )
+    p.add_argument("--out", help="also write profile.json, profile.md and profile.png (a bar chart) here")
+    _add_method_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pac", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, minimum=1),
         help="CPU threads for torch (default: all cores, or one per core of a CPU quota: a container's --cpus)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,export,peer,plan}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,export,profile,peer,plan}")
 
     t = sub.add_parser(
         "train",
@@ -314,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(t)
+
+    add_profile_parser(sub)
 
     e = sub.add_parser(
         "eval",
@@ -639,6 +682,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pac.runconfig import DataOptions, OptimOptions, TrainOptions
+    from pac.runtime.step_profile import layer_type_table, profile_methods, profile_table, with_method, write_profiles
+
+    names = args.compare or [args.method]
+    for name in names:
+        get_method(name)  # an unknown name is refused before anything is measured
+    given = {key: getattr(args, key) for key in getattr(args, GIVEN, set())}
+    base = TrainOptions(
+        model=args.model,
+        data=DataOptions(task=args.task, max_length=args.max_length),
+        optim=OptimOptions(batch_size=args.batch_size),
+    )
+    runs = [with_method(base, name, given) for name in names]
+    for run in runs:
+        get_method(run.method).resolved(run.method_options, args.task)  # refuses a task the method lacks
+    print(f"pac: profiling {', '.join(names)}, each in a fresh process (a few training steps)", file=sys.stderr)
+    profiles = profile_methods(runs)
+    print(profile_table(profiles) + "\n\n" + layer_type_table(profiles))
+    if args.out:
+        written = write_profiles(profiles, Path(args.out))
+        print(f"pac: wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pac.workflow import export_merged
 
@@ -682,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "generate": cmd_generate,
             "export": cmd_export,
+            "profile": cmd_profile,
             "peer": cmd_peer,
         }
         return commands[args.command](args)
