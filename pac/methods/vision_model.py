@@ -175,7 +175,8 @@ def save(model: VisionModel, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     }
     save_adapter(out, config, weights)
     trainable = sum(p.numel() for p in model.network.parameters() if p.requires_grad)
-    return {"trainable_params": trainable, "total_params": sum(p.numel() for p in model.network.parameters())}
+    own = sum(p.numel() for name, p in model.network.named_parameters() if "lora_" not in name)  # not the pairs
+    return {"trainable_params": trainable, "total_params": own}
 
 
 def load(adapter_dir: Path, raw: dict[str, Any]) -> Loaded:
