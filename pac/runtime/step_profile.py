@@ -131,6 +131,8 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     floor = psutil.Process().memory_info().rss
     opts = with_defaults(opts)
     method, task = get_method(opts.method), opts.data.task
+    if method.cached:
+        raise ValueError(f"{method.name} trains from the activation cache: measure it with a `pac train` run")
     data = prepare_data(opts.model, opts.data)
     source = _batches(data.train)
     ctx = BuildContext(data.model_dir, task, data.label_names, opts.optim.seed, opts.data.max_length, source)
