@@ -6,11 +6,12 @@ process would each report the largest so far): the process imports what `pac tra
 memory (the runtime floor: Python, torch, the libraries), builds the method's model as a run would, and takes real
 training steps on a synthetic batch of the run's shape (random images, token ids, or cached taps):
 
-  memory   two steps under torch's MemTracker (pac.runtime.memtrack): bytes at the peak by category (parameters,
-           buffers, gradients, optimizer state, activations, temporaries); "untracked" is what the process's peak
-           resident memory holds beyond the floor and those (the allocator's free blocks, oneDNN's buffers);
-           the process's peak resident memory is the predicted peak of a training run (tests/test_step_profile.py
-           holds it to within 15% of a real `pac train` run's)
+  memory   two plain steps, after which the process's peak resident memory is the predicted peak of a training
+           process (tests/test_step_profile.py holds it to within 15% of a real one's); then two steps under
+           torch's MemTracker (pac.runtime.memtrack; its bookkeeping grows the heap, so it comes second): bytes at
+           the peak by category (parameters, buffers, gradients, optimizer state, activations, temporaries);
+           "untracked" is what the peak holds beyond the floor and those (libraries loaded with the model, the
+           allocator's free blocks, oneDNN's buffers)
   flops    a third step under torch's FlopCounterMode (shape formulas of matrix products and convolutions, under
            no_grad, never inference_mode, where it counts nothing): the loss's forward, its backward, and the
            optimizer's step (GaLore's projections are matrix products), plus ADAM_FLOPS_PER_ELEMENT for each
@@ -169,10 +170,11 @@ def profile_in_this_process(opts: TrainOptions) -> dict[str, Any]:
         step = method.step(options, model, opts.data.task, source, config) if method.step is not None else None
         step = step or BackpropStep(model, opts.data.task, source, config)
         indices = list(range(opts.optim.batch_size))
-        optimizer = getattr(step, "optimizer", None)
-        memory = peak_by_category(model, optimizer, lambda: step(indices, 0))
+        for index in range(2):  # plain steps first: MemTracker's own bookkeeping grows the heap it measures
+            step(indices, index)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        memory = peak_by_category(model, getattr(step, "optimizer", None), lambda: step(indices, 0))
         flops = _step_flops(step, source.batch(indices), indices)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     memory["runtime_floor"] = floor
     memory["untracked"] = max(0, peak - floor - memory["total"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
