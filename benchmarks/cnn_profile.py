@@ -6,7 +6,7 @@ by pac.runtime.step_profile (a fresh process each: two MemTracker steps and a Fl
 batch), then measured (a fresh process each: 4 real training steps on digits 0-4, read as `pac train` reads them);
 LoRA is profiled twice on MobileNetV2: depthwise layers frozen (pac's default) and with LoRA (`--depthwise lora`, at
 peft's rank, a multiple of the channels). A rank sweep (no training) counts LoRA's parameters against the layers'
-own, depthwise and standard/pointwise apart.
+own, depthwise and standard/pointwise apart. The same prediction check runs on the bundled SmolLM2-135M.
 
     python benchmarks/cnn_profile.py [--report]
 Writes benchmarks/results/cnn_profile.{json,md,png}.
@@ -64,6 +64,21 @@ def measure(network: str, scratch: Path) -> list[dict]:
     return profiles
 
 
+def language_model_check() -> list[dict]:
+    """The same prediction check on the bundled SmolLM2-135M (classification, batch 4 x 64 tokens)."""
+    from pac.runconfig import DataOptions, OptimOptions, TrainOptions
+    from pac.runtime.step_profile import in_fresh_process, measured_training_steps, profile_in_this_process, with_method
+
+    base = TrainOptions(data=DataOptions(task="classify", max_length=64), optim=OptimOptions(batch_size=4))
+    rows = []
+    for method in ("full", "galore", "lora", "taskedge", "zo"):
+        opts = with_method(base, method, {})
+        profile = in_fresh_process(profile_in_this_process, opts)
+        profile["measured_peak_rss_mb"] = in_fresh_process(measured_training_steps, opts)["peak_rss_mb"]
+        rows.append(profile)
+    return rows
+
+
 def rank_sweep(network: str, scratch: Path) -> list[dict]:
     """LoRA's trainable parameters per layer type at each rank, depthwise layers included, against the layers'."""
     from pac.methods.vision_model import VisionModel, VisionSettings
@@ -80,6 +95,14 @@ def rank_sweep(network: str, scratch: Path) -> list[dict]:
     return rows
 
 
+def _checks(profiles: list[dict]) -> str:
+    return "Predicted / measured peak: " + " | ".join(
+        f"{p['method']} {p['predicted_peak_rss_mb']:.0f}/{p['measured_peak_rss_mb']:.0f} MB "
+        f"({p['predicted_peak_rss_mb'] / p['measured_peak_rss_mb'] - 1:+.0%})"
+        for p in profiles
+    )
+
+
 def report(results: dict) -> None:
     from pac.runtime.step_profile import layer_type_table, plot_profiles, profile_table
 
@@ -90,14 +113,18 @@ def report(results: dict) -> None:
         "training process's peak (4 steps on digits). Regenerate: `python benchmarks/cnn_profile.py`.",
     ]
     for network, profiles in results["profiles"].items():
-        checks = " | ".join(
-            f"{p['method']} {p['predicted_peak_rss_mb']:.0f}/{p['measured_peak_rss_mb']:.0f} MB "
-            f"({p['predicted_peak_rss_mb'] / p['measured_peak_rss_mb'] - 1:+.0%})"
-            for p in profiles
-        )
-        lines += ["", f"## {network}", "", profile_table(profiles), "", f"Predicted / measured peak: {checks}", ""]
+        lines += ["", f"## {network}", "", profile_table(profiles), "", _checks(profiles), ""]
         lines += [layer_type_table(profiles)]
         plot_profiles(profiles, RESULTS / f"cnn_profile_{network}.png", f"{network}, image-classify, batch {BATCH}")
+    lm = results["language_model"]
+    lines += [
+        "",
+        "## The same on SmolLM2-135M-Instruct (classification, batch 4 x 64 tokens)",
+        "",
+        profile_table(lm),
+        "",
+    ]
+    lines += [_checks(lm)]
     lines += [
         "",
         "## LoRA's parameters against its layers', by rank (depthwise layers at peft's rank: a multiple of channels)",
@@ -126,6 +153,7 @@ def main() -> None:
             for network in NETWORKS:
                 results["profiles"][network] = measure(network, Path(scratch))
                 results["rank_sweep"] += rank_sweep(network, Path(scratch))
+            results["language_model"] = language_model_check()
         results_file.write_text(json.dumps(results, indent=2) + "\n")
     report(results)
 
