@@ -31,10 +31,14 @@ LAYERS: dict[str, int] = {
     "pac.methods.taskedge.run": 4,
     "pac.methods.zo.step": 4,  # the step interface is the train layer's
     "pac.methods.zo.run": 4,
+    "pac.methods.galore.run": 4,
+    "pac.methods.head_bn.run": 4,
     "pac.retain": 3,  # retain-mix answers: prompts, cached base-model answers
     "pac.generate": 3,  # decoding with a trained adapter
     "pac.model_card": 3,  # README and GGUF notes for an exported adapter
     "pac.runtime": 4,  # training and pipelines on one machine or several
+    # `pac profile`: each method's step measured in a fresh process that has loaded what `pac train` loads (the API)
+    "pac.runtime.step_profile": 6,
     "pac.runtime.collaborative": 5,
     "pac.runtime.coordinator": 5,
     "pac.runtime.peer": 5,

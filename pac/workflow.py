@@ -26,7 +26,7 @@ from pac.data.records import Record
 from pac.data.sources import data_digest
 from pac.data.split import check_labels
 from pac.data.tasks import IMAGE_TASK
-from pac.data.tokenize import TokenizedSet, prompt_format, tokenize_records
+from pac.data.tokenize import prompt_format, tokenize_records
 from pac.errors import PacError
 from pac.methods.base import MethodModel
 from pac.methods.registry import BuildContext, Loaded, Method, adapter_config, get_method, methods
@@ -51,7 +51,7 @@ from pac.runtime.prepare import (
 )
 from pac.runtime.progress import RunClock, Watch
 from pac.runtime.run_dir import claim
-from pac.runtime.sources import CachedTaps, LiveTaps, Tokens
+from pac.runtime.sources import CachedTaps, LiveTaps, Tokens, batches_of
 from pac.runtime.storage import disk_full_message, is_disk_full
 from pac.runtime.trainer import Trainer, evaluate
 
@@ -126,9 +126,9 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         train_source, val_source, holdout_source = _cached_sources(built, data)
         extras.update(_cache_summary(built))
     else:
-        train_source = _batches(data.train.subset(data.train_rows(holdout=False)))
-        val_source = _batches(data.val)
-        holdout_source = _batches(data.train.subset(data.train_rows(holdout=True))) if data.holdout_ids else None
+        train_source = batches_of(data.train.subset(data.train_rows(holdout=False)))
+        val_source = batches_of(data.val)
+        holdout_source = batches_of(data.train.subset(data.train_rows(holdout=True))) if data.holdout_ids else None
     ctx.train_source = train_source
     model = method.build(options, ctx)
     training_source = train_source
@@ -156,11 +156,6 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
             extras.update(method.after_training(options, model, ctx, out, lambda m: evaluate(m, val_source, task)))
     saved = method.save(options, model, out, adapter_meta_of(opts, data))
     return {"epochs": epochs, **saved, **extras}
-
-
-def _batches(part: TokenizedSet | ImageSet) -> Tokens | ImageSet:
-    """The trainer's batch source of a data part: token ids, or images (an ImageSet is a source itself)."""
-    return Tokens(part) if isinstance(part, TokenizedSet) else part
 
 
 def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pac.cache import CacheReader
 from pac.cache.shortlist_store import ShortlistStore
+from pac.data.images import ImageSet
 from pac.data.tokenize import TokenizedSet
 from pac.models.shortlist import shortlist_rows
 
@@ -113,6 +114,11 @@ class Tokens:
             "attention_mask": self.data.attention_mask[idx],
             "labels": self.data.labels[idx],
         }
+
+
+def batches_of(part: TokenizedSet | ImageSet) -> Tokens | ImageSet:
+    """The trainer's batch source of a data part: token ids, or images (an ImageSet is a source itself)."""
+    return Tokens(part) if isinstance(part, TokenizedSet) else part
 
 
 class LiveTaps(Tokens):

@@ -125,9 +125,9 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     from pac.methods.registry import BuildContext, get_method
     from pac.runconfig import with_defaults
     from pac.runtime.prepare import prepare_data, train_config
+    from pac.runtime.sources import batches_of
     from pac.runtime.step import BackpropStep
     from pac.runtime.trainer import epoch_order
-    from pac.workflow import _batches
 
     floor = psutil.Process().memory_info().rss
     opts = with_defaults(opts)
@@ -135,7 +135,7 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     if method.cached:
         raise ValueError(f"{method.name} trains from the activation cache: measure it with a `pac train` run")
     data = prepare_data(opts.model, opts.data)
-    source = _batches(data.train)
+    source = batches_of(data.train)
     ctx = BuildContext(data.model_dir, task, data.label_names, opts.optim.seed, opts.data.max_length, source)
     ctx.network = data.network
     model = method.build(opts.method_options, ctx)
