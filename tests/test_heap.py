@@ -1,9 +1,11 @@
 """pac.runtime.heap against the process's real heap: freed pages go back to the kernel, measured in /proc."""
 
+import multiprocessing
+
 import pytest
 import torch
 
-from pac.runtime.heap import _glibc, one_off_step
+from pac.runtime.heap import _glibc, one_off_step, peak_rss_mb
 
 
 def resident_mb() -> float:
@@ -32,3 +34,19 @@ def test_a_one_off_step_runs_its_block_where_there_is_no_glibc(monkeypatch):
     with one_off_step():
         ran = True
     assert ran
+
+
+def _child_peak() -> float:
+    return peak_rss_mb()
+
+
+def test_a_process_started_by_a_larger_one_reports_its_own_peak_not_its_parents():
+    # Linux carries getrusage's ru_maxrss over the exec of a spawned child: a peer or a profiling process would
+    # report its parent's size as its own peak.
+    held = bytearray(600 << 20)
+    held[:: 1 << 12] = b"\1" * len(held[:: 1 << 12])  # touch every page: resident
+    assert peak_rss_mb() > 600
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(_child_peak)
+    assert child < 400, child  # a bare interpreter that imported pac.runtime.heap
+    del held

@@ -51,5 +51,14 @@ def one_off_step() -> Iterator[None]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MB: Linux's high-water mark of its own memory (VmHWM).
+    Not getrusage's ru_maxrss, which Linux carries over an exec from the process that forked it: a peer or a
+    profiling process started by a larger parent would report the parent's size as its own peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import resource
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -39,6 +38,7 @@ from torch import nn
 
 from pac.data.tasks import IMAGE_TASK
 from pac.runconfig import TrainOptions
+from pac.runtime.heap import peak_rss_mb
 
 # Adam's elementwise work per element of its moments: the two moving averages (5), the denominator (2), the
 # normalised step (1), the update and the decoupled weight decay (4).
@@ -145,8 +145,7 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     order, size = epoch_order(len(source), opts.optim.seed, 0), opts.optim.batch_size
     for index in range(steps):
         step(order[index * size : (index + 1) * size], index)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss_mb": peak / MB, "runtime_floor_mb": floor / MB}
+    return {"peak_rss_mb": peak_rss_mb(), "runtime_floor_mb": floor / MB}
 
 
 def profile_in_this_process(opts: TrainOptions) -> dict[str, Any]:
@@ -172,7 +171,7 @@ def profile_in_this_process(opts: TrainOptions) -> dict[str, Any]:
         indices = list(range(opts.optim.batch_size))
         for index in range(2):  # plain steps first: MemTracker's own bookkeeping grows the heap it measures
             step(indices, index)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = peak_rss_mb() * MB
         memory = peak_by_category(model, getattr(step, "optimizer", None), lambda: step(indices, 0))
         flops = _step_flops(step, source.batch(indices), indices)
     memory["runtime_floor"] = floor
