@@ -66,7 +66,7 @@ def test_each_method_adapts_the_pretrained_network_and_its_adapter_loads_back(pr
     assert scored["samples"] == summary["val_samples"]
 
 
-def test_low_rank_methods_change_only_their_pairs_and_the_head(pretrained, tmp_path):
+def test_low_rank_methods_change_only_their_pairs_and_the_head(pretrained, tmp_path, capsys):
     network, start = pretrained
     _train(tmp_path / "lora", "lora", "digits:shift", f"{network}:{start}")
     base = load_file(start / "adapter_model.safetensors")
@@ -77,6 +77,9 @@ def test_low_rank_methods_change_only_their_pairs_and_the_head(pretrained, tmp_p
         if not name.startswith(("classifier.", "fc.")):
             wrapped = name if name in loaded else name.replace(".weight", ".base_layer.weight")
             assert torch.equal(loaded[wrapped], value), name
+    assert main(["eval", "--adapter", str(tmp_path / "lora"), "--data", "digits:shift"]) == 0
+    scored = capsys.readouterr()
+    assert "the validation split" in scored.err and 0 <= json.loads(scored.out)["accuracy"] <= 1
     config = json.loads((tmp_path / "lora" / "pac_adapter_config.json").read_text())
     assert (
         config["label_names"] == ["0", "1", "2", "3", "4"] and config["base_model_name_or_path"] == f"{network}:{start}"
