@@ -17,6 +17,7 @@ from pac.models.vision import build_network, parse_network
 from pac.runconfig import DataOptions, OptimOptions, TrainOptions
 from pac.runtime.memtrack import peak_by_category
 from pac.runtime.step_profile import (
+    flop_counter,
     in_fresh_process,
     measured_training_steps,
     parameters_by_layer_type,
@@ -76,8 +77,21 @@ def test_flops_split_into_forward_backward_and_optimizer_as_the_shapes_say():
     assert full["optimizer"] == pytest.approx(12 * 11_181_642, rel=0.01)  # Adam's elementwise work, no products
     lora = profile_in_this_process(_image_run("lora", 8))["flops"]
     assert 1.0 < lora["backward"] / lora["forward"] < 1.15  # the frozen weights need no gradient: a pass less
+    depthwise = profile_in_this_process(_image_run("full", 8, model="mobilenet_v2"))["flops"]
+    assert 1.8 < depthwise["backward"] / depthwise["forward"] < 2.1  # torch alone counts 20x (grouped weight grads)
     galore = profile_in_this_process(_image_run("galore", 8))["flops"]
     assert galore["optimizer"] > full["optimizer"]  # the projections in and out are matrix products
+
+
+@pytest.mark.parametrize("groups", [1, 4, 64])
+def test_a_grouped_convolutions_backward_counts_its_weight_gradient_per_group(groups):
+    conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(8, 64, 16, 16, requires_grad=True)
+    forward = 2 * 8 * 16 * 16 * 9 * 64 * (64 // groups)  # multiply-adds x 2 per output element
+    y = conv(x)
+    with flop_counter() as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * forward  # the input's gradient and the weights', a forward each
 
 
 def test_parameters_per_layer_type_show_a_depthwise_lora_pair_outgrowing_its_layer(tmp_path):

@@ -224,23 +224,45 @@ def _synthetic_run(opts: TrainOptions, method: Any, options: Any, scratch: Path)
     return source, ctx, model_name(opts.model)
 
 
-def _step_flops(step: Any, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, int]:
-    """FLOPs of one step: forward, backward, optimizer (see the module's docstring), and their total."""
+def grouped_conv_backward_flop(
+    grad_out_shape: Any, x_shape: Any, w_shape: Any, bias: Any, stride: Any, padding: Any, dilation: Any,
+    transposed: bool, output_padding: Any, groups: int, output_mask: list[bool], out_shape: Any, **kwargs: Any,
+) -> int:  # fmt: skip
+    """torch's count of a convolution's backward, with the weight gradient of a grouped convolution divided by its
+    groups: torch 2.13 counts it as an ungrouped one's, `groups` times too many (a depthwise layer's by its channel
+    count, which made MobileNetV2's backward read 20x its forward)."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    shared = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = conv_backward_flop(*shared, [output_mask[0], False], out_val=out_shape, **kwargs)
+    grad_weight = conv_backward_flop(*shared, [False, output_mask[1]], out_val=out_shape, **kwargs)
+    return grad_input + grad_weight // groups
+
+
+def flop_counter() -> Any:
+    """torch's FlopCounterMode with pac's correction for grouped convolutions' backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
+    )
+
+
+def _step_flops(step: Any, batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, int]:
+    """FLOPs of one step: forward, backward, optimizer (see the module's docstring), and their total."""
     from pac.runtime.step import BackpropStep
 
     if not isinstance(step, BackpropStep):  # forward passes only (zeroth-order): the whole step is forward work
-        with FlopCounterMode(display=False) as whole:
+        with flop_counter() as whole:
             step(indices, 0)
         counted = {"forward": whole.get_total_flops(), "backward": 0, "optimizer": 0}
     else:
         step.optimizer.zero_grad(set_to_none=True)
-        with FlopCounterMode(display=False) as forward:
+        with flop_counter() as forward:
             loss = step.loss(batch)
-        with FlopCounterMode(display=False) as backward:
+        with flop_counter() as backward:
             loss.backward()
-        with FlopCounterMode(display=False) as update:
+        with flop_counter() as update:
             step.optimizer.step()
         moments = sum(
             state["exp_avg"].numel()
