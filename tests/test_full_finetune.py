@@ -61,6 +61,6 @@ def test_full_fine_tuning_is_listed_and_may_run_data_parallel(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
-    assert "{parallel-adapters,lora,dora,boundary,taskedge,zo,full" in shown
+    assert "{parallel-adapters,lora,dora,boundary,taskedge,zo,galore,head-bn,full" in shown
     assert "full:everyweightofthemodelandtheheadtrains" in shown and "full2e-05" in shown  # --method, --lr
     assert get_method("full").collaborative is data_parallel_only
