@@ -301,7 +301,8 @@ run's shape, each method in a fresh process. FLOPs per step split into forward, 
 step (torch's FlopCounterMode); memory at the step's peak by category: parameters, gradients, optimizer state,
 activations, temporaries (torch's MemTracker), over the runtime's own floor; the predicted peak resident memory
 of a training run; trainable against total parameters per layer type (depthwise, pointwise and standard
-convolutions, linear maps...).
+convolutions, linear maps...). A method that trains from the activation cache (parallel adapters, boundary)
+is profiled on its phase-2 step; phase 1 adds one forward of the model per sample, once.
 
 examples:
   pac profile --method lora                                   # the bundled SmolLM2, LoRA, batch 8 x 128 tokens
