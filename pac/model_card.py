@@ -153,6 +153,8 @@ def _data(opts: dict[str, Any], summary: dict[str, Any]) -> str:
     if summary.get("holdout_samples"):
         lines.append(f"{summary['holdout_samples']} more rows were held out of training to pick the best epoch.")
     lines.append("This card names the file and counts its rows; it quotes none of them.")
+    if summary.get("data_sha256"):  # tells whether another run read the same data, without revealing it
+        lines.append(f"The data fingerprint (sha256 of the training data): `{summary['data_sha256'][:12]}`.")
     if summary.get("retrieval"):
         lines.append(
             "`retrieval.safetensors` holds the training text's token ids (the memory of the training tokens): "

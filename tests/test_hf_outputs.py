@@ -83,16 +83,18 @@ def test_adapters_saved_under_the_old_name_still_load(method, tiny_llama, topic_
     assert json.loads((peft_dir / LEGACY_ADAPTER_CONFIG).read_text()) == {"peft_type": "LORA"}
 
 
-def test_lora_adapter_loads_with_peft_onto_the_base_model_it_names(tiny_llama, topic_jsonl, tmp_path, recwarn):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_adapter_loads_with_peft_onto_the_base_model_it_names(method, tiny_llama, topic_jsonl, tmp_path, recwarn):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "lora"
-    _train(tiny_llama, topic_jsonl, out, "lora", task="lm")
+    out = tmp_path / method
+    _train(tiny_llama, topic_jsonl, out, method, task="lm")
     ours = load_for_inference(out).model
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]  # peft's, silenced in pac
     config = json.loads((out / LEGACY_ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_llama)
+    assert config["use_dora"] == (method == "dora")
     card = (out / "README.md").read_text()
     assert MARK in card and "Model Card for Model ID" not in card  # pac's card, not peft's blank template
     assert f'AutoModelForCausalLM.from_pretrained("{tiny_llama}")' in card
@@ -129,6 +131,7 @@ def _summary(**changes) -> dict:
             "retrieval": True,
             "data": {"data": "/home/me/private/facts.jsonl", "max_length": 128, "text_field": "text"},
         },
+        "data_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
         "train_samples": 43,
         "holdout_samples": 0,
         "val_samples": 5,
@@ -147,6 +150,7 @@ def test_model_card_of_the_bundled_model():
     assert "| `--reduction` | 8 |" in card and "| `--lr` | 0.001 |" in card and "| `--retrieval` | on |" in card
     assert "| trainable parameters | 1,234,567 |" in card and "| `--split-seed` | default |" in card
     assert "`facts.jsonl`: 43 rows trained on, 5 rows validated" in card and "/home/me" not in card
+    assert "data fingerprint (sha256 of the training data): `9f86d081884c`" in card
     assert "after epoch 2: perplexity 12.5000" in card and "perplexity 9.2500" in card  # last epoch, then memory
     assert "retrieval.safetensors` holds the training text's token ids" in card
     assert 'pac generate --adapter runs/facts --prompt "..."' in card and "PeftModel" not in card
