@@ -190,3 +190,11 @@ def test_image_tasks_refuse_what_cannot_work_and_say_what_to_do(pretrained, tmp_
     loaded = load_for_inference(tmp_path / "f")
     with pytest.raises(PacError, match="tells apart 5, 6, 7, 8, 9, and these images are labelled 0, 1, 2, 3, 4"):
         evaluate_adapter(loaded, DataOptions(data="digits:pretrain", task="image-classify"))
+
+
+def test_pac_launch_refuses_an_image_task_naming_pac_train(tmp_path, capsys):
+    from launcher.main import main as launch
+
+    argv = ["--local", "2", "--task", "image-classify", "--data", "digits", "--model", "resnet18", "--method", "full"]
+    assert launch([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "an edge CNN trains on one device: pac train --task image-classify" in capsys.readouterr().err

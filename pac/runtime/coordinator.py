@@ -31,6 +31,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pac.cache.fingerprint import model_fingerprint
+from pac.data.tasks import IMAGE_TASK
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
 from pac.methods.base import ADAPTER_WEIGHTS
@@ -169,6 +170,11 @@ class Coordinator:
             )
         if options.data.holdout or options.optim.early_stopping:
             raise PacError("--holdout and --early-stopping are single-device options for now: use `pac train`")
+        if options.data.task == IMAGE_TASK:
+            raise PacError(
+                "pac-launch trains language models; an edge CNN trains on one device: "
+                "pac train --task image-classify ..."
+            )
         # The method's options for each mode it may run in: the one given, or (planned) every mode that can.
         modes = [cluster.mode or "shuffle"] if cluster.mode or cluster.stages or cluster.shares else list(MODES)
         if not method.cached:  # token ids: the whole model on every peer, or pipelined forward-only (zo)
