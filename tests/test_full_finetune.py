@@ -64,3 +64,24 @@ def test_full_fine_tuning_is_listed_and_may_run_data_parallel(capsys):
     assert "{parallel-adapters,lora,dora,boundary,taskedge,zo,galore,head-bn,full" in shown
     assert "full:everyweightofthemodelandtheheadtrains" in shown and "full2e-05" in shown  # --method, --lr
     assert get_method("full").collaborative is data_parallel_only
+
+
+def test_galore_trains_a_language_model_with_low_rank_adam_state_and_loads_as_full_does(
+    tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    from pac.methods.galore.optimizer import MatrixProjector
+
+    out = tmp_path / "galore"
+    argv = train_argv(tiny_llama, topic_jsonl, out, tmp_path / "cache", "--method", "galore", "--galore-rank", "2")
+    assert main([*argv, "--epochs", "1", "--max-length", "32", "--checkpoint-every", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "galore" and summary["epochs"][-1]["train_loss"] > 0
+    state = torch.load(sorted((out / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)
+    projected = [s for s in state["optimizer"]["state"].values() if isinstance(s.get("projector"), MatrixProjector)]
+    assert projected and all(2 in s["exp_avg"].shape for s in projected)  # rank-2 moments of every projected matrix
+    loaded = load_for_inference(out)
+    assert loaded.kind == "galore" and isinstance(loaded.model, TransformersModel)
+    capsys.readouterr()
+    assert main([*eval_on_validation(out, tiny_llama, topic_jsonl), "--task", "classify"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["loss"] == pytest.approx(summary["epochs"][-1]["val_loss"], rel=1e-5)
