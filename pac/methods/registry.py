@@ -15,6 +15,8 @@ CLI (docs/architecture.md, "Adding a method"):
   lm_logits    its next-token output (generation, `pac eval --retain`); None: it cannot generate
   merged       the base model with the adapter folded into its weights (`pac export`); None: it runs beside them
   collaborative  whether and how `pac-launch` runs it across devices: its options for a placement mode
+  tasks        the --task values it trains (default: classify and lm; image-classify for the methods that
+               fine-tune edge CNNs, pac.methods.vision_model)
 
 Methods outside pac register when their module is imported: before calling pac in Python, or, for the `pac`
 and `pac peer` commands, by naming the modules in $PAC_METHODS (comma-separated `module` or
