@@ -89,6 +89,7 @@ class LocalPeers:
             "--coordinator-timeout",
             str(self.coordinator_timeout),
             *(["--once"] if self.once else []),
+            "--no-advertise",  # this launch's own peers: nobody else should find them
         ]
         env = {**os.environ, TOKEN_ENV: self.token, "TQDM_DISABLE": "1"}
         with (work / "stdout.log").open("w") as log:

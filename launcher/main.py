@@ -24,6 +24,7 @@ where the peers come from:
   pac-launch --local N [options]      N peer processes on this machine, over loopback
   pac-launch --peers hosts.txt        peers already running `pac peer` on the hosts listed
   pac-launch --peers hosts.txt --ssh  start `pac peer` on each host over ssh first
+  pac-launch --discover               the peers running `pac peer` on this network, found over mDNS
 
 hosts file: one peer per line, `host[:port] [key=value ...]` (port 29600 by default), keys
   name= (shown in the logs), max_mem= (e.g. 4g: layers are split in proportion), threads=,
@@ -55,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--local", type=number(int, minimum=1), metavar="N", help="start N peer processes on this machine"
     )
+    source.add_argument(
+        "--discover",
+        action="store_true",
+        help="find the peers running `pac peer` on this network (mDNS) instead of listing them in a hosts file; "
+        "those that fail the encrypted handshake (another join token) are listed as refused",
+    )
+    where.add_argument(
+        "--wait", type=number(float, above=0), default=3.0, metavar="S", help="with --discover: listen S seconds (3)"
+    )
+    where.add_argument(
+        "--take",
+        metavar="NAMES",
+        help="with --discover: use only these peers (comma-separated names; default: ask on a terminal, else all)",
+    )
+    where.add_argument("--write-hosts", metavar="FILE", help="with --discover: write the hosts file of the peers used")
     where.add_argument("--ssh", action="store_true", help="with --peers: start `pac peer` on every host over ssh")
     where.add_argument("--ssh-option", action="append", default=[], help="extra ssh option, e.g. -p2222 (repeatable)")
     where.add_argument("--dry-run", action="store_true", help="with --ssh: print the ssh commands and stop")
@@ -202,7 +218,7 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
     from launcher.ssh import describe_ssh
     from pac.cli import print_epochs, train_options
     from pac.net.auth import TOKEN_ENV, new_token, token_from_env
-    from pac.net.hosts import read_hosts
+    from pac.net.hosts import parse_hosts, read_hosts
     from pac.runconfig import ClusterOptions
     from pac.runtime.coordinator import Coordinator, RunFailed
     from pac.runtime.launch_record import LaunchRecord
@@ -226,7 +242,10 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
     options = train_options(args)
     local = None
     ssh_procs: list[subprocess.Popen] = []
-    if args.peers:
+    if args.discover:
+        token = token_from_env()
+        hosts = parse_hosts(_discovered_hosts(args, token), "<discovered>")
+    elif args.peers:
         hosts = read_hosts(args.peers)
         token = token_from_env()
         if args.ssh:
@@ -262,6 +281,53 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
             local.stop(grace)
         for proc in ssh_procs:
             proc.terminate()
+
+
+def _discovered_hosts(args: argparse.Namespace, token: str) -> str:
+    """The hosts file of the peers that answer on mDNS and prove the join token, as the user picks them."""
+    from pac.net.discovery import check_peer, discover
+
+    if args.ssh:
+        raise PacError("--ssh starts the peers listed in a hosts file; discovered peers already run `pac peer`")
+    print(f"[pac-launch] looking for peers on this network for {args.wait:g} s (mDNS)", flush=True)
+    usable, refused = [], []
+    for peer in discover(args.wait):
+        why = check_peer(peer, token)
+        (usable if why is None else refused).append((peer, why))
+    for number, (peer, _) in enumerate(usable, start=1):
+        print(f"  {number}. {peer.summary()}")
+    for peer, why in refused:
+        print(f"  refused: {peer.summary()}: {why}")
+    if not usable:
+        raise PacError(
+            "no peer answered with this join token: start `pac peer` on each device with the same $PAC_JOIN_TOKEN "
+            "(and without --no-advertise), wait longer with --wait, or list them with --peers hosts.txt"
+        )
+    chosen = _choose([peer for peer, _ in usable], args.take)
+    text = "".join(peer.hosts_line() + "\n" for peer in chosen)
+    if args.write_hosts:
+        Path(args.write_hosts).write_text(f"# found by pac-launch --discover\n{text}")
+        print(f"[pac-launch] wrote {args.write_hosts}: `--peers {args.write_hosts}` uses the same peers", flush=True)
+    print(f"[pac-launch] using {', '.join(peer.name for peer in chosen)}", flush=True)
+    return text
+
+
+def _choose(usable: list, take: str | None) -> list:
+    """The peers named by --take; without it, those the user picks on a terminal, or every one."""
+    if take is None and sys.stdin.isatty():
+        take = input("peers to use (numbers or names, comma-separated; Enter: all): ").strip() or None
+    if take is None:
+        return usable
+    by_key = {str(n): p for n, p in enumerate(usable, start=1)} | {p.name: p for p in usable}
+    wanted = [t.strip() for t in take.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in by_key]
+    if unknown:
+        raise PacError(f"no discovered peer is {', '.join(unknown)}: choose among {', '.join(p.name for p in usable)}")
+    chosen = []
+    for key in wanted:  # in the order given, each once
+        if by_key[key] not in chosen:
+            chosen.append(by_key[key])
+    return chosen
 
 
 def _start_over_ssh(hosts, token: str, options: list[str]) -> list[subprocess.Popen]:

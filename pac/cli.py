@@ -449,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         "by default the agent serves run after run until stopped, as a service does",
     )
     p.add_argument(
+        "--no-advertise",
+        dest="advertise",
+        action="store_false",
+        help="do not announce this peer on the network's mDNS (`pac-launch --discover` finds advertised peers; "
+        "the announcement carries its name, port, pac version and a device summary, never the join token)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="show what this device measured for the runs it was profiled for (kept in $PAC_HOME/profiles; a "
@@ -528,6 +535,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         threads=args.threads,
         coordinator_timeout=args.coordinator_timeout,
         stays=not args.once,
+        advertise=args.advertise,
     )
     code = PeerAgent(settings).serve()
     # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere): leave

@@ -36,6 +36,7 @@ from pac.models.loading import resolve_model
 from pac.net import auth, codec, protocol
 from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
+from pac.net.discovery import Advertisement
 from pac.runconfig import run_config_from_wire
 from pac.runtime.collaborative import Assignment, run_assignment, run_directory
 from pac.runtime.pipeline import RECEIVER_THREAD
@@ -68,6 +69,7 @@ class PeerSettings:
     threads: int | None = None
     coordinator_timeout: float = 60.0  # seconds of silence after which the run is considered gone
     stays: bool = False  # an agent that serves the next run (not --once): a run can re-plan and come back to it
+    advertise: bool = True  # on the network's mDNS, for `pac-launch --discover` (pac.net.discovery)
 
 
 def device_profile(settings: PeerSettings) -> dict[str, Any]:
@@ -161,6 +163,27 @@ class PeerAgent:
         self.label_names: list[str] | None = None
         self.phase_start: dict[str, tuple[float, int]] = {}  # phase -> (when, done) at its first report
         self.failed_handshakes, self.handshake_logged = 0, -HANDSHAKE_LOG_EVERY_S
+        self.advertisement = self._advertise(host) if settings.advertise else None
+
+    def _advertise(self, host: str) -> Advertisement | None:
+        """This peer on the network's mDNS: its name, port, protocol and device summary (never the token)."""
+        profile = device_profile(self.settings)
+        properties = {
+            "pac": __version__,
+            "protocol": str(protocol.PROTOCOL_VERSION),
+            "cores": str(profile["cores"]),
+            "threads": str(profile["threads"]),
+            "memory_gb": f"{profile['memory'] / 2**30:.1f}",
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        }
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        try:
+            return Advertisement(self.settings.name, host.strip("[]"), port, properties)
+        except Exception as exc:  # a machine without multicast: the peer still serves a hosts file's coordinator
+            log.warning(
+                "not advertised on the network (%s: %s): list this peer in a hosts file", type(exc).__name__, exc
+            )
+            return None
 
     # ------------------------------------------------------------------ sending
     def _send(self, to: bytes, kind: str, **fields: Any) -> None:
@@ -198,6 +221,9 @@ class PeerAgent:
             return self.exit_code
         finally:
             self.stop.set()
+            if self.advertisement is not None:  # the run is over: no coordinator should pick this process now
+                self.advertisement.close()
+                self.advertisement = None
             if self.worker is not None:
                 self.worker.join(timeout=10)
             # libzmq aborts the process when a socket is closed under another thread's call: the data plane's
