@@ -90,3 +90,27 @@ def test_pac_launch_discover_without_a_peer_of_its_token_says_what_to_do(monkeyp
     monkeypatch.setenv("PAC_JOIN_TOKEN", f"nobody-has-{uuid.uuid4().hex}")
     assert launch(["--discover", "--wait", "1", "--out", str(tmp_path / "out")]) == 2
     assert "no peer answered with this join token: start `pac peer` on each device" in capsys.readouterr().err
+
+
+def test_on_a_terminal_the_user_picks_the_peers_by_number_or_takes_all_with_enter():
+    """`_choose` asks only on a terminal: a real pseudo-terminal types the answer."""
+    import pty
+
+    script = (
+        "from launcher.main import _choose\n"
+        "from pac.net.discovery import Found\n"
+        "peers = [Found('laptop', '10.0.0.2', 29600), Found('desk', '10.0.0.3', 29600)]\n"
+        "print('CHOSEN', [p.name for p in _choose(peers, None)])\n"
+    )
+    for answer, expected in ((b"2\n", "['desk']"), (b"\n", "['laptop', 'desk']")):
+        controller, terminal = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=terminal, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        seen = b""
+        while b"Enter: all" not in seen:
+            seen += os.read(controller, 1024)
+        os.write(controller, answer)
+        while b"CHOSEN" not in seen or not seen.rstrip().endswith(b"]"):
+            seen += os.read(controller, 1024)
+        assert proc.wait(timeout=30) == 0 and f"CHOSEN {expected}" in seen.decode()
+        os.close(controller)
