@@ -198,3 +198,18 @@ def test_pac_launch_refuses_an_image_task_naming_pac_train(tmp_path, capsys):
     argv = ["--local", "2", "--task", "image-classify", "--data", "digits", "--model", "resnet18", "--method", "full"]
     assert launch([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "an edge CNN trains on one device: pac train --task image-classify" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_low_rank_pairs_on_depthwise_layers_train_at_peft_s_rank(method, tmp_path):
+    checkpoint = tmp_path / "mobilenet_v2.pth"
+    torch.save(build_network("mobilenet_v2", 5).state_dict(), checkpoint)
+    spec = parse_network(f"mobilenet_v2:{checkpoint}")
+    model = VisionModel(spec, [str(i) for i in range(5)], VisionSettings(method, r=2, depthwise="lora"))
+    depthwise = model.network.features[1].conv[0][0]  # 32 channels in 32 groups
+    assert depthwise.lora_A["default"].weight.shape == (32, 32, 3, 3)  # rank 2 rounded up to the groups
+    model.train()
+    loss = model.loss_batch({"images": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])})
+    loss.backward()
+    assert depthwise.lora_B["default"].weight.grad.abs().sum() > 0  # B starts at zero: its gradient comes first
+    assert depthwise.base_layer.weight.grad is None  # the layer itself stays frozen
