@@ -47,3 +47,5 @@ bench: setup
 	$(PY) benchmarks/collaborative.py
 	$(PY) benchmarks/quality.py --task classify
 	$(PY) benchmarks/quality.py --task lm
+	$(PY) benchmarks/cnn_peft.py
+	$(PY) benchmarks/cnn_profile.py
