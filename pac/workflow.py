@@ -52,6 +52,7 @@ from pac.runtime.prepare import (
 from pac.runtime.progress import RunClock, Watch
 from pac.runtime.run_dir import claim
 from pac.runtime.sources import CachedTaps, LiveTaps, Tokens, batches_of
+from pac.runtime.step import method_step
 from pac.runtime.storage import disk_full_message, is_disk_full
 from pac.runtime.trainer import Trainer, evaluate
 
@@ -136,7 +137,6 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         training_source, built_extras = method.training_source(options, model, train_source)
         extras.update(built_extras)
     config = train_config(opts)
-    step = method.step(options, model, task, training_source, config) if method.step is not None else None
     trainer = Trainer(
         model,
         task,
@@ -145,7 +145,7 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         out,
         val=val_source,
         holdout=holdout_source,
-        train_step=step,
+        train_step=method_step(method, options, model, task, training_source, config),
         **watch.trainer_hooks(opts.optim.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)

@@ -116,8 +116,11 @@ class VisionModel(MethodModel):
             warnings.filterwarnings("ignore", "LoRA adapter added to ConvNd layer with groups > 1")
             inject_adapter_in_model(config, self.network)
 
+    def _named_norms(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.network.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
     def _norms(self) -> list[nn.Module]:
-        return [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return list(self._named_norms().values())
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         images = batch["images"]
@@ -146,13 +149,9 @@ class VisionModel(MethodModel):
         statistics of a method that trains the norms (a checkpoint must hold them to resume exactly)."""
         weights = {n: p for n, p in self.network.named_parameters() if p.requires_grad}
         if self.trains_norms:
-            weights.update(
-                {n: b for n, b in self.network.named_buffers() if n.rpartition(".")[0] in self._norm_names()}
-            )
+            norms = self._named_norms()
+            weights.update({n: b for n, b in self.network.named_buffers() if n.rpartition(".")[0] in norms})
         return weights
-
-    def _norm_names(self) -> set[str]:
-        return {n for n, m in self.network.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
 def build(settings: VisionSettings, ctx: BuildContext) -> VisionModel:

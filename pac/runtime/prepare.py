@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class PreparedData:
     data_sha256: str = ""  # of the training data's bytes (pac.data.sources.data_digest), where they were read
     network: NetworkSpec | None = None  # the CNN of an image task (pac.models.vision)
 
-    @property
+    @cached_property  # read by the run's identity and its adapter's meta: a checkpoint's bytes are hashed once
     def model_fingerprint(self) -> str:
         return self.network.fingerprint() if self.network is not None else model_fingerprint(self.model_dir)
 

@@ -41,7 +41,7 @@ from pac.runconfig import TrainOptions
 from pac.runtime.cpu import cpu_share
 from pac.runtime.prepare import train_config
 from pac.runtime.sources import CachedTaps
-from pac.runtime.step import BackpropStep
+from pac.runtime.step import method_step
 
 # 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors; 6: the side blocks' share;
 # 7: the step also timed on the method's training source (shortlists), and that source's one-off digest
@@ -303,8 +303,7 @@ def _profile_step_in(model_dir: Path, opts: TrainOptions, config: Any, repeats: 
     config_loop = train_config(opts)
 
     def step_seconds(source: Any) -> float:
-        step = method.step(options, model, task, source, config_loop) if method.step is not None else None
-        step = step or BackpropStep(model, task, source, config_loop)
+        step = method_step(method, options, model, task, source, config_loop)
         return _timed(lambda: step(indices, 0), repeats)
 
     train_seconds = step_seconds(source)

@@ -26,6 +26,7 @@ import torch
 from pac.methods.base import MethodModel
 
 if TYPE_CHECKING:  # the loop's module imports this one
+    from pac.methods.registry import Method
     from pac.runtime.trainer import BatchSource, TrainConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -150,3 +151,12 @@ class BackpropStep:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+
+
+def method_step(
+    method: Method, options: Any, model: MethodModel, task: str, source: BatchSource, config: TrainConfig
+) -> TrainStep:
+    """The training step of `method` (its `Method.step`), or backprop + AdamW where it has none."""
+    if method.step is not None:
+        return method.step(options, model, task, source, config)
+    return BackpropStep(model, task, source, config)

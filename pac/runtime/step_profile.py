@@ -126,7 +126,7 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     from pac.runconfig import with_defaults
     from pac.runtime.prepare import prepare_data, train_config
     from pac.runtime.sources import batches_of
-    from pac.runtime.step import BackpropStep
+    from pac.runtime.step import method_step
     from pac.runtime.trainer import epoch_order
 
     floor = psutil.Process().memory_info().rss
@@ -140,8 +140,7 @@ def measured_training_steps(opts: TrainOptions, steps: int = 4) -> dict[str, flo
     ctx.network = data.network
     model = method.build(opts.method_options, ctx)
     config = train_config(opts)
-    step = method.step(opts.method_options, model, task, source, config) if method.step is not None else None
-    step = step or BackpropStep(model, task, source, config)
+    step = method_step(method, opts.method_options, model, task, source, config)
     order, size = epoch_order(len(source), opts.optim.seed, 0), opts.optim.batch_size
     for index in range(steps):
         step(order[index * size : (index + 1) * size], index)
@@ -157,7 +156,7 @@ def profile_in_this_process(opts: TrainOptions) -> dict[str, Any]:
     from pac.methods.registry import get_method
     from pac.runtime.memtrack import peak_by_category
     from pac.runtime.prepare import train_config
-    from pac.runtime.step import BackpropStep
+    from pac.runtime.step import method_step
 
     floor = psutil.Process().memory_info().rss
     method = get_method(opts.method)
@@ -166,8 +165,7 @@ def profile_in_this_process(opts: TrainOptions) -> dict[str, Any]:
         source, ctx, model_label = _synthetic_run(opts, method, options, Path(scratch))
         model = method.build(options, ctx)
         config = train_config(opts)
-        step = method.step(options, model, opts.data.task, source, config) if method.step is not None else None
-        step = step or BackpropStep(model, opts.data.task, source, config)
+        step = method_step(method, options, model, opts.data.task, source, config)
         indices = list(range(opts.optim.batch_size))
         for index in range(2):  # plain steps first: MemTracker's own bookkeeping grows the heap it measures
             step(indices, index)
