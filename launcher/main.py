@@ -8,8 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from pac.runtime.run_view import RunView
 
 from pac.errors import PacError
 from pac.plan.costs import GRADIENT_COMPRESSIONS
@@ -161,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds of silence before a peer counts as lost (default 60)",
     )
+    view = parser.add_argument_group("watching the run")
+    view.add_argument(
+        "--dashboard",
+        metavar="[HOST:]PORT",
+        help="serve a live page of the run at http://HOST:PORT/ (127.0.0.1 unless a host is given; port 0 takes a "
+        "free one): the peers' table, the loss curves as they grow, the plan and the log; no internet needed",
+    )
+    view.add_argument(
+        "--plain",
+        action="store_true",
+        help="log lines even on a terminal, instead of the live table redrawn in place (output that is not a "
+        "terminal, such as a file or CI, always gets lines)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the coordinator is doing")
     add_train_arguments(parser, launch=True)
     parser.set_defaults(out="runs/cluster")
@@ -214,6 +231,14 @@ def _resume(run_dir: Path, given: list[str]) -> int:
 
 def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = None) -> int:
     """The run `args` describe (`argv`, as recorded in launch.json; `earlier`: the record of a run resumed)."""
+    view = _views(args)
+    try:
+        return _launch_with(args, argv, earlier, view)
+    finally:
+        view.close()
+
+
+def _launch_with(args: argparse.Namespace, argv: list[str], earlier: dict | None, view: RunView) -> int:
     from launcher.local import LocalPeers
     from launcher.ssh import describe_ssh
     from pac.cli import print_epochs, train_options
@@ -263,7 +288,7 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
     record = None if args.plan_only else LaunchRecord(Path(options.out), argv, earlier)
     try:
         started_at = psutil.Process().create_time()  # this process's start-up counts in the run's timings
-        coordinator = Coordinator(hosts, token, options, settings, record=record, started_at=started_at)
+        coordinator = Coordinator(hosts, token, options, settings, record=record, started_at=started_at, view=view)
         summary = coordinator.run(plan_only=args.plan_only)
         if not args.plan_only:
             print_epochs(summary["epochs"])
@@ -281,6 +306,20 @@ def _launch(args: argparse.Namespace, argv: list[str], earlier: dict | None = No
             local.stop(grace)
         for proc in ssh_procs:
             proc.terminate()
+
+
+def _views(args: argparse.Namespace) -> RunView:
+    """Lines, or on a terminal the live table; and the browser page where --dashboard asks for it."""
+    from launcher.dashboard import Dashboard
+    from launcher.live import LiveTable
+    from pac.runtime.run_view import PlainView, Views
+
+    terminal = LiveTable() if sys.stdout.isatty() and not args.plain else PlainView(sys.stdout)
+    if not args.dashboard:
+        return terminal
+    dashboard = Dashboard(args.dashboard)
+    print(f"[pac-launch] dashboard: {dashboard.url}", flush=True)
+    return Views([terminal, dashboard])
 
 
 def _discovered_hosts(args: argparse.Namespace, token: str) -> str:

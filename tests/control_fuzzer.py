@@ -21,7 +21,7 @@ import zmq
 from pac.net import auth, protocol
 
 PEER_BOUND = [  # what a coordinator sends
-    protocol.encode("heartbeat"),
+    protocol.encode("heartbeat", usage={}),
     protocol.encode("hello", nonce=auth.new_nonce()),
     protocol.encode("welcome", proof=b"\x00" * 32, rank=0),
     protocol.encode("assign", assignment={"rank": 0}),
@@ -38,7 +38,9 @@ COORDINATOR_BOUND = [  # what peers send; the join's proof is wrong
         data_endpoint="tcp://127.0.0.1:1",
         data_key=b"k" * 40,
     ),  # fmt: skip
-    protocol.encode("progress", phase="train", done=1, total=2, rate=1.0),
+    protocol.encode("progress", phase="train", done=1, total=2, rate=1.0, metrics={"loss": 1.5}),
+    protocol.encode("progress", phase="epoch", done=1, total=2, rate=0.0, metrics={"val_loss": "low", "x": [1]}),
+    protocol.encode("heartbeat", usage={"rss": "lots", "sent": -1, "other": {"a": 1}}),
     protocol.encode("file", name="adapter_model.safetensors", offset=0, chunk=b"x", last=True),
     protocol.encode("finished", summary={"epochs": []}),
     protocol.encode("failed", reason="Connection reset by peer"),

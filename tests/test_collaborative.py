@@ -327,7 +327,7 @@ def test_garbage_gets_an_error_reply_and_crashes_nobody(tiny_llama, topic_jsonl,
         with pytest.raises(zmq.Again):
             outsider.recv()
         replies = []
-        for junk in (b"\xc1garbage", protocol.encode("heartbeat")[:-1] + b"\x00", b"\x93\x01\x02\x03"):
+        for junk in (b"\xc1garbage", protocol.encode("heartbeat", usage={})[:-1] + b"\x00", b"\x93\x01\x02\x03"):
             rogue.send(junk)
             replies.append(protocol.decode(rogue.recv()))
         rogue.send(msgpack.packb({"type": "hello", "version": protocol.PROTOCOL_VERSION, "nonce": 7}))
@@ -886,7 +886,7 @@ def test_the_peer_log_sent_into_out_is_its_tail(tmp_path):
     auth.connect_encrypted(coordinator, token)
     coordinator.connect(agent.endpoint)
     try:
-        coordinator.send(protocol.encode("heartbeat"))  # the agent learns this connection's routing id
+        coordinator.send(protocol.encode("heartbeat", usage={}))  # the agent learns this connection's routing id
         sender, _ = agent.control.recv_multipart()
         agent.coordinator = sender
         agent._send_results(tmp_path / "no-adapter-here")

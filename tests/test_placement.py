@@ -110,7 +110,7 @@ def test_expected_messages_count_what_the_senders_send():
 
 
 def test_protocol_validates_every_field():
-    raw = protocol.encode("progress", phase="cache", done=3, total=10, rate=1.5)
+    raw = protocol.encode("progress", phase="cache", done=3, total=10, rate=1.5, metrics={})
     assert protocol.decode(raw)["done"] == 3
     version = protocol.PROTOCOL_VERSION  # the messages below are of this side's version, but for the one marked
     cases = [

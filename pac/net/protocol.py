@@ -20,8 +20,10 @@ The conversation of one run (C = coordinator, P = peer)::
     C -> P  data       {split, sample_ids, tensors,     the tokenised data (a few bytes per token) as the
                         frames, label_names, task}       header entries and frames of pac.net.codec
     C -> P  assign     {assignment}                     role, layers, peers' data endpoints, rendezvous
-    P -> C  progress   {phase, done, total}             while phase 1 and phase 2 run
-    P <-> C heartbeat  {}                               both ways; silence means the other side is gone
+    P -> C  progress   {phase, done, total, rate,       while phase 1 and phase 2 run; metrics: a training
+                        metrics}                        step's loss, or (phase "epoch") the epoch's record
+    P <-> C heartbeat  {usage}                          both ways; silence means the other side is gone;
+                                                        a peer's usage: {rss, sent} (memory, data-plane bytes)
     P -> C  file       {name, offset, chunk, last}      rank 0 returns the adapter and metrics
     P -> C  finished   {summary}  or  failed {reason}
     C -> P  shutdown   {reason}
@@ -43,7 +45,8 @@ from pac.errors import PacError
 # 6: `assign` carries phase 1's planned micro-batch size; `join` profiles say whether the peer stays.
 # 7: `refused` carries a proof of the join token (a client that only said hello cannot end an agent);
 #    `assign` says whether phase 2 all-reduces over the encrypted data plane, and the ownership a re-plan inherits.
-PROTOCOL_VERSION = 7
+# 8: `progress` carries the training metrics, `heartbeat` the peer's memory and traffic (the live views).
+PROTOCOL_VERSION = 8
 # Control messages are small except `data` and `file`, which are sent in chunks of at most CHUNK_BYTES.
 CHUNK_BYTES = 4 << 20
 MAX_CONTROL_BYTES = 16 << 20  # also set as zmq.MAXMSGSIZE on every control socket
@@ -81,8 +84,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "profiled": {"profile": (dict,)},
     "probe": {"seq": (int,), "payload": (bytes,)},
     "assign": {"assignment": (dict,)},
-    "progress": {"phase": (str,), "done": (int,), "total": (int,), "rate": _NUM},
-    "heartbeat": {},
+    "progress": {"phase": (str,), "done": (int,), "total": (int,), "rate": _NUM, "metrics": (dict,)},
+    "heartbeat": {"usage": (dict,)},
     "file": {"name": (str,), "offset": (int,), "chunk": (bytes,), "last": (bool,)},
     "finished": {"summary": (dict,)},
     "failed": {"reason": (str,)},

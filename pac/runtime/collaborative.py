@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 # coordinator vanished notices within its coordinator timeout (60 s by default) and then stops.
 RUN_DIRECTORY_WAIT_S = 120.0
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+# (phase, done, total, metrics): metrics are a training step's loss, or (phase "epoch") the epoch's record
+Progress = Callable[[str, int, int, dict[str, Any]], None]
 
 
 @dataclass
@@ -236,7 +237,7 @@ def _both_phases(
     dist.barrier()  # every owner's cache is complete before anyone trains
     laps.lap("waiting for the other caches")
     if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
-        progress("train", 0, 0)
+        progress("train", 0, 0, {})
     summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
     sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
     return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
@@ -301,7 +302,7 @@ def _phase_one(
     if not get_method(opts.method).cached:
         return PhaseOne({}, 0)  # it trains on token ids: every peer has the data already, and runs the backbone
     root = cache_root(opts.cache.dir)
-    report = (lambda done, total: progress("cache", done, total)) if progress else None
+    report = (lambda done, total: progress("cache", done, total, {})) if progress else None
     if plan.mode == "replicated":
         caches, done, total, forwarded = {}, 0, sum(len(d) for d in splits.values()), 0
         for name, data in splits.items():
@@ -371,9 +372,13 @@ def _phase_two(
         _same_starting_weights(model, collectives)
     laps.lap("building the model")
     config = train_config(opts)
-    on_step = (lambda step, total: progress("train", step, total)) if progress else None
-    on_checkpoint = (lambda step: progress("checkpoint", step, 0)) if progress else None
-    watched: dict[str, Any] = {"on_step": on_step, "on_checkpoint": on_checkpoint}
+    watched: dict[str, Any] = {}
+    if progress:
+        watched = {
+            "on_step": lambda step, total, loss: progress("train", step, total, {"loss": loss}),
+            "on_epoch_end": lambda epoch, record: progress("epoch", epoch, opts.optim.epochs, record),
+            "on_checkpoint": lambda step: progress("checkpoint", step, 0, {}),
+        }
     staged: dict[str, Any] = {"val": local["val"], **watched, "plane": plane, "plan": plan, "rank": rank}
     trainer: DataParallelTrainer | SidePipelineTrainer | ZerothOrderPipelineTrainer
     if plan.mode == PIPELINE:

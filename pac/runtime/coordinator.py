@@ -17,6 +17,7 @@ import enum
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -61,6 +62,8 @@ from pac.runtime.collaborative import Assignment
 from pac.runtime.launch_record import LaunchRecord
 from pac.runtime.prepare import SUMMARY, PreparedData, prepare_data
 from pac.runtime.profiler import device_profile_of, model_costs_of
+from pac.runtime.run_view import PlainView, RunView
+from pac.runtime.timeline import TIMELINE, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ BLAME_WAIT_S = 3 * HEARTBEAT_S
 LATECOMER_HELLO_S = 2.0  # how often a peer missing from the run is greeted while it goes on
 REJOIN_S = 60.0  # the least a re-plan waits for its agents to start afresh and join again
 UNREACHABLE_GRACE_S = 5.0  # agents started with the run (pac-launch --local) take a few seconds to listen
+SNAPSHOT_EVERY_S = 0.5  # how often the views get the run's state
+CURVE_POINTS = 500  # the most training steps a snapshot's loss curve carries (evenly thinned)
 DATA_CHUNK_SAMPLES = 256
 LINK_PROBE_BYTES = 1 << 20  # a link probe's payload: large enough that bandwidth, not latency, dominates
 HANDSHAKE_ATTEMPTS = 3  # failed encrypted handshakes before a peer counts as holding another token
@@ -137,6 +142,7 @@ class PeerState:
     echoes: dict[int, float] = field(default_factory=dict)  # link probe number -> when its echo arrived
     checkpoint_at: float = 0.0  # when it last reported a phase-2 checkpoint
     arrived_at: float | None = None  # when it joined
+    usage: dict[str, int] = field(default_factory=dict)  # its memory (rss) and data-plane bytes (sent), as heard
 
     @property
     def routing_id(self) -> bytes:
@@ -153,11 +159,14 @@ class Coordinator:
         display: TextIO | None = None,
         record: LaunchRecord | None = None,
         started_at: float | None = None,
+        view: RunView | None = None,
     ):
         """`record`: the run's launch.json (pac.runtime.launch_record), rewritten at every change of state.
         `started_at`: when the process running this coordinator started (time.time()), so that its start-up
-        counts in summary.json's seconds_by_state (pac-launch passes its own)."""
+        counts in summary.json's seconds_by_state (pac-launch passes its own).
+        `view`: what the run looks like while it goes (pac.runtime.run_view); lines on `display` by default."""
         self.starting = time.time() - started_at if started_at is not None else None
+        self.began = time.monotonic() - (self.starting or 0.0)  # the process's start, where known
         method = get_method(options.method)
         if method.collaborative is None:
             raise PacError(f"--method {options.method} does not run across devices yet: use `pac train`")
@@ -209,7 +218,11 @@ class Coordinator:
         if not self.mode_options:
             raise PacError("; ".join(refusals))
         self.options = with_defaults(replace(options, method_options=next(iter(self.mode_options.values()))))
-        self.cluster, self.token, self.display, self.record = cluster, token, display or sys.stdout, record
+        self.cluster, self.token, self.record = cluster, token, record
+        self.view = view or PlainView(display or sys.stdout)
+        self.timeline = Timeline()  # written to --out once the run is more than a plan (run)
+        self._last_snapshot = 0.0
+        self._seen_status: dict[str, str] = {}  # each peer's status as the timeline has it
         self.peers = {h.name: PeerState(h) for h in hosts}
         self.state = RunState.JOINING
         self.planned: PlanChoice | None = None
@@ -244,8 +257,8 @@ class Coordinator:
             self.sock.connect(peer.host.endpoint)
         self.store: dist.TCPStore | None = None
         self.store_listener: socket.socket | None = None
-        self._last_display = 0.0
         self.entered: dict[RunState, float] = {RunState.JOINING: time.monotonic()}
+        self.timeline.add("state", state=self.state.value)
 
     # ------------------------------------------------------------------ state machine
     def _advance(self, target: RunState) -> None:
@@ -253,8 +266,11 @@ class Coordinator:
         if target is not RunState.FAILED and NEXT_STATE.get(self.state) is not target and not replanning:
             raise RuntimeError(f"run state {self.state.value} cannot go to {target.value}")
         log.info("run state: %s -> %s", self.state.value, target.value)
+        self._observe()  # what led here (a peer's last status) goes first
         self.state = target
         self.entered[target] = time.monotonic()
+        self.timeline.add("state", state=target.value, **({"reason": self.reason} if self.reason else {}))
+        self._observe(snapshot=True)
         if self.record is not None:
             self.record.update(state=target.value, **({"reason": self.reason} if target is RunState.FAILED else {}))
         self._print(f"[pac-launch] {target.value}" + (f": {self.reason}" if self.reason else ""))
@@ -265,7 +281,7 @@ class Coordinator:
         raise RunFailed(reason)
 
     def _print(self, line: str) -> None:
-        print(line, file=self.display, flush=True)
+        self.view.line(line)
 
     # ------------------------------------------------------------------ messaging
     def _send(self, peer: PeerState, kind: str, block: bool = False, **fields: Any) -> bool:
@@ -278,6 +294,7 @@ class Coordinator:
             return False
 
     def _poll(self, timeout_ms: int) -> None:
+        self._observe()
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
             if event["event"] == zmq.EVENT_CONNECT_RETRIED:
@@ -313,9 +330,19 @@ class Coordinator:
             self._send(peer, "error", reason=f"{kind}: join first")
         elif kind == "progress" and message["phase"] == "checkpoint":
             peer.checkpoint_at = time.monotonic()
+        elif kind == "progress" and message["phase"] == "epoch":
+            if peer.rank == 0:  # every rank's epoch record is the same sums over the ranks
+                self.timeline.add("epoch", peer=peer.host.name, **_numbers(message["metrics"]))
         elif kind == "progress":
             peer.status = message["phase"]
             peer.progress = (message["phase"], message["done"], message["total"], message["rate"])
+            loss = _numbers(message["metrics"]).get("loss")
+            if message["phase"] == "train" and loss is not None:
+                self.timeline.add("step", peer=peer.host.name, step=message["done"], total=message["total"], loss=loss)
+        elif kind == "heartbeat":
+            peer.usage = {k: int(v) for k, v in _numbers(message["usage"]).items() if k in ("rss", "sent") and v >= 0}
+            if peer.usage:
+                self.timeline.add("usage", peer=peer.host.name, **peer.usage)
         elif kind == "file" and not _plain_file_name(message["name"]):  # written into --out: a path leaves it
             self._send(peer, "error", reason=f"file {message['name']!r}: not a plain file name")
         elif kind == "file":
@@ -457,6 +484,8 @@ class Coordinator:
             self.store_listener.close()
 
     def _run(self, plan_only: bool) -> dict[str, Any]:
+        if not plan_only:
+            self.timeline.attach(self.out / TIMELINE)
         self._print(f"[pac-launch] {self.state.value}: {len(self.peers)} peer(s)")
         # Before anyone joins, so that bad data, an unknown model or bad --stages fail in seconds.
         prepared = prepare_data(self.options.model, self.options.data)
@@ -606,6 +635,8 @@ class Coordinator:
         self.lost.append(
             {"peer": lost.peer.host.name, "state": self.state.value, "at": time.time(), "remaining": names}
         )
+        self.timeline.add("peer", peer=lost.peer.host.name, status="lost")
+        self._seen_status[lost.peer.host.name] = "lost"
         if self.record is not None:
             self.record.update(lost=self.lost)
         # It may come back (its agent restarted, its device back on the network): then it is planned in again.
@@ -841,7 +872,7 @@ class Coordinator:
             now = time.monotonic()
             if now >= next_beat:
                 for p in members:
-                    self._send(p, "heartbeat")
+                    self._send(p, "heartbeat", usage={})
                 next_beat = now + HEARTBEAT_S
             self._admit_arrivals(members, now)
             gone = self._gone(members, now)
@@ -853,29 +884,74 @@ class Coordinator:
             if self.symptom and now - self.symptom[1] > BLAME_WAIT_S:
                 self._fail(self.symptom[0])
             self._poll(100)
-            self._show(members)
         if then is not None:
             self._advance(then)
 
-    def _show(self, members: list[PeerState], every: float = 5.0) -> None:
+    def _observe(self, snapshot: bool = False) -> None:
+        """The timeline's peer events (who changed status), and, every SNAPSHOT_EVERY_S (now: `snapshot`), the
+        views' snapshot."""
+        for name, peer in self.peers.items():
+            if self._seen_status.get(name) != peer.status:
+                self._seen_status[name] = peer.status
+                self.timeline.add("peer", peer=name, status=peer.status)
         now = time.monotonic()
-        if now - self._last_display < every:
-            return
-        self._last_display = now
-        parts = []
-        for p in members:
-            _, done, total, rate = p.progress
-            if p.status == "cache":
-                parts.append(f"{p.host.name}: cache {done}/{total} samples ({rate:.1f}/s)")
-            elif p.status == "train" and not total:
-                parts.append(f"{p.host.name}: preparing to train")
-            elif p.status == "train":
-                parts.append(f"{p.host.name}: training, step {done}/{total} ({rate:.1f}/s)")
-            else:
-                parts.append(f"{p.host.name}: {p.status}")
-        for p in self._outside(members, "joined"):
-            parts.append(f"{p.host.name}: arrived, planned in at the next checkpoint")
-        self._print("  " + " | ".join(parts))
+        if snapshot or now - self._last_snapshot >= SNAPSHOT_EVERY_S:
+            self._last_snapshot = now
+            self.view.update(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run as it is now, as plain data for the views (pac.runtime.run_view describes its fields)."""
+        now = time.monotonic()
+        plan, ranks = self.assigned if self.assigned is not None else (None, [])
+        going = self.state in (RunState.CACHE_BUILD, RunState.TRAINING)
+        rows = []
+        for name, peer in self.peers.items():
+            rank = ranks.index(name) if name in ranks and self.state is not RunState.JOINING else -1
+            phase, done, total, rate = peer.progress
+            status = "arrived" if going and rank < 0 and peer.status == "joined" else peer.status
+            rows.append(
+                {
+                    "name": name,
+                    "rank": rank,
+                    "status": status,
+                    "layers": f"{plan.stages[rank][0]}-{plan.stages[rank][1] - 1}" if plan and rank >= 0 else "",
+                    "done": done if phase == peer.status else 0,
+                    "total": total if phase == peer.status else 0,
+                    "unit": {"cache": "samples", "train": "steps"}.get(phase, ""),
+                    "rate": rate if phase == peer.status else 0.0,
+                    "rss": peer.usage.get("rss"),
+                    "sent": peer.usage.get("sent"),
+                    "heard": None if peer.status in ("connecting", "refused") else now - peer.last_heard,
+                }
+            )
+        steps = [e for e in self.timeline.of("step") if ranks and e["peer"] == ranks[0]]
+        thinned = [[e["step"], e["loss"]] for e in steps[:: -(-len(steps) // CURVE_POINTS)]] if steps else []
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "elapsed": now - self.began,
+            "eta": self._eta(rows),
+            "mode": plan.mode if plan else None,
+            "plan": self.planned.describe().splitlines() if self.planned else ([plan.describe()] if plan else []),
+            "peers": rows,
+            "curves": {
+                "steps": thinned,
+                "total_steps": steps[-1]["total"] if steps else 0,
+                "epochs_planned": self.options.optim.epochs,
+                "epochs": self.timeline.of("epoch"),
+            },
+        }
+
+    def _eta(self, rows: list[dict[str, Any]]) -> float | None:
+        """Seconds left, from the slowest peer's rate in the phase it is in; while the cache is built, the planned
+        training time after it (None before that, or where no rate is known yet)."""
+        if self.state not in (RunState.CACHE_BUILD, RunState.TRAINING):
+            return None
+        left = [(r["total"] - r["done"]) / r["rate"] for r in rows if r["rank"] >= 0 and r["rate"] > 0 and r["total"]]
+        if not left:
+            return None
+        after = self.planned.best.phase2_seconds if self.state is RunState.CACHE_BUILD and self.planned else 0.0
+        return max(left) + after
 
     def _export(self, members: list[PeerState], plan: Plan) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -921,6 +997,15 @@ class Coordinator:
         for p in self.peers.values():
             if p.status not in ("connecting", "refused"):
                 self._send(p, "shutdown", reason=reason)
+
+
+def _numbers(fields: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a peer's metrics or usage (anything else a message carries is dropped)."""
+    return {
+        k: float(v)
+        for k, v in fields.items()
+        if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _plain_file_name(name: str) -> bool:

@@ -164,6 +164,7 @@ class PeerAgent:
         self.phase_start: dict[str, tuple[float, int]] = {}  # phase -> (when, done) at its first report
         self.failed_handshakes, self.handshake_logged = 0, -HANDSHAKE_LOG_EVERY_S
         self.advertisement = self._advertise(host) if settings.advertise else None
+        self.process = psutil.Process()
 
     def _advertise(self, host: str) -> Advertisement | None:
         """This peer on the network's mDNS: its name, port, protocol and device summary (never the token)."""
@@ -186,6 +187,10 @@ class PeerAgent:
             return None
 
     # ------------------------------------------------------------------ sending
+    def _usage(self) -> dict[str, int]:
+        """What the live views show of this device: its resident memory and what its data plane has sent."""
+        return {"rss": self.process.memory_info().rss, "sent": self.plane.bytes_sent}
+
     def _send(self, to: bytes, kind: str, **fields: Any) -> None:
         try:
             self.control.send_multipart([to, protocol.encode(kind, **fields)], flags=zmq.NOBLOCK)
@@ -212,7 +217,7 @@ class PeerAgent:
                 now = time.monotonic()
                 if self.coordinator is not None:
                     if now >= next_beat:
-                        self._send(self.coordinator, "heartbeat")
+                        self._send(self.coordinator, "heartbeat", usage=self._usage())
                         next_beat = now + HEARTBEAT_S
                     if now - self.last_heard > self.settings.coordinator_timeout:
                         log.error("the coordinator has been silent for %.0f s: stopping", now - self.last_heard)
@@ -387,7 +392,7 @@ class PeerAgent:
                     self.label_names,
                     out,
                     zmq_plane=self.plane,
-                    progress=lambda phase, done, total: self.events.put(("progress", phase, done, total)),
+                    progress=lambda *report: self.events.put(("progress", *report)),
                     stop=self.stop,
                 )
             steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds_by_step"].items())
@@ -406,16 +411,20 @@ class PeerAgent:
             if self.coordinator is None:
                 continue
             if event[0] == "progress":
-                _, phase, done, total = event
+                _, phase, done, total, metrics = event
                 now = time.monotonic()
                 t0, d0 = self.phase_start.setdefault(phase, (now, done))
                 rate = (done - d0) / (now - t0) if now > t0 else 0.0
-                self._send(self.coordinator, "progress", phase=phase, done=done, total=total, rate=float(rate))
+                metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+                self._send(
+                    self.coordinator, "progress", phase=phase, done=done, total=total, rate=float(rate), metrics=metrics
+                )
             elif event[0] == "profiled":
                 self._send(self.coordinator, "profiled", profile=event[1])
             elif event[0] == "done":
                 _, summary, out = event
                 self._send_results(out)
+                self._send(self.coordinator, "heartbeat", usage=self._usage())  # the run's last memory and traffic
                 self._send(self.coordinator, "finished", summary=summary)
             else:
                 self.work_failed = True

@@ -41,6 +41,13 @@ class Timeline:
                 f.write(json.dumps(record, default=str) + "\n")
         return record
 
+    def attach(self, path: Path) -> None:
+        """From now on append to `path` (the events so far go first)."""
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.writelines(json.dumps(record, default=str) + "\n" for record in self.events)
+
     def of(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == event]
 

@@ -122,7 +122,7 @@ class Trainer:
         val: BatchSource | None = None,
         holdout: BatchSource | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
         clock: RunClock | None = None,
         train_step: TrainStep | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
@@ -318,7 +318,7 @@ class Trainer:
                 bar.set_postfix_str(f"loss {loss:.4f}  {self.clock.left()}", refresh=False)
                 bar.update()
                 if self.on_step is not None:
-                    self.on_step(self.step, self.total_steps)
+                    self.on_step(self.step, self.total_steps, loss)
                 self._log(
                     {"step": self.step, "epoch": epoch + 1, "loss": loss, **result.metrics, "lr": self.train_step.lr}
                 )
