@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-compression",
         choices=GRADIENT_COMPRESSIONS,
         help="how the data-parallel modes send gradients: fp16 (torch's DDP hook, scaled before the cast) "
-        "halves the bytes of every all-reduce. Default: planned (fp16 where it is predicted at least 5% faster), "
+        "halves the bytes of every all-reduce. Default: planned (fp16 where it is predicted at least 5%% faster), "
         "else none",
     )
     plan.add_argument(

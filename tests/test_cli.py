@@ -209,6 +209,19 @@ def test_console_scripts_teach():
     assert "JSONL" in out.stdout
 
 
+def test_every_command_s_help_prints(capsys):
+    """argparse formats a help text only when asked: a stray % in one (a format directive) fails then alone."""
+    import argparse
+
+    from launcher.main import build_parser as launch_parser
+    from pac.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in [("pac", parser), *commands.items(), ("pac-launch", launch_parser())]:
+        assert sub.format_help().startswith("usage:"), name
+
+
 def test_training_seed_does_not_change_the_split(tiny_llama, topic_jsonl, tmp_path):
     """Seeds vary initialisation and order only, so runs of several seeds share one split and one cache;
     zero epochs (the API's, which `pac train` refuses) build the cache and report the untrained starting point."""
