@@ -349,7 +349,7 @@ def _phase_two(
     laps: Laps,
 ) -> dict[str, Any]:
     # Here, not at the top: the zeroth-order pipeline brings transformers' model classes, which a peer that
-    # caches (phase 1) and trains in the other modes never loads (docs/devices: a light peer).
+    # caches (phase 1) and trains in the other modes never loads (deploy/android-termux.md: a lighter peer).
     from pac.runtime.zo_pipeline import ZerothOrderPipelineTrainer
 
     opts, plan, rank = job.options, job.plan, job.rank
