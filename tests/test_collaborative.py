@@ -784,6 +784,9 @@ def test_gradients_compressed_by_ddp_hooks(compression, within, single_device, t
     assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["grad_compression"] == compression
+    # Every rank hands the same gradient buckets (and loss totals) to the all-reduces, whatever samples it owns.
+    counted = {p["summary"]["phase2_allreduce_bytes"] for p in summary["peers"].values()}
+    assert len(counted) == 1 and counted.pop() > 0
     single_summary = single_device[1]
     losses = [e["train_loss"] for e in summary["epochs"]]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]

@@ -51,7 +51,6 @@ from pac.runtime.side_pipeline import SidePipelineTrainer
 from pac.runtime.sources import CachedTaps, Tokens
 from pac.runtime.storage import disk_full_message, is_disk_full
 from pac.runtime.trainer import Trainer
-from pac.runtime.zo_pipeline import ZerothOrderPipelineTrainer
 
 log = logging.getLogger(__name__)
 # How long a peer waits for an earlier process of the same run to leave its run directory: a peer whose
@@ -350,6 +349,10 @@ def _phase_two(
     progress: Progress | None,
     laps: Laps,
 ) -> dict[str, Any]:
+    # Here, not at the top: the zeroth-order pipeline brings transformers' model classes, which a peer that
+    # caches (phase 1) and trains in the other modes never loads (deploy/android-termux.md: a lighter peer).
+    from pac.runtime.zo_pipeline import ZerothOrderPipelineTrainer
+
     opts, plan, rank = job.options, job.plan, job.rank
     method = get_method(opts.method)
     local: dict[str, Any] = {}
@@ -413,6 +416,8 @@ def _phase_two(
         "cached_samples": {k: len(s) for k, s in local.items()},
         "split_sizes": {k: len(d) for k, d in splits.items()},
     }
+    if isinstance(trainer, DataParallelTrainer):  # gloo's or the ring's input, beside the data plane's bytes
+        summary["phase2_allreduce_bytes"] = trainer.train_step.allreduce_bytes
     if isinstance(trainer, ZerothOrderPipelineTrainer):  # what its training steps alone sent (no evaluation)
         summary.update(steps_taken=trainer.train_step.taken, step_bytes_sent=trainer.train_step.sent_bytes)
     if rank == 0:

@@ -8,6 +8,8 @@ count gives exactly the gradient of the global batch's mean loss, so, up to floa
 N peers take the same steps as one device with the same global batch and seed. The all-reduce is torch's
 DistributedDataParallel, with its communication hooks to compress gradients over a slow link, and to send them
 over the encrypted data plane (pac.net.collective) where nothing derived from the data may cross in clear.
+Weights on a device gloo cannot reduce (MPS) have their gradient buckets copied to CPU and back around the
+all-reduce; every path counts the bytes it hands to all-reduces (`DataParallelStep.allreduce_bytes`).
 
 The synchronisation is part of the training step (`DataParallelStep`, a pac.runtime.step.BackpropStep whose
 gradients are summed over the ranks): the loop is the plain Trainer's; only its evaluation sums over ranks too.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +80,68 @@ class _SummedLoss(torch.nn.Module):
         return self.model.loss_batch(batch) * loss_count(self.task, batch["labels"])
 
 
-def _register_hook(
-    ddp: DistributedDataParallel, compression: str, group: dist.ProcessGroup | None, plane: PlaneCollectives | None
-) -> None:
+def all_reduces_on_cpu(device: torch.device, backend: str | None) -> bool:
+    """Whether gradients on `device` are copied to CPU for their all-reduce over `backend` ("gloo", "nccl", or None
+    for the encrypted data plane): gloo reduces CPU and CUDA tensors but never MPS ones (Apple silicon), and the
+    data plane sends CPU tensors only."""
+    if device.type == "cpu":
+        return False
+    return backend is None or (backend == "gloo" and device.type != "cuda")
+
+
+class _BucketReduce:
+    """A DDP communication hook's state: the hook that all-reduces a bucket (torch's default, its fp16 cast, or
+    either over the encrypted plane) with its own state, whether it runs on a CPU copy of the bucket, and the
+    payload it has handed to all-reduces so far (`bytes`: each bucket's size as sent, fp16 or not, once per
+    all-reduce; not what crosses the links, which a ring makes 2 (n - 1) / n of it per rank)."""
+
+    def __init__(
+        self,
+        hook: Callable[[Any, Any], torch.futures.Future[torch.Tensor]],
+        state: Any,
+        wire: torch.dtype | None,
+        on_cpu: bool,
+    ):
+        self.hook, self.state, self.wire, self.on_cpu = hook, state, wire, on_cpu
+        self.bytes = 0
+
+
+class _CpuBucket:
+    """A bucket's CPU copy, as the hooks see a bucket (they only read `buffer()`)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def buffer(self) -> torch.Tensor:
+        return self.tensor
+
+
+def _bucket_reduce(
+    compression: str, group: dist.ProcessGroup | None, plane: PlaneCollectives | None, on_cpu: bool
+) -> _BucketReduce:
     if compression not in GRADIENT_COMPRESSIONS:
         raise PacError(f"unknown gradient compression {compression!r}: use one of {', '.join(GRADIENT_COMPRESSIONS)}")
+    wire = torch.float16 if compression == "fp16" else None
     if plane is not None:
-        ddp.register_comm_hook(plane, _hook_over_plane if compression == "none" else _fp16_hook_over_plane)
-    elif compression == "fp16":
-        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+        return _BucketReduce(_hook_over_plane if wire is None else _fp16_hook_over_plane, plane, wire, on_cpu)
+    # Without compression, torch's default hook: it reduces as DDP does without one, and lets the bytes be counted.
+    hook = default_hooks.allreduce_hook if wire is None else default_hooks.fp16_compress_hook
+    return _BucketReduce(hook, group, wire, on_cpu)
 
 
-# The hooks' `bucket` goes unannotated: DDP checks that annotation against dist.GradBucket itself, and this
-# module's postponed annotations would hand it a string.
+# The hooks' `bucket` goes unannotated, and so does what they return: DDP checks those annotations against
+# dist.GradBucket and Future[Tensor] itself, and this module's postponed annotations would hand it strings.
+def _reduce_bucket(reduce: _BucketReduce, bucket):
+    """The bucket all-reduced by `reduce.hook`, through a CPU copy where the group cannot take its device."""
+    buffer = bucket.buffer()
+    reduce.bytes += buffer.numel() * (reduce.wire or buffer.dtype).itemsize
+    if not reduce.on_cpu:
+        return reduce.hook(reduce.state, bucket)
+    # copy=True: a real copy even of a CPU bucket, so the CPU stand-in in the tests runs this path as MPS would.
+    staged = reduce.hook(reduce.state, _CpuBucket(buffer.to("cpu", copy=True)))
+    return staged.then(lambda done: buffer.copy_(done.value()))
+
+
 def _hook_over_plane(plane: PlaneCollectives, bucket):
     """DDP's default all-reduce (a mean over the ranks), made over the encrypted data plane instead of gloo."""
     buffer = bucket.buffer()
@@ -114,7 +165,9 @@ class DataParallelStep(BackpropStep):
     """The default update, on gradients summed over the ranks of a process group by torch's
     DistributedDataParallel: its gradient buckets are all-reduced while the backward is still running, and its
     communication hook (`compression`: an fp16 cast) halves what crosses a slow link. With `plane`, the hook and
-    the loss totals go over the encrypted data plane rather than gloo, which sends them in clear."""
+    the loss totals go over the encrypted data plane rather than gloo, which sends them in clear. Weights on a
+    device the group cannot reduce (MPS under gloo; anything but CPU on the plane) have their buckets copied to
+    CPU and back around the all-reduce (`all_reduces_on_cpu`)."""
 
     source: ShardedSource
 
@@ -127,9 +180,13 @@ class DataParallelStep(BackpropStep):
         group: dist.ProcessGroup | None = None,
         compression: str = "none",
         plane: PlaneCollectives | None = None,
+        on_cpu: bool | None = None,
     ):
         super().__init__(model, task, source, config)
         self.group, self.plane = group, plane
+        if on_cpu is None:  # from where the weights are; pass True to run the CPU copy on CPU weights (tests)
+            device = self.params[0].device if self.params else torch.device("cpu")
+            on_cpu = all_reduces_on_cpu(device, None if plane is not None else dist.get_backend(group))
         # The ranks built the same weights (pac.runtime.collaborative broadcasts them): no start-up sync, which
         # would send every frozen buffer too; unused parameters (a head the task does not read) still all-reduce.
         self.ddp = DistributedDataParallel(
@@ -139,8 +196,16 @@ class DataParallelStep(BackpropStep):
             broadcast_buffers=False,
             find_unused_parameters=True,
         )
-        _register_hook(self.ddp, compression, group, plane)
+        self.reduce = _bucket_reduce(compression, group, plane, on_cpu)
+        self.ddp.register_comm_hook(self.reduce, _reduce_bucket)
         self.world = dist.get_world_size(group)
+        self.totals_bytes = 0  # the loss totals' all-reduces (and the trainer's evaluation sums)
+
+    @property
+    def allreduce_bytes(self) -> int:
+        """The payload this rank has handed to all-reduces: gradient buckets as sent (fp16 under compression) and
+        loss totals; not the starting weights' broadcast, nor what the ring or gloo put on the links."""
+        return self.reduce.bytes + self.totals_bytes
 
     def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
         mine = self.source.owned(indices)
@@ -150,7 +215,9 @@ class DataParallelStep(BackpropStep):
         # The global batch's loss and count travel while the backward runs; DDP averages the gradient sums over
         # the ranks, so world / count turns them into the gradient of the global batch's mean loss.
         count = loss_count(self.task, batch["labels"]) if batch is not None else 0
+        # On CPU whatever device trains: gloo and the data plane take CPU tensors.
         totals = torch.tensor([loss_sum.item(), float(count)], dtype=torch.float64)
+        self.totals_bytes += totals.nbytes
         if self.plane is not None:
             self.plane.all_reduce(totals)
             loss_sum.backward()
@@ -169,6 +236,7 @@ class DataParallelTrainer(Trainer):
     """A Trainer whose steps (`DataParallelStep`) and evaluations are sums over the ranks of a process group."""
 
     train_source: ShardedSource
+    train_step: DataParallelStep
 
     def __init__(
         self,
@@ -195,6 +263,7 @@ class DataParallelTrainer(Trainer):
         totals = evaluation_totals(self.model, local) if len(local) else {}
         keys = ("loss_sum", "count", "correct") if predicts_class(self.task) else ("loss_sum", "count")
         summed = torch.tensor([float(totals.get(k, 0.0)) for k in keys], dtype=torch.float64)
+        self.train_step.totals_bytes += summed.nbytes
         if self.plane is not None:
             self.plane.all_reduce(summed)
         else:
