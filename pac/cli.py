@@ -41,6 +41,7 @@ examples:
   pac generate --adapter runs/notes --prompt "Summarise my week"
   pac generate --base --prompt "Summarise my week"          # the same prompt to the base model
   pac eval --adapter runs/notes --retain      # how much the adapter changed the model off its data
+  pac report runs/adapter                     # the run as pictures: curves, who was busy when, memory, traffic
   pac train --task image-classify --data digits:pretrain --model resnet18 --method full --out runs/cnn
   pac train --task image-classify --data digits:unseen --model resnet18:runs/cnn --method lora --out runs/cnn-lora
 """
@@ -347,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, minimum=1),
         help="CPU threads for torch (default: all cores, or one per core of a CPU quota: a container's --cpus)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,export,profile,peer,plan}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,generate,export,profile,report,peer,plan}"
+    )
 
     t = sub.add_parser(
         "train",
@@ -471,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", required=True, help="directory written by `pac train --out`")
     x.add_argument("--out", required=True, help="directory for the merged model")
     x.add_argument("--model", help="base model, if not where the adapter was trained")
+    r = sub.add_parser(
+        "report",
+        help="draw a run's curves, phases per peer, memory and traffic as PNGs, with a markdown summary",
+        description=REPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("run_dir", metavar="RUN_DIR", help="the --out of a `pac train` or `pac-launch` run")
+    r.add_argument("--out", metavar="DIR", help="where to write the pictures and report.md (default: RUN_DIR/report)")
     sub.add_parser(
         "plan",
         help="plan a collaborative run without running it: `pac plan --peers hosts.txt [pac-launch options]`",
@@ -478,6 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     return parser
 
+
+REPORT_HELP = """\
+Draw a finished, failed or still running run from the files in its directory, as PNGs a person would rather
+look at than read, and a short report.md that names them:
+
+  curves.png     training and validation loss per epoch (validation accuracy beside it for classify),
+                 each step's loss faintly behind
+  timeline.png   who was busy when: a row per peer coloured by phase, the run's states on top
+  memory.png     resident memory per peer over time
+  traffic.png    bytes each peer sent, over time and by phase (phase 1, phase 2, the gradient all-reduce)
+
+The last three need a collaborative run (`pac-launch` writes timeline.jsonl and each peer's counters); a
+`pac train` run on one device gets its curves and the summary, and report.md says what is absent and why.
+Nothing is trained or loaded: it takes a second or two.
+
+examples:
+  pac report runs/adapter                     # writes runs/adapter/report/{curves.png,report.md}
+  pac report runs/home --out /tmp/home-report # a pac-launch run, drawn elsewhere
+"""
 
 PEER_HELP = """\
 Serve as one device of collaborative runs: listen for a coordinator (`pac-launch`), prove the
@@ -725,6 +755,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pac.report import write_report
+
+    for path in write_report(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Progress lines reach a log file as they are printed, not when a block buffer fills.
     if hasattr(sys.stdout, "reconfigure"):
@@ -742,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pac: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "report":  # reads files and draws: no torch to load, no threads to set
+        return _reporting_errors(cmd_report, args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers.utils import logging as hf_logging
@@ -753,16 +793,21 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or quota_threads()
     if threads:
         torch.set_num_threads(threads)
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "generate": cmd_generate,
+        "export": cmd_export,
+        "profile": cmd_profile,
+        "peer": cmd_peer,
+    }
+    return _reporting_errors(commands[args.command], args)
+
+
+def _reporting_errors(command: Any, args: argparse.Namespace) -> int:
+    """Run a command; a PacError (what the user did wrong and what to do) is printed, exit code 2."""
     try:
-        commands = {
-            "train": cmd_train,
-            "eval": cmd_eval,
-            "generate": cmd_generate,
-            "export": cmd_export,
-            "profile": cmd_profile,
-            "peer": cmd_peer,
-        }
-        return commands[args.command](args)
+        return command(args)
     except PacError as exc:
         print(f"pac: error: {exc}", file=sys.stderr)
         return 2

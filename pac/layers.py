@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "pac.runtime.coordinator": 5,
     "pac.runtime.peer": 5,
     "pac.workflow": 6,
+    "pac.report": 6,  # `pac report`: a run directory drawn (the benchmarks draw with its helpers too)
     "pac.api": 6,
     "pac.cli": 7,
     "launcher": 7,
