@@ -349,27 +349,21 @@ def compression_report(rows: dict[str, Any]) -> str:
 
 
 def plot(rows: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pac.report import bars, pyplot, save
 
     tasks = sorted({r["task"] for r in rows.values()})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         configs = _configs(rows, task, MAIN)
-        for i, epochs in enumerate(EPOCHS):
-            walls = []
-            for config in configs:
-                row = _row(rows, task, config, epochs)
-                walls.append(timing(row, epochs)[0] if row else 0)
-            ax.bar([x + 0.4 * i for x in range(len(configs))], walls, width=0.4, label=f"{epochs} epochs")
-        ax.set_xticks([x + 0.2 for x in range(len(configs))], configs, rotation=30, ha="right")
-        ax.set_ylabel("wall time to a saved adapter (s)")
+        walls = {
+            f"{epochs} epochs": [
+                timing(row, epochs)[0] if (row := _row(rows, task, config, epochs)) else 0 for config in configs
+            ]
+            for epochs in EPOCHS
+        }
+        bars(ax, configs, walls, ylabel="wall time to a saved adapter (s)")
         ax.set_title(f"{task}: simulated home (desktop, laptop, phone)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

@@ -404,13 +404,10 @@ def compact(task: str, runs: dict[str, dict]) -> str:
 
 
 def plot(task: str, runs: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pac.report import pyplot, save
 
     rows = aggregate(task, runs)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for name, r in rows.items():
         ax.errorbar(max(r["train_seconds"], 1.0), r["final_mean"], yerr=r["final_std"], fmt="o", capsize=3)
         ax.annotate(
@@ -421,9 +418,7 @@ def plot(task: str, runs: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("validation accuracy" if task == "classify" else "validation perplexity (lower is better)")
     ax.set_title(f"SmolLM2-135M-Instruct, BBC News, {task}: quality vs training time")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def learning_curve(task: str, store: dict[str, dict], val_size: int, epochs: int) -> dict[str, dict[int, dict]]:
@@ -438,33 +433,22 @@ def learning_curve(task: str, store: dict[str, dict], val_size: int, epochs: int
 
 
 def write_learning_curve(task: str, curves: dict[str, dict[int, dict]], stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pac.report import lines, pyplot, save
 
     metric = METRIC[task]
-    lines = [f"| configuration | training articles | {metric} (mean ± sd) | time per epoch |", "|---|---|---|---|"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    table = [f"| configuration | training articles | {metric} (mean ± sd) | time per epoch |", "|---|---|---|---|"]
     for name, by_size in curves.items():
         for size, r in by_size.items():
-            lines.append(
+            table.append(
                 f"| {name} | {size} | {r['final_mean']:.4f} ± {r['final_std']:.4f} ({r['seeds']} seeds) "
                 f"| {r['epoch_seconds']:.1f} s |"
             )
-        rows = list(by_size.values())
-        ax.errorbar(
-            list(by_size), [r["final_mean"] for r in rows], yerr=[r["final_std"] for r in rows], marker="o", label=name
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("training articles (log scale)")
-    ax.set_ylabel(metric)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    plt.close(fig)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    means = {name: (list(by_size), [r["final_mean"] for r in by_size.values()]) for name, by_size in curves.items()}
+    sds = {name: [r["final_std"] for r in by_size.values()] for name, by_size in curves.items()}
+    lines(ax, means, sds, xlabel="training articles (log scale)", ylabel=metric, log_x=True)
+    save(fig, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text("\n".join(table) + "\n")
 
 
 def record(path: Path, key: str, name: str, seed: int, result: dict) -> dict:

@@ -273,8 +273,7 @@ def lines(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
 
 
 def bars(
@@ -360,6 +359,10 @@ def draw_timeline(run: Run, png: Path) -> Path | None:
             names = legend.setdefault(colour, (bar, []))[1]
             if _label(i.phase) not in names:
                 names.append(_label(i.phase))
+    for e in run.events:  # a failure is an instant, not a phase: a line across every row, where the run stopped
+        if e["event"] == "state" and e["state"] == "failed":
+            line = ax.axvline(e["t"] - _start(run.events), color=COLOURS["failed"], linewidth=2)
+            legend.setdefault(COLOURS["failed"], (line, ["run failed"]))
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     ax.invert_yaxis()  # the run on top, peers below in name order
     ax.axhline(0.5, color="black", linewidth=0.6)
@@ -378,7 +381,7 @@ def run_seconds(events: Sequence[Mapping[str, Any]]) -> float:
 
 def _time_axis(ax: Any, events: Sequence[Mapping[str, Any]]) -> None:
     """The whole run on the x axis, the same in every picture of it, so they line up when compared."""
-    ax.set_xlim(0, run_seconds(events))
+    ax.set_xlim(0, run_seconds(events) * 1.02)  # a margin: the last instant (done, failed) stays in view
     ax.set_xlabel("seconds from the first event")
 
 
@@ -406,9 +409,12 @@ def draw_memory(run: Run, png: Path) -> Path | None:
 
 def _shade_states(ax: Any, events: Sequence[Mapping[str, Any]]) -> None:
     """The run's working states as faint bands behind a time series, so a jump lines up with its cause."""
+    labelled = set()
     for i in state_intervals(events):
         if i.phase in ("cache build", "training"):
-            ax.axvspan(i.start, i.end, color=COLOURS[i.phase], alpha=0.08, linewidth=0)
+            label = None if i.phase in labelled else f"run: {i.phase}"  # one legend entry per state
+            ax.axvspan(i.start, i.end, color=COLOURS[i.phase], alpha=0.08, linewidth=0, label=label)
+            labelled.add(i.phase)
 
 
 def draw_traffic(run: Run, png: Path) -> Path | None:

@@ -25,6 +25,7 @@ from pac.report import (
     step_positions,
     time_by_state,
     usage_series,
+    write_report,
 )
 from pac.runtime.timeline import TIMELINE, Timeline, read_timeline
 
@@ -157,6 +158,24 @@ def test_epoch_curves_steps_bytes_and_times_from_run_files(tmp_path):
         "training": 5.0,
     }
     assert time_by_state({"seconds_by_state": {"joining": 2.0}}, epochs) == {"joining": 2.0}
+
+
+def test_a_run_that_failed_while_joining_is_reported_from_its_timeline(tmp_path):
+    """pac-launch leaves launch.json, the peers' logs and the timeline of a run that never trained: the report
+    draws who was waiting when and says why the run stopped and why there are no curves."""
+    script = [
+        (0.0, "state", {"state": "joining"}),
+        (0.2, "peer", {"peer": "laptop", "status": "connecting"}),
+        (90.0, "state", {"state": "failed", "reason": "no answer within 90 s from laptop"}),
+    ]
+    _timeline(tmp_path / TIMELINE, script)
+    written = write_report(tmp_path)
+    assert [p.name for p in written] == ["timeline.png", "report.md"]
+    _pngs_are_real(written[:1])
+    text = written[-1].read_text()
+    assert "- outcome: failed: no answer within 90 s from laptop" in text
+    assert "- curves.png: no training step or epoch was recorded in metrics.jsonl" in text
+    assert "| laptop | — | — | — | — | connecting |" in text
 
 
 def _pngs_are_real(paths: list[Path]) -> None:

@@ -326,36 +326,20 @@ def write_profiles(profiles: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def plot_profiles(profiles: list[dict[str, Any]], png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pac.report import bars, pyplot, save
 
     names = [p["method"] for p in profiles]
-    fig, (flops_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bottom = [0.0] * len(profiles)
-    for part in ("forward", "backward", "optimizer"):
-        values = [p["flops"][part] / 1e9 for p in profiles]
-        flops_ax.bar(names, values, bottom=bottom, label=part)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    flops_ax.set_ylabel("GFLOPs per training step")
+    fig, (flops_ax, memory_ax) = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    flops = {part: [p["flops"][part] / 1e9 for p in profiles] for part in ("forward", "backward", "optimizer")}
+    bars(flops_ax, names, flops, ylabel="GFLOPs per training step", stacked=True)
     flops_ax.set_title("compute")
-    flops_ax.legend()
-    bottom = [0.0] * len(profiles)
-    for part in ("runtime_floor", "parameters", "buffers", "gradients", "optimizer_state", "activations",
-                 "temporaries", "untracked"):  # fmt: skip
-        values = [p["memory_mb"][part] for p in profiles]
-        memory_ax.bar(names, values, bottom=bottom, label=part.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    memory_ax.set_ylabel("MB at the step's peak")
+    memory = {part.replace("_", " "): [p["memory_mb"][part] for p in profiles]
+              for part in ("runtime_floor", "parameters", "buffers", "gradients", "optimizer_state", "activations",
+                           "temporaries", "untracked")}  # fmt: skip
+    bars(memory_ax, names, memory, ylabel="MB at the step's peak", stacked=True)
     memory_ax.set_title("memory")
-    memory_ax.legend(fontsize=7)
-    for ax in (flops_ax, memory_ax):
-        ax.tick_params(axis="x", rotation=20)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save(fig, png, dpi=110)
 
 
 def with_method(opts: TrainOptions, method: str, given: dict[str, Any]) -> TrainOptions:
