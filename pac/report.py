@@ -480,7 +480,9 @@ def markdown(run: Run, pictures: Mapping[str, Path | None]) -> str:
     s, opts = run.summary, run.summary.get("options", {})
     data = opts.get("data", {}) if isinstance(opts.get("data"), dict) else {}
     peers = sorted(set(peer_summaries(s)) | set(phase_intervals(run.events)))
-    where = f"pac-launch, {len(peers)} peers" if run.collaborative else "pac train on one device"
+    where = (
+        f"pac-launch, {len(peers)} peer{'s' * (len(peers) != 1)}" if run.collaborative else "pac train on one device"
+    )
     if s.get("mode"):
         where += f", placement {s['mode']}"
     train = s.get("train_samples", s.get("split_sizes", {}).get("train"))
@@ -490,7 +492,7 @@ def markdown(run: Run, pictures: Mapping[str, Path | None]) -> str:
         "",
         f"- method: {s.get('method', 'unknown (no summary.json)')}, task: {s.get('task', 'unknown')}",
         f"- where: {where}",
-        f"- data: {data.get('data') or 'the bundled corpus' if data else 'unknown'}"
+        f"- data: {(data.get('data') or 'the bundled corpus') if data else 'unknown'}"
         + (f", {train} training and {val} validation samples" if train is not None else ""),
         f"- outcome: {_outcome(run)}",
     ]
@@ -499,7 +501,8 @@ def markdown(run: Run, pictures: Mapping[str, Path | None]) -> str:
     final = final_metrics(run)
     if final:
         shown = {k: v for k, v in final.items() if k == "train_loss" or k.startswith("val_")}
-        out.append(f"- final (epoch {final['epoch']}): " + ", ".join(f"{k} {_number(v)}" for k, v in shown.items()))
+        which = "kept epoch" if "best_epoch" in s else "epoch"  # early stopping keeps its best, not its last
+        out.append(f"- final ({which} {final['epoch']}): " + ", ".join(f"{k} {_number(v)}" for k, v in shown.items()))
     times = time_by_state(s, run.epochs)
     if times:
         out += ["", "## Time by state", "", "| state | time |", "|---|---|"]

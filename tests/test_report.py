@@ -5,6 +5,7 @@ pac.runtime.timeline's own writer; then the real command on a real `pac train` r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -235,3 +236,14 @@ def test_pac_report_on_a_two_peer_run_draws_who_was_busy_when(launched_run, tmp_
         train = [i for i in intervals if i.phase == "train"]
         assert train and train[0].start <= training.end, peer
     assert set(usage_series(run.events, "rss")) == {"local-0", "local-1"}
+
+
+def test_a_two_peer_run_without_its_timeline_gets_bars_of_peaks_and_bytes(launched_run, tmp_path):
+    """A run from before timeline.jsonl (or one whose file was deleted): memory and traffic from the peers'
+    summaries, and the report says why there is no phase chart."""
+    old = tmp_path / "old"
+    shutil.copytree(launched_run, old, ignore=shutil.ignore_patterns(TIMELINE, "report"))
+    written = [p.name for p in write_report(old)]
+    assert written == ["curves.png", "memory.png", "traffic.png", "report.md"]
+    _pngs_are_real([old / "report" / n for n in written[:-1]])
+    assert "- timeline.png: no timeline.jsonl in the run" in (old / "report" / "report.md").read_text()
