@@ -19,7 +19,11 @@ def cpu_share() -> float | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if "cpu" in controllers.split(","):
-            group = Path("/sys/fs/cgroup") / controllers.split(",")[0] / path.lstrip("/")
+            group = Path("/sys/fs/cgroup") / controllers.split(",")[0]
+            # A Docker container on cgroup v1 sees its own group mounted at the root, while /proc/self/cgroup
+            # still names the host's path (/docker/<id>), which does not exist inside.
+            if (group / path.lstrip("/")).is_dir():
+                group = group / path.lstrip("/")
             quota, period = (group / "cpu.cfs_quota_us"), (group / "cpu.cfs_period_us")
             if quota.exists() and int(quota.read_text()) > 0:
                 return int(quota.read_text()) / int(period.read_text())
