@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,11 @@ class SimulatedHome:
         self.procs: list[subprocess.Popen] = []
         self.relays: list[subprocess.Popen] = []
         self.cgroups: list[Path] = []
+        self.forwarding = False  # whether our FORWARD rule is in iptables (removed on exit)
+
+    @property
+    def _forward_rule(self) -> list[str]:
+        return ["-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
 
     @property
     def coordinator_address(self) -> str:
@@ -112,6 +118,11 @@ class SimulatedHome:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             _run("ip", "addr", "add", f"{self.coordinator_address}/24", "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
+            if shutil.which("iptables"):
+                # Docker sets the FORWARD policy to DROP and makes bridges filter through it (br_netfilter): let
+                # the home's devices reach each other across the bridge, as Docker does for its own.
+                _run("iptables", "-I", "FORWARD", *self._forward_rule)
+                self.forwarding = True
             for d in range(len(self.devices)):
                 self._device_up(d)
         except BaseException:
@@ -178,6 +189,9 @@ class SimulatedHome:
             subprocess.run(["ip", "netns", "del", self.namespace(d)], capture_output=True)
             subprocess.run(["ip", "link", "del", f"{self.tag}h{d}"], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if self.forwarding:
+            subprocess.run(["iptables", "-D", "FORWARD", *self._forward_rule], capture_output=True)
+            self.forwarding = False
 
     # ------------------------------------------------------------------ processes
     def run(self, device: int, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -112,6 +112,8 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert tag not in names and tag not in links
+    if shutil.which("iptables"):  # the rule that lets devices through a firewall's FORWARD chain (Docker's) is gone
+        assert tag not in subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
     assert not list((CGROUPS / "cpu").glob(f"{tag}-*")) and not list((CGROUPS / "memory").glob(f"{tag}-*"))
 
 
