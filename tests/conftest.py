@@ -56,6 +56,39 @@ TOPICS = {
 }
 
 
+def run_ranks(child: str, world: int, out: Path, timeout: float, env: dict[str, str] | None = None) -> None:
+    """`child` (Python source) in `world` processes of a real gloo group over loopback, each given its rank, the
+    port of a TCPStore held here, `out` and this folder as argv; fails with their output unless all exit 0."""
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
+    here = str(Path(__file__).parent)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(rank), str(store.port), str(out), here],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    logs = []
+    for proc in children:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for c in children:
+                c.kill()
+            raise
+    assert all(c.returncode == 0 for c in children), "\n".join(logs)
+
+
 def train_argv(model: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     """`pac train` argv on a tiny model: 2 epochs, 12 validation rows, and width d/4 for the methods that have a
     side network (LoRA refuses --reduction); `extra` comes last, so it overrides."""

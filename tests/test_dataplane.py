@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import zlib
-from datetime import timedelta
 from pathlib import Path
 
 import msgpack
@@ -17,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import zmq
+from conftest import run_ranks
 
 from pac.net.dataplane import CurveConfig, DataPlaneError, QueuedSends, TorchDataPlane, ZmqDataPlane
 
@@ -311,29 +308,8 @@ dist.destroy_process_group()
 
 
 def test_torch_plane_over_gloo_processes(tmp_path: Path):
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     out = tmp_path / "result.json"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    here = str(Path(__file__).parent)
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", TORCH_CHILD, str(rank), str(store.port), str(out), here],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(3)
-    ]
-    logs = []
-    for child in children:
-        try:
-            logs.append(child.communicate(timeout=60)[0])
-        except subprocess.TimeoutExpired:
-            for c in children:
-                c.kill()
-            raise
-    assert all(c.returncode == 0 for c in children), "\n".join(logs)
+    run_ranks(TORCH_CHILD, 3, out, timeout=60, env={"MASTER_ADDR": "127.0.0.1"})
     assert json.loads(out.read_text()) == {"0": 2, "2": 2}
 
 

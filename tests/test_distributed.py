@@ -2,15 +2,13 @@
 weights on Apple silicon (MPS) need under gloo, run here on CPU weights as their stand-in, and the payload bytes
 every hook path counts."""
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_ranks
 
 from pac.methods.base import MethodModel, task_loss
 from pac.runtime.distributed import all_reduces_on_cpu
@@ -111,28 +109,7 @@ run_rank(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    here = str(Path(__file__).parent)
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(rank), str(store.port), str(out), here],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = []
-    for child in children:
-        try:
-            logs.append(child.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for c in children:
-                c.kill()
-            raise
-    assert all(c.returncode == 0 for c in children), "\n".join(logs)
+    run_ranks(CHILD, 2, out, timeout=120)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
+from pac.runtime.progress import format_seconds
+
 PROGRESS_EVERY_S = 5.0  # a plain view's progress line: often enough to see it move, rarely enough to read a log
 
 
@@ -103,11 +105,4 @@ def size(num_bytes: float | None) -> str:
 
 def duration(seconds: float | None) -> str:
     """Seconds for people: 42 s, 3 min 05 s, 1 h 02 min ('—' where unknown)."""
-    if seconds is None:
-        return "—"
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return "—" if seconds is None else format_seconds(seconds)
