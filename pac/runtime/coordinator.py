@@ -337,7 +337,7 @@ class Coordinator:
             peer.status = message["phase"]
             peer.progress = (message["phase"], message["done"], message["total"], message["rate"])
             loss = _numbers(message["metrics"]).get("loss")
-            if message["phase"] == "train" and loss is not None:
+            if message["phase"] == "train" and loss is not None and peer.rank == 0:  # every rank has the batch's loss
                 self.timeline.add("step", peer=peer.host.name, step=message["done"], total=message["total"], loss=loss)
         elif kind == "heartbeat":
             peer.usage = {k: int(v) for k, v in _numbers(message["usage"]).items() if k in ("rss", "sent") and v >= 0}
@@ -924,7 +924,7 @@ class Coordinator:
                     "heard": None if peer.status in ("connecting", "refused") else now - peer.last_heard,
                 }
             )
-        steps = [e for e in self.timeline.of("step") if ranks and e["peer"] == ranks[0]]
+        steps = self.timeline.of("step")
         thinned = [[e["step"], e["loss"]] for e in steps[:: -(-len(steps) // CURVE_POINTS)]] if steps else []
         return {
             "state": self.state.value,

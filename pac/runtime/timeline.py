@@ -7,7 +7,8 @@ resumed run appends to the same file and its gap shows) and `event`::
                                                failed, lost, ... (its phases: who was busy when)
     usage   {peer, rss, sent}                  a peer's resident memory and the bytes its data plane has sent,
                                                about once a second while it works
-    step    {peer, step, total, loss}          rank 0's training steps: the loss curve as it grows
+    step    {peer, step, total, loss}          rank 0's training steps (every rank's loss is the global
+                                               batch's): the loss curve as it grows
     epoch   {peer, epoch, train_loss, val_*}   rank 0's epoch records
 
 The live views (the terminal table, the browser dashboard) read the events in memory; `pac report` draws its
