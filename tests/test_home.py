@@ -4,6 +4,7 @@ delay relay and tc tbf, and cgroup v1 CPU and memory limits; a small real run on
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -106,6 +107,7 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
             del os.environ["PAC_JOIN_TOKEN"]
         shown = capsys.readouterr().out
         assert "phone: " in shown and "[pac-launch] done" in shown
+        assert re.search(r"phone joined: \d+ cores \(0\.5 by its CPU quota\)", shown)  # its cgroup's, not the host's
         assert (tmp_path / "out" / "adapter_model.safetensors").exists()
         # One machine, two CPU quotas: each device keeps its own profile.
         assert len(list(profiles.glob("*.json"))) == 2

@@ -1019,6 +1019,6 @@ def _memory(peer: PeerState) -> float:
 
 def _describe_profile(profile: dict[str, Any]) -> str:
     mem = profile.get("max_mem", 0) / 2**30
-    return (
-        f"{profile.get('cores', '?')} cores, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}"
-    )
+    share = profile.get("cpu_share")
+    cores = f"{profile.get('cores', '?')} cores" + (f" ({share:g} by its CPU quota)" if share else "")
+    return f"{cores}, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}"

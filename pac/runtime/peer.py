@@ -39,6 +39,7 @@ from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.net.discovery import Advertisement
 from pac.runconfig import run_config_from_wire
 from pac.runtime.collaborative import Assignment, run_assignment, run_directory
+from pac.runtime.cpu import cpu_share
 from pac.runtime.pipeline import RECEIVER_THREAD
 from pac.runtime.profiler import profile_device
 from pac.runtime.run_dir import RUN_FILE
@@ -77,6 +78,7 @@ def device_profile(settings: PeerSettings) -> dict[str, Any]:
     memory = psutil.virtual_memory().total
     return {
         "cores": os.cpu_count() or 1,
+        "cpu_share": cpu_share(),  # the cores a CPU quota leaves it (a container's --cpus), or None
         "threads": settings.threads or torch.get_num_threads(),
         "memory": memory,
         "max_mem": settings.max_mem or memory,
