@@ -28,7 +28,7 @@ class LiveTable(RunView):
 
     def update(self, snapshot: dict[str, Any]) -> None:
         self.live.start()
-        self.live.update(render(snapshot))
+        self.live.update(render(snapshot), refresh=True)  # each state is drawn, however short it is
 
     def close(self) -> None:
         self.live.stop()

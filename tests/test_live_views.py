@@ -179,7 +179,7 @@ def _run_in_terminal(argv: list[str], timeout: float = 600) -> tuple[int, str]:
 
 
 def test_a_live_table_redrawn_in_place_on_a_terminal(tiny_llama, topic_jsonl, tmp_path):
-    code, screen = _run_in_terminal(_argv(tiny_llama, topic_jsonl, tmp_path / "out"))
+    code, screen = _run_in_terminal(_argv(tiny_llama, topic_jsonl, tmp_path / "out", 20))  # a few s of training
     assert code == 0, screen[-3000:]
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     # rich redraws the table where it stands: it moves the cursor up over the last drawing and erases lines
