@@ -394,17 +394,28 @@ def draw_memory(run: Run, png: Path) -> Path | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if rss:
-        for peer, (xs, ys) in sorted(rss.items()):
-            ax.step(xs, [y / 2**20 for y in ys], where="post", label=peer)
-        _shade_states(ax, run.events)
-        _time_axis(ax, run.events)
-        ax.set_ylabel("resident memory (MB)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _per_peer_over_time(ax, rss, 2**20, "resident memory (MB)", run.events)
     else:
         bars(ax, list(peaks), {"peak": list(peaks.values())}, ylabel="peak resident memory (MB)")
     ax.set_title("memory per peer")
     return save(fig, png)
+
+
+def _per_peer_over_time(
+    ax: Any,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    unit: float,
+    ylabel: str,
+    events: Sequence[Mapping[str, Any]],
+) -> None:
+    """A `usage` series per peer (in units of `unit` bytes) as steps over the run's time, its states behind."""
+    for peer, (xs, ys) in sorted(series.items()):
+        ax.step(xs, [y / unit for y in ys], where="post", label=peer)
+    _shade_states(ax, events)
+    _time_axis(ax, events)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _shade_states(ax: Any, events: Sequence[Mapping[str, Any]]) -> None:
@@ -429,13 +440,7 @@ def draw_traffic(run: Run, png: Path) -> Path | None:
     axes = list(axes[0])
     if sent:
         ax = axes.pop(0)
-        for peer, (xs, ys) in sorted(sent.items()):
-            ax.step(xs, [y / 1e6 for y in ys], where="post", label=peer)
-        _shade_states(ax, run.events)
-        _time_axis(ax, run.events)
-        ax.set_ylabel("MB sent so far (data plane)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _per_peer_over_time(ax, sent, 1e6, "MB sent so far (data plane)", run.events)
         ax.set_title("bytes on the wire over time")
     if axes:
         peers = sorted(by_phase)
@@ -508,13 +513,13 @@ def markdown(run: Run, pictures: Mapping[str, Path | None]) -> str:
         out += ["", "## Time by state", "", "| state | time |", "|---|---|"]
         out += [f"| {state} | {_seconds(seconds)} |" for state, seconds in times.items()]
     if peers:
-        summaries, info = peer_summaries(s), s.get("peers", {})
+        summaries, info, sent_by_phase = peer_summaries(s), s.get("peers", {}), bytes_by_phase(s)
         out += ["", "## Peers", "", "| peer | rank | cores | peak memory | sent | last status |", "|---" * 6 + "|"]
         last = {e["peer"]: e["status"] for e in run.events if e["event"] == "peer"}
         for p in peers:
             ps, profile = summaries.get(p, {}), info.get(p, {}).get("profile", {})
             peak = f"{ps['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in ps else "—"
-            sent = sum(bytes_by_phase(s).get(p, {}).values())
+            sent = sum(sent_by_phase.get(p, {}).values())
             out.append(
                 f"| {p} | {info.get(p, {}).get('rank', '—')} | {profile.get('cores', '—')} | {peak} "
                 f"| {size(sent) if sent else '—'} | {last.get(p, '—')} |"

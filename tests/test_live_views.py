@@ -5,6 +5,7 @@ process with real peer processes."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -12,8 +13,10 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 from pathlib import Path
@@ -149,10 +152,6 @@ def _run_in_terminal(argv: list[str], timeout: float = 600) -> tuple[int, str]:
     """`argv` with its stdout and stderr on a new pseudo-terminal (140 x 40); what it wrote there, and its code."""
     main, secondary = pty.openpty()
     os.set_blocking(main, False)
-    import fcntl
-    import struct
-    import termios
-
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
     env = {**_env(), "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)

@@ -30,14 +30,17 @@ class Timeline:
     crash)."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path
+        self.path: Path | None = None
         self.events: list[dict[str, Any]] = []
+        self.by_event: dict[str, list[dict[str, Any]]] = {}  # the same events by kind: views ask twice a second
+        if path is not None:
+            self.attach(path)
 
     def add(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"t": round(time.time(), 3), "event": event, **fields}
         self.events.append(record)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.by_event.setdefault(event, []).append(record)
+        if self.path is not None:  # its folder made by attach
             with self.path.open("a") as f:
                 f.write(json.dumps(record, default=str) + "\n")
         return record
@@ -50,7 +53,7 @@ class Timeline:
             f.writelines(json.dumps(record, default=str) + "\n" for record in self.events)
 
     def of(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
+        return list(self.by_event.get(event, []))
 
 
 def read_timeline(path: Path) -> list[dict[str, Any]]:
