@@ -1,17 +1,17 @@
 """Zeroth-order quality against steps and wall time (issue 24): P-RGE's zeroth-order LoRA-FA beside backprop LoRA
-and parallel adapters, on BBC News classification with SmolLM2-135M-Instruct.
+and parallel adapters, on BBC News with SmolLM2-135M-Instruct: classification and language modelling.
 
 A CPU-sized setting (the harness's 400 x 128-token setting costs a zeroth-order step of q = 4 over a batch of 8
 about 80 s at one thread): 100 training articles, 100 validation articles, 64 tokens, batch 4, 4 epochs (25 steps
 each, validated after each), seeds 0 and 1. Zeroth-order runs q = 2 (4 copies per forward) at a learning rate of
 1e-3, 20x P-RGE's 5e-5, which is set for 20,000 steps; LoRA and parallel adapters run at their defaults.
 
-Reported: validation accuracy after every epoch (mean over the seeds, ± half their range) against steps and against
-cumulative training seconds, and the steps and seconds zeroth-order needs to reach LoRA's first-epoch accuracy, or
-that it does not within the budget.
+Reported: validation accuracy (classify) or perplexity (lm) after every epoch (mean over the seeds, ± half their
+range) against steps and against cumulative training seconds, and the steps and seconds zeroth-order needs to reach
+LoRA's first-epoch quality, or that it does not within the budget.
 
-    python benchmarks/zo_quality.py [--report]
-Writes benchmarks/results/zo_quality.{json,md,png}.
+    python benchmarks/zo_quality.py [--task classify|lm] [--report]
+Writes benchmarks/results/zo_quality.{json,md,png} (classify) and zo_quality_lm.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ WORK = HERE / ".work" / "zo_quality"
 sys.path.insert(0, str(HERE))
 from quality import record  # noqa: E402
 
-SETTING = ["--task", "classify", "--train-size", "100", "--val-size", "100", "--max-length", "64"]
+SETTING = ["--train-size", "100", "--val-size", "100", "--max-length", "64"]
 SETTING += ["--batch-size", "4", "--epochs", "4", "--split-seed", "0"]
 STEPS_PER_EPOCH = 25
 KEY = "train100-val100-len64-batch4-epochs4"  # the setting the runs are filed under
+METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
+TASK_WORDS = {"classify": "classification (5 classes)", "lm": "language modelling of held-out text"}
 CONFIGS = {
     "zo": ("zeroth-order LoRA-FA r=16, q=2, lr 1e-3", ["--method", "zo", "--perturbations", "2", "--lr", "1e-3"]),
     "lora": ("LoRA r=8, backprop", ["--method", "lora"]),
@@ -42,10 +44,19 @@ CONFIGS = {
 SEEDS = [0, 1]
 
 
-def run(name: str, seed: int) -> dict:
-    out = WORK / name / f"seed{seed}"
+def results_stem(task: str) -> Path:
+    return RESULTS / ("zo_quality" if task == "classify" else f"zo_quality_{task}")
+
+
+def better(task: str, value: float, than: float) -> bool:
+    """At least as good: accuracy rises, perplexity falls."""
+    return value >= than if task == "classify" else value <= than
+
+
+def run(task: str, name: str, seed: int) -> dict:
+    out = WORK / task / name / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pac.cli", "train", "--out", str(out), "--seed", str(seed), *SETTING]
+    cmd = [sys.executable, "-m", "pac.cli", "train", "--out", str(out), "--seed", str(seed), "--task", task, *SETTING]
     cmd += ["--cache-dir", str(WORK / "cache"), *CONFIGS[name][1]]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -53,29 +64,31 @@ def run(name: str, seed: int) -> dict:
     return {"epochs": summary["epochs"], "trainable_params": summary["trainable_params"]}
 
 
-def curve(runs: dict[str, dict]) -> list[dict]:
-    """Per epoch: steps, mean accuracy over the seeds, mean cumulative training seconds."""
+def curve(task: str, runs: dict[str, dict]) -> list[dict]:
+    """Per epoch: steps, the mean of the task's metric over the seeds, mean cumulative training seconds."""
     points = []
     for e in range(len(next(iter(runs.values()))["epochs"])):
-        accuracy = [r["epochs"][e]["val_accuracy"] for r in runs.values()]
+        quality = [r["epochs"][e][METRIC[task]] for r in runs.values()]
         seconds = [sum(x["epoch_seconds"] for x in r["epochs"][: e + 1]) for r in runs.values()]
         points.append(
             {
                 "steps": STEPS_PER_EPOCH * (e + 1),
-                "accuracy": sum(accuracy) / len(accuracy),
-                "spread": max(accuracy) - min(accuracy),
+                "quality": sum(quality) / len(quality),
+                "spread": max(quality) - min(quality),
                 "seconds": sum(seconds) / len(seconds),
             }
         )
     return points
 
 
-def report(store: dict[str, dict]) -> str:
-    curves = {name: curve(runs) for name, runs in store.items() if runs}
+def report(task: str, store: dict[str, dict]) -> str:
+    curves = {name: curve(task, runs) for name, runs in store.items() if runs}
+    word = "accuracy" if task == "classify" else "perplexity"
     lines = [
-        "Setting: SmolLM2-135M-Instruct, BBC News classification (5 classes), 100 training and 100 validation "
+        f"Setting: SmolLM2-135M-Instruct, BBC News {TASK_WORDS[task]}, 100 training and 100 validation "
         f"articles, 64 tokens, batch 4, {STEPS_PER_EPOCH} steps per epoch, seeds {', '.join(map(str, SEEDS))}; "
-        "one thread per run, runs side by side on 2 cores (seconds comparable between rows only roughly).",
+        "one thread per run, runs side by side on 2 cores (seconds comparable between rows only roughly). "
+        f"Cells: validation {word} (± half the seeds' range), cumulative training seconds.",
         "",
         "| method | seeds | trainable | "
         + " | ".join(f"after {p['steps']} steps" for p in next(iter(curves.values())))
@@ -84,66 +97,57 @@ def report(store: dict[str, dict]) -> str:
     ]
     for name, points in curves.items():
         trainable = next(iter(store[name].values()))["trainable_params"]
-        cells = " | ".join(f"{p['accuracy']:.3f} (± {p['spread'] / 2:.3f}), {p['seconds']:.0f} s" for p in points)
+        cells = " | ".join(f"{p['quality']:.3f} (± {p['spread'] / 2:.3f}), {p['seconds']:.0f} s" for p in points)
         lines.append(f"| {name}: {CONFIGS[name][0]} | {len(store[name])} | {trainable:,} | {cells} |")
     if "lora" in curves and "zo" in curves:
         target = curves["lora"][0]
-        reached = next((p for p in curves["zo"] if p["accuracy"] >= target["accuracy"]), None)
+        reached = next((p for p in curves["zo"] if better(task, p["quality"], target["quality"])), None)
         last = curves["zo"][-1]
         lines += [
             "",
-            f"LoRA's first-epoch accuracy: {target['accuracy']:.3f} after {target['steps']} steps, "
+            f"LoRA's first-epoch {word}: {target['quality']:.3f} after {target['steps']} steps, "
             f"{target['seconds']:.0f} s. "
             + (
                 f"Zeroth-order reaches it after {reached['steps']} steps, {reached['seconds']:.0f} s."
                 if reached
                 else f"Zeroth-order does not reach it within {last['steps']} steps and {last['seconds']:.0f} s: "
-                f"it ends at {last['accuracy']:.3f}."
+                f"it ends at {last['quality']:.3f}."
             ),
         ]
     return "\n".join(lines) + "\n"
 
 
-def plot(store: dict[str, dict], path: Path) -> None:
-    import matplotlib
+def plot(task: str, store: dict[str, dict], path: Path) -> None:
+    from pac.report import lines, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in store.items():
-        if not runs:
-            continue
-        points = curve(runs)
-        for ax, key in zip(axes, ("steps", "seconds"), strict=True):
-            ax.plot([0] + [p[key] for p in points], [None] + [p["accuracy"] for p in points], marker="o", label=name)
-    for ax, label in zip(axes, ("training steps", "training seconds (cumulative)"), strict=True):
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Zeroth-order against backprop LoRA and parallel adapters (BBC News, SmolLM2-135M)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves = {name: curve(task, runs) for name, runs in store.items() if runs}
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in zip(axes, ("steps", "seconds"), ("training steps", "training seconds (cumulative)"), strict=True):
+        series = {name: ([p[key] for p in points], [p["quality"] for p in points]) for name, points in curves.items()}
+        spreads = {name: [p["spread"] / 2 for p in points] for name, points in curves.items()}
+        lines(ax, series, spreads, xlabel=label, ylabel=f"validation {METRIC[task].removeprefix('val_')}")
+    fig.suptitle(f"Zeroth-order against backprop LoRA and parallel adapters (BBC News {task}, SmolLM2-135M)")
+    save(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=list(METRIC), default="classify")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "zo_quality.json"
+    stem = results_stem(args.task)
+    path = stem.with_suffix(".json")
     if not args.report:
         for name in args.configs:
             for seed in args.seeds:
-                record(path, KEY, name, seed, run(name, seed))
+                record(path, KEY, name, seed, run(args.task, name, seed))
     store = json.loads(path.read_text())[KEY]
-    (RESULTS / "zo_quality.md").write_text(report(store))
-    plot(store, RESULTS / "zo_quality.png")
-    print(report(store))
+    stem.with_suffix(".md").write_text(report(args.task, store))
+    plot(args.task, store, stem.with_suffix(".png"))
+    print(report(args.task, store))
 
 
 if __name__ == "__main__":

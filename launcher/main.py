@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shares",
         type=_shares,
         help="samples each peer caches and trains, as whole-number weights in rank order, e.g. 4,2,1 (shuffle and "
-        "replicated; default: planned, or equal)",
+        "replicated; default: planned, or equal). A share of 0 (shuffle) runs that peer's layers in phase 1 only: "
+        "it trains nothing, and phase 2 goes on without it, as for a `pac peer --phase1-only`",
     )
     plan.add_argument(
         "--plan-only",
@@ -189,8 +190,8 @@ def _shares(text: str) -> tuple[int, ...]:
         shares = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not whole numbers separated by commas, like 4,2,1") from None
-    if any(s < 1 for s in shares):
-        raise argparse.ArgumentTypeError(f"{text!r}: every peer's share is at least 1")
+    if any(s < 0 for s in shares) or not any(shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: shares are 0 or more, and some peer's is at least 1")
     return shares
 
 

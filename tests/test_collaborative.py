@@ -716,6 +716,28 @@ def test_peers_owning_uneven_shares_train_the_same_adapter(mode, single_device, 
     assert sum(cached) == single_summary["train_samples"] and abs(cached[0] - 2 * cached[1]) <= 2
 
 
+def test_a_peer_of_share_0_runs_phase_1_only_and_the_others_train_the_same_adapter(
+    single_device, tiny_llama, topic_jsonl, tmp_path
+):
+    """--shares 1,0,1: rank 1 runs layers in phase 1 and leaves; ranks 0 and 2 train in a process group of their
+    own, and the adapter is one device's. Over the encrypted data plane too: its ring goes round the trainers."""
+    out = tmp_path / "out"
+    extra = ["--mode", "shuffle", "--shares", "1,0,1", "--stages", "0-1,2,3", "--encrypt-gradients"]
+    assert _launch(tiny_llama, topic_jsonl, out, tmp_path / "cache", *extra) == 0
+    expected, single_summary = single_device
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((out / "summary.json").read_text())
+    peers = {p["rank"]: p["summary"] for p in summary["peers"].values()}
+    assert peers[1]["phase1_only"] and "epochs" not in peers[1] and "cached_samples" not in peers[1]
+    assert peers[1]["phase1_bytes_sent"] > 0  # its layer's hidden states and taps went on to the others
+    cached = [peers[r]["cached_samples"]["train"] for r in (0, 2)]
+    assert sum(cached) == single_summary["train_samples"] and abs(cached[0] - cached[1]) <= 1
+    for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+
+
 def test_the_plan_names_peers_as_the_hosts_file_does(tiny_llama, topic_jsonl, tmp_path):
     """A peer started with one --name and listed under another: the plan and its report use the hosts file's."""
     token = auth.new_token()

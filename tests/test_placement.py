@@ -163,8 +163,31 @@ def test_shares_interleave_owners_in_proportion():
         make_plan("replicated", 30, [1, 1], shares=(1, 1, 1))
     with pytest.raises(PlanError, match="in side-pipeline every stage has every sample"):
         make_plan("side-pipeline", 30, [1, 1], shares=(2, 1))
-    with pytest.raises(PlanError, match="at least 1"):
-        share_pattern((2, 0))
+    with pytest.raises(PlanError, match="some above 0"):
+        share_pattern((0, 0))
+    with pytest.raises(PlanError, match="at least 0"):
+        share_pattern((2, -1))
+
+
+def test_a_rank_of_share_0_owns_nothing_and_runs_phase_1_only():
+    """Share 0: a phase-1-only rank (a phone): it owns no sample, whatever the other shares, and phase 2 trains
+    on the others; only shuffle mode has such a rank, and never as rank 0 (it writes the adapter)."""
+    from pac.plan.placement import owned_positions, share_pattern
+
+    assert share_pattern((1, 0, 1)) == [0, 2] and share_pattern((2, 0, 1, 0)) == [0, 2, 0]
+    plan = make_plan("shuffle", 4, [1, 1, 1], shares=(1, 0, 1))
+    assert plan.trainers == (0, 2) and plan.owned_positions(40, 1) == []
+    # The samples fall to the trainers as two peers' plain round-robin gives them.
+    assert plan.owned_positions(40, 0) == owned_positions(40, 0, 2)
+    assert plan.owned_positions(40, 2) == owned_positions(40, 1, 2)
+    assert make_plan("shuffle", 4, [1, 1]).trainers == (0, 1)
+    with pytest.raises(PlanError, match="only --mode shuffle runs a peer in phase 1 alone"):
+        make_plan("replicated", 4, [1, 1], shares=(1, 0))
+    with pytest.raises(PlanError, match="rank 0 writes the adapter"):
+        make_plan("shuffle", 4, [1, 1], shares=(0, 1))
+    # After a re-plan a sample never goes back to a rank that now owns nothing.
+    replanned = replace(plan, inherited=Inheritance(2, None, (0, 1), newcomers=(2,)))
+    assert all(replanned.owner(p) != 1 for p in range(40))
 
 
 def test_a_re_plan_keeps_every_sample_with_its_owner_if_it_stayed():

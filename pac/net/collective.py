@@ -13,6 +13,8 @@ order, so a message's header only has to name the collective's step to catch a p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pac.net.dataplane import DataPlane, DataPlaneError
@@ -23,34 +25,41 @@ RECEIVE_TIMEOUT_S = 600.0
 
 
 class PlaneCollectives:
-    """All-reduce and broadcast among `world` ranks, rank r being `plane.rank`, over `plane`."""
+    """All-reduce and broadcast among `members`, the plane ranks taking part (all of 0..n-1 for an int n), this
+    one being `plane.rank`, over `plane`."""
 
-    def __init__(self, plane: DataPlane, world: int, timeout: float = RECEIVE_TIMEOUT_S):
-        self.plane, self.world, self.timeout = plane, world, timeout
+    def __init__(self, plane: DataPlane, members: int | Sequence[int], timeout: float = RECEIVE_TIMEOUT_S):
+        self.plane, self.timeout = plane, timeout
+        self.members = list(range(members)) if isinstance(members, int) else list(members)
         self.rank = plane.rank
+        self.position = self.members.index(self.rank)  # on the ring
         self.calls = 0  # collectives so far: every rank makes the same calls in the same order
 
+    @property
+    def world(self) -> int:
+        return len(self.members)
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place (a contiguous CPU tensor); returns it."""
+        """Sum `tensor` over the members, in place (a contiguous CPU tensor); returns it."""
         self.calls += 1
-        n, rank = self.world, self.rank
+        n, at = len(self.members), self.position
         if n == 1:
             return tensor
         chunks = list(tensor.view(-1).tensor_split(n))
-        right, left = (rank + 1) % n, (rank - 1) % n
-        for step in range(n - 1):  # reduce-scatter: chunk (rank - step) travels right, gathering sums
-            self._send(right, step, chunks[(rank - step) % n])
-            chunks[(rank - step - 1) % n].add_(self._recv(left, step))
-        for step in range(n - 1):  # all-gather: the summed chunk (rank + 1 - step) travels right
-            self._send(right, n - 1 + step, chunks[(rank + 1 - step) % n])
-            chunks[(rank - step) % n].copy_(self._recv(left, n - 1 + step))
+        right, left = self.members[(at + 1) % n], self.members[(at - 1) % n]
+        for step in range(n - 1):  # reduce-scatter: chunk (at - step) travels right, gathering sums
+            self._send(right, step, chunks[(at - step) % n])
+            chunks[(at - step - 1) % n].add_(self._recv(left, step))
+        for step in range(n - 1):  # all-gather: the summed chunk (at + 1 - step) travels right
+            self._send(right, n - 1 + step, chunks[(at + 1 - step) % n])
+            chunks[(at - step) % n].copy_(self._recv(left, n - 1 + step))
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """`src`'s `tensor` on every rank, in place; returns it."""
+        """`src`'s `tensor` on every member, in place; returns it."""
         self.calls += 1
         if self.rank == src:
-            for dest in range(self.world):
+            for dest in self.members:
                 if dest != src:
                     self._send(dest, 0, tensor)
         else:

@@ -6,6 +6,10 @@ data-parallel group (a hybrid pipeline, as in Asteroid): in phase 1 its members 
 by micro-batch (`stage_groups`, `Plan.processor`); only `shuffle` mode takes groups, since its phase 2 is
 data-parallel over every rank anyway. Stages come from the planner (pac.plan.planner), from ``--stages``,
 or in proportion to each peer's memory.
+
+A rank whose share is 0 owns no samples: in shuffle mode it runs its layers in phase 1 and leaves, and phase 2
+is data-parallel over the others (`Plan.trainers`). That is the role of a device that can run the backbone's
+forward but not train (a phone: `pac peer --phase1-only`, deploy/android-termux.md).
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ class Plan:
     @property
     def world(self) -> int:
         return len(self.stages)
+
+    @property
+    def trainers(self) -> tuple[int, ...]:
+        """The ranks that train in phase 2: all but those whose share is 0 (phase-1-only)."""
+        return tuple(r for r in range(self.world) if self.shares is None or self.shares[r] > 0)
 
     def describe(self) -> str:
         return ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(self.stages))
@@ -210,8 +219,8 @@ def make_plan(
             raise PlanError(f"--shares gives {len(shares)} weights for {world} peers: give one per peer")
         if mode in ("side-pipeline", PIPELINE):
             raise PlanError(f"--shares applies to shuffle and replicated: in {mode} every stage has every sample")
-        share_pattern(tuple(shares))
         shares = tuple(shares)
+        check_shares(mode, shares)
     if mode == "replicated":
         if stages_spec:
             raise PlanError(f"--stages applies to the pipelined modes ({', '.join(PIPELINED)}), not replicated")
@@ -250,7 +259,7 @@ def owner(position: int, world: int, shares: Sequence[int] | None = None, inheri
     if inherited is None or fresh in inherited.newcomers:
         return fresh
     now = inherited.ranks_now[owner(position, inherited.world, inherited.shares, inherited.earlier)]
-    return fresh if now is None else now
+    return fresh if now is None or (shares is not None and shares[now] == 0) else now
 
 
 def owned_positions(
@@ -265,11 +274,27 @@ def owned_positions(
     return [p for p in range(num_samples) if owner(p, world, shares, inherited) == rank]
 
 
+def check_shares(mode: str, shares: Sequence[int]) -> None:
+    """A share of 0 (a phase-1-only rank) only in shuffle mode, where phase 1 needs no owner; never on rank 0,
+    which writes the adapter."""
+    share_pattern(tuple(shares))
+    idle = [r for r, s in enumerate(shares) if s == 0]
+    if idle and mode != "shuffle":
+        raise PlanError(
+            f"ranks {idle} own no samples (share 0): only --mode shuffle runs a peer in phase 1 alone; "
+            "give every peer a share of at least 1, or use shuffle"
+        )
+    if 0 in idle:
+        raise PlanError("rank 0 writes the adapter, so it must train: give it a share of at least 1 (list a "
+                        "training peer first)")
+
+
 def share_pattern(shares: tuple[int, ...]) -> list[int]:
     """One cycle of owners for whole-number `shares`, spread out by smooth weighted round-robin: (2, 1) gives
-    [0, 1, 0], never [0, 0, 1]."""
-    if not shares or any(s < 1 for s in shares):
-        raise PlanError(f"shares must be whole numbers of at least 1 per rank, not {list(shares)}")
+    [0, 1, 0], never [0, 0, 1]. A rank of share 0 is never picked: after the shares are added the largest
+    running total is above 0, and such a rank's stays at 0."""
+    if not shares or any(s < 0 for s in shares) or not any(shares):
+        raise PlanError(f"shares must be whole numbers of at least 0 per rank, some above 0, not {list(shares)}")
     current = [0] * len(shares)
     pattern = []
     for _ in range(sum(shares)):

@@ -11,7 +11,8 @@ Placement modes (docs/architecture.md, "Placement modes"):
   pipeline    no phase 1: the model itself runs as a forward-only pipeline over the peers' layer ranges, for
               methods that train without backward (zeroth-order, pac.runtime.zo_pipeline).
 In shuffle and replicated mode every peer ends phase 1 holding the complete taps of the samples it
-owns, so phase 2 is data-parallel training (pac.runtime.distributed).
+owns, so phase 2 is data-parallel training (pac.runtime.distributed). A shuffle rank that owns no samples (share
+0: `pac peer --phase1-only`) leaves after phase 1, and the others train in a process group of their own.
 """
 
 from __future__ import annotations
@@ -235,11 +236,30 @@ def _both_phases(
     }
     dist.barrier()  # every owner's cache is complete before anyone trains
     laps.lap("waiting for the other caches")
+    if job.rank not in job.plan.trainers:  # phase 1 only: nothing of this run's training happens here
+        return {
+            "rank": job.rank,
+            "phase1_only": True,
+            **phase1,
+            "peak_rss_mb": peak_rss_mb(),
+            "seconds_by_step": laps.seconds,
+        }
+    if len(job.plan.trainers) < job.plan.world:
+        _training_group(job)
+        laps.lap("process group")
     if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
         progress("train", 0, 0, {})
     summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
     sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
     return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
+
+
+def _training_group(job: Assignment) -> None:
+    """Phase 2's process group, of the training ranks alone, in rank order: the phase-1-only ranks have left.
+    Rank 0 trains (pac.plan.placement.check_shares), so it stays rank 0 and writes the adapter."""
+    dist.destroy_process_group()
+    trainers = job.plan.trainers
+    init_process_group(job.backend, *job.store, rank=trainers.index(job.rank), world=len(trainers), prefix="phase2/")
 
 
 def _same_checkpoint_everywhere(trainer: Trainer) -> bool:
@@ -370,7 +390,8 @@ def _phase_two(
         ctx.stage = plan.stages[rank]
     torch.manual_seed(opts.optim.seed)  # as `pac train` seeds: a method that draws its weights draws the same
     model = method.build(opts.method_options, ctx)
-    collectives = PlaneCollectives(plane, plan.world) if job.encrypted_gradients and plane is not None else None
+    encrypted = job.encrypted_gradients and plane is not None
+    collectives = PlaneCollectives(plane, plan.trainers) if encrypted else None
     if plan.mode != PIPELINE:  # a stage draws its own part from the run seed (pac.methods.zo.model)
         _same_starting_weights(model, collectives)
     laps.lap("building the model")

@@ -279,18 +279,28 @@ def slowest_of_ranks(seconds: float, group: dist.ProcessGroup | None = None) -> 
 
 
 def init_process_group(
-    backend: str, store_host: str, store_port: int, rank: int, world: int, timeout_s: float = 300.0
+    backend: str,
+    store_host: str,
+    store_port: int,
+    rank: int,
+    world: int,
+    timeout_s: float = 300.0,
+    prefix: str | None = None,
 ) -> None:
-    """Join the run's process group through the TCPStore the coordinator hosts (it is not a rank)."""
+    """Join the run's process group through the TCPStore the coordinator hosts (it is not a rank). A `prefix`
+    keeps a later group's rendezvous keys apart from an earlier one's in the same store: phase 2's group of
+    the training ranks alone, after phase 1's of every rank."""
     if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
         # gloo advertises the address the hostname resolves to, which is often 127.0.1.1 on a home
         # machine: bind it to the interface that reaches the coordinator instead.
         interface = interface_of(local_address_towards(store_host))
         if interface is not None:
             os.environ["GLOO_SOCKET_IFNAME"] = interface
-    store = dist.TCPStore(
+    store: dist.Store = dist.TCPStore(
         store_host, store_port, world_size=None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
+    if prefix is not None:
+        store = dist.PrefixStore(prefix, store)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
     )
