@@ -459,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the announcement carries its name, port, pac version and a device summary, never the join token)",
     )
     p.add_argument(
+        "--phase1-only",
+        action="store_true",
+        help="run only this device's layers of the backbone in phase 1 (the activation cache) and train nothing: "
+        "for a device that cannot train, such as a phone (deploy/android-termux.md); the planner then gives it "
+        "layers in shuffle mode and no samples, and phase 2 goes on without it",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="show what this device measured for the runs it was profiled for (kept in $PAC_HOME/profiles; a "
@@ -566,6 +573,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         coordinator_timeout=args.coordinator_timeout,
         stays=not args.once,
         advertise=args.advertise,
+        phase1_only=args.phase1_only,
     )
     code = PeerAgent(settings).serve()
     # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere): leave

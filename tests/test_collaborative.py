@@ -236,10 +236,10 @@ def test_bad_hosts_file_names_the_line(tmp_path, capsys):
     assert "hosts.txt:3" in err and "port" in err
 
 
-def _peer_process(tmp_path, name: str, token: str) -> tuple[subprocess.Popen, PeerHost]:
+def _peer_process(tmp_path, name: str, token: str, *extra: str) -> tuple[subprocess.Popen, PeerHost]:
     port = free_port()
     cmd = [sys.executable, "-m", "pac.cli", "peer", "--listen", f"tcp://127.0.0.1:{port}", "--name", name]
-    cmd += ["--work-dir", str(tmp_path / name), "--coordinator-timeout", "20", "--once"]
+    cmd += ["--work-dir", str(tmp_path / name), "--coordinator-timeout", "20", "--once", *extra]
     env = {**os.environ, auth.TOKEN_ENV: token}
     return subprocess.Popen(cmd, env=env), PeerHost("127.0.0.1", port, name)
 
@@ -736,6 +736,47 @@ def test_a_peer_of_share_0_runs_phase_1_only_and_the_others_train_the_same_adapt
     assert sum(cached) == single_summary["train_samples"] and abs(cached[0] - cached[1]) <= 1
     for ours, theirs in zip(summary["epochs"], single_summary["epochs"], strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+
+
+def test_a_phase1_only_peer_runs_layers_in_phase_1_and_the_others_train(
+    single_device, tiny_llama, topic_jsonl, tmp_path, capsys
+):
+    """`pac peer --phase1-only` (a phone), listed first: it joins saying so, is not rank 0 (which writes the
+    adapter), owns no samples, runs its layers in phase 1 and leaves; the two others train one device's adapter.
+    LoRA, which has no phase 1, leaves it out and says why."""
+    token = auth.new_token()
+    started = [_peer_process(tmp_path, "phone", token, "--phase1-only")]
+    started += [_peer_process(tmp_path, name, token) for name in ("laptop", "desk")]
+    try:
+        out = tmp_path / "out"
+        options = _options(tiny_llama, topic_jsonl, out, tmp_path / "c")
+        cluster = ClusterOptions(join_timeout=60, mode="shuffle")
+        summary = Coordinator([host for _, host in started], token, options, cluster).run()
+        shown = capsys.readouterr().out
+        assert "phone joined:" in shown and "phase 1 only" in shown
+        expected, single_summary = single_device
+        got = load_file(out / "adapter_model.safetensors")
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=2e-4, rtol=1e-3, msg=name)
+        phone, laptop, desk = (summary["peers"][n] for n in ("phone", "laptop", "desk"))
+        assert (laptop["rank"], phone["rank"], desk["rank"]) == (0, 1, 2)
+        assert phone["summary"]["phase1_only"] and phone["summary"]["phase1_bytes_sent"] > 0
+        trained = [p["summary"]["cached_samples"]["train"] for p in (laptop, desk)]
+        assert sum(trained) == single_summary["train_samples"]
+        assert all(proc.wait(timeout=30) == 0 for proc, _ in started)
+        # A method without phase 1 has no place for it: the plan leaves it out, naming why.
+        again = [_peer_process(tmp_path, "phone", token, "--phase1-only"), _peer_process(tmp_path, "laptop", token)]
+        started += again
+        lora = replace(options, method="lora", method_options=None, out=str(tmp_path / "lora"))
+        planned = Coordinator([h for _, h in again], token, lora, ClusterOptions(join_timeout=60)).run(plan_only=True)
+        assert planned["mode"] == "replicated" and len(planned["plan"]) == 1
+        assert (
+            "phone left out: it runs phase 1 only (--phase1-only), and lora has no phase 1" in capsys.readouterr().out
+        )
+    finally:
+        for proc, _ in started:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_the_plan_names_peers_as_the_hosts_file_does(tiny_llama, topic_jsonl, tmp_path):

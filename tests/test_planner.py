@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -286,3 +287,36 @@ def test_the_read_out_of_a_side_pipeline_runs_on_its_last_stage():
     for mode in ("replicated", "shuffle"):
         plain = predict(mode, devices, stages, MODEL, WORK).epoch_seconds
         assert predict(mode, devices, stages, replace(MODEL, side_blocks_share=0.1), WORK).epoch_seconds == plain
+
+
+def test_a_phase_1_only_device_takes_layers_in_shuffle_mode_and_owns_no_samples():
+    """A phone (`pac peer --phase1-only`) beside a slow laptop: it runs some of phase 1's layers, owns no samples,
+    adds nothing to phase 2's memory or time, and is never rank 0; where the phone is alone, no plan."""
+    laptop = device("laptop", speed=0.5)
+    phone = DeviceProfile(
+        "phone", 4 * GB, layer_seconds=(0.01,) * LAYERS, side_train_seconds=0.0, side_eval_seconds=0.0, phase1_only=True
+    )
+    choice = plan([laptop, phone], MODEL, WORK)
+    best = choice.best
+    assert best.mode == "shuffle" and best.devices == ("laptop", "phone") and best.shares == (1, 0)
+    assert best.stages[1][1] - best.stages[1][0] >= LAYERS // 2  # the faster forward takes more of the layers
+    assert "rank 1 phone: layers" in choice.describe() and "phase 1 only" in choice.describe()
+    alone = predict("shuffle", [laptop], [(0, LAYERS)], MODEL, WORK)
+    assert best.epoch_seconds == pytest.approx(alone.epoch_seconds)  # phase 2 is the laptop's alone
+    assert best.phase1_seconds < alone.phase1_seconds
+    start, end = best.stages[1]  # its peak is its layers' forward, never training's
+    layers = sum(MODEL.layer_weight_bytes[start:end]) + best.micro_batch * MODEL.layer_activation_bytes
+    assert best.peak_bytes["phone"] == MODEL.runtime_bytes + layers
+    # The other modes have no place for it: they plan on the laptop alone and say why.
+    replicated = plan([laptop, phone], MODEL, WORK, modes=["replicated"])
+    assert replicated.best.devices == ("laptop",) and "runs phase 1 only" in replicated.left_out["phone"]
+    with pytest.raises(NoPlanError, match="every device runs phase 1 only"):
+        plan([phone], MODEL, WORK)
+    # With two trainers, the phone's share stays 0 whichever shares the others get.
+    lan = 1e12  # links too fast to matter: the second laptop's help in phase 2 outweighs its all-reduces
+    trio = [replace(laptop, bandwidth=lan), replace(phone, bandwidth=lan), device("other laptop", 0.4, bandwidth=lan)]
+    three = plan(trio, MODEL, WORK, modes=["shuffle"]).best
+    assert len(three.devices) == 3 and three.shares[three.devices.index("phone")] == 0
+    assert three.devices[0] != "phone" and all(
+        three.shares[three.devices.index(n)] > 0 for n in ("laptop", "other laptop")
+    )

@@ -46,6 +46,9 @@ class DeviceProfile:
     # stages read the cache as it is (side_train_seconds).
     digest_seconds: float = 0.0
     digested_train_seconds: float = 0.0
+    # Runs its layers in phase 1 and trains nothing (`pac peer --phase1-only`: a phone): it owns no samples, so only
+    # shuffle mode uses it, and its phase-2 figures above are not measured.
+    phase1_only: bool = False
 
     @property
     def data_parallel_train_seconds(self) -> float:
@@ -148,6 +151,8 @@ def predict(
     n = len(devices)
     samples = work.train + work.val
     owned = [s / sum(shares) for s in shares] if shares is not None else [1 / n] * n
+    # Phase 2 runs on the devices that own samples; a phase-1-only one has left by then.
+    trainers = [(d, f) for d, f in zip(devices, owned, strict=True) if f > 0]
     sent = dict.fromkeys((d.name for d in devices), 0.0)
     if mode == "replicated":
         whole = (0, model.num_layers)
@@ -159,13 +164,14 @@ def predict(
         phase1 = _pipeline_phase_one(mode, devices, stages, model, work, sent, owned)
     # One-off: every device first reads its layers, and builds the method's model before phase 2.
     phase1 += max(d.load_seconds(s) for d, s in zip(devices, stages, strict=True))
-    build = max(d.build_seconds for d in devices) + _weight_sync_seconds(mode, devices, model, sent)
+    training = [d for d, _ in trainers]
+    build = max(d.build_seconds for d in training) + _weight_sync_seconds(mode, training, model, sent)
     if mode != "side-pipeline":  # each device digests the training samples it owns
-        build += max(math.ceil(work.train * f) * d.digest_seconds for d, f in zip(devices, owned, strict=True))
+        build += max(math.ceil(work.train * f) * d.digest_seconds for d, f in trainers)
     if mode == "side-pipeline":
         epoch = _side_pipeline_epoch(devices, stages, model, work, sent)
     else:
-        epoch = _data_parallel_epoch(devices, model, work, sent, owned, compression)
+        epoch = _data_parallel_epoch(trainers, model, work, sent, compression)
     peak = {d.name: peak_bytes(mode, d, stage, model, work) for d, stage in zip(devices, stages, strict=True)}
     return Prediction(
         mode,
@@ -253,17 +259,17 @@ def gradient_wire_bytes(model: ModelCosts, compression: str) -> float:
 
 
 def _data_parallel_epoch(
-    devices: Sequence[DeviceProfile],
+    pairs: Sequence[tuple[DeviceProfile, float]],
     model: ModelCosts,
     work: Workload,
     sent: dict[str, float],
-    owned: Sequence[float],
     compression: str,
 ) -> float:
+    """The training devices, each with the fraction of the samples it owns."""
+    devices = [d for d, _ in pairs]
     n = len(devices)
     steps = math.ceil(work.train / work.batch)
     # Owners interleave through the data: every device computes its share of every batch.
-    pairs = list(zip(devices, owned, strict=True))
     compute = max(math.ceil(work.batch * f) * d.data_parallel_train_seconds for d, f in pairs)
     ring = 2 * (n - 1) / n * gradient_wire_bytes(model, compression) if n > 1 else 0.0
     slowest = min(d.bandwidth for d in devices)
@@ -313,16 +319,20 @@ def limit_seconds(devices: Sequence[DeviceProfile], model: ModelCosts, work: Wor
 
     fastest = [min(d.forward_seconds(whole, m) for m in (None, *dict(d.micro_batch_factors))) for d in devices]
     forward = spread(work.train + work.val, fastest)
-    epoch = spread(work.train, [min(d.side_train_seconds, d.data_parallel_train_seconds) for d in devices])
-    epoch += spread(work.val, [d.side_eval_seconds for d in devices])
+    training = [d for d in devices if not d.phase1_only]
+    epoch = spread(work.train, [min(d.side_train_seconds, d.data_parallel_train_seconds) for d in training])
+    epoch += spread(work.val, [d.side_eval_seconds for d in training])
     return forward + work.epochs * epoch
 
 
 def peak_bytes(mode: str, device: DeviceProfile, stage: Stage, model: ModelCosts, work: Workload) -> int:
     """The larger of phase 1 (the stage's weights and a micro-batch's activations) and phase 2 (the side model
-    with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations)."""
+    with its gradients and AdamW's two moments, the head it reads out through, a batch's taps and activations;
+    nothing on a phase-1-only device)."""
     layers = (0, model.num_layers) if mode == "replicated" else stage
     weights = sum(model.layer_weight_bytes[layers[0] : layers[1]])
     phase1 = weights + work.micro_batch * model.layer_activation_bytes
     phase2 = 4 * model.side_param_bytes + model.head_bytes + work.batch * model.side_sample_bytes
+    if device.phase1_only:
+        phase2 = 0
     return model.runtime_bytes + max(phase1, phase2)

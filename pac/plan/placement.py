@@ -285,8 +285,9 @@ def check_shares(mode: str, shares: Sequence[int]) -> None:
             "give every peer a share of at least 1, or use shuffle"
         )
     if 0 in idle:
-        raise PlanError("rank 0 writes the adapter, so it must train: give it a share of at least 1 (list a "
-                        "training peer first)")
+        raise PlanError(
+            "rank 0 writes the adapter, so it must train: give it a share of at least 1 (list a training peer first)"
+        )
 
 
 def share_pattern(shares: tuple[int, ...]) -> list[int]:

@@ -9,6 +9,9 @@ pace (the slowest stage's seconds per sample) of layers 0..l-1 on the first k de
 tried in full for up to five devices, by speed beyond. In the data-parallel modes samples are owned equally or
 in proportion to the devices' speed (`whole_shares`). The cheapest prediction wins; the others are kept for the
 report, so a user sees why the chosen mode beats the other two.
+
+A phase-1-only device (`DeviceProfile.phase1_only`: a phone) takes part in shuffle mode alone, owning no
+samples (share 0), and never as rank 0, which trains and writes the adapter.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class PlanChoice:
         sharing = {r: ranks for _, ranks in stage_groups(b.stages) if b.mode != "replicated" for r in ranks}
         for rank, (name, stage) in enumerate(zip(b.devices, b.stages, strict=True)):
             layers = f"layers {stage[0]}-{stage[1] - 1}"
+            if b.shares is not None and b.shares[rank] == 0:
+                layers += ", phase 1 only"
             if len(sharing.get(rank, ())) > 1:
                 others = ", ".join(b.devices[r] for r in sharing[rank] if r != rank)
                 layers += f" (taking turns with {others} at phase 1's micro-batches)"
@@ -98,15 +103,21 @@ def plan(
     `compressions`: how data-parallel phase 2 may send its gradients (the cheapest prediction is chosen)."""
     if not devices:
         raise NoPlanError("no devices to plan for")
+    if all(d.phase1_only for d in devices):
+        raise NoPlanError(
+            "every device runs phase 1 only (`pac peer --phase1-only`): at least one must train; start one "
+            "without --phase1-only"
+        )
     by_speed = sorted(devices, key=lambda d: d.forward_seconds((0, model.num_layers)) + d.side_train_seconds)
     by_mode: dict[str, Prediction] = {}
     with_all: dict[str, Prediction] = {}
     for mode in modes:
-        for k, size in itertools.product(range(1, len(by_speed) + 1), micro_batch_sizes(devices, work)):
-            candidate = best_for(mode, by_speed[:k], model, replace(work, micro_batch=size), compressions)
+        usable = [d for d in by_speed if mode == "shuffle" or not d.phase1_only]
+        for k, size in itertools.product(range(1, len(usable) + 1), micro_batch_sizes(devices, work)):
+            candidate = best_for(mode, usable[:k], model, replace(work, micro_batch=size), compressions)
             if candidate is None:
                 continue
-            if k == len(by_speed):
+            if k == len(usable) == len(by_speed):
                 with_all[mode] = candidate
             if mode not in by_mode or candidate.total_seconds < by_mode[mode].total_seconds:
                 by_mode[mode] = candidate
@@ -117,7 +128,9 @@ def plan(
     for d in devices:
         if d.name not in best.devices:
             everyone = with_all.get(best.mode)
-            if everyone is None:
+            if d.phase1_only and best.mode != "shuffle":
+                left_out[d.name] = f"it runs phase 1 only, and {best.mode} mode has no place for that (shuffle has)"
+            elif everyone is None:
                 left_out[d.name] = f"no {best.mode} plan with every device fits in memory"
             else:
                 left_out[d.name] = (
@@ -152,6 +165,8 @@ def best_for(
     # programming sees a group's next stage only by its first device.
     splits = [(order, grouped) for order in orders for grouped in ((False, True) if mode == "shuffle" else (False,))]
     for order, grouped in splits:
+        if order[0].phase1_only:  # rank 0 trains: it writes the adapter
+            continue
         stages = split_layers(mode, order, model, work, grouped)
         if stages is None:
             continue
@@ -170,15 +185,25 @@ def _best_shares(
     compressions: Sequence[str],
 ) -> Prediction | None:
     """Equal ownership, or (data-parallel modes) shares in proportion to each device's speed in phase 1 or in
-    phase 2, each with every allowed gradient compression: whichever predicts the least time."""
-    candidates: list[tuple[int, ...] | None] = [None]
-    if mode != "side-pipeline" and len(devices) > 1:
+    phase 2, each with every allowed gradient compression: whichever predicts the least time. A phase-1-only
+    device's share is 0 in each."""
+    training = [d for d in devices if not d.phase1_only]
+
+    def spread(shares: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Shares of the training devices -> shares of every device (0 for phase-1-only ones)."""
+        if len(training) == len(devices):
+            return shares
+        given = iter(shares or [1] * len(training))
+        return tuple(0 if d.phase1_only else next(given) for d in devices)
+
+    candidates: list[tuple[int, ...] | None] = [spread(None)]
+    if mode != "side-pipeline" and len(training) > 1:
         whole = (0, model.num_layers)
-        trains = [d.data_parallel_train_seconds for d in devices]
-        for seconds in ([d.forward_seconds(whole) for d in devices], trains):
-            candidates.append(whole_shares([1 / max(s, 1e-12) for s in seconds]))
+        trains = [d.data_parallel_train_seconds for d in training]
+        for seconds in ([d.forward_seconds(whole) for d in training], trains):
+            candidates.append(spread(whole_shares([1 / max(s, 1e-12) for s in seconds])))
     # Compression changes nothing alone or in side-pipeline mode (no gradient all-reduce there).
-    ways = dict.fromkeys(compressions) if mode != "side-pipeline" and len(devices) > 1 else {"none": None}
+    ways = dict.fromkeys(compressions) if mode != "side-pipeline" and len(training) > 1 else {"none": None}
     found = [
         predict(mode, devices, stages, model, work, shares, compression)
         for shares in dict.fromkeys(candidates)

@@ -511,10 +511,11 @@ class Coordinator:
         if not unplanned:
             plan, members = self._planned(members, prepared)
         else:  # the planner models cached methods only: an uncached one runs replicated on every peer
-            memories = [_memory(p) for p in members]
             mode = next(iter(self.mode_options))
+            members, shares = self._by_hand(members, mode)
+            memories = [_memory(p) for p in members]
             plan = make_plan(
-                mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches, cluster.shares
+                mode, num_layers, memories, cluster.stages, cluster.schedule, cluster.micro_batches, shares
             )
         plan = self._inheriting(plan, members)
         self.options = with_defaults(replace(self.options, method_options=self.mode_options[plan.mode]))
@@ -722,7 +723,9 @@ class Coordinator:
             micro_batch=self.options.optim.batch_size,
             micro_batches=self.cluster.micro_batches,
         )
-        costs = model_costs_of(members[0].run_profile)  # the model's sizes, the same from every peer
+        # The model's sizes, the same from every peer that trains (a phase-1-only one never builds the method's model).
+        sizer = next((p for p in members if not p.profile.get("phase1_only")), members[0])
+        costs = model_costs_of(sizer.run_profile)
         given = self.cluster.grad_compression
         compressions = (given,) if given else GRADIENT_COMPRESSIONS
         choice = plan_run(list(profiles.values()), costs, work, list(self.mode_options), compressions)
@@ -741,6 +744,45 @@ class Coordinator:
             best.mode, best.stages, self.cluster.schedule, self.cluster.micro_batches, best.shares, best.micro_batch
         )
         return plan, chosen
+
+    def _by_hand(self, members: list[PeerState], mode: str) -> tuple[list[PeerState], tuple[int, ...] | None]:
+        """The members and shares of a plan made by hand (a mode or layout given, or a method without phase 1).
+        Phase-1-only peers take share 0 in shuffle mode, and rank 0 goes to a peer that trains (it writes the
+        adapter); the other modes have no place for them, so they are let go."""
+        only = [p for p in members if p.profile.get("phase1_only")]
+        if not only:
+            return members, self.cluster.shares
+        if len(only) == len(members):
+            self._fail("every peer runs phase 1 only (`pac peer --phase1-only`): start one that trains")
+        cached = get_method(self.options.method).cached
+        if mode != "shuffle" or not cached:
+            why = "it runs phase 1 only (--phase1-only), " + (
+                f"and {self.options.method} has no phase 1 (it trains on token ids)"
+                if not cached
+                else f"which only shuffle mode has a place for, not {mode}"
+            )
+            for peer in only:
+                self._print(f"[pac-launch] {peer.host.name} left out: {why}")
+                self._send(peer, "shutdown", reason=f"left out: {why}")
+                peer.status = "left out"
+            members = [p for p in members if p not in only]
+        elif members[0] in only:
+            if self.cluster.stages or self.cluster.shares:
+                self._fail(
+                    f"{members[0].host.name} runs phase 1 only, but the first peer of the hosts file is rank 0, "
+                    "which writes the adapter: list a peer that trains first (--stages and --shares follow that order)"
+                )
+            first = next(p for p in members if p not in only)
+            members = [first, *(p for p in members if p is not first)]
+        for rank, peer in enumerate(members):
+            peer.rank = rank
+        if mode != "shuffle" or not cached:
+            return members, self.cluster.shares
+        shares = self.cluster.shares or tuple(0 if p in only else 1 for p in members)
+        wrong = [p.host.name for p, share in zip(members, shares, strict=False) if p in only and share > 0]
+        if wrong:
+            self._fail(f"--shares gives {', '.join(wrong)} samples, but they run phase 1 only: give them 0")
+        return members, shares
 
     def _grad_compression(self) -> str:
         """How data-parallel phase 2 sends its gradients: as asked, else as planned, else uncompressed."""
@@ -1021,4 +1063,5 @@ def _describe_profile(profile: dict[str, Any]) -> str:
     mem = profile.get("max_mem", 0) / 2**30
     share = profile.get("cpu_share")
     cores = f"{profile.get('cores', '?')} cores" + (f" ({share:g} by its CPU quota)" if share else "")
-    return f"{cores}, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}"
+    role = ", phase 1 only" if profile.get("phase1_only") else ""
+    return f"{cores}, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}{role}"

@@ -71,6 +71,7 @@ class PeerSettings:
     coordinator_timeout: float = 60.0  # seconds of silence after which the run is considered gone
     stays: bool = False  # an agent that serves the next run (not --once): a run can re-plan and come back to it
     advertise: bool = True  # on the network's mDNS, for `pac-launch --discover` (pac.net.discovery)
+    phase1_only: bool = False  # runs its layers in phase 1, trains nothing (deploy/android-termux.md)
 
 
 def device_profile(settings: PeerSettings) -> dict[str, Any]:
@@ -88,6 +89,7 @@ def device_profile(settings: PeerSettings) -> dict[str, Any]:
         "pac": __version__,
         "platform": platform.platform(),
         "stays": settings.stays,
+        "phase1_only": settings.phase1_only,
     }
 
 
@@ -355,6 +357,11 @@ class PeerAgent:
             try:
                 job = Assignment.from_wire(message["assignment"])
                 splits = {name: _data_from_chunks(name, chunks) for name, chunks in self.chunks.items()}
+                if self.settings.phase1_only and job.rank in job.plan.trainers:
+                    raise PacError(
+                        f"this peer runs phase 1 only (--phase1-only), but the plan has it train (rank {job.rank}, "
+                        f"{job.plan.mode} mode): give it share 0 in shuffle mode, or restart it without --phase1-only"
+                    )
             except (PacError, KeyError, ValueError, RuntimeError) as exc:
                 self._send(self.coordinator, "failed", reason=f"bad assignment or data: {exc}")
                 self.exit_code = 1
@@ -374,7 +381,9 @@ class PeerAgent:
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
             memory = device_profile(self.settings)["max_mem"]
-            profile = profile_device(resolve_model(opts.model), opts, self.settings.name, memory, refresh=refresh)
+            model = resolve_model(opts.model)
+            only = self.settings.phase1_only
+            profile = profile_device(model, opts, self.settings.name, memory, refresh=refresh, phase1_only=only)
             self.events.put(("profiled", profile))
         except Exception as exc:
             log.error("profiling failed:\n%s", traceback.format_exc())

@@ -46,6 +46,22 @@ from pac.runtime.step import method_step
 # 2: load and build times; 4: times sustained under a CPU quota; 5: micro-batch factors; 6: the side blocks' share;
 # 7: the step also timed on the method's training source (shortlists), and that source's one-off digest
 PROFILE_VERSION = 7
+# The training step's figures of a phase-1-only device, which never builds the method's model.
+NO_STEP: dict[str, float] = dict.fromkeys(
+    (
+        "train_seconds",
+        "eval_seconds",
+        "build_seconds",
+        "digest_seconds",
+        "digested_train_seconds",
+        "flops",
+        "trainable_bytes",
+        "frozen_bytes",
+        "state_bytes",
+        "sample_bytes",
+    ),
+    0,
+) | {"blocks_share": 1.0}
 CACHE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -78,12 +94,21 @@ class SyntheticBatches:
 
 
 def profile_device(
-    model_dir: Path, opts: TrainOptions, name: str, memory: int, *, repeats: int = 3, refresh: bool = False
+    model_dir: Path,
+    opts: TrainOptions,
+    name: str,
+    memory: int,
+    *,
+    repeats: int = 3,
+    refresh: bool = False,
+    phase1_only: bool = False,
 ) -> dict[str, Any]:
     """This device's profile for the run `opts` (its model, --max-length, --batch-size, method and options):
     {"device": DeviceProfile fields, "model": ModelCosts fields, "layers": per-layer detail, "measured": ...}.
-    `name` and `memory` are what the planner calls this device and what it may use."""
-    key = _profile_key(model_dir, opts)
+    `name` and `memory` are what the planner calls this device and what it may use. A `phase1_only` device
+    measures its layers alone: it never builds the method's model, whose figures read 0 (the coordinator takes
+    the model's sizes from a training peer)."""
+    key = _profile_key(model_dir, opts, phase1_only)
     cached = profiles_dir() / f"{key}.json"
     if cached.exists() and not refresh:
         profile = json.loads(cached.read_text())
@@ -96,7 +121,7 @@ def profile_device(
         _profile_layer(model_dir, i, seq_len, micro, config.vocab_size, repeats)
         for i in range(config.num_hidden_layers)
     ]
-    side = _profile_step(model_dir, opts, config, repeats)
+    side = NO_STEP if phase1_only else _profile_step(model_dir, opts, config, repeats)
     factors = _micro_batch_factors(model_dir, config, seq_len, micro, layers, repeats)
     d, bytes_per_value = config.hidden_size, CACHE_DTYPE_BYTES[opts.cache.dtype]
     device = DeviceProfile(
@@ -110,6 +135,7 @@ def profile_device(
         digest_seconds=side["digest_seconds"],
         digested_train_seconds=side["digested_train_seconds"] / micro,
         micro_batch_factors=factors,
+        phase1_only=phase1_only,
     )
     costs = ModelCosts(
         layer_weight_bytes=tuple(layer["weight_bytes"] for layer in layers),
@@ -195,7 +221,7 @@ def model_costs_of(profile: dict[str, Any]) -> ModelCosts:
     return ModelCosts(**model)
 
 
-def _profile_key(model_dir: Path, opts: TrainOptions) -> str:
+def _profile_key(model_dir: Path, opts: TrainOptions, phase1_only: bool = False) -> str:
     method = get_method(opts.method)
     parts = {
         "version": PROFILE_VERSION,
@@ -209,6 +235,7 @@ def _profile_key(model_dir: Path, opts: TrainOptions) -> str:
         "options": method.flat_options(opts.options),
         "device": [platform.node(), platform.processor() or platform.machine(), torch.get_num_threads(), cpu_share()],
         "torch": torch.__version__,
+        "phase1_only": phase1_only,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
