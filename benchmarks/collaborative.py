@@ -6,7 +6,9 @@ run's own summary (every peer reports its phase-1 time and the bytes its data pl
 - bytes sent per sample on the data plane in phase 1 (hidden states between stages and taps to their
   owners) and in phase 2 (side-network activations and their gradients, side-pipeline only; the
   gloo all-reduce of gradients is counted separately, from the number of trainable parameters);
-- phase-2 time per epoch.
+- phase-2 time per epoch;
+- each peer's peak resident memory, and with `--shares 1,0,1` the same three peers where the middle one runs
+  phase 1 only (share 0: its layers, then it leaves; a phone's role, `pac peer --phase1-only`).
 
 Every run gets a fresh cache directory, so phase 1 really runs. The peers share this machine's cores
 (each gets cores/N threads): on one machine more peers cannot be faster, so these figures show the
@@ -31,17 +33,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORK = HERE / ".work" / "collaborative"
-# (name, peers, mode)
+# (name, peers, mode, other pac-launch options)
 CONFIGS = [
-    ("1 peer", 1, "shuffle"),
-    ("2 peers, shuffle", 2, "shuffle"),
-    ("3 peers, shuffle", 3, "shuffle"),
-    ("3 peers, side-pipeline", 3, "side-pipeline"),
-    ("3 peers, replicated", 3, "replicated"),
+    ("1 peer", 1, "shuffle", []),
+    ("2 peers, shuffle", 2, "shuffle", []),
+    ("3 peers, shuffle", 3, "shuffle", []),
+    ("3 peers, shuffle, rank 1 phase 1 only", 3, "shuffle", ["--shares", "1,0,1"]),
+    ("3 peers, side-pipeline", 3, "side-pipeline", []),
+    ("3 peers, replicated", 3, "replicated", []),
 ]
 
 
-def run(name: str, peers: int, mode: str, args: argparse.Namespace) -> dict:
+def run(name: str, peers: int, mode: str, extra: list[str], args: argparse.Namespace) -> dict:
     slug = name.replace(" ", "").replace(",", "-").replace("@", "-")
     out, cache = WORK / slug / "out", WORK / slug / "cache"
     shutil.rmtree(WORK / slug, ignore_errors=True)
@@ -49,6 +52,7 @@ def run(name: str, peers: int, mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "launcher.main", "--mode", mode, "--out", str(out), "--cache-dir", str(cache)]
     cmd += ["--epochs", str(args.epochs), "--train-size", str(args.train_size), "--val-size", str(args.val_size)]
     cmd += ["--model", args.model] if args.model else []
+    cmd += extra
     started = time.perf_counter()
     if args.network:
         with_network(cmd, peers, args.network, WORK / slug)
@@ -86,7 +90,7 @@ def with_network(cmd: list[str], peers: int, rate: str, work: Path, delay_ms: fl
 
 def measure(summary: dict, wall_seconds: float) -> dict:
     """The figures of one run from its summary.json."""
-    peers = [p["summary"] for p in summary["peers"].values()]
+    peers = [p["summary"] for p in sorted(summary["peers"].values(), key=lambda p: p["rank"])]
     samples = sum(summary["peers"][next(iter(summary["peers"]))]["summary"]["split_sizes"].values())
     phase1 = max(p["phase1_seconds"] for p in peers)
     epochs = summary["epochs"]
@@ -98,26 +102,33 @@ def measure(summary: dict, wall_seconds: float) -> dict:
         "phase1_seconds": phase1,
         "phase1_samples_per_s": samples / phase1,
         "phase1_bytes_per_sample": sum(p["phase1_bytes_sent"] for p in peers) / samples,
-        "phase2_bytes_per_epoch": sum(p["phase2_bytes_sent"] for p in peers) / max(len(epochs), 1),
+        "phase2_bytes_per_epoch": sum(p.get("phase2_bytes_sent", 0) for p in peers) / max(len(epochs), 1),
         "epoch_seconds": sorted(e["epoch_seconds"] for e in epochs)[len(epochs) // 2],
         "trainable_params": summary["trainable_params"],
         "final_metrics": {k: v for k, v in epochs[-1].items() if k.startswith("val_")},
         "wall_seconds": wall_seconds,
+        "peak_rss_mb": [p["peak_rss_mb"] for p in peers],  # by rank
+        "phase1_only": [bool(p.get("phase1_only")) for p in peers],
     }
 
 
 def report(rows: dict[str, dict]) -> str:
     lines = [
         "| configuration | plan (layers per rank) | phase 1 samples/s | phase-1 MB sent per sample "
-        "| phase-2 MB sent per epoch (data plane) | phase-2 s/epoch | validation |",
-        "|---|---|---|---|---|---|---|",
+        "| phase-2 MB sent per epoch (data plane) | phase-2 s/epoch | peak RSS per rank (GB) | validation |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         plan = ", ".join(f"{a}-{b - 1}" for a, b in r["plan"])
         metrics = ", ".join(f"{k[4:]} {v:.4f}" for k, v in r["final_metrics"].items())
+        only = r.get("phase1_only") or [False] * len(r["plan"])
+        peaks = ", ".join(
+            f"{mb / 1024:.2f}" + (" (phase 1 only)" if alone else "")
+            for mb, alone in zip(r.get("peak_rss_mb", []), only, strict=False)  # older rows have no peaks
+        )
         lines.append(
             f"| {name} | {plan} | {r['phase1_samples_per_s']:.2f} | {r['phase1_bytes_per_sample'] / 1e6:.2f} "
-            f"| {r['phase2_bytes_per_epoch'] / 1e6:.1f} | {r['epoch_seconds']:.1f} | {metrics} |"
+            f"| {r['phase2_bytes_per_epoch'] / 1e6:.1f} | {r['epoch_seconds']:.1f} | {peaks or '—'} | {metrics} |"
         )
     first = next(iter(rows.values()))
     grads = first["trainable_params"] * 4
@@ -172,14 +183,14 @@ def main() -> None:
     path = RESULTS / "collaborative.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     if not args.report:
-        for name, peers, mode in CONFIGS:
+        for name, peers, mode, extra in CONFIGS:
             if args.configs and name not in args.configs or (args.network and peers == 1):
                 continue
             key = f"{name} @ {args.network}" if args.network else name
-            rows[key] = run(key, peers, mode, args)
+            rows[key] = run(key, peers, mode, extra, args)
             path.write_text(json.dumps(rows, indent=2) + "\n")
     ordered = {}  # each configuration, then its runs on a shaped network
-    for name, _, _ in CONFIGS:
+    for name, *_ in CONFIGS:
         for key in (name, *sorted(r for r in rows if r.startswith(f"{name} @"))):
             if key in rows:
                 ordered[key] = rows[key]

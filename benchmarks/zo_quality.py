@@ -122,7 +122,9 @@ def plot(task: str, store: dict[str, dict], path: Path) -> None:
 
     curves = {name: curve(task, runs) for name, runs in store.items() if runs}
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in zip(axes, ("steps", "seconds"), ("training steps", "training seconds (cumulative)"), strict=True):
+    for ax, key, label in zip(
+        axes, ("steps", "seconds"), ("training steps", "training seconds (cumulative)"), strict=True
+    ):
         series = {name: ([p[key] for p in points], [p["quality"] for p in points]) for name, points in curves.items()}
         spreads = {name: [p["spread"] / 2 for p in points] for name, points in curves.items()}
         lines(ax, series, spreads, xlabel=label, ylabel=f"validation {METRIC[task].removeprefix('val_')}")
