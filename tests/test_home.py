@@ -107,7 +107,10 @@ def test_a_home_delays_limits_and_cleans_up_and_a_small_run_trains_on_it(tiny_ll
             del os.environ["PAC_JOIN_TOKEN"]
         shown = capsys.readouterr().out
         assert "phone: " in shown and "[pac-launch] done" in shown
-        assert re.search(r"phone joined: \d+ cores \(0\.5 by its CPU quota\)", shown)  # its cgroup's, not the host's
+        # Its cgroups' quota and memory limit, not the host's cores and memory.
+        assert re.search(
+            r"phone joined: \d+ cores \(0\.5 by its CPU quota\), 2\.0 GiB \(2\.0 by its memory limit\)", shown
+        )
         assert (tmp_path / "out" / "adapter_model.safetensors").exists()
         # One machine, two CPU quotas: each device keeps its own profile.
         assert len(list(profiles.glob("*.json"))) == 2

@@ -13,7 +13,7 @@ from pac.models.backbone import load_backbone, load_config
 from pac.plan.costs import Workload
 from pac.plan.planner import plan
 from pac.runconfig import DataOptions, OptimOptions, TrainOptions
-from pac.runtime import cpu, profiler
+from pac.runtime import cgroup, profiler
 from pac.runtime.profiler import device_profile_of, model_costs_of, profile_device
 
 
@@ -118,5 +118,5 @@ def test_under_a_cpu_quota_a_timing_is_what_the_quota_sustains(monkeypatch):
 def test_torch_threads_follow_a_cpu_quota(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     for share, threads in ((None, None), (0.25, 1), (1.0, 1), (1.5, 2), (8.0, None), (12.0, None)):
-        monkeypatch.setattr(cpu, "cpu_share", lambda share=share: share)
-        assert cpu.quota_threads() == threads, share
+        monkeypatch.setattr(cgroup, "cpu_share", lambda share=share: share)
+        assert cgroup.quota_threads() == threads, share

@@ -1060,8 +1060,10 @@ def _memory(peer: PeerState) -> float:
 
 
 def _describe_profile(profile: dict[str, Any]) -> str:
-    mem = profile.get("max_mem", 0) / 2**30
-    share = profile.get("cpu_share")
+    share, limit = profile.get("cpu_share"), profile.get("memory_limit")
     cores = f"{profile.get('cores', '?')} cores" + (f" ({share:g} by its CPU quota)" if share else "")
+    memory = f"{profile.get('max_mem', 0) / 2**30:.1f} GiB" + (
+        f" ({limit / 2**30:.1f} by its memory limit)" if limit else ""
+    )
     role = ", phase 1 only" if profile.get("phase1_only") else ""
-    return f"{cores}, {mem:.1f} GiB, {profile.get('accelerator', '?')}, pac {profile.get('pac')}{role}"
+    return f"{cores}, {memory}, {profile.get('accelerator', '?')}, pac {profile.get('pac')}{role}"

@@ -38,8 +38,8 @@ from pac.net.codec import CodecError
 from pac.net.dataplane import CurveConfig, ZmqDataPlane
 from pac.net.discovery import Advertisement
 from pac.runconfig import run_config_from_wire
+from pac.runtime.cgroup import cpu_share, memory_limit
 from pac.runtime.collaborative import Assignment, run_assignment, run_directory
-from pac.runtime.cpu import cpu_share
 from pac.runtime.pipeline import RECEIVER_THREAD
 from pac.runtime.profiler import profile_device
 from pac.runtime.run_dir import RUN_FILE
@@ -77,12 +77,14 @@ class PeerSettings:
 def device_profile(settings: PeerSettings) -> dict[str, Any]:
     """What the planner needs to know about this device."""
     memory = psutil.virtual_memory().total
+    limit = memory_limit(memory)  # a container's --memory: what the machine's total says nothing of
     return {
         "cores": os.cpu_count() or 1,
         "cpu_share": cpu_share(),  # the cores a CPU quota leaves it (a container's --cpus), or None
         "threads": settings.threads or torch.get_num_threads(),
         "memory": memory,
-        "max_mem": settings.max_mem or memory,
+        "memory_limit": limit,
+        "max_mem": settings.max_mem or limit or memory,
         "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cuda": torch.cuda.is_available(),
         "torch": torch.__version__,

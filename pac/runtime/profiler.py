@@ -38,7 +38,7 @@ from pac.models.backbone import load_backbone, load_config
 from pac.models.loading import pac_home
 from pac.plan.costs import CACHE_MICRO_BATCH, DeviceProfile, ModelCosts
 from pac.runconfig import TrainOptions
-from pac.runtime.cpu import cpu_share
+from pac.runtime.cgroup import cpu_share
 from pac.runtime.prepare import train_config
 from pac.runtime.sources import CachedTaps
 from pac.runtime.step import method_step
