@@ -159,15 +159,32 @@ def test_dockerfile_builds_offline_from_the_local_base_and_wheels():
     lines = (REPO / "deploy" / "Dockerfile").read_text().splitlines()
     assert f"ARG BASE={BASE_IMAGE}" in lines
     assert {line for line in lines if line.startswith("FROM ")} == {"FROM ${BASE} AS install", "FROM ${BASE}"}
-    installs = [line for line in lines if "pip install" in line]
-    assert installs and all("--no-index" in line and "--find-links /wheels" in line for line in installs)
+    assert [line for line in lines if "pip" in line or "install.py" in line] == [
+        "COPY deploy/install.py /tmp/install.py",
+        "# As `make setup` does (deploy/install.py), from the wheels alone and without the dev extra.",
+        "RUN python3 /tmp/install.py /opt/venv --wheels /wheels",
+    ]
     assert "COPY deploy/wheels /wheels" in lines
-    # the build context sends the wheels, not the working tree (a .venv alone is GBs)
-    assert (REPO / ".dockerignore").read_text().splitlines()[-3:] == [
+    # the build context sends the wheels and the installer, not the working tree (a .venv alone is GBs)
+    assert (REPO / ".dockerignore").read_text().splitlines()[-4:] == [
         "*",
         "!deploy/wheels/",
+        "!deploy/install.py",
         "!deploy/cluster-hosts.txt",
     ]
+
+
+def test_an_install_from_wheels_never_reaches_an_index(tmp_path):
+    """deploy/install.py --wheels DIR installs with --no-index: from an empty folder it finds no version of what
+    torch needs, where an index (this machine's pip has local ones) would have served it."""
+    (tmp_path / "wheels").mkdir()
+    venv, wheels = tmp_path / "venv", tmp_path / "wheels"
+    cmd = [sys.executable, str(REPO / "deploy" / "install.py"), str(venv), "--wheels", str(wheels)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Could not find a version that satisfies the requirement" in proc.stderr
+    assert "(from versions: none)" in proc.stderr
+    assert "install.py: `" in proc.stderr and "--no-index" in proc.stderr
 
 
 def docker_cpus() -> int:
