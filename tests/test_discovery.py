@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +37,11 @@ def test_an_advertisement_is_found_with_its_port_and_summary_and_gone_once_close
 
 @pytest.fixture
 def peers(tmp_path):
-    """Real `pac peer` agents on loopback: two with this run's token, one with another, one unadvertised."""
+    """Real `pac peer` agents on loopback: two with this run's token (one of them phase-1-only), one with another,
+    one unadvertised."""
     suffix = uuid.uuid4().hex[:6]
     token = f"token-{suffix}"
-    spec = {f"laptop-{suffix}": (token, []), f"desk-{suffix}": (token, [])}
+    spec = {f"laptop-{suffix}": (token, []), f"desk-{suffix}": (token, ["--phase1-only", "--max-mem", "3g"])}
     spec |= {f"neighbour-{suffix}": ("another-token", []), f"hidden-{suffix}": (token, ["--no-advertise"])}
     procs, ports = [], {}
     for name, (its_token, extra) in spec.items():
@@ -71,6 +73,7 @@ def test_discover_lists_the_peers_with_the_token_refuses_the_others_and_writes_t
     assert f"refused: neighbour-{suffix} at 127.0.0.1:{ports[f'neighbour-{suffix}']}" in shown
     assert "no answer to the encrypted handshake: another PAC_JOIN_TOKEN" in shown
     assert f"hidden-{suffix}" not in shown and token not in shown
+    assert re.search(rf"desk-{suffix} at 127\.0\.0\.1:\d+ \(pac [^)]*, 3\.0 GB, cpu, phase 1 only\)", shown)
     advertised = [f for f in discover(2.0) if f.name.endswith(suffix)]
     assert advertised and not any(token in value for f in advertised for value in f.properties.values())
     written = {h.name: h for h in read_hosts(tmp_path / "hosts.txt") if h.name.endswith(suffix)}

@@ -41,6 +41,7 @@ class Found:
         parts = [f"pac {p.get('pac', '?')}", *(f"{p[k]} {k}" for k in ("cores", "threads") if k in p)]
         parts += [f"{p['memory_gb']} GB"] if "memory_gb" in p else []
         parts += [p["device"]] if "device" in p else []
+        parts += [p["role"]] if "role" in p else []  # "phase 1 only" (`pac peer --phase1-only`)
         return f"{self.name} at {self.host}:{self.port} ({', '.join(parts)})"
 
 

@@ -180,9 +180,11 @@ class PeerAgent:
             "protocol": str(protocol.PROTOCOL_VERSION),
             "cores": str(profile["cores"]),
             "threads": str(profile["threads"]),
-            "memory_gb": f"{profile['memory'] / 2**30:.1f}",
+            "memory_gb": f"{profile['max_mem'] / 2**30:.1f}",  # what it may use: --max-mem, or its memory limit
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
+        if self.settings.phase1_only:
+            properties["role"] = "phase 1 only"
         port = int(self.endpoint.rsplit(":", 1)[1])
         try:
             return Advertisement(self.settings.name, host.strip("[]"), port, properties)
