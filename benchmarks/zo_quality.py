@@ -30,10 +30,11 @@ WORK = HERE / ".work" / "zo_quality"
 sys.path.insert(0, str(HERE))
 from quality import record  # noqa: E402
 
-SETTING = ["--train-size", "100", "--val-size", "100", "--max-length", "64"]
-SETTING += ["--batch-size", "4", "--epochs", "4", "--split-seed", "0"]
+SPLIT = ["--train-size", "100", "--val-size", "100", "--max-length", "64", "--split-seed", "0"]
+SETTING = [*SPLIT, "--batch-size", "4", "--epochs", "4"]
 STEPS_PER_EPOCH = 25
 KEY = "train100-val100-len64-batch4-epochs4"  # the setting the runs are filed under
+UNTRAINED = "zero-shot"  # filed apart from the runs: setting -> {"0": {metric: value}}
 METRIC = {"classify": "val_accuracy", "lm": "val_perplexity"}
 TASK_WORDS = {"classify": "classification (5 classes)", "lm": "language modelling of held-out text"}
 CONFIGS = {
@@ -64,6 +65,14 @@ def run(task: str, name: str, seed: int) -> dict:
     return {"epochs": summary["epochs"], "trainable_params": summary["trainable_params"]}
 
 
+def zero_shot(task: str) -> float:
+    """The untrained model's quality on the same validation split (`pac eval --zero-shot`): where training starts."""
+    cmd = [sys.executable, "-m", "pac.cli", "eval", "--zero-shot", "--task", task, *SPLIT]
+    print("$", " ".join(cmd[2:]), flush=True)
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return result[METRIC[task].removeprefix("val_")]
+
+
 def curve(task: str, runs: dict[str, dict]) -> list[dict]:
     """Per epoch: steps, the mean of the task's metric over the seeds, mean cumulative training seconds."""
     points = []
@@ -81,7 +90,7 @@ def curve(task: str, runs: dict[str, dict]) -> list[dict]:
     return points
 
 
-def report(task: str, store: dict[str, dict]) -> str:
+def report(task: str, store: dict[str, dict], untrained: float | None) -> str:
     curves = {name: curve(task, runs) for name, runs in store.items() if runs}
     word = "accuracy" if task == "classify" else "perplexity"
     lines = [
@@ -90,6 +99,7 @@ def report(task: str, store: dict[str, dict]) -> str:
         "one thread per run, runs side by side on 2 cores (seconds comparable between rows only roughly). "
         f"Cells: validation {word} (± half the seeds' range), cumulative training seconds.",
         "",
+        *([f"The untrained model (`pac eval --zero-shot`, same split): {untrained:.3f}.", ""] if untrained else []),
         "| method | seeds | trainable | "
         + " | ".join(f"after {p['steps']} steps" for p in next(iter(curves.values())))
         + " |",
@@ -117,7 +127,7 @@ def report(task: str, store: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(task: str, store: dict[str, dict], path: Path) -> None:
+def plot(task: str, store: dict[str, dict], untrained: float | None, path: Path) -> None:
     from pac.report import lines, pyplot, save
 
     curves = {name: curve(task, runs) for name, runs in store.items() if runs}
@@ -127,6 +137,8 @@ def plot(task: str, store: dict[str, dict], path: Path) -> None:
     ):
         series = {name: ([p[key] for p in points], [p["quality"] for p in points]) for name, points in curves.items()}
         spreads = {name: [p["spread"] / 2 for p in points] for name, points in curves.items()}
+        if untrained:
+            ax.axhline(untrained, color="grey", linestyle=":", label="untrained (zero-shot)")
         lines(ax, series, spreads, xlabel=label, ylabel=f"validation {METRIC[task].removeprefix('val_')}")
     fig.suptitle(f"Zeroth-order against backprop LoRA and parallel adapters (BBC News {task}, SmolLM2-135M)")
     save(fig, path)
@@ -146,10 +158,13 @@ def main() -> None:
         for name in args.configs:
             for seed in args.seeds:
                 record(path, KEY, name, seed, run(args.task, name, seed))
-    store = json.loads(path.read_text())[KEY]
-    stem.with_suffix(".md").write_text(report(args.task, store))
-    plot(args.task, store, stem.with_suffix(".png"))
-    print(report(args.task, store))
+        record(path, UNTRAINED, KEY, 0, {METRIC[args.task]: zero_shot(args.task)})
+    saved = json.loads(path.read_text())
+    store = saved[KEY]
+    untrained = saved.get(UNTRAINED, {}).get(KEY, {}).get("0", {}).get(METRIC[args.task])
+    stem.with_suffix(".md").write_text(report(args.task, store, untrained))
+    plot(args.task, store, untrained, stem.with_suffix(".png"))
+    print(report(args.task, store, untrained))
 
 
 if __name__ == "__main__":
