@@ -274,6 +274,11 @@ def owned_positions(
     return [p for p in range(num_samples) if owner(p, world, shares, inherited) == rank]
 
 
+def phase1_only_left_out(mode: str) -> str:
+    """Why a phase-1-only peer has no place in `mode` (every mode but shuffle), for the peer and the user."""
+    return f"it runs phase 1 only (--phase1-only), which only shuffle mode has a place for, not {mode}"
+
+
 def check_shares(mode: str, shares: Sequence[int]) -> None:
     """A share of 0 (a phase-1-only rank) only in shuffle mode, where phase 1 needs no owner; never on rank 0,
     which writes the adapter."""

@@ -32,7 +32,7 @@ from pac.plan.costs import (
     peak_bytes,
     predict,
 )
-from pac.plan.placement import MODES, Stage, split_proportional, stage_groups, stage_taps
+from pac.plan.placement import MODES, Stage, phase1_only_left_out, split_proportional, stage_groups, stage_taps
 
 ALL_ORDERS_UP_TO = 5  # devices; 5! = 120 orders of a 30-layer DP take well under a second
 MOST_SHARE = 8  # the fastest device's weight when shares follow speed: a cycle of at most 8 x devices samples
@@ -129,7 +129,7 @@ def plan(
         if d.name not in best.devices:
             everyone = with_all.get(best.mode)
             if d.phase1_only and best.mode != "shuffle":
-                left_out[d.name] = f"it runs phase 1 only, and {best.mode} mode has no place for that (shuffle has)"
+                left_out[d.name] = phase1_only_left_out(best.mode)
             elif everyone is None:
                 left_out[d.name] = f"no {best.mode} plan with every device fits in memory"
             else:

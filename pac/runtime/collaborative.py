@@ -237,21 +237,16 @@ def _both_phases(
     dist.barrier()  # every owner's cache is complete before anyone trains
     laps.lap("waiting for the other caches")
     if job.rank not in job.plan.trainers:  # phase 1 only: nothing of this run's training happens here
-        return {
-            "rank": job.rank,
-            "phase1_only": True,
-            **phase1,
-            "peak_rss_mb": peak_rss_mb(),
-            "seconds_by_step": laps.seconds,
-        }
-    if len(job.plan.trainers) < job.plan.world:
-        _training_group(job)
-        laps.lap("process group")
-    if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
-        progress("train", 0, 0, {})
-    summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
-    sent = {"phase2_bytes_sent": _sent(plane) - phase1["phase1_bytes_sent"]}
-    return {**summary, **phase1, **sent, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
+        summary: dict[str, Any] = {"rank": job.rank, "phase1_only": True}
+    else:
+        if len(job.plan.trainers) < job.plan.world:
+            _training_group(job)
+            laps.lap("process group")
+        if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
+            progress("train", 0, 0, {})
+        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
+        summary["phase2_bytes_sent"] = _sent(plane) - phase1["phase1_bytes_sent"]
+    return {**summary, **phase1, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
 
 
 def _training_group(job: Assignment) -> None:

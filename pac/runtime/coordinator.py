@@ -52,6 +52,7 @@ from pac.plan.placement import (
     check_schedule,
     make_plan,
     parse_stages,
+    phase1_only_left_out,
     stage_taps,
 )
 from pac.plan.planner import PlanChoice
@@ -755,33 +756,35 @@ class Coordinator:
         if len(only) == len(members):
             self._fail("every peer runs phase 1 only (`pac peer --phase1-only`): start one that trains")
         cached = get_method(self.options.method).cached
+        shares = self.cluster.shares
         if mode != "shuffle" or not cached:
-            why = "it runs phase 1 only (--phase1-only), " + (
-                f"and {self.options.method} has no phase 1 (it trains on token ids)"
-                if not cached
-                else f"which only shuffle mode has a place for, not {mode}"
+            why = (
+                phase1_only_left_out(mode)
+                if cached
+                else f"it runs phase 1 only (--phase1-only), and {self.options.method} has no phase 1 (it trains on "
+                "token ids)"
             )
             for peer in only:
                 self._print(f"[pac-launch] {peer.host.name} left out: {why}")
                 self._send(peer, "shutdown", reason=f"left out: {why}")
                 peer.status = "left out"
             members = [p for p in members if p not in only]
-        elif members[0] in only:
-            if self.cluster.stages or self.cluster.shares:
-                self._fail(
-                    f"{members[0].host.name} runs phase 1 only, but the first peer of the hosts file is rank 0, "
-                    "which writes the adapter: list a peer that trains first (--stages and --shares follow that order)"
-                )
-            first = next(p for p in members if p not in only)
-            members = [first, *(p for p in members if p is not first)]
+        else:
+            if members[0] in only:
+                if self.cluster.stages or self.cluster.shares:
+                    self._fail(
+                        f"{members[0].host.name} runs phase 1 only, but the first peer of the hosts file is rank 0, "
+                        "which writes the adapter: list a peer that trains first (--stages and --shares follow that "
+                        "order)"
+                    )
+                first = next(p for p in members if p not in only)
+                members = [first, *(p for p in members if p is not first)]
+            shares = shares or tuple(0 if p in only else 1 for p in members)
+            wrong = [p.host.name for p, share in zip(members, shares, strict=False) if p in only and share > 0]
+            if wrong:
+                self._fail(f"--shares gives {', '.join(wrong)} samples, but they run phase 1 only: give them 0")
         for rank, peer in enumerate(members):
             peer.rank = rank
-        if mode != "shuffle" or not cached:
-            return members, self.cluster.shares
-        shares = self.cluster.shares or tuple(0 if p in only else 1 for p in members)
-        wrong = [p.host.name for p, share in zip(members, shares, strict=False) if p in only and share > 0]
-        if wrong:
-            self._fail(f"--shares gives {', '.join(wrong)} samples, but they run phase 1 only: give them 0")
         return members, shares
 
     def _grad_compression(self) -> str:
