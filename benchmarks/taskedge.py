@@ -40,7 +40,7 @@ SWEEP_RUNS = [
     "taskedge-1-nm24",
     "taskedge-sparse-lora",
 ]
-LM_SWEEP_LEFT_OUT = ("taskedge-lr5e-4", "taskedge-1-nm24")  # classification's questions; the LM sweep is long
+LM_SWEEP_LEFT_OUT = ("taskedge-lr5e-4",)  # classification's question; the LM sweep is long
 SHOWN = ["zero-shot", "lora", "side", "pac-default", "side-retrieval-shortlist256"]
 
 
