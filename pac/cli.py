@@ -20,6 +20,8 @@ from pac.methods.defaults import ALL_TASKS
 from pac.methods.registry import get_method, methods, option_flag, option_key
 from pac.runconfig import DEFAULT_METHOD
 
+DEVICE_ENV = "PAC_DEVICE"  # `pac peer --device`'s default: a service file or a launcher's local peers set it
+
 DESCRIPTION = """\
 pac fine-tunes a language model on your own data, on your own devices.
 
@@ -234,6 +236,19 @@ def add_train_arguments(t: argparse.ArgumentParser, launch: bool = False) -> Non
         "float32): faster on CPUs with bf16 instructions (AVX512-BF16, AMX) and GPUs, slower elsewhere; the "
         "README has the figures (default fp32)",
     )
+    if launch:  # the peers of a collaborative run compute on their CPUs
+        t.set_defaults(device="cpu")
+    else:
+        m.add_argument(
+            "--device",
+            default="cpu",
+            metavar="DEVICE",
+            help="where phase 1 and training compute: cpu (default), cuda or cuda:N (an NVIDIA GPU, a Jetson's), "
+            "mps (Apple silicon), auto (a GPU if torch sees one, else the CPU), or lazy (torch's lazy-tensor "
+            "backend on the CPU, standing in for a GPU in tests). Off the CPU: --method "
+            + ", ".join(n for n, method in methods().items() if method.accelerates)
+            + "; the data stays on the CPU, and the adapter is saved from it",
+        )
     m.add_argument(
         "--holdout",
         type=number(float, above=0, below=1),
@@ -433,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=socket.gethostname(), help="this device's name in the run (default: hostname)")
     p.add_argument("--max-mem", type=_size, help="memory this device may use, e.g. 4g (default: all of it)")
     p.add_argument(
+        "--device",
+        default=os.environ.get(DEVICE_ENV, "cpu"),
+        metavar="DEVICE",
+        help="where this peer's data-parallel phase 2 computes (--mode replicated or shuffle; methods as for `pac "
+        "train --device`): cpu, cuda, cuda:N, mps, auto or lazy; phase 1 and pipelined stages run on the CPU "
+        f"(default: ${DEVICE_ENV}, else cpu)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=argparse.SUPPRESS,
@@ -555,6 +578,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     from pac.models.loading import pac_home
     from pac.net.auth import token_from_env
+    from pac.runtime.device import resolve_device
     from pac.runtime.peer import PeerAgent, PeerSettings
 
     work_dir = Path(args.work_dir) if args.work_dir else pac_home() / "peers" / args.name
@@ -574,6 +598,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         stays=not args.once,
         advertise=args.advertise,
         phase1_only=args.phase1_only,
+        device=str(resolve_device(args.device)),  # refused now, not when a run comes
     )
     code = PeerAgent(settings).serve()
     # A worker thread may still sit in a collective whose peers are gone (the run failed elsewhere): leave
@@ -623,6 +648,7 @@ def train_options(args: argparse.Namespace):
         resume=True,  # a run's own checkpoints always resume it; --resume insists that there are some
         overwrite=args.overwrite,
         require_resume=args.resume is True,  # pac-launch's --resume names a run directory instead
+        device=args.device,
     )
 
 

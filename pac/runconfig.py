@@ -68,6 +68,9 @@ class TrainOptions:
     resume: bool = True  # continue this run from its checkpoints in `out` (they must be this run's)
     overwrite: bool = False  # replace an earlier run's outputs in `out`
     require_resume: bool = False  # refuse to start unless `out` holds this run to continue
+    # Where phase 1 and the training loop compute (pac.runtime.device): cpu, cuda[:N], mps, auto, or the lazy
+    # stand-in. CPU by default: it is what every pac device has, and the only one this project's CI trains on.
+    device: str = "cpu"
 
     @property
     def options(self) -> Any:
@@ -101,7 +104,16 @@ class ClusterOptions:
 
 # Options that say where things are, not what is trained: they do not change a run's identity (the model's
 # weights and the data's content stand in for the paths that name them).
-PLACEMENT_OPTIONS = ("model", "out", "cache_dir", "checkpoint_every", "resume", "overwrite", "require_resume")
+PLACEMENT_OPTIONS = (
+    "model",
+    "out",
+    "cache_dir",
+    "checkpoint_every",
+    "resume",
+    "overwrite",
+    "require_resume",
+    "device",
+)
 
 
 def flat_options(opts: TrainOptions) -> dict[str, Any]:
@@ -145,7 +157,8 @@ def summary_options(opts: TrainOptions) -> dict[str, Any]:
 # a new option changes this schema on purpose (and RUN_CONFIG_VERSION), never by accident.
 RUN_CONFIG_VERSION = 2  # 2: the loop's and the cache's options in their own sections
 _SECTIONS = {"data": DataOptions, "optim": OptimOptions, "cache": CacheOptions}
-_GENERIC = tuple(f.name for f in fields(TrainOptions) if f.name not in (*_SECTIONS, "method_options"))
+# Each peer computes where it was started to (`pac peer`), never where the coordinator does: no device on the wire.
+_GENERIC = tuple(f.name for f in fields(TrainOptions) if f.name not in (*_SECTIONS, "method_options", "device"))
 
 
 def run_config_to_wire(opts: TrainOptions) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pac.models.families import family_for
 from pac.models.loading import cache_root, resolve_model
 from pac.runconfig import CacheOptions, DataOptions, OptimOptions, TrainOptions, summary_options, with_defaults
 from pac.runtime.cache_build import CacheBuildResult, build_cache
+from pac.runtime.device import cpu_only, move, on_device, resolve_device
 from pac.runtime.heap import one_off_step, peak_rss_mb
 from pac.runtime.prepare import (
     SUMMARY,
@@ -78,6 +79,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
     `report` receives the lines a user follows (the split, a resumed run, each epoch as it ends)."""
     opts = with_defaults(opts)
     method = get_method(opts.method)
+    device = _training_device(method, opts)
     torch.manual_seed(opts.optim.seed)
     prepared = prepare_data(opts.model, opts.data)
     out = Path(opts.out)
@@ -101,7 +103,7 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
     cached = len(prepared.train) + len(prepared.val) if method.cached else 0
     watch = Watch(report, RunClock(cache_samples=cached))
     try:
-        summary.update(_train_method(method, opts, prepared, out, watch))
+        summary.update(_train_method(method, opts, prepared, out, watch, device))
     except Exception as exc:
         if is_disk_full(exc):
             raise PacError(disk_full_message(exc, opts, prepared, Path(opts.out))) from exc
@@ -115,15 +117,28 @@ def train(opts: TrainOptions, report: Callable[[str], None] = log.info) -> dict[
     return summary
 
 
-def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: Path, watch: Watch) -> dict[str, Any]:
-    """Phase 1 where the method trains from cached taps, then the loop on its model and step, then its save."""
+def _training_device(method: Method, opts: TrainOptions) -> torch.device:
+    """Where the run computes (`--device`), refused before any work for a method or task not made to run there."""
+    device = resolve_device(opts.device)
+    if device.type != "cpu" and (why := cpu_only(method, opts.data.task)):
+        able = ", ".join(m.name for m in methods().values() if m.accelerates)
+        raise PacError(f"{why}: drop --device {opts.device}, or train {able} there")
+    return device
+
+
+def _train_method(
+    method: Method, opts: TrainOptions, data: PreparedData, out: Path, watch: Watch, device: torch.device
+) -> dict[str, Any]:
+    """Phase 1 where the method trains from cached taps, then the loop on its model and step, then its save.
+    On a device other than the CPU the model goes there for the loop only: it is built, and its data-dependent
+    parts (shortlists, a memory) are made, on the CPU, where the sources read, and it comes back to be saved."""
     options, task = opts.method_options, opts.data.task
     ctx = BuildContext(data.model_dir, task, data.label_names, opts.optim.seed, opts.data.max_length)
     ctx.network = data.network
     extras: dict[str, Any] = {}
     if method.cached:
         num_layers = load_config(data.model_dir).num_hidden_layers
-        built = _build_caches(opts, data, method.taps(options, task, num_layers), watch)
+        built = _build_caches(opts, data, method.taps(options, task, num_layers), watch, device)
         train_source, val_source, holdout_source = _cached_sources(built, data)
         extras.update(_cache_summary(built))
     else:
@@ -137,18 +152,21 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
         training_source, built_extras = method.training_source(options, model, train_source)
         extras.update(built_extras)
     config = train_config(opts)
+    move(model, device)
+    training_source = on_device(training_source, device)
     trainer = Trainer(
         model,
         task,
         training_source,
         config,
         out,
-        val=val_source,
-        holdout=holdout_source,
+        val=on_device(val_source, device),
+        holdout=on_device(holdout_source, device),
         train_step=method_step(method, options, model, task, training_source, config),
         **watch.trainer_hooks(opts.optim.epochs),
     )
     epochs = trainer.fit(resume=opts.resume)
+    move(model, "cpu")
     # Recorded apart from the process's peak, which would also count a one-off fit after training.
     extras["training_peak_rss_mb"] = peak_rss_mb()
     if method.after_training is not None:
@@ -158,13 +176,22 @@ def _train_method(method: Method, opts: TrainOptions, data: PreparedData, out: P
     return {"epochs": epochs, **saved, **extras}
 
 
-def _build_caches(opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch) -> dict[str, CacheBuildResult]:
-    """Phase 1: one backbone pass over train and validation data (the backbone is freed after each)."""
+def _build_caches(
+    opts: TrainOptions, data: PreparedData, taps: list[int], watch: Watch, device: torch.device
+) -> dict[str, CacheBuildResult]:
+    """Phase 1: one backbone pass over train and validation data on `device` (the backbone is freed after each)."""
     root = cache_root(opts.cache.dir)
     built = {}
     for name, part in (("train", data.train), ("val", data.val)):
         built[name] = build_cache(
-            data.model_dir, part, root, taps, opts.cache.dtype, desc=f"cache build ({name})", clock=watch.clock
+            data.model_dir,
+            part,
+            root,
+            taps,
+            opts.cache.dtype,
+            desc=f"cache build ({name})",
+            clock=watch.clock,
+            device=device,
         )
         done = built[name]
         what = f"cached in {done.seconds:.1f} s" if done.computed_samples else "already cached"

@@ -17,6 +17,7 @@ CLI (docs/architecture.md, "Adding a method"):
   collaborative  whether and how `pac-launch` runs it across devices: its options for a placement mode
   tasks        the --task values it trains (default: classify and lm; image-classify for the methods that
                fine-tune edge CNNs, pac.methods.vision_model)
+  accelerates  whether it trains on a GPU (`--device`, pac.runtime.device); default: on the CPU only
 
 Methods outside pac register when their module is imported: before calling pac in Python, or, for the `pac`
 and `pac peer` commands, by naming the modules in $PAC_METHODS (comma-separated `module` or
@@ -152,6 +153,9 @@ class Method:
     # run there. None: single-device only. `data_parallel_only` serves a method with no pipelined stage.
     collaborative: Callable[[Any, str, str], Any] | None = None
     tasks: tuple[str, ...] = TASKS  # the --task values it trains
+    # Whether it trains on an accelerator (`pac train --device`): its model and step keep every tensor on the
+    # weights' device, as training on the lazy stand-in device checks (tests/test_device.py). False: CPU only.
+    accelerates: bool = False
 
     @property
     def cached(self) -> bool:

@@ -42,7 +42,10 @@ class TransformersModel(MethodModel):
             raise PacError(f"{family.name} is an encoder without an LM head: use --task classify")
         self.task, self.causal = task, family.causal
         loader = AutoModelForCausalLM if family.causal else AutoModel
-        self.attach(loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa"))
+        # No hub kernels (transformers' default where the `kernels` package is): they are fetched from the hub,
+        # which a home network may not reach, and they know only some devices; torch's own ops run on each.
+        model = loader.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", use_kernels=False)
+        self.attach(model)
         self.head = ClassificationHead(config.hidden_size, len(label_names), pooling) if task == "classify" else None
 
     def attach(self, pretrained: PreTrainedModel) -> None:

@@ -25,7 +25,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, base, side, m, c, head, targets, chunk):  # noqa: D102 (autograd API)
         # Autocast cannot reach into the in-place products below: cast once here, explicitly.
         device = base.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.dtype
+        autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        compute = torch.get_autocast_dtype(device) if autocasting else base.dtype
         base_c, side_c, m_c, head_c, c_c = (None if t is None else t.to(compute) for t in (base, side, m, head, c))
         valid = targets != -100
         count = valid.sum().clamp_min(1)

@@ -21,6 +21,7 @@ from pac.cache.fingerprint import model_fingerprint, tokenizer_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.models.backbone import load_backbone, load_config
 from pac.plan.costs import CACHE_MICRO_BATCH
+from pac.runtime.device import inference, move
 from pac.runtime.progress import RunClock, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,12 @@ def build_cache(
     shard_size: int = 32,
     desc: str = "cache build",
     clock: RunClock | None = None,
+    device: torch.device | None = None,
 ) -> CacheBuildResult:
-    """Make sure a complete, verified cache of `data` exists; compute only what is missing.
-    `clock` (the whole run's estimate) learns phase 1's rate and shows what is left of the run."""
+    """Make sure a complete, verified cache of `data` exists; compute only what is missing, with the backbone on
+    `device` (default: the CPU). `clock` (the whole run's estimate) learns phase 1's rate and shows what is left
+    of the run."""
+    device = device or torch.device("cpu")
     clock = clock or RunClock()
     started = time.perf_counter()
     spec = cache_spec(model_dir, data, taps, dtype)
@@ -88,15 +92,20 @@ def build_cache(
     lap = Stopwatch()
     for group in pending:
         if backbone is None:
-            backbone = load_backbone(model_dir)
+            backbone = move(load_backbone(model_dir), device)
             lap.lap()  # loading the model is not part of the per-sample rate
         rows = torch.tensor([position[s] for s in group])
         # One buffer per shard, filled micro-batch by micro-batch (no list of parts + concatenated copy).
         stacked = torch.empty(len(group), len(taps), data.input_ids.shape[1], backbone.hidden_size)
-        with torch.inference_mode():
+        with inference(device):
             for offset, chunk in zip(range(0, len(group), batch_size), rows.split(batch_size), strict=True):
-                out = backbone(data.input_ids[chunk], data.attention_mask[chunk], taps=taps)
-                torch.stack([out.taps[t] for t in taps], 1, out=stacked[offset : offset + len(chunk)])
+                ids, mask = data.input_ids[chunk].to(device), data.attention_mask[chunk].to(device)
+                out = backbone(ids, mask, taps=taps)
+                part = stacked[offset : offset + len(chunk)]
+                if device.type == "cpu":
+                    torch.stack([out.taps[t] for t in taps], 1, out=part)
+                else:  # the shard is written from the CPU
+                    part.copy_(torch.stack([out.taps[t] for t in taps], 1).to("cpu"))
                 clock.cache_progress(len(chunk), lap.lap())
                 bar.set_postfix_str(clock.left(), refresh=False)
                 bar.update(len(chunk))

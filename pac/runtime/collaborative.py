@@ -34,7 +34,7 @@ from pac.cache import CacheReader
 from pac.cache.fingerprint import model_fingerprint
 from pac.data.tokenize import TokenizedSet
 from pac.errors import PacError
-from pac.methods.registry import BuildContext, get_method
+from pac.methods.registry import BuildContext, Method, get_method
 from pac.models.loading import cache_root, resolve_model
 from pac.net.collective import PlaneCollectives
 from pac.net.dataplane import DataPlane, TorchDataPlane
@@ -42,6 +42,7 @@ from pac.plan.costs import CACHE_MICRO_BATCH
 from pac.plan.placement import PIPELINE, Inheritance, Plan
 from pac.runconfig import TrainOptions, run_config_from_wire, run_config_to_wire
 from pac.runtime.cache_build import build_cache
+from pac.runtime.device import cpu_only, move, on_device, resolve_device
 from pac.runtime.distributed import DataParallelTrainer, ShardedSource, init_process_group
 from pac.runtime.heap import peak_rss_mb
 from pac.runtime.pipeline import PhaseOne, run_pipeline_stage
@@ -190,8 +191,10 @@ def run_assignment(
     zmq_plane: DataPlane | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Phase 1 and phase 2 of this peer; rank 0 also writes the adapter into `out`. Returns a summary."""
+    """Phase 1 and phase 2 of this peer; rank 0 also writes the adapter into `out`. Returns a summary.
+    `device`: where data-parallel phase 2 computes (pac.runtime.device); everything else runs on the CPU."""
     opts, plan, rank = job.options, job.plan, job.rank
     model_dir = resolve_model(opts.model)
     if model_fingerprint(model_dir) != job.model_fingerprint:
@@ -203,7 +206,7 @@ def run_assignment(
     init_process_group(job.backend, *job.store, rank=rank, world=plan.world)
     laps.lap("process group")
     try:
-        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop, laps)
+        return _both_phases(job, model_dir, splits, label_names, out, zmq_plane, progress, stop, laps, device)
     except Exception as exc:
         if is_disk_full(exc):
             prepared = PreparedData(model_dir, None, splits["train"], splits["val"], label_names)
@@ -224,6 +227,7 @@ def _both_phases(
     progress: Progress | None,
     stop: threading.Event | None,
     laps: Laps,
+    device: str,
 ) -> dict[str, Any]:
     """run_assignment's work, inside the run's process group."""
     plane = _data_plane(job, zmq_plane)
@@ -244,7 +248,7 @@ def _both_phases(
             laps.lap("process group")
         if progress:  # phase 2 starts here, with its one-off costs (the model's build, shortlists), as planned
             progress("train", 0, 0, {})
-        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps)
+        summary = _phase_two(job, model_dir, splits, label_names, built.caches, out, plane, progress, laps, device)
         summary["phase2_bytes_sent"] = _sent(plane) - phase1["phase1_bytes_sent"]
     return {**summary, **phase1, "peak_rss_mb": peak_rss_mb(), "seconds_by_step": laps.seconds}
 
@@ -282,6 +286,17 @@ def _same_starting_weights(model: torch.nn.Module, collectives: PlaneCollectives
             dist.broadcast(flat, src=0)
         for p, whole in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):
             p.copy_(whole.view_as(p))
+
+
+def _phase_two_device(name: str, method: Method, task: str, mode: str) -> torch.device:
+    """Where this peer's phase 2 computes: its --device where the method trains there data-parallel; the CPU for
+    the pipelined modes' stages (and phase 1), as for the methods and tasks that train on the CPU only."""
+    device = resolve_device(name)
+    pipelined = f"--mode {mode} trains on the CPU only" if mode in (PIPELINE, "side-pipeline") else None
+    if device.type != "cpu" and (why := cpu_only(method, task) or pipelined):
+        log.warning("%s: this peer's phase 2 runs on its CPU, not on %s", why, device)
+        return torch.device("cpu")
+    return device
 
 
 def _sent(plane: DataPlane | None) -> int:
@@ -363,6 +378,7 @@ def _phase_two(
     plane: DataPlane | None,
     progress: Progress | None,
     laps: Laps,
+    device_name: str,
 ) -> dict[str, Any]:
     # Here, not at the top: the zeroth-order pipeline brings transformers' model classes, which a peer that
     # caches (phase 1) and trains in the other modes never loads (deploy/android-termux.md: a lighter peer).
@@ -399,6 +415,7 @@ def _phase_two(
             "on_checkpoint": lambda step: progress("checkpoint", step, 0, {}),
         }
     staged: dict[str, Any] = {"val": local["val"], **watched, "plane": plane, "plan": plan, "rank": rank}
+    device = _phase_two_device(device_name, method, opts.data.task, plan.mode)
     trainer: DataParallelTrainer | SidePipelineTrainer | ZerothOrderPipelineTrainer
     if plan.mode == PIPELINE:
         zo = opts.method_options
@@ -411,7 +428,10 @@ def _phase_two(
         if method.training_source is not None:  # each rank digests its own share (pac.models.shortlist)
             local["train"] = method.training_source(opts.method_options, model, local["train"])[0]
             laps.lap("digesting the cache")
-        sources = {name: ShardedSource(local[name], data.sample_ids) for name, data in splits.items()}
+        move(model, device)  # after the weights' broadcast and the digest, which run on the CPU
+        sources = {
+            name: ShardedSource(on_device(local[name], device), data.sample_ids) for name, data in splits.items()
+        }
         trainer = DataParallelTrainer(
             model,
             opts.data.task,
@@ -425,10 +445,12 @@ def _phase_two(
         )
     epochs = trainer.fit(resume=opts.resume and _same_checkpoint_everywhere(trainer))
     laps.lap("training")
+    move(model, "cpu")  # saved from the CPU
     if isinstance(trainer, SidePipelineTrainer | ZerothOrderPipelineTrainer):
         trainer.gather_adapter()
     summary: dict[str, Any] = {
         "rank": rank,
+        "device": str(device),
         "cached_samples": {k: len(s) for k, s in local.items()},
         "split_sizes": {k: len(d) for k, d in splits.items()},
     }

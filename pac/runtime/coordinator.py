@@ -1069,4 +1069,6 @@ def _describe_profile(profile: dict[str, Any]) -> str:
         f" ({limit / 2**30:.1f} by its memory limit)" if limit else ""
     )
     role = ", phase 1 only" if profile.get("phase1_only") else ""
+    if profile.get("device", "cpu") != "cpu":  # `pac peer --device`
+        role += f", phase 2 on {profile['device']}"
     return f"{cores}, {memory}, {profile.get('accelerator', '?')}, pac {profile.get('pac')}{role}"

@@ -76,7 +76,8 @@ class _SummedLoss(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor] | None) -> torch.Tensor:
         if batch is None:
-            return sum((p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad), torch.zeros(()))
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            return sum((p.sum() * 0.0 for p in trainable), torch.zeros((), device=trainable[0].device))
         return self.model.loss_batch(batch) * loss_count(self.task, batch["labels"])
 
 
@@ -139,7 +140,7 @@ def _reduce_bucket(reduce: _BucketReduce, bucket):
         return reduce.hook(reduce.state, bucket)
     # copy=True: a real copy even of a CPU bucket, so the CPU stand-in in the tests runs this path as MPS would.
     staged = reduce.hook(reduce.state, _CpuBucket(buffer.to("cpu", copy=True)))
-    return staged.then(lambda done: buffer.copy_(done.value()))
+    return staged.then(lambda done: buffer.copy_(done.value().to(buffer.device)))
 
 
 def _hook_over_plane(plane: PlaneCollectives, bucket):
@@ -210,7 +211,7 @@ class DataParallelStep(BackpropStep):
     def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
         mine = self.source.owned(indices)
         batch = self.source.local.batch(mine) if mine else None
-        with autocast(self.config.precision):
+        with autocast(self.config.precision, self.device):
             loss_sum = self.ddp(batch)
         # The global batch's loss and count travel while the backward runs; DDP averages the gradient sums over
         # the ranks, so world / count turns them into the gradient of the global batch's mean loss.

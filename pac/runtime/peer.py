@@ -72,6 +72,7 @@ class PeerSettings:
     stays: bool = False  # an agent that serves the next run (not --once): a run can re-plan and come back to it
     advertise: bool = True  # on the network's mDNS, for `pac-launch --discover` (pac.net.discovery)
     phase1_only: bool = False  # runs its layers in phase 1, trains nothing (deploy/android-termux.md)
+    device: str = "cpu"  # where data-parallel phase 2 computes (`pac peer --device`; pac.runtime.device)
 
 
 def device_profile(settings: PeerSettings) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def device_profile(settings: PeerSettings) -> dict[str, Any]:
         "platform": platform.platform(),
         "stays": settings.stays,
         "phase1_only": settings.phase1_only,
+        "device": settings.device,
     }
 
 
@@ -409,6 +411,7 @@ class PeerAgent:
                     zmq_plane=self.plane,
                     progress=lambda *report: self.events.put(("progress", *report)),
                     stop=self.stop,
+                    device=self.settings.device,
                 )
             steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary["seconds_by_step"].items())
             log.info("the assignment's time: %s", steps)

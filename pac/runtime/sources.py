@@ -37,13 +37,27 @@ class CachedTaps:
         return CachedTaps(self.reader, self.sample_ids, taps)
 
 
-class Shortlisted:
+class Wrapped:
+    """A batch source over another one (`source`): the same samples, their batches made otherwise."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.source.sample_ids
+
+
+class Shortlisted(Wrapped):
     """A cached training source whose batches also carry each next-token position's shortlist
     (pac.models.shortlist), from the files beside the cache (pac.cache.shortlist_store); the files a cache
     lacks are computed here, before the first epoch, from its last tap."""
 
     def __init__(self, source: CachedTaps, last_tap: int, final_norm: torch.nn.Module, head: torch.Tensor, size: int):
-        self.source = source
+        super().__init__(source)
         reader = source.reader
         self.store = ShortlistStore(reader.cache_dir, reader.sample_ids, size)
         self.built = 0  # files this run computed (0: all were there)
@@ -65,13 +79,6 @@ class Shortlisted:
                     rows, {key: value.unflatten(0, targets.shape).contiguous() for key, value in listed.items()}
                 )
                 self.built += 1
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return self.source.sample_ids
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return {**self.source.batch(indices), **self.store.rows([self.sample_ids[i] for i in indices])}

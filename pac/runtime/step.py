@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pac.methods.base import MethodModel
+from pac.runtime.device import autocast_device, device_of, device_rng_state, set_device_rng_state, settle
 
 if TYPE_CHECKING:  # the loop's module imports this one
     from pac.methods.registry import Method
@@ -60,11 +61,12 @@ class TrainStep(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def autocast(precision: str) -> torch.autocast:
-    """The mixed-precision context of a training step (a no-op for fp32)."""
+def autocast(precision: str, device: torch.device | None = None) -> torch.autocast:
+    """The mixed-precision context of a training step on `device` (default: the CPU); a no-op for fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    device_type = autocast_device(device or torch.device("cpu"), precision)
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -103,6 +105,7 @@ class BackpropStep:
     ):
         self.model, self.task, self.source, self.config = model, task, source, config
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = device_of(model)  # where the model was moved before the step was made (pac.runtime.device)
         groups = model.param_groups(config.lr)
         if optimizer is None:
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -120,10 +123,11 @@ class BackpropStep:
         loss, grad_norm = self._gradients(indices, step)
         self.optimizer.step()
         self.scheduler.step()
+        settle(self.device)
         return StepResult(loss, {"grad_norm": grad_norm})
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(self.config.precision):
+        with autocast(self.config.precision, self.device):
             return self.model.loss_batch(batch)
 
     def gradients(self, indices: list[int], step: int) -> tuple[float, float]:
@@ -140,17 +144,19 @@ class BackpropStep:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict[str, Any]:
-        # The global RNG draws the dropout masks of the forward passes.
+        # The global RNG draws the dropout masks of the forward passes; on a GPU, the GPU's generator does.
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
+            "device_rng": device_rng_state(self.device),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        set_device_rng_state(self.device, state.get("device_rng"))  # absent in checkpoints of CPU-only pac
 
 
 def method_step(

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save, save_file
 from tqdm.auto import tqdm
 
 from pac.methods.base import MethodModel, summarize
+from pac.runtime.device import device_of, inference, to_cpu
 from pac.runtime.progress import RunClock, Stopwatch
 from pac.runtime.step import BackpropStep, TrainStep, steps_per_epoch
 
@@ -101,7 +102,7 @@ def evaluation_totals(model: MethodModel, source: BatchSource, batch_size: int =
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
-    with torch.inference_mode():
+    with inference(device_of(model)):
         for positions in evaluation_batches(len(source), batch_size):
             for k, v in model.metrics_batch(source.batch(positions)).items():
                 totals[k] = totals.get(k, 0) + v
@@ -167,7 +168,7 @@ class Trainer:
         # where torch.save's own writer fails with "unexpected pos" (pac.runtime.storage tells the user).
         (tmp / "trainable.safetensors").write_bytes(save(self._weights()))
         buffer = io.BytesIO()
-        torch.save(self.train_step.state_dict(), buffer)
+        torch.save(to_cpu(self.train_step.state_dict()), buffer)
         (tmp / "state.pt").write_bytes(buffer.getbuffer())
         state = {"step": self.step, "config": asdict(self.config), "best": self.best, "step_kind": self._step_kind}
         (tmp / "trainer.json").write_text(json.dumps(state))
@@ -202,7 +203,8 @@ class Trainer:
                 "resume with the same method, or start over in a fresh --out directory"
             )
         self._load_weights(path / "trainable.safetensors")
-        self.train_step.load_state_dict(torch.load(path / "state.pt", weights_only=False))
+        # Onto the CPU: the optimizer moves its state to the weights' device, so a run resumes on another device.
+        self.train_step.load_state_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=False))
         self.step, self.best = state["step"], state.get("best")
 
     @property
@@ -224,7 +226,7 @@ class Trainer:
         return bool(patience) and self.best is not None and epochs_done - self.best["epoch"] >= patience
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in zip(self.names, self.params, strict=True)}
+        return {n: p.detach().to("cpu").contiguous() for n, p in zip(self.names, self.params, strict=True)}
 
     def _load_weights(self, file: Path) -> None:
         weights = load_file(file)

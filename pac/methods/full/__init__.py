@@ -39,5 +39,6 @@ METHOD = register_method(
         generate=lazy(f"{MODEL}:generate"),
         merged=lazy(f"{MODEL}:merged"),
         collaborative=data_parallel_only,  # the whole model on each peer's own samples: no stage to pipeline
+        accelerates=True,
     )
 )

@@ -30,6 +30,13 @@ class LoraOptions:
     """`--method lora` / `--method dora` options."""
 
     r: int = method_option(8, RANK_HELP, flag="--lora-r", parse=number(int, minimum=0))
+    dropout: float = method_option(
+        0.05,
+        "LoRA / DoRA on a language model: dropout on the input of each low-rank update, peft's lora_dropout "
+        "(default 0.05)",
+        flag="--lora-dropout",
+        parse=number(float, minimum=0, below=1),
+    )
     pooling: str = method_option("mean", POOLING_HELP, choices=["mean", "last"])
     depthwise: str = method_option(
         "frozen",
@@ -67,6 +74,7 @@ for _name, _title, _summary in (
             generate=lazy(f"{MODEL}:generate"),
             merged=lazy(f"{RUN}:merged"),
             collaborative=data_parallel_only,  # `pac-launch --mode replicated`: LoRA data-parallel over the peers
+            accelerates=_name == "lora",  # DoRA's magnitude step is not yet run on the stand-in device
         )
     )
 

@@ -19,7 +19,13 @@ from pac.methods.vision_model import VisionModel, VisionSettings
 
 def _settings(options: LoraOptions, task: str, label_names: list[str] | None, use_dora: bool) -> LoraSettings:
     return LoraSettings(
-        task=task, r=options.r, alpha=2 * options.r, use_dora=use_dora, pooling=options.pooling, label_names=label_names
+        task=task,
+        r=options.r,
+        alpha=2 * options.r,
+        dropout=options.dropout,
+        use_dora=use_dora,
+        pooling=options.pooling,
+        label_names=label_names,
     )
 
 

@@ -164,6 +164,7 @@ METHOD = register_method(
         load=lazy(f"{RUN}:load"),
         lm_logits=lazy(f"{RUN}:lm_logits"),
         collaborative=collaborative,
+        accelerates=True,
     )
 )
 
